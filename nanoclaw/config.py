@@ -1,0 +1,150 @@
+"""Settings, from the environment and `.env` (prefix `NANOCLAW_`; platforms' own names
+for their tokens). A wrong value stops start-up with one line naming the setting.
+
+The credential fields are read here only so that the orchestrator can hand them to the
+broker; every other process starts with an environment scrubbed of them.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Environment names that carry a secret: removed from every child's environment.
+SECRET_ENV = ("ANTHROPIC_API_KEY", "CLAUDE_CODE_OAUTH_TOKEN", "ANTHROPIC_AUTH_TOKEN")
+
+
+class SettingsError(Exception):
+    """A setting is wrong; the message is one line naming it."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="NANOCLAW_", env_file=".env", extra="ignore", populate_by_name=True
+    )
+
+    data_dir: Path = Path("data")
+    logs_dir: Path = Path("logs")
+    groups_dir: Path = Path("groups")
+    runtime: Literal["auto", "docker", "bwrap", "process"] = "auto"
+    provider: Literal["claude", "anthropic"] = "claude"
+    model: str = "claude-sonnet-4-5"
+    assistant_name: str = "Andy"
+    timezone: str = Field(default="", validation_alias=AliasChoices("NANOCLAW_TIMEZONE", "TZ"))
+    log_level: Literal["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    # Credentials: only the broker uses them.
+    anthropic_api_key: str = Field(default="", validation_alias="ANTHROPIC_API_KEY")
+    claude_code_oauth_token: str = Field(default="", validation_alias="CLAUDE_CODE_OAUTH_TOKEN")
+    anthropic_base_url: str = Field(
+        default="https://api.anthropic.com", validation_alias="ANTHROPIC_BASE_URL"
+    )
+    broker_port: int = Field(default=0, ge=0, le=65535)
+
+    # Channels.
+    cli_enabled: bool = True
+    web_port: int = Field(default=0, ge=0, le=65535)
+
+    # Timing (seconds). Polls back off from the short interval to the long one when idle.
+    poll_min: float = Field(default=0.004, gt=0, le=1)
+    poll_max: float = Field(default=0.1, gt=0, le=5)
+    sweep_interval: float = Field(default=5.0, gt=0)
+    stop_grace: float = Field(default=5.0, gt=0, le=60)
+    idle_ceiling: float = Field(default=1800.0, gt=0)
+    claim_tolerance: float = Field(default=60.0, gt=0)
+    send_attempts: int = Field(default=5, ge=1, le=50)
+
+    @field_validator("anthropic_base_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return v.rstrip("/")
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, v: str) -> str:
+        if not v:
+            return ""
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(v.lstrip(":"))
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown timezone {v!r}") from None
+        return v.lstrip(":")
+
+    # Derived paths.
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "nanoclaw.db"
+
+    @property
+    def sessions_dir(self) -> Path:
+        return self.data_dir / "sessions"
+
+    @property
+    def cli_socket(self) -> Path:
+        return self.data_dir / "cli.sock"
+
+    @property
+    def breaker_file(self) -> Path:
+        return self.data_dir / "circuit-breaker.json"
+
+    @property
+    def tz(self) -> str:
+        return self.timezone or _system_tz()
+
+    def session_dir(self, agent_group_id: str, session_id: str) -> Path:
+        return self.sessions_dir / agent_group_id / session_id
+
+    def group_dir(self, folder: str) -> Path:
+        return self.groups_dir / folder
+
+
+def _system_tz() -> str:
+    try:
+        link = os.readlink("/etc/localtime")
+        if "zoneinfo/" in link:
+            return link.split("zoneinfo/", 1)[1]
+    except OSError:
+        pass
+    try:
+        return Path("/etc/timezone").read_text().strip() or "UTC"
+    except OSError:
+        return "UTC"
+
+
+def load() -> Settings:
+    """Read settings; raise SettingsError with one line naming the first bad setting."""
+    try:
+        s = Settings()
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = str(err["loc"][0]) if err["loc"] else "?"
+        name = loc if loc.isupper() else f"NANOCLAW_{loc.upper()}"
+        raise SettingsError(f"bad setting {name}: {err['msg']}") from None
+    return s.model_copy(
+        update={
+            "data_dir": s.data_dir.absolute(),
+            "logs_dir": s.logs_dir.absolute(),
+            "groups_dir": s.groups_dir.absolute(),
+        }
+    )
+
+
+@lru_cache(maxsize=1)
+def get() -> Settings:
+    return load()
+
+
+def scrubbed_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The current environment minus every secret, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
+    env.update(extra or {})
+    return env

@@ -1,0 +1,178 @@
+"""`nanoclaw run`: the parent that forks one process per concern and keeps them alive.
+
+Start-up: scrub secrets from our own environment (re-exec, secrets passed on a pipe),
+take the data-dir lock, apply the host breaker, open and migrate the DB, create the
+default agent on a fresh `data/`, then supervise. SIGTERM/SIGINT stop every worker
+(TERM, grace, KILL, reap), reset the breaker counts and exit 0.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import multiprocessing
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+from nanoclaw import config, log
+from nanoclaw.breaker import HostBreaker
+from nanoclaw.config import SECRET_ENV, Settings
+from nanoclaw.db import DataError
+from nanoclaw.log import logger
+from nanoclaw.store import Store
+from nanoclaw.supervisor import Supervisor
+from nanoclaw.worker import die_with_parent, run as run_worker
+
+SECRET_FD_ENV = "NANOCLAW_SECRET_FD"
+_SECRETS: dict[str, str] = {}
+
+
+def scrub_environment(argv: list[str]) -> None:
+    """If a secret is in our environment, re-exec without it (it would otherwise show in
+    /proc/<pid>/environ of every forked worker), passing the values on a pipe."""
+    found = {k: os.environ[k] for k in SECRET_ENV if os.environ.get(k)}
+    if found:
+        r, w = os.pipe()
+        os.write(w, json.dumps(found).encode())
+        os.close(w)
+        os.set_inheritable(r, True)
+        env = config.scrubbed_env({SECRET_FD_ENV: str(r)})
+        os.execve(sys.executable, [sys.executable, "-m", "nanoclaw", *argv], env)
+    fd = os.environ.pop(SECRET_FD_ENV, None)
+    if fd is not None:
+        with os.fdopen(int(fd), "rb") as f:
+            _SECRETS.update(json.loads(f.read() or b"{}"))
+
+
+def worker_names(settings: Settings) -> list[str]:
+    from workers import channel_names
+
+    return ["router", "delivery", "sweep", "containers", "broker",
+            *[f"channel:{c}" for c in channel_names(settings)]]
+
+
+class ForkedProc:
+    """A worker process: forked (cheap, shares the parent's pages), own process group,
+    dies with the orchestrator, secrets dropped unless it is the broker."""
+
+    ctx = multiprocessing.get_context("fork")
+
+    def __init__(self, name: str, settings: Settings):
+        self.proc = self.ctx.Process(target=_child_main, args=(name, settings), name=name,
+                                     daemon=False)
+        self.proc.start()
+        self.pid = self.proc.pid
+
+    def poll(self) -> int | None:
+        return self.proc.exitcode
+
+    def signal(self, sig: int) -> None:
+        try:
+            os.killpg(self.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+
+def _child_main(name: str, settings: Settings) -> None:
+    os.setpgid(0, 0)
+    die_with_parent()
+    if os.getppid() == 1:
+        os._exit(1)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    secrets = dict(_SECRETS)
+    _SECRETS.clear()
+    if name == "broker":
+        settings = settings.model_copy(update={
+            "anthropic_api_key": secrets.get("ANTHROPIC_API_KEY") or settings.anthropic_api_key,
+            "claude_code_oauth_token": secrets.get("CLAUDE_CODE_OAUTH_TOKEN")
+            or settings.claude_code_oauth_token})
+    else:
+        settings = settings.model_copy(update={"anthropic_api_key": "",
+                                               "claude_code_oauth_token": ""})
+    log.setup(name, settings.logs_dir, settings.log_level, stderr=True)
+    from workers import make_worker
+
+    sys.exit(run_worker(make_worker(name, settings)))
+
+
+def lock_data_dir(settings: Settings) -> Any:
+    """One host per data directory: a second `nanoclaw run` stops with a clear line."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    f = open(settings.data_dir / "host.lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise DataError(f"another host is already running on {settings.data_dir}") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
+def run_host(settings: Settings, *, tick: float = 0.05) -> int:
+    log.setup("host", settings.logs_dir, settings.log_level)
+    try:
+        lock = lock_data_dir(settings)
+    except (DataError, OSError) as e:
+        logger.error("cannot start: {}", e)
+        return 2
+    breaker = HostBreaker(settings.breaker_file)
+    attempt, delay = breaker.enter(time.time())
+    stop = {"flag": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
+    signal.signal(signal.SIGINT, lambda *_: stop.update(flag=True))
+    if delay:
+        logger.warning("host restarted {} times within an hour (unclean shutdowns);"
+                       " waiting {:.0f}s before starting", attempt - 1, delay)
+        deadline = time.time() + delay
+        while time.time() < deadline and not stop["flag"]:
+            time.sleep(0.2)
+    try:
+        store = Store.open(settings.data_dir)
+        from nanoclaw.bootstrap import ensure_defaults
+
+        ensure_defaults(store, settings)
+    except DataError as e:
+        logger.error("cannot start: {}", e)
+        return 2
+    names = worker_names(settings)
+    sup = Supervisor(names, lambda n: ForkedProc(n, settings), time.time, store,
+                     grace=settings.stop_grace)
+    logger.info("host started (pid {}): workers {}", os.getpid(), ", ".join(names))
+    version = store.version()
+    while not stop["flag"]:
+        sup.tick()
+        v = store.version()
+        if v != version:
+            version = v
+            for req in store.take_worker_requests():
+                err = sup.request(req["worker"], req["action"])
+                if err:
+                    logger.warning("worker request ignored: {}", err)
+                else:
+                    logger.info("worker {}: {} requested", req["worker"], req["action"])
+        time.sleep(tick)
+    logger.info("stopping")
+    sup.stop_all()
+    deadline = time.time() + settings.stop_grace + 1
+    while sup.running() and time.time() < deadline:
+        sup.tick()
+        time.sleep(0.02)
+    if sup.running():
+        sup.kill_all()
+        time.sleep(0.1)
+        sup.tick()
+    sup.reset_counts()
+    breaker.reset()
+    store.close()
+    lock.close()
+    logger.info("host stopped")
+    return 0

@@ -1,0 +1,353 @@
+"""Intent-named access to the central DB: one method, one transaction.
+
+Workers hold one `Store` each (opened after fork). Entity reads used by routing, the
+inter-worker queues (inbound events, channel outbox, container and worker requests) and
+the small host_state key/value table all live here, so SQL does not leak into loops.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from nanoclaw.db import atomic, data_version, open_central
+from nanoclaw.util import new_id, utcnow
+
+
+def _d(row: sqlite3.Row | None) -> dict[str, Any] | None:
+    return dict(row) if row is not None else None
+
+
+class Store:
+    def __init__(self, conn: sqlite3.Connection):
+        self.conn = conn
+
+    @classmethod
+    def open(cls, data_dir: Path, create: bool = True) -> "Store":
+        return cls(open_central(data_dir, create=create))
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def version(self) -> int:
+        return data_version(self.conn)
+
+    def q(self, sql: str, args: tuple | dict = ()) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.conn.execute(sql, args)]
+
+    def q1(self, sql: str, args: tuple | dict = ()) -> dict[str, Any] | None:
+        return _d(self.conn.execute(sql, args).fetchone())
+
+    # ---- host state -------------------------------------------------------------------
+    def get_state(self, key: str) -> str | None:
+        row = self.conn.execute("SELECT value FROM host_state WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_state(self, key: str, value: str | None) -> None:
+        with atomic(self.conn):
+            self.conn.execute(
+                "INSERT INTO host_state (key, value, updated_at) VALUES (?,?,?)"
+                " ON CONFLICT(key) DO UPDATE SET value=excluded.value, updated_at=excluded.updated_at",
+                (key, value, utcnow()),
+            )
+
+    # ---- entities ---------------------------------------------------------------------
+    def ensure_user(self, user_id: str, kind: str, display_name: str | None = None) -> None:
+        with atomic(self.conn):
+            self.conn.execute(
+                "INSERT INTO users (id, kind, display_name, created_at) VALUES (?,?,?,?)"
+                " ON CONFLICT(id) DO UPDATE SET display_name=COALESCE(excluded.display_name,"
+                " users.display_name)",
+                (user_id, kind, display_name, utcnow()),
+            )
+
+    def messaging_group(self, channel_type: str, platform_id: str) -> dict[str, Any] | None:
+        return self.q1(
+            "SELECT * FROM messaging_groups WHERE channel_type=? AND platform_id=?",
+            (channel_type, platform_id),
+        )
+
+    def wirings(self, messaging_group_id: str) -> list[dict[str, Any]]:
+        return self.q(
+            "SELECT w.*, a.folder, a.name AS agent_name FROM messaging_group_agents w"
+            " JOIN agent_groups a ON a.id = w.agent_group_id"
+            " WHERE w.messaging_group_id=? ORDER BY w.priority DESC, w.created_at",
+            (messaging_group_id,),
+        )
+
+    def agent_group(self, agent_group_id: str) -> dict[str, Any] | None:
+        return self.q1("SELECT * FROM agent_groups WHERE id=?", (agent_group_id,))
+
+    def container_config(self, agent_group_id: str) -> dict[str, Any]:
+        return self.q1(
+            "SELECT * FROM container_configs WHERE agent_group_id=?", (agent_group_id,)
+        ) or {"agent_group_id": agent_group_id, "max_messages_per_prompt": 10}
+
+    def destinations(self, agent_group_id: str) -> list[dict[str, Any]]:
+        """The agent's name map, projected into each session's inbound.db."""
+        rows = self.q(
+            "SELECT d.local_name AS name, d.target_type AS type,"
+            " m.name AS mg_name, m.channel_type, m.platform_id, a.id AS ag_id, a.name AS ag_name"
+            " FROM agent_destinations d"
+            " LEFT JOIN messaging_groups m ON d.target_type='channel' AND m.id=d.target_id"
+            " LEFT JOIN agent_groups a ON d.target_type='agent' AND a.id=d.target_id"
+            " WHERE d.agent_group_id=? ORDER BY d.local_name",
+            (agent_group_id,),
+        )
+        out = []
+        for r in rows:
+            if r["type"] == "channel" and r["platform_id"] is not None:
+                out.append({"name": r["name"], "display_name": r["mg_name"] or r["name"],
+                            "type": "channel", "channel_type": r["channel_type"],
+                            "platform_id": r["platform_id"], "agent_group_id": None})
+            elif r["type"] == "agent" and r["ag_id"] is not None:
+                out.append({"name": r["name"], "display_name": r["ag_name"], "type": "agent",
+                            "channel_type": "agent", "platform_id": r["ag_id"],
+                            "agent_group_id": r["ag_id"]})
+        return out
+
+    def create_agent_group(self, name: str, folder: str, provider: str, model: str,
+                           assistant_name: str) -> str:
+        ag = new_id("ag")
+        now = utcnow()
+        with atomic(self.conn):
+            self.conn.execute(
+                "INSERT INTO agent_groups (id, name, folder, agent_provider, created_at)"
+                " VALUES (?,?,?,?,?)", (ag, name, folder, provider, now))
+            self.conn.execute(
+                "INSERT INTO container_configs (agent_group_id, provider, model, assistant_name,"
+                " updated_at) VALUES (?,?,?,?,?)", (ag, provider, model, assistant_name, now))
+        return ag
+
+    def create_messaging_group(self, channel_type: str, platform_id: str, name: str | None,
+                               is_group: bool, policy: str = "strict") -> str:
+        mg = new_id("mg")
+        with atomic(self.conn):
+            self.conn.execute(
+                "INSERT INTO messaging_groups (id, channel_type, platform_id, name, is_group,"
+                " unknown_sender_policy, created_at) VALUES (?,?,?,?,?,?,?)",
+                (mg, channel_type, platform_id, name, int(is_group), policy, utcnow()))
+        return mg
+
+    def wire(self, mg: str, ag: str, *, destination: str, engage_mode: str = "pattern",
+             engage_pattern: str | None = ".", sender_scope: str = "all",
+             ignored: str = "drop", session_mode: str = "shared", priority: int = 0) -> str:
+        """Wire a chat to an agent and give the agent a destination name for the chat."""
+        wid = new_id("w")
+        now = utcnow()
+        with atomic(self.conn):
+            self.conn.execute(
+                "INSERT INTO messaging_group_agents (id, messaging_group_id, agent_group_id,"
+                " engage_mode, engage_pattern, sender_scope, ignored_message_policy, session_mode,"
+                " priority, created_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (wid, mg, ag, engage_mode, engage_pattern, sender_scope, ignored, session_mode,
+                 priority, now))
+            name, n = destination, 1
+            while self.conn.execute(
+                "SELECT 1 FROM agent_destinations WHERE agent_group_id=? AND local_name=?",
+                (ag, name)).fetchone():
+                n += 1
+                name = f"{destination}-{n}"
+            if not self.conn.execute(
+                "SELECT 1 FROM agent_destinations WHERE agent_group_id=? AND target_id=?",
+                (ag, mg)).fetchone():
+                self.conn.execute(
+                    "INSERT INTO agent_destinations (agent_group_id, local_name, target_type,"
+                    " target_id, created_at) VALUES (?,?,'channel',?,?)", (ag, name, mg, now))
+        return wid
+
+    def grant_role(self, user_id: str, role: str, agent_group_id: str | None = None,
+                   granted_by: str | None = None) -> None:
+        with atomic(self.conn):
+            self.conn.execute(
+                "INSERT OR IGNORE INTO user_roles (user_id, role, agent_group_id, granted_by,"
+                " granted_at) VALUES (?,?,?,?,?)",
+                (user_id, role, agent_group_id, granted_by, utcnow()))
+
+    def record_unregistered(self, channel_type: str, platform_id: str, user_id: str | None,
+                            sender_name: str | None, reason: str, mg: str | None = None,
+                            ag: str | None = None) -> None:
+        now = utcnow()
+        with atomic(self.conn):
+            self.conn.execute(
+                "INSERT INTO unregistered_senders (channel_type, platform_id, user_id, sender_name,"
+                " reason, messaging_group_id, agent_group_id, message_count, first_seen, last_seen)"
+                " VALUES (?,?,?,?,?,?,?,1,?,?) ON CONFLICT(channel_type, platform_id) DO UPDATE SET"
+                " message_count=message_count+1, last_seen=excluded.last_seen,"
+                " reason=excluded.reason, user_id=excluded.user_id",
+                (channel_type, platform_id, user_id, sender_name, reason, mg, ag, now, now))
+
+    # ---- sessions ---------------------------------------------------------------------
+    def session(self, session_id: str) -> dict[str, Any] | None:
+        return self.q1("SELECT * FROM sessions WHERE id=?", (session_id,))
+
+    def find_session(self, ag: str, mg: str | None, thread_id: str | None,
+                     mode: str) -> dict[str, Any] | None:
+        if mode == "agent-shared":
+            return self.q1("SELECT * FROM sessions WHERE agent_group_id=? AND status='active'"
+                           " ORDER BY created_at DESC LIMIT 1", (ag,))
+        if mode == "per-thread":
+            return self.q1("SELECT * FROM sessions WHERE agent_group_id=? AND messaging_group_id=?"
+                           " AND thread_id IS ? AND status='active'", (ag, mg, thread_id))
+        return self.q1("SELECT * FROM sessions WHERE agent_group_id=? AND messaging_group_id=?"
+                       " AND thread_id IS NULL AND status='active'", (ag, mg))
+
+    def create_session(self, ag: str, mg: str | None, thread_id: str | None,
+                       provider: str | None) -> dict[str, Any]:
+        sid = new_id("sess")
+        now = utcnow()
+        with atomic(self.conn):
+            self.conn.execute(
+                "INSERT INTO sessions (id, agent_group_id, messaging_group_id, thread_id,"
+                " agent_provider, created_at, last_active) VALUES (?,?,?,?,?,?,?)",
+                (sid, ag, mg, thread_id, provider, now, now))
+        return self.session(sid)  # type: ignore[return-value]
+
+    def touch_session(self, session_id: str) -> None:
+        with atomic(self.conn):
+            self.conn.execute("UPDATE sessions SET last_active=? WHERE id=?",
+                              (utcnow(), session_id))
+
+    def set_container(self, session_id: str, status: str, container_id: str | None = None,
+                      token_hash: str | None = None) -> None:
+        with atomic(self.conn):
+            if status == "running":
+                self.conn.execute(
+                    "UPDATE sessions SET container_status='running', container_id=?,"
+                    " token_hash=?, spawned_at=? WHERE id=?",
+                    (container_id, token_hash, utcnow(), session_id))
+            else:
+                self.conn.execute(
+                    "UPDATE sessions SET container_status=?, container_id=NULL, token_hash=NULL"
+                    " WHERE id=?", (status, session_id))
+
+    def sessions_where(self, where: str, args: tuple = ()) -> list[dict[str, Any]]:
+        return self.q(f"SELECT * FROM sessions WHERE {where}", args)
+
+    def session_for_token(self, token_hash: str) -> dict[str, Any] | None:
+        return self.q1("SELECT * FROM sessions WHERE token_hash=? AND container_status='running'",
+                       (token_hash,))
+
+    # ---- inbound events (channel → router) --------------------------------------------
+    def enqueue_inbound(self, channel_type: str, platform_id: str, message_id: str,
+                        payload: dict[str, Any], thread_id: str | None = None,
+                        kind: str = "chat") -> tuple[int, bool]:
+        """Store a platform event durably; (row id, False) if it was already stored."""
+        with atomic(self.conn):
+            cur = self.conn.execute(
+                "INSERT OR IGNORE INTO inbound_events (channel_type, platform_id, thread_id,"
+                " message_id, kind, payload, received_at) VALUES (?,?,?,?,?,?,?)",
+                (channel_type, platform_id, thread_id, message_id, kind, json.dumps(payload),
+                 utcnow()))
+            if cur.rowcount:
+                return cur.lastrowid, True  # type: ignore[return-value]
+            row = self.conn.execute(
+                "SELECT id FROM inbound_events WHERE channel_type=? AND platform_id=?"
+                " AND message_id=?", (channel_type, platform_id, message_id)).fetchone()
+            return row[0], False
+
+    def pending_inbound(self, limit: int = 100) -> list[dict[str, Any]]:
+        return self.q("SELECT * FROM inbound_events WHERE status='pending' ORDER BY id LIMIT ?",
+                      (limit,))
+
+    def mark_routed(self, event_id: int) -> None:
+        with atomic(self.conn):
+            self.conn.execute("UPDATE inbound_events SET status='routed', routed_at=? WHERE id=?",
+                              (utcnow(), event_id))
+
+    def mark_inbound_error(self, event_id: int, error: str, final: bool) -> None:
+        with atomic(self.conn):
+            self.conn.execute(
+                "UPDATE inbound_events SET attempts=attempts+1, error=?, status=? WHERE id=?",
+                (error, "failed" if final else "pending", event_id))
+
+    # ---- channel outbox (delivery → channel) ------------------------------------------
+    def enqueue_send(self, idem_key: str, channel_type: str, platform_id: str,
+                     thread_id: str | None, kind: str, content: dict[str, Any],
+                     session_id: str | None = None, message_out_id: str | None = None,
+                     in_reply_to: str | None = None) -> bool:
+        with atomic(self.conn):
+            cur = self.conn.execute(
+                "INSERT OR IGNORE INTO channel_outbox (idem_key, session_id, message_out_id,"
+                " channel_type, platform_id, thread_id, in_reply_to, kind, content, created_at)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (idem_key, session_id, message_out_id, channel_type, platform_id, thread_id,
+                 in_reply_to, kind, json.dumps(content), utcnow()))
+            return bool(cur.rowcount)
+
+    def due_sends(self, channel_type: str, limit: int = 100) -> list[dict[str, Any]]:
+        return self.q(
+            "SELECT * FROM channel_outbox WHERE channel_type=? AND status='pending'"
+            " AND (next_attempt_at IS NULL OR next_attempt_at <= ?) ORDER BY id LIMIT ?",
+            (channel_type, utcnow(), limit))
+
+    def next_send_due(self, channel_type: str) -> str | None:
+        row = self.conn.execute(
+            "SELECT MIN(next_attempt_at) FROM channel_outbox WHERE channel_type=?"
+            " AND status='pending'", (channel_type,)).fetchone()
+        return row[0]
+
+    def mark_sent(self, send_id: int, platform_message_id: str | None) -> None:
+        with atomic(self.conn):
+            self.conn.execute(
+                "UPDATE channel_outbox SET status='sent', platform_message_id=?, sent_at=?,"
+                " attempts=attempts+1 WHERE id=?", (platform_message_id, utcnow(), send_id))
+
+    def mark_send_error(self, send_id: int, error: str, next_attempt_at: str | None) -> None:
+        """Retry at next_attempt_at, or fail for good when it is None."""
+        with atomic(self.conn):
+            self.conn.execute(
+                "UPDATE channel_outbox SET attempts=attempts+1, error=?, next_attempt_at=?,"
+                " status=? WHERE id=?",
+                (error, next_attempt_at, "pending" if next_attempt_at else "failed", send_id))
+
+    def unrecorded_sends(self, limit: int = 200) -> list[dict[str, Any]]:
+        return self.q("SELECT * FROM channel_outbox WHERE recorded=0 AND status IN"
+                      " ('sent','failed') ORDER BY id LIMIT ?", (limit,))
+
+    def mark_recorded(self, send_id: int) -> None:
+        with atomic(self.conn):
+            self.conn.execute("UPDATE channel_outbox SET recorded=1 WHERE id=?", (send_id,))
+
+    # ---- container requests (router/sweep → containers) -------------------------------
+    def request_container(self, session_id: str, action: str, reason: str) -> None:
+        with atomic(self.conn):
+            self.conn.execute(
+                "INSERT INTO container_requests (session_id, action, reason, created_at)"
+                " VALUES (?,?,?,?)", (session_id, action, reason, utcnow()))
+
+    def open_container_requests(self) -> list[dict[str, Any]]:
+        return self.q("SELECT * FROM container_requests WHERE handled_at IS NULL ORDER BY id")
+
+    def close_container_requests(self, ids: list[int]) -> None:
+        with atomic(self.conn):
+            self.conn.executemany("UPDATE container_requests SET handled_at=? WHERE id=?",
+                                  [(utcnow(), i) for i in ids])
+
+    # ---- workers (orchestrator ↔ CLI) -------------------------------------------------
+    def save_worker(self, name: str, **fields: Any) -> None:
+        fields["updated_at"] = utcnow()
+        cols = ", ".join(fields)
+        marks = ", ".join("?" for _ in fields)
+        upd = ", ".join(f"{k}=excluded.{k}" for k in fields)
+        with atomic(self.conn):
+            self.conn.execute(
+                f"INSERT INTO workers (name, {cols}) VALUES (?, {marks})"
+                f" ON CONFLICT(name) DO UPDATE SET {upd}", (name, *fields.values()))
+
+    def workers(self) -> list[dict[str, Any]]:
+        return self.q("SELECT * FROM workers ORDER BY name")
+
+    def request_worker(self, name: str, action: str) -> None:
+        with atomic(self.conn):
+            self.conn.execute("INSERT INTO worker_requests (worker, action, created_at)"
+                              " VALUES (?,?,?)", (name, action, utcnow()))
+
+    def take_worker_requests(self) -> list[dict[str, Any]]:
+        with atomic(self.conn):
+            rows = self.q("SELECT * FROM worker_requests WHERE handled_at IS NULL ORDER BY id")
+            self.conn.execute("UPDATE worker_requests SET handled_at=? WHERE handled_at IS NULL",
+                              (utcnow(),))
+        return rows

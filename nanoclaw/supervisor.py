@@ -1,0 +1,208 @@
+"""Supervision by reconciling: compare the workers we want with the ones running, act
+once per tick. The clock and the process constructor are passed in, so tests replay a
+crash history on an injected clock with real or scripted processes.
+
+States: STARTING (spawned, not yet up a second), RUNNING, BACKOFF (waiting out the
+breaker delay), FATAL (bad configuration: waits to be asked), STOPPED (asked to stop).
+"""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+from nanoclaw.breaker import delay_for, next_attempt
+from nanoclaw.log import logger
+from nanoclaw.store import Store
+from nanoclaw.util import iso
+from nanoclaw.worker import EXIT_CONFIG, EXIT_OK
+
+RUNNING_AFTER = 1.0  # seconds up before STARTING counts as RUNNING
+
+
+class Proc(Protocol):
+    pid: int | None
+
+    def poll(self) -> int | None: ...
+    def signal(self, sig: int) -> None: ...
+
+
+@dataclass
+class Slot:
+    name: str
+    state: str = "BACKOFF"
+    proc: Proc | None = None
+    attempt: int = 0
+    last_start: float | None = None
+    next_start: float = 0.0
+    restarts: int = 0
+    last_exit: str | None = None
+    wanted: bool = True
+    stop_deadline: float | None = None
+    pending_restart: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+class Supervisor:
+    def __init__(self, names: list[str], spawn: Callable[[str], Proc], clock: Callable[[], float],
+                 store: Store | None = None, grace: float = 5.0):
+        self.spawn, self.clock, self.store, self.grace = spawn, clock, store, grace
+        self.slots: dict[str, Slot] = {}
+        saved = {w["name"]: w for w in store.workers()} if store else {}
+        for name in names:
+            s = Slot(name)
+            if name in saved:  # the breaker's count survives a host crash
+                s.attempt = saved[name]["attempt"]
+                s.restarts = saved[name]["restarts"]
+                started = saved[name]["started_at"]
+                s.last_start = _ts(started) if started else None
+            s.next_start = clock()
+            self.slots[name] = s
+        if store:  # forget workers this host no longer runs
+            for name in saved:
+                if name not in self.slots:
+                    store.conn.execute("DELETE FROM workers WHERE name=?", (name,))
+
+    # ---- one tick ---------------------------------------------------------------------
+    def tick(self) -> None:
+        now = self.clock()
+        for s in self.slots.values():
+            self._reap(s, now)
+            if s.proc is None and s.wanted and s.state in ("BACKOFF",) and now >= s.next_start:
+                self._start(s, now)
+            elif s.state == "STARTING" and s.last_start is not None and now - s.last_start >= RUNNING_AFTER:
+                s.state = "RUNNING"
+                self._save(s)
+            if s.stop_deadline is not None and s.proc is not None and now >= s.stop_deadline:
+                logger.warning("worker {} did not stop in time; killing it", s.name)
+                s.proc.signal(signal.SIGKILL)
+                s.stop_deadline = None
+
+    def _start(self, s: Slot, now: float) -> None:
+        s.attempt = next_attempt(s.attempt, s.last_start, now)
+        s.last_start = now
+        try:
+            s.proc = self.spawn(s.name)
+        except Exception as e:  # could not even fork: treat as a crash
+            logger.error("cannot start worker {}: {}", s.name, e)
+            s.proc = None
+            self._backoff(s, now, f"spawn failed: {e}")
+            return
+        s.state = "STARTING"
+        logger.info("started worker {} (pid {}, attempt {})", s.name, s.proc.pid, s.attempt)
+        self._save(s)
+
+    def _reap(self, s: Slot, now: float) -> None:
+        if s.proc is None:
+            return
+        code = s.proc.poll()
+        if code is None:
+            return
+        s.proc = None
+        s.stop_deadline = None
+        s.last_exit = _describe(code)
+        if not s.wanted:
+            s.state = "STOPPED"
+            s.attempt = 0
+            logger.info("worker {} stopped ({})", s.name, s.last_exit)
+        elif s.pending_restart:
+            s.pending_restart = False
+            s.attempt = 0
+            s.state, s.next_start = "BACKOFF", now
+            logger.info("worker {} restarting on request", s.name)
+        elif code == EXIT_OK:
+            s.attempt = 0  # clean exit resets the breaker
+            s.restarts += 1
+            s.state, s.next_start = "BACKOFF", now
+            logger.info("worker {} exited cleanly; starting it again", s.name)
+        elif code == EXIT_CONFIG:
+            s.state = "FATAL"
+            logger.error("worker {} cannot run with this configuration; not restarting it"
+                         " (fix the setting, then: nanoclaw workers restart {})", s.name, s.name)
+        else:
+            s.restarts += 1
+            self._backoff(s, now, s.last_exit)
+            return
+        self._save(s)
+
+    def _backoff(self, s: Slot, now: float, why: str | None) -> None:
+        delay = delay_for(next_attempt(s.attempt, s.last_start, now))
+        s.state, s.next_start = "BACKOFF", now + delay
+        log = logger.warning if delay else logger.info
+        log("worker {} died ({}); restart {} in {:.0f}s", s.name, why, s.restarts, delay)
+        self._save(s)
+
+    # ---- requests ---------------------------------------------------------------------
+    def request(self, name: str, action: str) -> str | None:
+        """Act on `restart|stop|start NAME`; returns an error line for an unknown name."""
+        s = self.slots.get(name)
+        if s is None:
+            return f"unknown worker {name!r}"
+        now = self.clock()
+        if action == "stop":
+            s.wanted = False
+            if s.proc is not None:
+                self._terminate(s, now)
+            else:
+                s.state = "STOPPED"
+        elif action in ("start", "restart"):
+            s.wanted = True
+            if s.proc is not None and action == "restart":
+                s.pending_restart = True
+                self._terminate(s, now)
+            elif s.proc is None:
+                s.attempt, s.state, s.next_start = 0, "BACKOFF", now
+        self._save(s)
+        return None
+
+    def _terminate(self, s: Slot, now: float) -> None:
+        if s.proc is not None:
+            s.proc.signal(signal.SIGTERM)
+            s.stop_deadline = now + self.grace
+
+    def stop_all(self) -> None:
+        now = self.clock()
+        for s in self.slots.values():
+            s.wanted = False
+            self._terminate(s, now)
+
+    def running(self) -> list[Slot]:
+        return [s for s in self.slots.values() if s.proc is not None]
+
+    def kill_all(self) -> None:
+        for s in self.running():
+            s.proc.signal(signal.SIGKILL)  # type: ignore[union-attr]
+
+    def reset_counts(self) -> None:
+        """Clean shutdown: every breaker count back to zero."""
+        for s in self.slots.values():
+            s.attempt = 0
+            s.restarts = 0
+            s.state = "STOPPED"
+            s.proc = None
+            self._save(s)
+
+    def _save(self, s: Slot) -> None:
+        if self.store is None:
+            return
+        self.store.save_worker(
+            s.name, state=s.state, pid=s.proc.pid if s.proc else None, restarts=s.restarts,
+            attempt=s.attempt, started_at=iso(s.last_start) if s.last_start else None,
+            next_start_at=iso(s.next_start) if s.state == "BACKOFF" else None,
+            last_exit=s.last_exit)
+
+
+def _describe(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit {code}"
+
+
+def _ts(text: str) -> float:
+    from nanoclaw.util import parse_iso
+
+    return parse_iso(text)

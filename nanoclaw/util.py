@@ -1,0 +1,60 @@
+"""Small shared helpers: UTC timestamps, ids, safe names.
+
+Every timestamp we store is UTC ISO-8601 with milliseconds and a trailing Z, so text
+order is time order and no reader has to guess a zone.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import time
+from datetime import datetime, timezone
+
+_B36 = "0123456789abcdefghijklmnopqrstuvwxyz"
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+FOLDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+def iso(ts: float) -> str:
+    dt = datetime.fromtimestamp(ts, tz=timezone.utc)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+def utcnow() -> str:
+    return iso(time.time())
+
+
+def parse_iso(text: str) -> float:
+    """Parse a stored timestamp; a value without a zone is read as UTC."""
+    t = text.strip().replace(" ", "T")
+    if t.endswith("Z"):
+        t = t[:-1] + "+00:00"
+    dt = datetime.fromisoformat(t)
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.timestamp()
+
+
+def new_id(prefix: str) -> str:
+    """`<prefix>-<epochms>-<6 base36>`: sortable by creation, unique enough per host."""
+    rand = "".join(secrets.choice(_B36) for _ in range(6))
+    return f"{prefix}-{int(time.time() * 1000)}-{rand}"
+
+
+def is_safe_name(name: str) -> bool:
+    return bool(SAFE_NAME.match(name)) and ".." not in name
+
+
+def safe_child(root: str, name: str) -> str:
+    """Join a single safe path component under root, refusing escapes and symlinks."""
+    if not is_safe_name(name):
+        raise ValueError(f"unsafe name: {name!r}")
+    path = os.path.join(root, name)
+    if os.path.islink(path):
+        raise ValueError(f"refusing symlink: {path}")
+    real_root = os.path.realpath(root)
+    if os.path.commonpath([real_root, os.path.realpath(path)]) != real_root:
+        raise ValueError(f"path escapes {root}: {name!r}")
+    return path

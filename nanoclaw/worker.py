@@ -1,0 +1,127 @@
+"""The worker contract and the one runner that owns every worker's loop.
+
+A worker is a class with `initialize()`, `loop_once(now) -> bool` (one unit of work;
+True when it did something) and `shutdown()`; or, for workers built on asyncio (channels,
+the broker), `async main(stop)`. The runner owns the stop flag, the adaptive poll
+interval, signal handling (handlers only record) and crash logging, and turns the
+outcome into an exit code the orchestrator understands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import signal
+import time
+import traceback
+from typing import Any
+
+from nanoclaw.config import Settings
+from nanoclaw.log import logger
+
+# Exit codes: the orchestrator's vocabulary.
+EXIT_OK = 0
+EXIT_CRASH = 1
+EXIT_CONFIG = 78  # bad configuration: not restarted until asked (EX_CONFIG)
+
+
+class ConfigError(Exception):
+    """A worker cannot run with the settings it has; restarting will not help."""
+
+
+class Worker:
+    name = "worker"
+    asynchronous = False
+
+    def __init__(self, settings: Settings, name: str | None = None):
+        self.settings = settings
+        if name:
+            self.name = name
+
+    def initialize(self) -> None:
+        pass
+
+    def loop_once(self, now: float) -> bool:
+        return False
+
+    def shutdown(self) -> None:
+        pass
+
+    async def main(self, stop: asyncio.Event) -> None:  # for asynchronous workers
+        raise NotImplementedError
+
+
+class Poller:
+    """Short interval right after activity, growing to `slow` after `linger` seconds of
+    nothing: fast turns when busy, near-zero CPU when idle."""
+
+    def __init__(self, fast: float, slow: float, linger: float = 2.0):
+        self.fast, self.slow, self.linger = fast, slow, linger
+        self.last_work = 0.0
+        self.interval = fast
+
+    def next(self, did_work: bool, now: float) -> float:
+        if did_work:
+            self.last_work = now
+            self.interval = self.fast
+        elif now - self.last_work > self.linger:
+            self.interval = min(self.slow, self.interval * 1.5)
+        return self.interval
+
+
+def die_with_parent() -> None:
+    """Ask the kernel to SIGKILL us when the orchestrator dies (no orphaned workers)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def run(worker: Worker) -> int:
+    """Run a worker until SIGTERM/SIGINT; returns its exit code."""
+    stop = {"flag": False}
+
+    def _stop(signum: int, _frame: Any) -> None:
+        stop["flag"] = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        if worker.asynchronous:
+            return _run_async(worker, stop)
+        worker.initialize()
+        logger.info("worker started (pid {})", os.getpid())
+        poll = Poller(worker.settings.poll_min, worker.settings.poll_max)
+        try:
+            while not stop["flag"]:
+                now = time.time()
+                did = worker.loop_once(now)
+                time.sleep(poll.next(did, now))
+        finally:
+            worker.shutdown()
+        logger.info("worker stopped")
+        return EXIT_OK
+    except ConfigError as e:
+        logger.error("worker cannot run: {}", e)
+        return EXIT_CONFIG
+    except Exception:
+        logger.error("worker crashed:\n{}", traceback.format_exc())
+        return EXIT_CRASH
+
+
+def _run_async(worker: Worker, stop_flag: dict) -> int:
+    async def _main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        if stop_flag["flag"]:
+            stop.set()
+        logger.info("worker started (pid {})", os.getpid())
+        await worker.main(stop)
+
+    asyncio.run(_main())
+    logger.info("worker stopped")
+    return EXIT_OK
