@@ -24,7 +24,7 @@ from nanoclaw.db import DataError
 from nanoclaw.log import logger
 from nanoclaw.store import Store
 from nanoclaw.supervisor import Supervisor
-from nanoclaw.worker import die_with_parent, run as run_worker
+from nanoclaw.worker import die_with_parent, run as run_worker, set_process_name
 
 SECRET_FD_ENV = "NANOCLAW_SECRET_FD"
 _SECRETS: dict[str, str] = {}
@@ -82,6 +82,7 @@ class ForkedProc:
 def _child_main(name: str, settings: Settings) -> None:
     os.setpgid(0, 0)
     die_with_parent()
+    set_process_name(f"nc-{name}")
     if os.getppid() == 1:
         os._exit(1)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)

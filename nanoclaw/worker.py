@@ -79,6 +79,15 @@ def die_with_parent() -> None:
         pass
 
 
+def set_process_name(name: str) -> None:
+    """Name the process for `ps`/`top` (the kernel keeps 15 characters)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(15, name.encode()[:15] + b"\0", 0, 0, 0)  # PR_SET_NAME
+    except OSError:
+        pass
+
+
 def run(worker: Worker) -> int:
     """Run a worker until SIGTERM/SIGINT; returns its exit code."""
     stop = {"flag": False}

@@ -1,0 +1,90 @@
+"""Where everything is and who the agent is: environment plus the group's container.json.
+
+All paths come from the environment so one runner works in docker, bwrap and the plain
+process runtime (container/README.md). The host rewrites `container.json` at each spawn;
+a missing or broken file falls back to defaults with a warning rather than a crash, so
+the user still gets an answer (or a visible error) instead of silence.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+log = logging.getLogger("agent_runner")
+
+DEFAULT_PROVIDER = "claude"
+DEFAULT_MODEL = "claude-sonnet-4-5"
+
+
+@dataclass(frozen=True)
+class Config:
+    session_dir: str
+    group_dir: str
+    global_dir: str
+    tz: str
+    provider: str = DEFAULT_PROVIDER
+    model: str = DEFAULT_MODEL
+    assistant_name: str = "Andy"
+    agent_group_id: str = ""
+    max_messages_per_prompt: int = 10
+    effort: str | None = None
+
+    @property
+    def inbound(self) -> str:
+        return os.path.join(self.session_dir, "inbound.db")
+
+    @property
+    def outbound(self) -> str:
+        return os.path.join(self.session_dir, "outbound.db")
+
+    @property
+    def heartbeat(self) -> str:
+        return os.path.join(self.session_dir, ".heartbeat")
+
+    @property
+    def provider_dir(self) -> str:
+        """Provider-private state (conversation files); never read by the host."""
+        return os.path.join(self.session_dir, ".provider")
+
+
+def _read_container_json(group_dir: str) -> dict[str, Any]:
+    path = os.path.join(group_dir, "container.json")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except FileNotFoundError:
+        log.warning("container.json missing path=%s; using defaults", path)
+        return {}
+    except (OSError, ValueError) as exc:
+        log.error("container.json unreadable path=%s error=%s; using defaults", path, exc)
+        return {}
+    if not isinstance(data, dict):
+        log.error("container.json is not an object path=%s; using defaults", path)
+        return {}
+    return data
+
+
+def load(env: Mapping[str, str] = os.environ) -> Config:
+    session_dir = env.get("NANOCLAW_SESSION_DIR") or "/workspace"
+    group_dir = env.get("NANOCLAW_GROUP_DIR") or "/workspace/agent"
+    data = _read_container_json(group_dir)
+    try:
+        limit = max(1, int(data.get("max_messages_per_prompt") or 10))
+    except (TypeError, ValueError):
+        limit = 10
+    return Config(
+        session_dir=session_dir,
+        group_dir=group_dir,
+        global_dir=env.get("NANOCLAW_GLOBAL_DIR") or "/workspace/global",
+        tz=env.get("TZ") or "UTC",
+        provider=str(data.get("provider") or DEFAULT_PROVIDER),
+        model=str(data.get("model") or DEFAULT_MODEL),
+        assistant_name=str(data.get("assistant_name") or "Andy"),
+        agent_group_id=str(data.get("agent_group_id") or ""),
+        max_messages_per_prompt=limit,
+        effort=data.get("effort"),
+    )

@@ -1,0 +1,273 @@
+"""The runner's side of the two session databases: read `inbound.db`, write `outbound.db`.
+
+One class per file, intent-named methods, a fresh connection per operation (a kept
+connection would pin a stale snapshot across the bind mount), `BEGIN IMMEDIATE` around
+every write. The runner's seq numbers are odd: the next odd above the highest seq in
+*both* files, computed inside the write transaction so two writers in this sandbox (the
+poll loop and a tool) can never pick the same one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sqlite3
+import time
+import urllib.parse
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Iterable, Iterator
+
+_B36 = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+def iso(ts: float) -> str:
+    """UTC ISO-8601 with milliseconds and Z, the format every stored timestamp uses."""
+    dt = datetime.fromtimestamp(ts, tz=timezone.utc)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+def utcnow() -> str:
+    return iso(time.time())
+
+
+def new_out_id() -> str:
+    rand = "".join(secrets.choice(_B36) for _ in range(6))
+    return f"out-{int(time.time() * 1000)}-{rand}"
+
+
+@dataclass(frozen=True)
+class Address:
+    channel_type: str | None
+    platform_id: str | None
+    thread_id: str | None = None
+
+    @property
+    def channel(self) -> tuple[str | None, str | None]:
+        return (self.channel_type, self.platform_id)
+
+
+@dataclass(frozen=True)
+class Destination:
+    name: str
+    display_name: str | None
+    type: str
+    channel_type: str | None
+    platform_id: str | None
+    agent_group_id: str | None
+
+    @property
+    def channel(self) -> tuple[str | None, str | None]:
+        """Where rows to this destination go; agents are addressed as ('agent', group id)."""
+        if self.type == "agent":
+            return (self.channel_type or "agent", self.platform_id or self.agent_group_id)
+        return (self.channel_type, self.platform_id)
+
+
+@dataclass(frozen=True)
+class InboundRow:
+    id: str
+    seq: int
+    kind: str
+    timestamp: str
+    trigger: bool
+    channel_type: str | None
+    platform_id: str | None
+    thread_id: str | None
+    source_session_id: str | None
+    on_wake: bool
+    content: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def channel(self) -> tuple[str | None, str | None]:
+        return (self.channel_type, self.platform_id)
+
+    @property
+    def text(self) -> str:
+        value = self.content.get("text") or self.content.get("prompt") or ""
+        return value if isinstance(value, str) else json.dumps(value)
+
+
+def _row(r: sqlite3.Row) -> InboundRow:
+    try:
+        content = json.loads(r["content"])
+    except (TypeError, ValueError):
+        content = {"text": str(r["content"])}
+    if not isinstance(content, dict):
+        content = {"text": json.dumps(content)}
+    return InboundRow(
+        id=r["id"], seq=r["seq"], kind=r["kind"], timestamp=r["timestamp"],
+        trigger=bool(r["trigger"]), channel_type=r["channel_type"], platform_id=r["platform_id"],
+        thread_id=r["thread_id"], source_session_id=r["source_session_id"],
+        on_wake=bool(r["on_wake"]), content=content,
+    )
+
+
+def _connect(path: str, readonly: bool) -> sqlite3.Connection:
+    if readonly:
+        uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=5.0)
+    else:
+        conn = sqlite3.connect(path, isolation_level=None, timeout=5.0)
+        conn.execute("PRAGMA journal_mode=DELETE")
+    conn.execute("PRAGMA busy_timeout=5000")
+    conn.execute("PRAGMA mmap_size=0")
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+@contextmanager
+def _read(path: str) -> Iterator[sqlite3.Connection]:
+    conn = _connect(path, readonly=True)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+@contextmanager
+def _write(path: str) -> Iterator[sqlite3.Connection]:
+    """BEGIN IMMEDIATE … COMMIT, rolled back on any exception."""
+    conn = _connect(path, readonly=False)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+
+
+class Inbound:
+    """`inbound.db`, read-only: what the host asks of the agent."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def change_signal(self) -> tuple[int, int, int] | None:
+        """(mtime_ns, size, inode): moves whenever the host commits a write."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def pending(self, now_iso: str, include_on_wake: bool) -> list[InboundRow]:
+        """Due, pending, non-system rows, newest first (callers filter acks and limit)."""
+        with _read(self.path) as conn:
+            rows = conn.execute(
+                "SELECT * FROM messages_in WHERE status='pending' AND kind != 'system'"
+                " AND (process_after IS NULL OR process_after <= ?) AND (on_wake = 0 OR ?)"
+                " ORDER BY seq DESC",
+                (now_iso, 1 if include_on_wake else 0),
+            ).fetchall()
+        return [_row(r) for r in rows]
+
+    def destinations(self) -> list[Destination]:
+        with _read(self.path) as conn:
+            rows = conn.execute("SELECT * FROM destinations ORDER BY name").fetchall()
+        return [Destination(r["name"], r["display_name"], r["type"], r["channel_type"],
+                            r["platform_id"], r["agent_group_id"]) for r in rows]
+
+    def routing(self) -> Address | None:
+        """The session's default reply address, or None when it has none."""
+        with _read(self.path) as conn:
+            r = conn.execute("SELECT * FROM session_routing WHERE id=1").fetchone()
+        if r is None or not (r["channel_type"] and r["platform_id"]):
+            return None
+        return Address(r["channel_type"], r["platform_id"], r["thread_id"])
+
+    def max_seq(self) -> int:
+        with _read(self.path) as conn:
+            return conn.execute("SELECT COALESCE(MAX(seq), 0) FROM messages_in").fetchone()[0]
+
+
+class Outbound:
+    """`outbound.db`, written only by this sandbox: replies, claims, state."""
+
+    def __init__(self, path: str, inbound: Inbound) -> None:
+        self.path = path
+        self.inbound = inbound
+
+    # -- claims
+    def delete_stale_claims(self) -> int:
+        with _write(self.path) as conn:
+            return conn.execute("DELETE FROM processing_ack WHERE status='processing'").rowcount
+
+    def acked(self, ids: Iterable[str]) -> set[str]:
+        ids = list(ids)
+        if not ids:
+            return set()
+        marks = ",".join("?" * len(ids))
+        with _read(self.path) as conn:
+            rows = conn.execute(
+                f"SELECT message_id FROM processing_ack WHERE message_id IN ({marks})", ids)
+            return {r[0] for r in rows}
+
+    def claim(self, ids: Iterable[str]) -> None:
+        now = utcnow()
+        with _write(self.path) as conn:
+            conn.executemany(
+                "INSERT OR REPLACE INTO processing_ack (message_id, status, status_changed)"
+                " VALUES (?, 'processing', ?)", [(i, now) for i in ids])
+
+    def complete(self, ids: Iterable[str], status: str = "completed") -> None:
+        now = utcnow()
+        with _write(self.path) as conn:
+            conn.executemany(
+                "INSERT OR REPLACE INTO processing_ack (message_id, status, status_changed)"
+                " VALUES (?, ?, ?)", [(i, status, now) for i in ids])
+
+    def release(self, ids: Iterable[str]) -> None:
+        """Give claimed rows back untouched (shutdown mid-batch): the next runner retakes them."""
+        with _write(self.path) as conn:
+            conn.executemany(
+                "DELETE FROM processing_ack WHERE message_id=? AND status='processing'",
+                [(i,) for i in ids])
+
+    # -- output
+    def write_message(self, kind: str, content: dict[str, Any], to: Address,
+                      in_reply_to: str | None) -> tuple[str, int]:
+        """Append one `messages_out` row; returns (id, seq)."""
+        out_id = new_out_id()
+        in_max = self.inbound.max_seq()
+        with _write(self.path) as conn:
+            out_max = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM messages_out").fetchone()[0]
+            top = max(in_max, out_max)
+            seq = top + 1 if top % 2 == 0 else top + 2
+            conn.execute(
+                "INSERT INTO messages_out (id, seq, in_reply_to, timestamp, kind, platform_id,"
+                " channel_type, thread_id, content) VALUES (?,?,?,?,?,?,?,?,?)",
+                (out_id, seq, in_reply_to, utcnow(), kind, to.platform_id, to.channel_type,
+                 to.thread_id, json.dumps(content)),
+            )
+        return out_id, seq
+
+    # -- state
+    def get_state(self, key: str) -> str | None:
+        with _read(self.path) as conn:
+            r = conn.execute("SELECT value FROM session_state WHERE key=?", (key,)).fetchone()
+        return r[0] if r else None
+
+    def set_state(self, key: str, value: str) -> None:
+        with _write(self.path) as conn:
+            conn.execute("INSERT OR REPLACE INTO session_state (key, value, updated_at)"
+                         " VALUES (?,?,?)", (key, value, utcnow()))
+
+    def delete_state(self, key: str) -> None:
+        with _write(self.path) as conn:
+            conn.execute("DELETE FROM session_state WHERE key=?", (key,))
+
+    def set_current_tool(self, name: str | None, timeout_ms: int | None = None) -> None:
+        """What the host's stuck check reads: the running tool and its declared timeout."""
+        now = utcnow()
+        with _write(self.path) as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO container_state (id, current_tool,"
+                " tool_declared_timeout_ms, tool_started_at, updated_at) VALUES (1,?,?,?,?)",
+                (name, timeout_ms, now if name else None, now))

@@ -1,0 +1,95 @@
+"""Process entry: logging, signals, and the forever loop around `PollLoop.loop_once`.
+
+The loop polls fast (5 ms) while messages are flowing, so a warm turn is not spent
+sleeping, and backs off to 100 ms after about 2 s of quiet, so an idle agent costs
+almost nothing. Signal handlers only record; the loop notices and exits 0. A second
+signal interrupts whatever is blocking (e.g. a model call that has not started streaming).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable
+
+from agent_runner import config as config_mod
+from agent_runner.poll_loop import PollLoop, Shutdown
+
+log = logging.getLogger("agent_runner")
+
+FAST_S = 0.005
+SLOW_S = 0.1
+FAST_FOR_S = 0.25
+RAMP_S = 1.75
+SAFETY_SLEEP_S = 1.0  # after a failed poll
+
+
+def poll_interval(idle_s: float) -> float:
+    """5 ms while recently active, rising linearly to 100 ms after ~2 s of nothing."""
+    if idle_s <= FAST_FOR_S:
+        return FAST_S
+    return min(SLOW_S, FAST_S + (SLOW_S - FAST_S) * (idle_s - FAST_FOR_S) / RAMP_S)
+
+
+class StopFlag:
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+    def handle(self, signum: int, _frame: Any) -> None:
+        if self.signum is not None:
+            raise Shutdown()
+        self.signum = signum
+
+
+def run(loop: PollLoop, stop: Callable[[], bool],
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep) -> None:
+    last_active = clock()
+    last_error = None
+    while not stop():
+        now = clock()
+        try:
+            if loop.loop_once(now):
+                last_active = now
+            last_error = None
+        except Shutdown:
+            break
+        except Exception as exc:  # e.g. a locked or missing DB: say so once, retry slowly
+            if str(exc) != last_error:
+                log.exception("poll failed error=%s", exc)
+                last_error = str(exc)
+            sleep(SAFETY_SLEEP_S)
+            continue
+        sleep(poll_interval(clock() - last_active))
+
+
+def main() -> int:
+    logging.basicConfig(
+        stream=sys.stderr, level=os.environ.get("NANOCLAW_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s agent_runner %(message)s")
+    for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "anthropic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    stop = StopFlag()
+    signal.signal(signal.SIGTERM, stop.handle)
+    signal.signal(signal.SIGINT, stop.handle)
+    cfg = config_mod.load()
+    loop = PollLoop(cfg, stop)
+    try:
+        loop.initialize()
+        run(loop, stop)
+    except Shutdown:
+        pass
+    except Exception:
+        log.exception("agent runner failed")
+        return 1
+    finally:
+        loop.shutdown()
+    if stop.signum is not None:
+        log.info("exit on signal signum=%d", stop.signum)
+    return 0

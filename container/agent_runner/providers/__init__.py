@@ -1,0 +1,144 @@
+"""Providers: the model behind one small interface, chosen by name from a registry.
+
+A provider turns a prompt into a `Query`, whose `events()` yields what happened
+(`Init` with the continuation to persist, tool activity, a `Result` per finished turn,
+or an `Error`). The poll loop may `push()` a follow-up user turn after a result (a nudge,
+a correction, later new messages), `end()` when it wants no more, or `abort()` on
+shutdown. `is_session_invalid(err)` says when stored history is unusable, so the loop
+starts afresh instead of failing every turn.
+
+Installed providers are the visible list at the bottom; modules load lazily so the
+`anthropic` SDK is only imported when that provider is chosen.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Protocol, Union
+
+
+class ProviderError(Exception):
+    """A query failed in a way the user should hear about."""
+
+    def __init__(self, message: str, retryable: bool = False, classification: str = "error"):
+        super().__init__(message)
+        self.retryable = retryable
+        self.classification = classification
+
+
+class StaleSession(ProviderError):
+    """The stored continuation cannot be resumed; the loop clears it and starts fresh."""
+
+
+class ProviderUnavailable(ProviderError):
+    """The configured provider cannot run here (missing package, not built yet)."""
+
+
+# --- events ---
+@dataclass(frozen=True)
+class Init:
+    continuation: str
+
+
+@dataclass(frozen=True)
+class Activity:
+    what: str = "progress"
+
+
+@dataclass(frozen=True)
+class ToolStart:
+    name: str
+    timeout_ms: int | None = None
+
+
+@dataclass(frozen=True)
+class ToolEnd:
+    name: str
+
+
+@dataclass(frozen=True)
+class Result:
+    text: str
+
+
+@dataclass(frozen=True)
+class Error:
+    error: ProviderError
+
+
+Event = Union[Init, Activity, ToolStart, ToolEnd, Result, Error]
+
+
+@dataclass(frozen=True)
+class ToolOutcome:
+    text: str
+    is_error: bool = False
+
+
+class Tools(Protocol):
+    """What a provider may call on the agent's behalf (see agent_runner.tools)."""
+
+    specs: list[dict[str, Any]]
+
+    def timeout_ms(self, name: str, args: dict[str, Any]) -> int | None: ...
+
+    def run(self, name: str, args: dict[str, Any]) -> ToolOutcome: ...
+
+
+@dataclass
+class QueryInput:
+    prompt: str
+    continuation: str | None
+    cwd: str
+    system: str
+    tools: Tools | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Query(Protocol):
+    def events(self) -> Iterator[Event]: ...
+
+    def push(self, text: str) -> None: ...
+
+    def end(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+class Provider(Protocol):
+    name: str
+
+    def query(self, q: QueryInput) -> Query: ...
+
+    def is_session_invalid(self, err: BaseException) -> bool: ...
+
+    def forget(self, continuation: str) -> None:
+        """Drop a continuation's stored history (`/clear`)."""
+
+
+class Registry:
+    """Provider name → lazily imported factory; duplicate names are refused."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, str] = {}
+
+    def register(self, name: str, target: str) -> None:
+        if name in self._entries:
+            raise ValueError(f"provider {name!r} registered twice")
+        self._entries[name] = target
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def factory(self, name: str) -> Callable[..., Provider]:
+        if name not in self._entries:
+            raise ProviderUnavailable(
+                f"unknown provider {name!r} (installed: {', '.join(self.names())})")
+        module, attr = self._entries[name].split(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+REGISTRY = Registry()
+REGISTRY.register("anthropic", "agent_runner.providers.anthropic:AnthropicProvider")
+REGISTRY.register("claude", "agent_runner.providers.claude:ClaudeProvider")

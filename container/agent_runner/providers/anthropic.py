@@ -1,0 +1,225 @@
+"""The `anthropic` provider: the Messages API with our own tool loop, no CLI.
+
+The client reads ANTHROPIC_BASE_URL / ANTHROPIC_API_KEY (the host's broker and a
+per-session token). The conversation lives in memory and is saved after every finished
+turn as `<session>/.provider/anthropic-<id>.json`; the id is the continuation the poll
+loop stores in `session_state`. A missing or corrupt file is a `StaleSession`: the loop
+clears it and starts afresh instead of failing every turn. A failed turn is rolled back
+to the last finished one, so history never holds a dangling tool call.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import uuid
+from typing import Any, Generator, Iterator
+
+import anthropic
+
+from agent_runner.config import Config
+from agent_runner.providers import (
+    Activity, Error, Event, Init, ProviderError, QueryInput, Result, StaleSession, ToolEnd,
+    ToolOutcome, ToolStart,
+)
+
+log = logging.getLogger("agent_runner")
+
+MAX_TOKENS = 8192
+MAX_TOOL_STEPS = 50
+MAX_HISTORY = 400  # messages kept; older turns are dropped from the front
+SAFE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def classify(exc: Exception) -> ProviderError:
+    """Map an SDK error (after its own retries) to what the user is told."""
+    if isinstance(exc, anthropic.APIStatusError):
+        status = exc.status_code
+        detail = getattr(exc, "api_message", None) or ""
+        if status in (429, 529) or status >= 500:
+            what = {429: "rate limited", 529: "overloaded"}.get(status, "server error")
+            return ProviderError(
+                f"model overloaded/rate limited (HTTP {status}, {what}); please try again in"
+                " a moment", retryable=True,
+                classification="quota" if status == 429 else "overloaded")
+        if status in (401, 403):
+            return ProviderError(f"model access denied (HTTP {status}) {detail}".strip(),
+                                 classification="auth")
+        return ProviderError(f"model request rejected (HTTP {status}) {detail}".strip(),
+                             classification="bad_request")
+    if isinstance(exc, anthropic.APIConnectionError):
+        return ProviderError("could not reach the model (connection failed after retries)",
+                             retryable=True, classification="connection")
+    return ProviderError(f"model call failed: {exc}")
+
+
+def _block(b: Any) -> dict[str, Any] | None:
+    kind = getattr(b, "type", None)
+    if kind == "text":
+        return {"type": "text", "text": b.text}
+    if kind == "tool_use":
+        return {"type": "tool_use", "id": b.id, "name": b.name, "input": b.input}
+    return None  # thinking and server blocks are not requested
+
+
+def _trim(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Keep at most MAX_HISTORY messages, starting at a plain user prompt."""
+    if len(messages) <= MAX_HISTORY:
+        return messages
+    start = len(messages) - MAX_HISTORY
+    while start < len(messages) and not (
+            messages[start]["role"] == "user" and isinstance(messages[start]["content"], str)):
+        start += 1
+    return messages[start:]
+
+
+class AnthropicProvider:
+    name = "anthropic"
+
+    def __init__(self, config: Config) -> None:
+        self.model = config.model
+        self.dir = config.provider_dir
+        self.client = anthropic.Anthropic(max_retries=2)
+        self._id: str | None = None
+        self._history: list[dict[str, Any]] = []
+
+    # -- continuation files
+    def _path(self, cid: str) -> str:
+        if not SAFE_ID.match(cid):
+            raise StaleSession(f"bad continuation id {cid!r}")
+        return os.path.join(self.dir, f"anthropic-{cid}.json")
+
+    def _load(self, cid: str) -> list[dict[str, Any]]:
+        try:
+            with open(self._path(cid), encoding="utf-8") as fh:
+                data = json.load(fh)
+            messages = data["messages"]
+            if not all(isinstance(m, dict) and m.get("role") in ("user", "assistant")
+                       for m in messages):
+                raise ValueError("bad message entry")
+        except StaleSession:
+            raise
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise StaleSession(f"conversation {cid} cannot be resumed: {exc}") from exc
+        return messages
+
+    def _save(self, cid: str, messages: list[dict[str, Any]]) -> None:
+        os.makedirs(self.dir, exist_ok=True)
+        path = self._path(cid)
+        tmp = f"{path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump({"version": 1, "id": cid, "model": self.model, "messages": messages}, fh)
+        os.replace(tmp, path)
+
+    def resume(self, cid: str | None) -> tuple[str, list[dict[str, Any]]]:
+        if cid is None:
+            self._id, self._history = uuid.uuid4().hex, []
+            return self._id, []
+        if cid == self._id:
+            return cid, list(self._history)
+        return cid, self._load(cid)
+
+    def commit(self, cid: str, messages: list[dict[str, Any]]) -> None:
+        self._id, self._history = cid, _trim(list(messages))
+        self._save(cid, self._history)
+
+    def forget(self, continuation: str) -> None:
+        if continuation == self._id:
+            self._id, self._history = None, []
+        try:
+            os.unlink(self._path(continuation))
+        except (OSError, StaleSession):
+            pass
+
+    def is_session_invalid(self, err: BaseException) -> bool:
+        return isinstance(err, StaleSession)
+
+    def query(self, q: QueryInput) -> "AnthropicQuery":
+        return AnthropicQuery(self, q)
+
+
+class AnthropicQuery:
+    """One prompt and any pushed follow-ups; each finished turn yields a `Result`."""
+
+    def __init__(self, provider: AnthropicProvider, q: QueryInput) -> None:
+        self.p = provider
+        self.q = q
+        self._pushed: list[str] = []
+        self._ended = False
+        self._aborted = False
+
+    def push(self, text: str) -> None:
+        self._pushed.append(text)
+
+    def end(self) -> None:
+        self._ended = True
+
+    def abort(self) -> None:
+        self._aborted = True
+
+    def events(self) -> Iterator[Event]:
+        try:
+            cid, messages = self.p.resume(self.q.continuation)
+        except StaleSession as exc:
+            yield Error(exc)
+            return
+        yield Init(cid)
+        messages.append({"role": "user", "content": self.q.prompt})
+        texts: list[str] = []
+        steps = 0
+        while not self._aborted:
+            try:
+                final = yield from self._call(messages)
+            except ProviderError as exc:
+                yield Error(exc)
+                return
+            content = [b for b in map(_block, final.content) if b is not None]
+            if content:
+                messages.append({"role": "assistant", "content": content})
+            texts += [b["text"] for b in content if b["type"] == "text"]
+            if final.stop_reason in ("tool_use", "pause_turn") and steps < MAX_TOOL_STEPS:
+                steps += 1
+                if final.stop_reason == "tool_use":
+                    results = yield from self._run_tools(content)
+                    messages.append({"role": "user", "content": results})
+                continue
+            self.p.commit(cid, messages)
+            yield Result("\n".join(texts))
+            texts, steps = [], 0
+            if not self._pushed or self._ended:
+                return
+            messages.append({"role": "user", "content": "\n\n".join(self._pushed)})
+            self._pushed.clear()
+
+    def _call(self, messages: list[dict[str, Any]]) -> Generator[Event, None, Any]:
+        kwargs: dict[str, Any] = {"model": self.p.model, "max_tokens": MAX_TOKENS,
+                                  "system": self.q.system, "messages": messages}
+        if self.q.tools is not None:
+            kwargs["tools"] = self.q.tools.specs
+        try:
+            with self.p.client.messages.stream(**kwargs) as stream:
+                for event in stream:
+                    if event.type in ("message_start", "content_block_stop"):
+                        yield Activity("stream")
+                    if self._aborted:
+                        raise ProviderError("aborted")
+                return stream.get_final_message()
+        except anthropic.AnthropicError as exc:
+            log.warning("model call failed error_type=%s", type(exc).__name__)
+            raise classify(exc) from exc
+
+    def _run_tools(self, content: list[dict[str, Any]]) -> Generator[Event, None, list]:
+        results = []
+        for block in content:
+            if block["type"] != "tool_use":
+                continue
+            name, args = block["name"], block["input"] if isinstance(block["input"], dict) else {}
+            tools = self.q.tools
+            yield ToolStart(name, tools.timeout_ms(name, args) if tools else None)
+            outcome = tools.run(name, args) if tools else ToolOutcome("no tools here", True)
+            yield ToolEnd(name)
+            results.append({"type": "tool_result", "tool_use_id": block["id"],
+                            "content": outcome.text, "is_error": outcome.is_error})
+        return results

@@ -1,0 +1,94 @@
+"""The adapter contract (reference §9) and its error vocabulary, sorted by what the
+channel worker does next: `Unavailable` (nobody to send to yet: wait, don't count),
+`RetryAfter` (the platform said when), `SendError` (count it; `permanent` fails now)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Protocol
+
+from nanoclaw.config import Settings
+
+
+class Unavailable(Exception):
+    """Cannot deliver now (no client, not connected); try again later, uncounted."""
+
+
+class RetryAfter(Exception):
+    def __init__(self, seconds: float, message: str = "rate limited"):
+        super().__init__(message)
+        self.seconds = seconds
+
+
+class SendError(Exception):
+    def __init__(self, message: str, permanent: bool = False):
+        super().__init__(message)
+        self.permanent = permanent
+
+
+@dataclass
+class OutboundMessage:
+    idem_key: str
+    kind: str
+    content: dict[str, Any]
+    in_reply_to: str | None = None  # the platform message id being answered, if any
+
+
+class ChannelHost(Protocol):
+    """What an adapter may call back into."""
+
+    async def inbound(self, platform_id: str, message_id: str, payload: dict[str, Any],
+                      thread_id: str | None = None) -> bool:
+        """Store one platform message durably; True if new, False if seen before."""
+
+    def kick(self, platform_id: str | None = None) -> None:
+        """Something changed (e.g. a client connected): retry parked sends now."""
+
+
+class Channel:
+    name = "channel"
+    supports_threads = False
+
+    def __init__(self, settings: Settings, host: ChannelHost):
+        self.settings, self.host = settings, host
+
+    @classmethod
+    def enabled(cls, settings: Settings) -> bool:
+        return False
+
+    async def setup(self) -> None: ...
+
+    async def teardown(self) -> None: ...
+
+    def is_connected(self) -> bool:
+        return True
+
+    async def deliver(self, platform_id: str, thread_id: str | None,
+                      message: OutboundMessage) -> str | None:
+        raise NotImplementedError
+
+
+class Registry:
+    def __init__(self) -> None:
+        self._classes: dict[str, type[Channel]] = {}
+
+    def register(self, cls: type[Channel]) -> type[Channel]:
+        if cls.name in self._classes:
+            raise ValueError(f"channel {cls.name!r} is registered twice")
+        self._classes[cls.name] = cls
+        return cls
+
+    def get(self, name: str) -> type[Channel]:
+        try:
+            return self._classes[name]
+        except KeyError:
+            raise KeyError(f"unknown channel {name!r}") from None
+
+    def names(self) -> list[str]:
+        return sorted(self._classes)
+
+    def threaded(self) -> frozenset[str]:
+        return frozenset(n for n, c in self._classes.items() if c.supports_threads)
+
+
+Inbound = Callable[..., Awaitable[bool]]

@@ -1,0 +1,120 @@
+"""What the generic `channel:<name>` worker does around an adapter: store inbound
+messages durably before acknowledging them, and send this channel's rows of
+`channel_outbox`, honouring `retry_after`, backing off transient errors and failing a
+row for good (recorded, so delivery tells the agent) after `send_attempts` tries."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+from nanoclaw.channels.base import (Channel, OutboundMessage, RetryAfter, SendError,
+                                    Unavailable)
+from nanoclaw.config import Settings
+from nanoclaw.log import logger
+from nanoclaw.store import Store
+from nanoclaw.util import iso
+from nanoclaw.worker import Poller
+
+PARK_SECONDS = 2.0
+BACKOFF = (1.0, 5.0, 15.0, 60.0, 300.0)
+
+
+class ChannelRunner:
+    def __init__(self, store: Store, settings: Settings, channel_type: str):
+        self.store, self.settings, self.channel_type = store, settings, channel_type
+        self.adapter: Channel | None = None
+        self.wakeup = asyncio.Event()
+        self.version = -1
+        self.next_due: float | None = None
+
+    # ---- ChannelHost ------------------------------------------------------------------
+    async def inbound(self, platform_id: str, message_id: str, payload: dict[str, Any],
+                      thread_id: str | None = None) -> bool:
+        _, new = self.store.enqueue_inbound(self.channel_type, platform_id, message_id, payload,
+                                            thread_id)
+        return new
+
+    def kick(self, platform_id: str | None = None) -> None:
+        with_pid = " AND platform_id=?" if platform_id else ""
+        args: tuple = (self.channel_type, platform_id) if platform_id else (self.channel_type,)
+        self.store.conn.execute(
+            "UPDATE channel_outbox SET next_attempt_at=NULL WHERE channel_type=? AND"
+            f" status='pending' AND attempts=0{with_pid}", args)
+        self.wakeup.set()
+
+    # ---- sending ----------------------------------------------------------------------
+    async def send_due(self, now: float) -> bool:
+        v = self.store.version()
+        if v == self.version and not self.wakeup.is_set() and (
+                self.next_due is None or now < self.next_due):
+            return False
+        self.version = v
+        self.wakeup.clear()
+        rows = self.store.due_sends(self.channel_type)
+        for row in rows:
+            await self._send(row)
+        nxt = self.store.next_send_due(self.channel_type)
+        self.next_due = _ts(nxt) if nxt else None
+        return bool(rows)
+
+    async def _send(self, row: dict[str, Any]) -> None:
+        assert self.adapter is not None
+        msg = OutboundMessage(row["idem_key"], row["kind"], json.loads(row["content"]),
+                              row["in_reply_to"])
+        attempt = row["attempts"] + 1
+        try:
+            pmid = await self.adapter.deliver(row["platform_id"], row["thread_id"], msg)
+        except Unavailable as e:
+            self.store.conn.execute("UPDATE channel_outbox SET next_attempt_at=? WHERE id=?",
+                                    (iso(time.time() + PARK_SECONDS), row["id"]))
+            logger.debug("send {} parked: {}", row["id"], e)
+            return
+        except RetryAfter as e:
+            self._retry(row, attempt, f"rate limited: {e}", e.seconds)
+            return
+        except SendError as e:
+            self._retry(row, attempt, str(e), None if e.permanent else _backoff(attempt))
+            return
+        except Exception as e:  # an adapter bug must not kill the worker or lose the row
+            logger.exception("adapter {} failed to send", self.channel_type)
+            self._retry(row, attempt, f"{type(e).__name__}: {e}", _backoff(attempt))
+            return
+        self.store.mark_sent(row["id"], pmid)
+
+    def _retry(self, row: dict[str, Any], attempt: int, error: str, delay: float | None) -> None:
+        final = delay is None or attempt >= self.settings.send_attempts
+        self.store.mark_send_error(row["id"], error, None if final else iso(time.time() + delay))
+        if final:
+            logger.error("send {} to {}:{} failed for good: {}", row["id"], self.channel_type,
+                         row["platform_id"], error)
+        else:
+            logger.warning("send {} to {}:{} failed (attempt {}): {}; retry in {:.1f}s",
+                           row["id"], self.channel_type, row["platform_id"], attempt, error, delay)
+
+    async def run(self, adapter: Channel, stop: asyncio.Event) -> None:
+        self.adapter = adapter
+        await adapter.setup()
+        poll = Poller(self.settings.poll_min, self.settings.poll_max)
+        try:
+            while not stop.is_set():
+                now = time.time()
+                did = await self.send_due(now)
+                try:
+                    await asyncio.wait_for(self.wakeup.wait(), poll.next(did, now))
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            await adapter.teardown()
+
+
+def _backoff(attempt: int) -> float:
+    return BACKOFF[min(attempt - 1, len(BACKOFF) - 1)]
+
+
+def _ts(text: str) -> float:
+    from nanoclaw.util import parse_iso
+
+    return parse_iso(text)

@@ -1,0 +1,255 @@
+"""The one place agents are started and stopped (so two wakes never start two agents).
+
+Reads wake/kill requests from the central DB, spawns through the selected runtime with
+a fresh per-session broker token, watches running agents, and after an agent ends
+resets the rows it had claimed (backoff `5 s·2^tries`, failed after 5 tries; the user is
+told). An agent that keeps dying before it does any work is respawned with the same
+backoff and, after 5 failures, its pending messages fail with a message to the user.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+from nanoclaw import sessiondb
+from nanoclaw.config import Settings
+from nanoclaw.log import logger
+from nanoclaw.runtime import Runtime, SpawnSpec
+from nanoclaw.store import Store
+from nanoclaw.util import iso, utcnow
+
+RUNNER_DIR = Path(__file__).resolve().parent.parent / "container"
+FAIL_TEXT = ("Sorry, I could not process your message after {n} attempts. The host's logs"
+             " have the details (logs/containers/{sid}/).")
+
+
+def install_id(settings: Settings) -> str:
+    return hashlib.sha1(str(settings.data_dir.resolve()).encode()).hexdigest()[:8]
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class Containers:
+    def __init__(self, store: Store, settings: Settings, runtime: Runtime):
+        self.store, self.settings, self.runtime = store, settings, runtime
+        self.install = install_id(settings)
+        self.running: dict[str, str] = {}          # session id → container id
+        self.failures: dict[str, int] = {}         # session id → consecutive failed starts
+        self.retry_at: dict[str, float] = {}       # session id → not before
+        self.version = -1
+
+    # ---- start-up ---------------------------------------------------------------------
+    def adopt(self) -> None:
+        """Re-attach to agents that outlived a previous containers worker; clean up the
+        rest, then stop this install's agents that no session claims."""
+        for s in self.store.sessions_where("container_status='running'"):
+            cid = s["container_id"]
+            if cid and self.runtime.exit_code(cid) is None:
+                self.running[s["id"]] = cid
+                logger.info("re-attached to agent {} of session {}", cid, s["id"])
+            else:
+                self._ended(s, code=None)
+        n = self.runtime.cleanup_orphans(self.install, set(self.running.values()))
+        if n:
+            logger.warning("stopped {} orphaned agent(s) of this install", n)
+
+    # ---- one pass ---------------------------------------------------------------------
+    def pass_once(self, now: float) -> bool:
+        did = self._watch(now)
+        v = self.store.version()
+        if v != self.version or self.retry_at:
+            self.version = v
+            did |= self._requests(now)
+        return did
+
+    def _requests(self, now: float) -> bool:
+        reqs = self.store.open_container_requests()
+        handled, did = [], False
+        wanted: dict[str, str] = {}
+        for r in reqs:
+            if r["action"] == "kill":
+                wanted[r["session_id"]] = "kill"
+            else:
+                wanted.setdefault(r["session_id"], "wake")
+        for sid, action in wanted.items():
+            if action == "kill":
+                self.stop(sid, reason="kill requested")
+                did = True
+            elif sid not in self.running:
+                if self.retry_at.get(sid, 0) > now:
+                    continue  # keep the request open until the backoff passes
+                did |= self.wake(sid)
+        for r in reqs:
+            if not (r["action"] == "wake" and r["session_id"] not in self.running
+                    and self.retry_at.get(r["session_id"], 0) > now):
+                handled.append(r["id"])
+        if handled:
+            self.store.close_container_requests(handled)
+        for sid in [s for s, t in self.retry_at.items() if t <= now and s not in wanted]:
+            del self.retry_at[sid]
+            s = self.store.session(sid)
+            if s and sessiondb.due_count(self._paths(s), iso(now)):
+                did |= self.wake(sid)
+        return did
+
+    def _watch(self, now: float) -> bool:
+        did = False
+        for sid, cid in list(self.running.items()):
+            code = self.runtime.exit_code(cid)
+            if code is None:
+                continue
+            del self.running[sid]
+            s = self.store.session(sid)
+            if s is not None:
+                self._ended(s, code)
+            did = True
+        return did
+
+    # ---- actions ----------------------------------------------------------------------
+    def wake(self, sid: str) -> bool:
+        s = self.store.session(sid)
+        if s is None or sid in self.running:
+            return False
+        paths = self._paths(s)
+        if not sessiondb.due_count(paths, utcnow()):
+            return False
+        broker = self.store.get_state("broker_url")
+        if not broker:
+            logger.warning("session {}: broker not up yet; wake postponed", sid)
+            self.retry_at[sid] = time.time() + 0.5
+            return False
+        ag = self.store.agent_group(s["agent_group_id"])
+        group_dir = self.settings.group_dir(ag["folder"])
+        group_dir.mkdir(parents=True, exist_ok=True)
+        self._write_config(s, ag, group_dir)
+        sessiondb.write_routing(paths, self._routing(s), self.store.destinations(ag["id"]))
+        Path(paths.heartbeat).unlink(missing_ok=True)
+        token = secrets.token_urlsafe(32)
+        spawn = f"{int(time.time() * 1000)}"
+        spec = SpawnSpec(
+            session_id=sid, agent_group_id=ag["id"], session_dir=Path(paths.root).resolve(),
+            group_dir=group_dir.resolve(), global_dir=(self.settings.groups_dir / "global").resolve(),
+            runner_dir=RUNNER_DIR, install_id=self.install,
+            log_path=self.settings.logs_dir / "containers" / sid / f"{spawn}.log",
+            env={"ANTHROPIC_BASE_URL": broker, "ANTHROPIC_API_KEY": token,
+                 "TZ": self.settings.tz})
+        try:
+            cid = self.runtime.spawn(spec)
+        except Exception as e:
+            logger.error("session {}: cannot start agent: {}", sid, e)
+            self._start_failed(s, str(e))
+            return False
+        self.running[sid] = cid
+        self.store.set_container(sid, "running", cid, token_hash(token))
+        logger.info("session {}: agent started ({})", sid, cid)
+        return True
+
+    def stop(self, sid: str, reason: str) -> None:
+        cid = self.running.pop(sid, None)
+        if cid is None:
+            s = self.store.session(sid)
+            cid = s["container_id"] if s else None
+        if cid:
+            logger.info("session {}: stopping agent {} ({})", sid, cid, reason)
+            self.runtime.stop(cid)
+        s = self.store.session(sid)
+        if s is not None:
+            self._ended(s, code=None, killed=True)
+
+    def stop_all(self) -> None:
+        for sid in list(self.running):
+            self.stop(sid, reason="host stopping")
+
+    def _ended(self, s: dict[str, Any], code: int | None, killed: bool = False) -> None:
+        """Bookkeeping after an agent ended: state, claimed rows, respawn policy."""
+        sid = s["id"]
+        self.store.set_container(sid, "stopped")
+        paths = self._paths(s)
+        if not Path(paths.inbound).exists():
+            return
+        sessiondb.sync_acks(paths)
+        touched = sessiondb.reset_stuck(paths, time.time())
+        if code not in (None, 0) and not touched and not killed:
+            logger.warning("session {}: agent exited ({}) without taking work", sid, code)
+            self._start_failed(s, f"exit {code}")
+            return
+        if code not in (None, 0) or touched:
+            logger.warning("session {}: agent ended ({}); {} claimed row(s) reset", sid,
+                           "killed" if code is None else f"exit {code}", len(touched))
+        self._tell_failed(s, [m for m, what in touched if what == "failed"])
+        if code == 0 or touched == []:
+            self.failures.pop(sid, None)
+        if not killed and sessiondb.due_count(paths, utcnow()):
+            self.wake(sid)
+
+    def _start_failed(self, s: dict[str, Any], why: str) -> None:
+        sid = s["id"]
+        n = self.failures.get(sid, 0) + 1
+        self.failures[sid] = n
+        if n >= sessiondb.MAX_TRIES:
+            self.failures.pop(sid, None)
+            self.retry_at.pop(sid, None)
+            failed = self._fail_pending(s)
+            logger.error("session {}: agent failed to start {} times ({}); {} message(s) failed",
+                         sid, n, why, len(failed))
+            self._tell_failed(s, failed)
+            return
+        delay = sessiondb.RETRY_BASE_SECONDS * 2 ** (n - 1)
+        self.retry_at[sid] = time.time() + delay
+        logger.warning("session {}: agent start failed ({}); retry {} in {:.0f}s", sid, why, n,
+                       delay)
+
+    def _fail_pending(self, s: dict[str, Any]) -> list[str]:
+        paths = self._paths(s)
+        with sessiondb._write(paths.inbound) as conn:
+            ids = [r[0] for r in conn.execute(
+                "SELECT id FROM messages_in WHERE status='pending' AND trigger=1")]
+            conn.execute("UPDATE messages_in SET status='failed' WHERE status='pending'"
+                         " AND trigger=1")
+        return ids
+
+    def _tell_failed(self, s: dict[str, Any], message_ids: list[str]) -> None:
+        """Never fail silently: each failed message gets a reply in its own chat."""
+        if not message_ids:
+            return
+        paths = self._paths(s)
+        for mid in message_ids:
+            row = sessiondb.message(paths, mid)
+            if row is None or not row["platform_id"] or row["channel_type"] == "agent":
+                continue
+            sessiondb.write_outbound_direct(
+                paths, kind="chat", content={"text": FAIL_TEXT.format(n=row["tries"] or 5,
+                                                                      sid=s["id"])},
+                in_reply_to=mid, channel_type=row["channel_type"],
+                platform_id=row["platform_id"], thread_id=row["thread_id"])
+        self.store.touch_session(s["id"])
+
+    # ---- helpers ----------------------------------------------------------------------
+    def _paths(self, s: dict[str, Any]) -> sessiondb.SessionPaths:
+        return sessiondb.SessionPaths(str(self.settings.session_dir(s["agent_group_id"], s["id"])))
+
+    def _routing(self, s: dict[str, Any]) -> tuple[str | None, str | None, str | None]:
+        if not s["messaging_group_id"]:
+            return (None, None, None)
+        mg = self.store.q1("SELECT channel_type, platform_id FROM messaging_groups WHERE id=?",
+                           (s["messaging_group_id"],))
+        return (mg["channel_type"], mg["platform_id"], s["thread_id"]) if mg else (None, None, None)
+
+    def _write_config(self, s: dict[str, Any], ag: dict[str, Any], group_dir: Path) -> None:
+        cfg = self.store.container_config(ag["id"])
+        provider = (s["agent_provider"] or cfg.get("provider") or ag["agent_provider"]
+                    or "claude").strip().lower() or "claude"
+        data = {"provider": provider, "model": cfg.get("model") or self.settings.model,
+                "assistant_name": cfg.get("assistant_name") or self.settings.assistant_name,
+                "agent_group_id": ag["id"], "effort": cfg.get("effort"),
+                "max_messages_per_prompt": cfg.get("max_messages_per_prompt") or 10}
+        tmp = group_dir / "container.json.tmp"
+        tmp.write_text(json.dumps(data, indent=2))
+        tmp.replace(group_dir / "container.json")

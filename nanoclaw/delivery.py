@@ -1,0 +1,141 @@
+"""Turning agent output into platform sends (reference §4 outbound).
+
+Each pass: for every watched session whose `outbound.db` moved (a `stat`), queue its new
+`messages_out` rows in the central `channel_outbox` (idempotency key
+`<session>:<message id>`, so a crash between the two writes duplicates nothing); then
+record the channels' results in the session's `delivered` table. A send that finally
+failed is told to the agent (a row in its inbound, which wakes it) and logged.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from nanoclaw import sessiondb
+from nanoclaw.config import Settings
+from nanoclaw.log import logger
+from nanoclaw.store import Store
+from nanoclaw.util import iso, new_id
+
+WATCH_RECENT = 600.0  # seconds: sessions active this recently are watched every tick
+FULL_SCAN = 30.0      # seconds between scans of every active session
+
+
+class Delivery:
+    def __init__(self, store: Store, settings: Settings):
+        self.store, self.settings = store, settings
+        self.signals: dict[str, Any] = {}     # session id → last seen outbound signal
+        self.sessions: dict[str, dict[str, Any]] = {}
+        self.version = -1
+        self.last_full = 0.0
+
+    def paths(self, s: dict[str, Any]) -> sessiondb.SessionPaths:
+        return sessiondb.SessionPaths(str(self.settings.session_dir(s["agent_group_id"], s["id"])))
+
+    def pass_once(self, now: float) -> bool:
+        did = False
+        v = self.store.version()
+        if v != self.version or now - self.last_full > FULL_SCAN:
+            full = now - self.last_full > FULL_SCAN
+            self._refresh(now, full)
+            if full:
+                self.last_full = now
+            did |= self._record_results()
+            self.version = v
+        for sid, s in list(self.sessions.items()):
+            did |= self._drain(s)
+        return did
+
+    def _refresh(self, now: float, full: bool) -> None:
+        if full:
+            rows = self.store.sessions_where("status='active'")
+        else:
+            rows = self.store.sessions_where(
+                "status='active' AND (container_status='running' OR last_active >= ?)",
+                (iso(now - WATCH_RECENT),))
+        keep = {r["id"]: r for r in rows}
+        if not full:  # keep watching what we watched until the next full scan drops it
+            for sid, s in self.sessions.items():
+                keep.setdefault(sid, s)
+        self.sessions = keep
+
+    def _drain(self, s: dict[str, Any]) -> bool:
+        paths = self.paths(s)
+        sig = sessiondb.change_signal(paths)
+        if sig is None or sig == self.signals.get(s["id"]):
+            return False
+        try:
+            rows = sessiondb.undelivered(paths)
+            for row in rows:
+                self._route(s, paths, row)
+        except Exception as e:  # leave the signal unchanged: retried next pass
+            logger.error("delivery of session {} failed: {}", s["id"], e)
+            return False
+        self.signals[s["id"]] = sig
+        return bool(rows)
+
+    def _route(self, s: dict[str, Any], paths: sessiondb.SessionPaths, row: dict[str, Any]) -> None:
+        try:
+            content = json.loads(row["content"])
+        except ValueError:
+            content = None
+        if not isinstance(content, dict):
+            sessiondb.mark_delivered(paths, row["id"], None, "failed", "malformed content")
+            logger.error("session {}: message {} has malformed content", s["id"], row["id"])
+            return
+        if row["kind"] == "system":
+            action = content.get("action") or content.get("type")
+            logger.warning("session {}: system action {!r} is not handled yet", s["id"], action)
+            sessiondb.mark_delivered(paths, row["id"], None, "failed", f"unknown action {action}")
+            self._tell_agent(s, paths, f"The host could not perform {action!r}: not supported.")
+            return
+        ch, pid = row["channel_type"], row["platform_id"]
+        if not ch or not pid or ch == "agent" or not self._allowed(s, ch, pid):
+            why = f"not an allowed destination: {ch}:{pid}"
+            sessiondb.mark_delivered(paths, row["id"], None, "failed", why)
+            logger.error("session {}: message {} refused: {}", s["id"], row["id"], why)
+            if not (row["in_reply_to"] or "").startswith("note-"):  # no note about a note
+                self._tell_agent(s, paths, f"Your message {row['id']} was not sent: {why}.")
+            return
+        self.store.enqueue_send(f"{s['id']}:{row['id']}", ch, pid, row["thread_id"], row["kind"],
+                                content, session_id=s["id"], message_out_id=row["id"],
+                                in_reply_to=row["in_reply_to"])
+
+    def _allowed(self, s: dict[str, Any], ch: str, pid: str) -> bool:
+        """The session's own chat, or a chat the agent has a destination for (the ACL)."""
+        if s["messaging_group_id"]:
+            own = self.store.q1("SELECT channel_type, platform_id FROM messaging_groups WHERE id=?",
+                                (s["messaging_group_id"],))
+            if own and (own["channel_type"], own["platform_id"]) == (ch, pid):
+                return True
+        return self.store.q1(
+            "SELECT 1 AS x FROM agent_destinations d JOIN messaging_groups m ON m.id=d.target_id"
+            " WHERE d.agent_group_id=? AND d.target_type='channel' AND m.channel_type=?"
+            " AND m.platform_id=?", (s["agent_group_id"], ch, pid)) is not None
+
+    def _record_results(self) -> bool:
+        rows = self.store.unrecorded_sends()
+        for r in rows:
+            s = self.store.session(r["session_id"]) if r["session_id"] else None
+            if s is not None:
+                paths = self.paths(s)
+                status = "delivered" if r["status"] == "sent" else "failed"
+                sessiondb.mark_delivered(paths, r["message_out_id"], r["platform_message_id"],
+                                         status, r["error"])
+                if status == "failed":
+                    logger.error("send to {}:{} failed for good after {} attempts: {}",
+                                 r["channel_type"], r["platform_id"], r["attempts"], r["error"])
+                    self._tell_agent(s, paths, f"Your message to {r['channel_type']}:"
+                                     f"{r['platform_id']} could not be delivered: {r['error']}")
+            self.store.mark_recorded(r["id"])
+        return bool(rows)
+
+    def _tell_agent(self, s: dict[str, Any], paths: sessiondb.SessionPaths, text: str) -> None:
+        """A host note to the agent: a chat row from `system`, which wakes it."""
+        sessiondb.insert_message(
+            paths, id=new_id("note"), kind="chat", channel_type="agent", platform_id="system",
+            content={"sender": "system", "senderId": None, "text": text, "attachments": []})
+        self.store.request_container(s["id"], "wake", "host note")
+
+

@@ -1,0 +1,198 @@
+"""Turning one platform event into session messages (reference §4 inbound).
+
+`route(event)` finds the chat, its wirings in priority order, decides per wiring whether
+it engages, applies the access and command gates, resolves or creates the session,
+inserts the `messages_in` row (id `<platform msg id>:<agent group>`, so routing the same
+event twice is harmless) and asks the containers worker to wake the agent.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from nanoclaw import permissions, sessiondb
+from nanoclaw.config import Settings
+from nanoclaw.log import logger
+from nanoclaw.store import Store
+from nanoclaw.util import new_id
+
+
+@dataclass
+class Event:
+    """A platform message as adapters hand it over (payload of `inbound_events`)."""
+
+    channel_type: str
+    platform_id: str
+    message_id: str
+    text: str = ""
+    thread_id: str | None = None
+    sender_id: str | None = None
+    sender_name: str | None = None
+    is_mention: bool = False
+    is_group: bool = False
+    attachments: list[dict[str, Any]] = field(default_factory=list)
+    reply_to: dict[str, Any] | None = None
+    kind: str = "chat"
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> "Event":
+        p = json.loads(row["payload"])
+        if not isinstance(p, dict):
+            raise ValueError("payload is not an object")
+        return cls(
+            channel_type=row["channel_type"], platform_id=row["platform_id"],
+            message_id=row["message_id"], thread_id=row["thread_id"], kind=row["kind"],
+            text=str(p.get("text") or ""), sender_id=_opt(p.get("sender_id")),
+            sender_name=_opt(p.get("sender_name")), is_mention=bool(p.get("is_mention")),
+            is_group=bool(p.get("is_group")), attachments=list(p.get("attachments") or []),
+            reply_to=p.get("reply_to") if isinstance(p.get("reply_to"), dict) else None)
+
+
+def _opt(v: Any) -> str | None:
+    return None if v is None else str(v)
+
+
+def user_id_for(ev: Event) -> str | None:
+    if not ev.sender_id:
+        return None
+    return ev.sender_id if ":" in ev.sender_id else f"{ev.channel_type}:{ev.sender_id}"
+
+
+def engages(wiring: dict[str, Any], ev: Event, sticky_session: bool) -> bool:
+    mode = wiring["engage_mode"]
+    if mode == "pattern":
+        pat = wiring["engage_pattern"] or "."
+        if pat == ".":
+            return True
+        try:
+            return re.search(pat, ev.text) is not None
+        except re.error:
+            return True  # an invalid pattern counts as a match (reference §4)
+    if mode == "mention":
+        return ev.is_mention
+    return ev.is_mention or (ev.is_group and sticky_session)  # mention-sticky
+
+
+class Router:
+    def __init__(self, store: Store, settings: Settings, threaded: frozenset[str] = frozenset()):
+        self.store, self.settings, self.threaded = store, settings, threaded
+
+    def route(self, ev: Event) -> list[str]:
+        """Route one event; returns the ids of the sessions it was delivered to."""
+        thread = ev.thread_id if ev.channel_type in self.threaded else None
+        ev.thread_id = thread
+        mg = self.store.messaging_group(ev.channel_type, ev.platform_id)
+        if mg is None:
+            mg = self._new_chat(ev)
+            if mg is None:
+                return []
+        uid = user_id_for(ev)
+        if uid:
+            self.store.ensure_user(uid, ev.channel_type, ev.sender_name)
+        wirings = self.store.wirings(mg["id"])
+        if not wirings:
+            if ev.is_mention and not mg["denied_at"]:
+                self.store.record_unregistered(ev.channel_type, ev.platform_id, uid,
+                                               ev.sender_name, "no_agent_wired", mg["id"])
+            return []
+        delivered = []
+        for w in wirings:
+            sid = self._offer(ev, mg, w, uid)
+            if sid:
+                delivered.append(sid)
+        if not delivered:
+            self.store.record_unregistered(ev.channel_type, ev.platform_id, uid, ev.sender_name,
+                                           "no_agent_engaged", mg["id"])
+        return delivered
+
+    def _new_chat(self, ev: Event) -> dict[str, Any] | None:
+        if ev.channel_type == "cli":
+            # The terminal belongs to the local owner: a new CLI chat is another
+            # conversation with the agents of the default terminal chat.
+            base = self.store.messaging_group("cli", "local")
+            mg_id = self.store.create_messaging_group("cli", ev.platform_id,
+                                                      f"terminal {ev.platform_id}", False)
+            for w in self.store.wirings(base["id"]) if base else []:
+                self.store.wire(mg_id, w["agent_group_id"], destination=f"terminal-{ev.platform_id}")
+            return self.store.messaging_group("cli", ev.platform_id)
+        if not ev.is_mention:
+            return None
+        self.store.create_messaging_group(ev.channel_type, ev.platform_id, None, ev.is_group,
+                                          policy="request_approval")
+        return self.store.messaging_group(ev.channel_type, ev.platform_id)
+
+    def _offer(self, ev: Event, mg: dict[str, Any], w: dict[str, Any], uid: str | None) -> str | None:
+        mode = w["session_mode"]
+        if ev.thread_id is not None and mg["is_group"] and mode != "agent-shared":
+            mode = "per-thread"
+        session = self.store.find_session(w["agent_group_id"], mg["id"], ev.thread_id, mode)
+        if not engages(w, ev, sticky_session=session is not None):
+            if w["ignored_message_policy"] == "accumulate" and self._gates_pass(ev, mg, w, uid):
+                session = session or self._create_session(w, mg, ev, mode)
+                self._insert(session, w, ev, uid, trigger=False)
+            return None
+        if not self._gates_pass(ev, mg, w, uid):
+            self.store.record_unregistered(ev.channel_type, ev.platform_id, uid, ev.sender_name,
+                                           f"unknown_sender_{mg['unknown_sender_policy']}",
+                                           mg["id"], w["agent_group_id"])
+            return None
+        session = session or self._create_session(w, mg, ev, mode)
+        denial = permissions.command_gate(self.store, ev.text, uid, w["agent_group_id"])
+        if denial == "drop":
+            logger.info("dropped command from {} in {}", uid, ev.platform_id)
+            return None
+        if denial:
+            self._deny(session, ev, denial)
+            return None
+        self._insert(session, w, ev, uid, trigger=True)
+        self.store.request_container(session["id"], "wake", "message")
+        return session["id"]
+
+    def _gates_pass(self, ev: Event, mg: dict[str, Any], w: dict[str, Any], uid: str | None) -> bool:
+        allowed = permissions.can_access(self.store, uid, w["agent_group_id"])
+        if w["sender_scope"] == "known" and not allowed:
+            return False
+        return mg["unknown_sender_policy"] == "public" or allowed
+
+    def _create_session(self, w: dict[str, Any], mg: dict[str, Any], ev: Event,
+                        mode: str) -> dict[str, Any]:
+        s = self.store.create_session(w["agent_group_id"], None if mode == "agent-shared"
+                                      else mg["id"], ev.thread_id if mode == "per-thread" else None,
+                                      None)
+        paths = sessiondb.create(str(self.settings.session_dir(w["agent_group_id"], s["id"])))
+        routing = (None, None, None) if mode == "agent-shared" else (
+            ev.channel_type, ev.platform_id, ev.thread_id)
+        sessiondb.write_routing(paths, routing, self.store.destinations(w["agent_group_id"]))
+        logger.info("new session {} for agent group {} ({})", s["id"], w["agent_group_id"], mode)
+        return s
+
+    def _paths(self, session: dict[str, Any]) -> sessiondb.SessionPaths:
+        return sessiondb.SessionPaths(
+            str(self.settings.session_dir(session["agent_group_id"], session["id"])))
+
+    def _insert(self, session: dict[str, Any], w: dict[str, Any], ev: Event, uid: str | None,
+                trigger: bool) -> None:
+        content = {"sender": ev.sender_name or uid or "unknown", "senderId": uid,
+                   "senderName": ev.sender_name, "text": ev.text,
+                   "attachments": ev.attachments, "replyTo": ev.reply_to}
+        sessiondb.insert_message(
+            self._paths(session), id=f"{ev.message_id}:{w['agent_group_id']}", kind="chat",
+            content=content, trigger=trigger, platform_id=ev.platform_id,
+            channel_type=ev.channel_type, thread_id=ev.thread_id)
+        self.store.touch_session(session["id"])
+
+    def _deny(self, session: dict[str, Any], ev: Event, reason: str) -> None:
+        """Answer a refused command without waking the agent (the original's broken path)."""
+        sessiondb.write_outbound_direct(
+            self._paths(session), kind="chat", content={"text": reason},
+            in_reply_to=f"{ev.message_id}:{session['agent_group_id']}",
+            channel_type=ev.channel_type, platform_id=ev.platform_id, thread_id=ev.thread_id)
+        self.store.touch_session(session["id"])
+        logger.info("refused command from {}: {}", ev.sender_id, reason)
+
+
+def new_message_id(prefix: str = "m") -> str:
+    return new_id(prefix)

@@ -1,0 +1,136 @@
+"""The `process` runtime: the agent runner as a plain host process. No isolation at all;
+for development, tests and benchmarks of everything but the sandbox.
+
+Each agent gets its own session (process group), a scrubbed environment and its output
+in `logs/containers/<session>/<spawn>.log`. Container id `pid:<pid>:<starttime>` lets a
+restarted worker re-attach to an agent that outlived it, without mistaking a recycled pid.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from nanoclaw.runtime.base import SpawnSpec
+
+MARK = "NANOCLAW_INSTALL"
+
+
+def _starttime(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _state(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+class ProcessRuntime:
+    name = "process"
+
+    def __init__(self) -> None:
+        self.children: dict[str, subprocess.Popen] = {}
+
+    @classmethod
+    def available(cls) -> bool:
+        return True
+
+    def spawn(self, spec: SpawnSpec) -> str:
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "LANG": os.environ.get("LANG", "C.UTF-8"),
+            "HOME": str(spec.session_dir),
+            "PYTHONPATH": str(spec.runner_dir),
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "NANOCLAW_SESSION_DIR": str(spec.session_dir),
+            "NANOCLAW_GROUP_DIR": str(spec.group_dir),
+            "NANOCLAW_GLOBAL_DIR": str(spec.global_dir),
+            MARK: spec.install_id,
+            **spec.env,
+        }
+        spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(spec.log_path, "ab") as log:
+            p = subprocess.Popen(
+                [sys.executable, "-m", "agent_runner"], cwd=spec.group_dir, env=env,
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True, close_fds=True)
+        cid = f"pid:{p.pid}:{_starttime(p.pid)}"
+        self.children[cid] = p
+        return cid
+
+    def exit_code(self, container_id: str) -> int | None:
+        p = self.children.get(container_id)
+        if p is not None:
+            code = p.poll()
+            if code is not None:
+                del self.children[container_id]
+            return code
+        pid, start = _parse(container_id)  # adopted: not our child, watch /proc
+        if pid is None or _starttime(pid) != start or _state(pid) in (None, "Z", "X"):
+            return -1
+        return None
+
+    def stop(self, container_id: str, grace: float = 1.0) -> None:
+        pid, start = _parse(container_id)
+        if pid is None or _starttime(pid) != start:
+            return
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        deadline = time.time() + grace
+        while time.time() < deadline:
+            if self._gone(container_id, pid):
+                return
+            time.sleep(0.01)
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        p = self.children.pop(container_id, None)
+        if p is not None:
+            p.wait(timeout=5)
+
+    def _gone(self, container_id: str, pid: int) -> bool:
+        p = self.children.get(container_id)
+        if p is not None:
+            return p.poll() is not None
+        return _state(pid) in (None, "Z", "X")
+
+    def cleanup_orphans(self, install_id: str, keep: set[str]) -> int:
+        n = 0
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            pid = int(entry)
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    environ = f.read().split(b"\0")
+            except OSError:
+                continue
+            if f"{MARK}={install_id}".encode() not in environ:
+                continue
+            cid = f"pid:{pid}:{_starttime(pid)}"
+            if cid in keep:
+                continue
+            self.stop(cid, grace=0.5)
+            n += 1
+        return n
+
+
+def _parse(container_id: str) -> tuple[int | None, str | None]:
+    try:
+        kind, pid, start = container_id.split(":", 2)
+        return (int(pid), start) if kind == "pid" else (None, None)
+    except ValueError:
+        return None, None

@@ -1,0 +1,69 @@
+"""Time-driven housekeeping of every active session (reference §6).
+
+Per pass: sync finished acks into inbound statuses; wake sessions with due rows and no
+agent; kill agents that are stuck (a claim older than the tolerance with no heartbeat
+since) or idle past the ceiling. `decide_stuck` is pure; the I/O is at the edge.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from nanoclaw import sessiondb
+from nanoclaw.config import Settings
+from nanoclaw.log import logger
+from nanoclaw.store import Store
+from nanoclaw.util import iso, parse_iso
+
+
+def decide_stuck(now: float, heartbeat: float | None, claims: list[float], ceiling: float,
+                 tolerance: float, tool_timeout: float = 0.0) -> str | None:
+    """'ceiling' | 'stuck' | None, for one running agent.
+
+    heartbeat: mtime of `.heartbeat` (None: missing, i.e. a fresh agent given grace);
+    claims: times of its `processing` acks; tool_timeout: a declared Bash timeout, which
+    stretches both limits.
+    """
+    if heartbeat is not None and now - heartbeat > max(ceiling, tool_timeout):
+        return "ceiling"
+    limit = max(tolerance, tool_timeout)
+    for claimed in claims:
+        if now - claimed > limit and (heartbeat is None or heartbeat < claimed):
+            return "stuck"
+    return None
+
+
+class Sweep:
+    def __init__(self, store: Store, settings: Settings):
+        self.store, self.settings = store, settings
+
+    def pass_once(self, now: float) -> None:
+        for s in self.store.sessions_where("status='active'"):
+            try:
+                self._session(s, now)
+            except Exception as e:  # one bad session never stops the sweep
+                logger.error("sweep of session {} failed: {}", s["id"], e)
+
+    def _session(self, s: dict[str, Any], now: float) -> None:
+        paths = sessiondb.SessionPaths(str(self.settings.session_dir(s["agent_group_id"], s["id"])))
+        if not os.path.exists(paths.inbound):
+            return
+        sessiondb.sync_acks(paths)
+        running = s["container_status"] == "running"
+        if not running:
+            if sessiondb.due_count(paths, iso(now)):
+                self.store.request_container(s["id"], "wake", "due rows")
+            return
+        try:
+            hb: float | None = os.stat(paths.heartbeat).st_mtime
+        except FileNotFoundError:
+            hb = None
+        claims = [parse_iso(t) for st, t in sessiondb.acks(paths).values() if st == "processing"]
+        verdict = decide_stuck(now, hb, claims, self.settings.idle_ceiling,
+                               self.settings.claim_tolerance)
+        if verdict:
+            logger.warning("session {}: agent {} ({}); killing it", s["id"],
+                           "idle past the ceiling" if verdict == "ceiling" else "stuck on a claim",
+                           verdict)
+            self.store.request_container(s["id"], "kill", verdict)

@@ -1,0 +1,43 @@
+"""Worker `router`: platform events (central `inbound_events`) → session messages."""
+
+from __future__ import annotations
+
+from nanoclaw.channels import load_builtin
+from nanoclaw.log import logger
+from nanoclaw.routing import Event, Router
+from nanoclaw.store import Store
+from nanoclaw.worker import Worker
+
+MAX_ATTEMPTS = 3
+
+
+class RouterWorker(Worker):
+    name = "router"
+
+    def initialize(self) -> None:
+        self.store = Store.open(self.settings.data_dir)
+        self.router = Router(self.store, self.settings, load_builtin().threaded())
+        self.version = -1
+
+    def loop_once(self, now: float) -> bool:
+        v = self.store.version()
+        if v == self.version:
+            return False
+        self.version = v
+        events = self.store.pending_inbound()
+        for row in events:
+            try:
+                sessions = self.router.route(Event.from_row(row))
+            except Exception as e:  # a bad event never kills the router
+                final = row["attempts"] + 1 >= MAX_ATTEMPTS or isinstance(e, (ValueError, KeyError))
+                logger.error("event {} from {}:{} not routed ({}): {}", row["id"],
+                             row["channel_type"], row["platform_id"], type(e).__name__, e)
+                self.store.mark_inbound_error(row["id"], f"{type(e).__name__}: {e}", final)
+                self.version = -1
+                continue
+            self.store.mark_routed(row["id"])
+            logger.debug("event {} routed to {}", row["id"], sessions or "nobody")
+        return bool(events)
+
+    def shutdown(self) -> None:
+        self.store.close()

@@ -1,0 +1,26 @@
+"""Worker `sweep`: time — due rows, stuck and idle agents, ack sync."""
+
+from __future__ import annotations
+
+from nanoclaw.store import Store
+from nanoclaw.sweep import Sweep
+from nanoclaw.worker import Worker
+
+
+class SweepWorker(Worker):
+    name = "sweep"
+
+    def initialize(self) -> None:
+        self.store = Store.open(self.settings.data_dir)
+        self.sweep = Sweep(self.store, self.settings)
+        self.next_pass = 0.0
+
+    def loop_once(self, now: float) -> bool:
+        if now < self.next_pass:
+            return False
+        self.sweep.pass_once(now)
+        self.next_pass = now + self.settings.sweep_interval
+        return False
+
+    def shutdown(self) -> None:
+        self.store.close()
