@@ -26,9 +26,12 @@ HOP = {"host", "connection", "keep-alive", "transfer-encoding", "te", "trailer",
 
 
 def pick_port(preferred: int = 0) -> int:
-    """The preferred port if it is free, else any free port on 127.0.0.1."""
+    """The preferred port if it is free, else any free port on 127.0.0.1. Agents keep
+    the broker's URL for their lifetime, so a restarted broker must come back on the
+    same port (SO_REUSEADDR: the old connections may still sit in TIME_WAIT)."""
     for port in (preferred, 0) if preferred else (0,):
         with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind(("127.0.0.1", port))
                 return s.getsockname()[1]
@@ -98,7 +101,11 @@ class Broker:
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         port = self.settings.broker_port or int(self.store.get_state("broker_port") or 0)
-        port = pick_port(port)
+        chosen = pick_port(port)
+        if port and chosen != port:
+            logger.error("broker port {} is taken; moved to {} (running agents lose the model"
+                         " until they restart)", port, chosen)
+        port = chosen
         site = web.TCPSite(runner, "127.0.0.1", port, reuse_address=True)
         await site.start()
         self.store.set_state("broker_port", str(port))

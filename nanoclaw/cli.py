@@ -146,39 +146,57 @@ class Lines:
             except socket.timeout:
                 return None
             if not chunk:
-                raise CliError("the host closed the connection")
+                raise ConnectionError("the host closed the connection")
             self.buf += chunk
         line, self.buf = self.buf.split(b"\n", 1)
         return json.loads(line)
 
 
 def cmd_send(args: argparse.Namespace) -> int:
+    """Send, then wait for the reply. Delivery to the host is at least once: on a lost
+    connection or a missing ack the same id is sent again, which the host ignores if it
+    already stored it; replies are matched by that id."""
     from nanoclaw.util import new_id
 
     s = _settings()
-    sock = _connect(s)
     mid = new_id("cli")
-    frame = {"type": "message", "text": args.text, "chat": args.chat, "id": mid}
-    sock.sendall((json.dumps(frame) + "\n").encode())
-    lines = Lines(sock)
-    deadline = time.time() + max(args.wait, 5.0)
-    ack = lines.next(deadline)
-    if ack is None:
-        raise CliError("the host did not acknowledge the message")
-    if ack.get("type") == "error":
-        raise CliError(f"refused: {ack.get('error')}", 2)
-    if args.wait <= 0:
-        print(f"sent ({mid})")
-        return 0
-    deadline = time.time() + args.wait
+    frame = (json.dumps({"type": "message", "text": args.text, "chat": args.chat, "id": mid})
+             + "\n").encode()
+    end = time.time() + max(args.wait, 10.0)
+    acked, tries = False, 0
     while True:
-        f = lines.next(deadline)
-        if f is None:
-            raise CliError(f"no reply within {args.wait:g}s (the message is stored; see"
-                           " `nanoclaw status` and logs/nanoclaw.error.log)")
-        if f.get("type") == "reply" and f.get("in_reply_to") == mid:
-            print(f.get("text", ""))
-            return 0
+        tries += 1
+        try:
+            try:
+                sock = _connect(s)
+            except CliError:
+                if tries == 1:
+                    raise  # no host at all: say so at once
+                raise ConnectionError("host not answering yet") from None
+            sock.sendall(frame)
+            lines = Lines(sock)
+            while True:
+                f = lines.next(min(end, time.time() + 3.0) if not acked else end)
+                if f is None:
+                    if acked:
+                        raise CliError(f"no reply within {args.wait:g}s (the message is stored;"
+                                       " see `nanoclaw status` and logs/nanoclaw.error.log)")
+                    break  # no ack yet: send again
+                if f.get("type") == "error":
+                    raise CliError(f"refused: {f.get('error')}", 2)
+                if f.get("type") == "ack" and f.get("id") == mid:
+                    acked = True
+                    if args.wait <= 0:
+                        print(f"sent ({mid})")
+                        return 0
+                elif f.get("type") == "reply" and f.get("in_reply_to") == mid:
+                    print(f.get("text", ""))
+                    return 0
+        except OSError:
+            pass  # connection lost: reconnect and send the same id again
+        if time.time() >= end:
+            raise CliError("the host did not acknowledge the message")
+        time.sleep(0.2)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:

@@ -32,7 +32,8 @@ class Settings(BaseSettings):
     logs_dir: Path = Path("logs")
     groups_dir: Path = Path("groups")
     runtime: Literal["auto", "docker", "bwrap", "process"] = "auto"
-    provider: Literal["claude", "anthropic"] = "claude"
+    # `anthropic` until the claude-agent-sdk provider lands; DESIGN names `claude` the goal.
+    provider: Literal["claude", "anthropic"] = "anthropic"
     model: str = "claude-sonnet-4-5"
     assistant_name: str = "Andy"
     timezone: str = Field(default="", validation_alias=AliasChoices("NANOCLAW_TIMEZONE", "TZ"))

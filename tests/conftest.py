@@ -1,0 +1,278 @@
+"""Shared test fixtures: a fake model on 127.0.0.1 and a real host (`nanoclaw run` as a
+subprocess, process runtime, everything under tmp_path), plus a terminal client that
+reconnects and records every frame it receives."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = "sk-ant-test-secret-do-not-leak"
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05,
+             what: str = "condition") -> Any:
+    deadline = time.time() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+@pytest.fixture
+def fake_model():
+    from nanoclaw.devtools.fake_model import FakeModel
+
+    fake = FakeModel(port=0, delay_ms=0)
+    fake.start()
+    yield fake
+    fake.stop()
+
+
+class Client:
+    """A terminal-channel client: one connection per chat, reconnecting on loss."""
+
+    def __init__(self, sock_path: Path, chat: str = "local"):
+        self.path, self.chat = sock_path, chat
+        self.frames: list[dict] = []
+        self.lock = threading.Lock()
+        self.sock: socket.socket | None = None
+        self.closed = False
+        self._connect()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _connect(self) -> None:
+        def attempt():
+            try:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(str(self.path))
+                s.sendall((json.dumps({"type": "subscribe", "chat": self.chat}) + "\n").encode())
+                return s
+            except OSError:
+                return None
+
+        self.sock = wait_for(attempt, 30, what=f"terminal socket {self.path}")
+
+    def _read(self) -> None:
+        buf = b""
+        while not self.closed:
+            try:
+                chunk = self.sock.recv(65536)  # type: ignore[union-attr]
+            except OSError:
+                chunk = b""
+            if not chunk:
+                if self.closed:
+                    return
+                buf = b""
+                self._connect()
+                continue
+            buf += chunk
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                with self.lock:
+                    self.frames.append(json.loads(line))
+
+    def send(self, text: str, mid: str | None = None) -> str:
+        mid = mid or f"t{time.time_ns()}"
+        frame = {"type": "message", "text": text, "chat": self.chat, "id": mid}
+        deadline = time.time() + 30
+        while time.time() < deadline:  # at least once; the id makes a resend harmless
+            self._try_send(frame)
+            try:
+                wait_for(lambda: any(f.get("type") == "ack" and f.get("id") == mid
+                                     for f in self.snapshot()), 2, what=f"ack of {mid}")
+                return mid
+            except AssertionError:
+                continue
+        raise AssertionError(f"no ack of {mid}")
+
+    def _try_send(self, frame: dict) -> bool:
+        try:
+            self.sock.sendall((json.dumps(frame) + "\n").encode())  # type: ignore[union-attr]
+            return True
+        except OSError:
+            time.sleep(0.1)
+            return False
+
+    def raw(self, data: bytes) -> None:
+        self.sock.sendall(data)  # type: ignore[union-attr]
+
+    def snapshot(self) -> list[dict]:
+        with self.lock:
+            return list(self.frames)
+
+    def replies_to(self, mid: str) -> list[dict]:
+        return [f for f in self.snapshot() if f.get("type") == "reply" and f.get("in_reply_to") == mid]
+
+    def wait_reply(self, mid: str, timeout: float = 60.0) -> dict:
+        return wait_for(lambda: (self.replies_to(mid) or [None])[0], timeout,
+                        what=f"reply to {mid}")
+
+    def close(self) -> None:
+        self.closed = True
+        try:
+            self.sock.close()  # type: ignore[union-attr]
+        except OSError:
+            pass
+
+
+class Host:
+    """`nanoclaw run` in a scratch directory."""
+
+    def __init__(self, base: Path, fake_url: str, extra_env: dict[str, str] | None = None):
+        self.base = base
+        self.data = base / "data"
+        self.env = {
+            **os.environ,
+            "NANOCLAW_DATA_DIR": str(self.data),
+            "NANOCLAW_LOGS_DIR": str(base / "logs"),
+            "NANOCLAW_GROUPS_DIR": str(base / "groups"),
+            "NANOCLAW_RUNTIME": "process",
+            "NANOCLAW_PROVIDER": "anthropic",
+            "NANOCLAW_SWEEP_INTERVAL": "0.5",
+            "ANTHROPIC_BASE_URL": fake_url,
+            "ANTHROPIC_API_KEY": SECRET,
+            **(extra_env or {}),
+        }
+        self.proc: subprocess.Popen | None = None
+        self.clients: list[Client] = []
+
+    @property
+    def sock(self) -> Path:
+        return self.data / "cli.sock"
+
+    def start(self) -> "Host":
+        self.base.mkdir(parents=True, exist_ok=True)
+        self.out = open(self.base / "host.out", "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "nanoclaw", "run"], cwd=self.base,
+                                     env=self.env, stdout=self.out, stderr=subprocess.STDOUT)
+        wait_for(self.ready, 30, what="host ready")
+        return self
+
+    def ready(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"host exited {self.proc.returncode}:\n{self.output()}")
+        ws = self.workers() if (self.data / "nanoclaw.db").exists() else []
+        return bool(ws) and all(w["state"] in ("STARTING", "RUNNING") and w["pid"] for w in ws) \
+            and self.sock.exists()
+
+    def output(self) -> str:
+        try:
+            return (self.base / "host.out").read_text()[-5000:]
+        except OSError:
+            return ""
+
+    def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "nanoclaw", *args], cwd=self.base,
+                              env=self.env, capture_output=True, text=True, timeout=timeout)
+
+    def db(self):
+        import sqlite3
+
+        conn = sqlite3.connect(str(self.data / "nanoclaw.db"), timeout=10)
+        conn.row_factory = sqlite3.Row
+        return conn
+
+    def q(self, sql: str, args: tuple = ()) -> list[dict]:
+        conn = self.db()
+        try:
+            return [dict(r) for r in conn.execute(sql, args)]
+        finally:
+            conn.close()
+
+    def workers(self) -> list[dict]:
+        try:
+            return self.q("SELECT * FROM workers")
+        except Exception:
+            return []
+
+    def worker_pid(self, name: str) -> int | None:
+        for w in self.workers():
+            if w["name"] == name:
+                return w["pid"]
+        return None
+
+    def client(self, chat: str = "local") -> Client:
+        c = Client(self.sock, chat)
+        self.clients.append(c)
+        return c
+
+    def stop(self, timeout: float = 15) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout=timeout)
+        self.proc = None
+        return code
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+        self.proc = None
+
+    def cleanup(self) -> None:
+        for c in self.clients:
+            c.close()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        # agents adopted across a kill -9 belong to no host now: stop them
+        for pid in agent_pids(self.data):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def agent_pids(data_dir: Path) -> list[int]:
+    """Agent runner processes started for this data directory (by install mark)."""
+    import hashlib
+
+    mark = f"NANOCLAW_INSTALL={hashlib.sha1(str(data_dir.resolve()).encode()).hexdigest()[:8]}"
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                env = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if mark.encode() in env:
+                out.append(int(entry))
+    return out
+
+
+@pytest.fixture
+def host_factory(tmp_path, fake_model):
+    hosts: list[Host] = []
+
+    def make(name: str = "h", **env: str) -> Host:
+        h = Host(tmp_path / name, fake_model.url, env)
+        hosts.append(h)
+        return h
+
+    yield make
+    for h in hosts:
+        h.cleanup()
+
+
+@pytest.fixture
+def host(host_factory) -> Host:
+    return host_factory().start()
