@@ -59,6 +59,7 @@ class Settings(BaseSettings):
     idle_ceiling: float = Field(default=1800.0, gt=0)
     claim_tolerance: float = Field(default=60.0, gt=0)
     send_attempts: int = Field(default=5, ge=1, le=50)
+    retry_base: float = Field(default=5.0, gt=0, le=600)  # agent retries: retry_base·2^tries
 
     @field_validator("anthropic_base_url")
     @classmethod
@@ -108,6 +109,25 @@ class Settings(BaseSettings):
         return self.groups_dir / folder
 
 
+def _env_name(loc: str) -> str:
+    """The environment name the user actually set for a field (aliases included)."""
+    field = Settings.model_fields.get(loc)
+    for f in Settings.model_fields.values():  # pydantic may report the alias instead
+        a = f.validation_alias
+        if (isinstance(a, str) and a == loc) or (isinstance(a, AliasChoices) and loc in a.choices):
+            field = f
+    names = [f"NANOCLAW_{loc.upper()}"]
+    alias = field.validation_alias if field else None
+    if isinstance(alias, str):
+        names = [alias]
+    elif isinstance(alias, AliasChoices):
+        names = [str(c) for c in alias.choices]
+    for n in names:
+        if n in os.environ:
+            return n
+    return loc if loc.isupper() else names[0]
+
+
 def _system_tz() -> str:
     try:
         link = os.readlink("/etc/localtime")
@@ -128,8 +148,8 @@ def load() -> Settings:
     except ValidationError as e:
         err = e.errors()[0]
         loc = str(err["loc"][0]) if err["loc"] else "?"
-        name = loc if loc.isupper() else f"NANOCLAW_{loc.upper()}"
-        raise SettingsError(f"bad setting {name}: {err['msg']}") from None
+        msg = err["msg"].removeprefix("Value error, ")
+        raise SettingsError(f"bad setting {_env_name(loc)}: {msg}") from None
     return s.model_copy(
         update={
             "data_dir": s.data_dir.absolute(),

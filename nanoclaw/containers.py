@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,8 @@ from nanoclaw.store import Store
 from nanoclaw.util import iso, utcnow
 
 RUNNER_DIR = Path(__file__).resolve().parent.parent / "container"
-FAIL_TEXT = ("Sorry, I could not process your message after {n} attempts. The host's logs"
-             " have the details (logs/containers/{sid}/).")
+FAIL_TEXT = ("Sorry, your message could not be processed (the agent failed {n} times)."
+             " The details are in logs/containers/{sid}/ on the host.")
 
 
 def install_id(settings: Settings) -> str:
@@ -174,8 +175,12 @@ class Containers:
         paths = self._paths(s)
         if not Path(paths.inbound).exists():
             return
-        sessiondb.sync_acks(paths)
-        touched = sessiondb.reset_stuck(paths, time.time())
+        try:
+            sessiondb.sync_acks(paths)
+            touched = sessiondb.reset_stuck(paths, time.time(), self.settings.retry_base)
+        except sqlite3.DatabaseError as e:
+            logger.error("session {}: session database unusable: {}", sid, e)
+            touched = []
         if code not in (None, 0) and not touched and not killed:
             logger.warning("session {}: agent exited ({}) without taking work", sid, code)
             self._start_failed(s, f"exit {code}")
@@ -201,7 +206,7 @@ class Containers:
                          sid, n, why, len(failed))
             self._tell_failed(s, failed)
             return
-        delay = sessiondb.RETRY_BASE_SECONDS * 2 ** (n - 1)
+        delay = self.settings.retry_base * 2 ** (n - 1)
         self.retry_at[sid] = time.time() + delay
         logger.warning("session {}: agent start failed ({}); retry {} in {:.0f}s", sid, why, n,
                        delay)
@@ -216,20 +221,18 @@ class Containers:
         return ids
 
     def _tell_failed(self, s: dict[str, Any], message_ids: list[str]) -> None:
-        """Never fail silently: each failed message gets a reply in its own chat."""
-        if not message_ids:
-            return
+        """Never fail silently: each failed message gets a reply in its own chat, queued
+        straight to the channel (the session's own databases may be what is broken)."""
         paths = self._paths(s)
         for mid in message_ids:
             row = sessiondb.message(paths, mid)
             if row is None or not row["platform_id"] or row["channel_type"] == "agent":
                 continue
-            sessiondb.write_outbound_direct(
-                paths, kind="chat", content={"text": FAIL_TEXT.format(n=row["tries"] or 5,
-                                                                      sid=s["id"])},
-                in_reply_to=mid, channel_type=row["channel_type"],
-                platform_id=row["platform_id"], thread_id=row["thread_id"])
-        self.store.touch_session(s["id"])
+            text = FAIL_TEXT.format(n=max(row["tries"], 1), sid=s["id"])
+            self.store.enqueue_send(f"{s['id']}:failed:{mid}", row["channel_type"],
+                                    row["platform_id"], row["thread_id"], "chat", {"text": text},
+                                    session_id=s["id"], message_out_id=f"failed:{mid}",
+                                    in_reply_to=mid)
 
     # ---- helpers ----------------------------------------------------------------------
     def _paths(self, s: dict[str, Any]) -> sessiondb.SessionPaths:

@@ -26,6 +26,7 @@ class Delivery:
     def __init__(self, store: Store, settings: Settings):
         self.store, self.settings = store, settings
         self.signals: dict[str, Any] = {}     # session id → last seen outbound signal
+        self.errors: dict[str, str] = {}      # session id → last error logged
         self.sessions: dict[str, dict[str, Any]] = {}
         self.version = -1
         self.last_full = 0.0
@@ -69,9 +70,13 @@ class Delivery:
             rows = sessiondb.undelivered(paths)
             for row in rows:
                 self._route(s, paths, row)
-        except Exception as e:  # leave the signal unchanged: retried next pass
-            logger.error("delivery of session {} failed: {}", s["id"], e)
+        except Exception as e:  # retried when the file changes again; logged once
+            if self.errors.get(s["id"]) != str(e):
+                self.errors[s["id"]] = str(e)
+                logger.error("delivery of session {} failed: {}", s["id"], e)
+            self.signals[s["id"]] = sig
             return False
+        self.errors.pop(s["id"], None)
         self.signals[s["id"]] = sig
         return bool(rows)
 

@@ -175,10 +175,15 @@ def create(root: str) -> SessionPaths:
 
 
 def _max_out_seq(paths: SessionPaths) -> int:
+    """Highest agent seq, or 0 when outbound.db is missing or unreadable: the host's own
+    rows must never be blocked by the agent's file (parity alone keeps seqs unique)."""
     if not os.path.exists(paths.outbound):
         return 0
-    with _open(paths.outbound, readonly=True) as out:
-        return out.execute("SELECT COALESCE(MAX(seq), 0) FROM messages_out").fetchone()[0]
+    try:
+        with _open(paths.outbound, readonly=True) as out:
+            return out.execute("SELECT COALESCE(MAX(seq), 0) FROM messages_out").fetchone()[0]
+    except sqlite3.DatabaseError:
+        return 0
 
 
 def insert_message(
@@ -313,7 +318,8 @@ def next_due(paths: SessionPaths) -> str | None:
         ).fetchone()[0]
 
 
-def reset_stuck(paths: SessionPaths, now: float) -> list[tuple[str, str]]:
+def reset_stuck(paths: SessionPaths, now: float,
+                base: float = RETRY_BASE_SECONDS) -> list[tuple[str, str]]:
     """After an agent died: back off or fail the rows it had claimed; drop its acks.
 
     Returns (message_id, 'retry'|'failed') for each row touched. Rows whose
@@ -340,7 +346,7 @@ def reset_stuck(paths: SessionPaths, now: float) -> list[tuple[str, str]]:
                     )
                     result.append((mid, "failed"))
                 else:
-                    after = iso(now + RETRY_BASE_SECONDS * 2**tries)
+                    after = iso(now + base * 2**tries)
                     conn.execute(
                         "UPDATE messages_in SET tries=?, process_after=? WHERE id=?",
                         (tries, after, mid),

@@ -313,10 +313,13 @@ class Store:
 
     # ---- container requests (router/sweep → containers) -------------------------------
     def request_container(self, session_id: str, action: str, reason: str) -> None:
+        """Ask for a wake or kill; an identical request still open is enough."""
         with atomic(self.conn):
             self.conn.execute(
                 "INSERT INTO container_requests (session_id, action, reason, created_at)"
-                " VALUES (?,?,?,?)", (session_id, action, reason, utcnow()))
+                " SELECT ?,?,?,? WHERE NOT EXISTS (SELECT 1 FROM container_requests WHERE"
+                " session_id=? AND action=? AND handled_at IS NULL)",
+                (session_id, action, reason, utcnow(), session_id, action))
 
     def open_container_requests(self) -> list[dict[str, Any]]:
         return self.q("SELECT * FROM container_requests WHERE handled_at IS NULL ORDER BY id")

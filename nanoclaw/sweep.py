@@ -37,13 +37,17 @@ def decide_stuck(now: float, heartbeat: float | None, claims: list[float], ceili
 class Sweep:
     def __init__(self, store: Store, settings: Settings):
         self.store, self.settings = store, settings
+        self.errors: dict[str, str] = {}  # session id → last error logged (log once)
 
     def pass_once(self, now: float) -> None:
         for s in self.store.sessions_where("status='active'"):
             try:
                 self._session(s, now)
+                self.errors.pop(s["id"], None)
             except Exception as e:  # one bad session never stops the sweep
-                logger.error("sweep of session {} failed: {}", s["id"], e)
+                if self.errors.get(s["id"]) != str(e):
+                    self.errors[s["id"]] = str(e)
+                    logger.error("sweep of session {} failed: {}", s["id"], e)
 
     def _session(self, s: dict[str, Any], now: float) -> None:
         paths = sessiondb.SessionPaths(str(self.settings.session_dir(s["agent_group_id"], s["id"])))

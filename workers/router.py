@@ -33,11 +33,22 @@ class RouterWorker(Worker):
                 logger.error("event {} from {}:{} not routed ({}): {}", row["id"],
                              row["channel_type"], row["platform_id"], type(e).__name__, e)
                 self.store.mark_inbound_error(row["id"], f"{type(e).__name__}: {e}", final)
+                if final:
+                    self._tell_sender(row, e)
                 self.version = -1
                 continue
             self.store.mark_routed(row["id"])
             logger.debug("event {} routed to {}", row["id"], sessions or "nobody")
         return bool(events)
+
+    def _tell_sender(self, row: dict, error: Exception) -> None:
+        """A message that could not be routed is answered, not dropped in silence."""
+        self.store.enqueue_send(
+            f"route-failed:{row['id']}", row["channel_type"], row["platform_id"],
+            row["thread_id"], "chat",
+            {"text": "Sorry, your message could not be passed to the agent"
+                     f" ({type(error).__name__}). The host's error log has the details."},
+            in_reply_to=f"{row['message_id']}:")
 
     def shutdown(self) -> None:
         self.store.close()

@@ -235,8 +235,8 @@ class Outbound:
                       in_reply_to: str | None) -> tuple[str, int]:
         """Append one `messages_out` row; returns (id, seq)."""
         out_id = new_out_id()
-        in_max = self.inbound.max_seq()
         with _write(self.path) as conn:
+            in_max = self.inbound.max_seq()
             out_max = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM messages_out").fetchone()[0]
             top = max(in_max, out_max)
             seq = top + 1 if top % 2 == 0 else top + 2

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 INTERNAL = re.compile(r"<internal>.*?(?:</internal>|\Z)", re.S)
 BLOCK = re.compile(r"""<message\s+to\s*=\s*(?:"([^"]*)"|'([^']*)')\s*>(.*?)</message>""", re.S)
 
-NUDGE = (
-    "Nothing you wrote was delivered: only text inside <message to=\"NAME\">…</message> "
-    "blocks is sent. Send your reply again, wrapped in a block addressed to the sender "
-    "(the `from` of their message)."
+NUDGE = (  # no complete example block here: an echoed nudge must not parse as a reply
+    "Nothing you wrote was delivered: only text inside a <message to=\"…\"> block (closed "
+    "by the message end tag) is sent. Send your reply again, wrapped in a block addressed "
+    "to the sender (the `from` of their message)."
 )
 
 

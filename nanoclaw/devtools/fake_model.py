@@ -296,7 +296,8 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         if path == "/_fake/requests":
             with self.fake._lock:
-                self._send_json(200, list(self.fake.requests))
+                recorded = list(self.fake.requests)
+            self._send_json(200, recorded)
             return
         if path == "/v1/models":
             self._api(path, b"")
