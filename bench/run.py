@@ -302,10 +302,13 @@ class Rig:
         for pid, cmd in self.seen.items():
             if pid == self.host.pid or not cmd or _cmdline(pid) != cmd:
                 continue
-            leftovers.append(pid)
+            leftovers.append(f"{pid} {cmd[:80]}")
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
         out["leftover_processes_killed"] = leftovers
+        if leftovers:
+            out["note"] = ("these processes of the host were still running after it exited "
+                           "and were killed with SIGKILL by the bench")
         return out
 
     def close(self) -> dict[str, Any]:
@@ -598,14 +601,26 @@ async def bench(rig: Rig, args: argparse.Namespace, results: dict[str, Any]) -> 
             return [(await x.send(f"tp {x.name} {j}"))[1] for j in range(args.messages)]
 
         await asyncio.to_thread(rig.fake_call, "POST", "/_fake/reset")
+        host, agents = rig.tree()
+        fake_pid = rig.fake.pid if rig.fake else -1
+        cpu0 = cpu_ticks([*host, *agents, fake_pid, os.getpid()])
         t0 = time.perf_counter()
         per_chat = await asyncio.gather(*(drive(x) for x in tp))
         wall = time.perf_counter() - t0
+        cpu1 = cpu_ticks([*host, *agents, fake_pid, os.getpid()])
+
+        def cores(pids: Any) -> float:
+            d = sum(cpu1[p] - cpu0[p] for p in pids if p in cpu0 and p in cpu1)
+            return round(d / CLK_TCK / wall, 3)
+
+        load_cpu = {"host_cores": cores(host), "agents_cores": cores(agents),
+                    "fake_cores": cores([fake_pid]), "bench_client_cores": cores([os.getpid()]),
+                    "host_per_process_cores": {f"{host[p]} ({p})": cores([p]) for p in host}}
         lat = [v for lst in per_chat for v in lst]
         results["throughput"] = {"chats": len(tp), "messages_per_chat": args.messages,
                                  "replies": len(lat), "wall_s": round(wall, 3),
                                  "msg_s": round(len(lat) / wall, 1),
-                                 "turn_ms_under_load": summary(lat)}
+                                 "turn_ms_under_load": summary(lat), "cpu": load_cpu}
         await asyncio.to_thread(rig.fake_call, "POST", "/_fake/reset")
 
         _, agents = rig.tree()
@@ -844,13 +859,20 @@ def main(argv: list[str] | None = None) -> int:
     if idle.get("host", {}).get("per_process_cpu_pct"):
         top = ", ".join(f"{k} {v:.2f}%" for k, v in idle["host"]["per_process_cpu_pct"].items())
         print(f"\nidle CPU by host process: {top}")
+    lc = _get(results, "throughput", "cpu")
+    if lc:
+        print(f"CPU during throughput (cores of {os.cpu_count()}): host {lc['host_cores']:.2f}, "
+              f"agents {lc['agents_cores']:.2f}, fake {lc['fake_cores']:.2f}, bench client "
+              f"{lc['bench_client_cores']:.2f}; host by process: " + ", ".join(
+                  f"{k} {v:.2f}" for k, v in lc["host_per_process_cores"].items()))
     mem = results.get("memory", {}).get("per_process_pss_mb")
     if mem:
         print("PSS by host process (MB): " + ", ".join(f"{k} {v:.1f}" for k, v in mem.items()))
     sd = results.get("shutdown") or {}
     if sd:
         print(f"host stop: exit {sd.get('exit_code')} in {sd.get('stop_ms')} ms"
-              + (f", killed leftovers {sd['leftover_processes_killed']}"
+              + (f"; {len(sd['leftover_processes_killed'])} of its processes were still "
+                 f"running after it exited (killed): {sd['leftover_processes_killed'][:3]}"
                  if sd.get("leftover_processes_killed") else ""))
     if errors:
         print(f"host error log: {len(errors)} line(s), last: {errors[-1][:200]}")

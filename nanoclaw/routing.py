@@ -99,11 +99,12 @@ class Router:
                                                ev.sender_name, "no_agent_wired", mg["id"])
             return []
         delivered = []
+        self._refused = False
         for w in wirings:
             sid = self._offer(ev, mg, w, uid)
             if sid:
                 delivered.append(sid)
-        if not delivered:
+        if not delivered and not self._refused:  # a gate refusal is the better reason
             self.store.record_unregistered(ev.channel_type, ev.platform_id, uid, ev.sender_name,
                                            "no_agent_engaged", mg["id"])
         return delivered
@@ -135,6 +136,7 @@ class Router:
                 self._insert(session, w, ev, uid, trigger=False)
             return None
         if not self._gates_pass(ev, mg, w, uid):
+            self._refused = True
             self.store.record_unregistered(ev.channel_type, ev.platform_id, uid, ev.sender_name,
                                            f"unknown_sender_{mg['unknown_sender_policy']}",
                                            mg["id"], w["agent_group_id"])

@@ -1,0 +1,126 @@
+"""Routing on a real central DB and real session DBs (no processes needed)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+
+from nanoclaw import config, sessiondb
+from nanoclaw.bootstrap import ensure_defaults, local_user_id
+from nanoclaw.routing import Event, Router
+from nanoclaw.store import Store
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    for k, v in {"NANOCLAW_DATA_DIR": tmp_path / "data", "NANOCLAW_LOGS_DIR": tmp_path / "logs",
+                 "NANOCLAW_GROUPS_DIR": tmp_path / "groups"}.items():
+        monkeypatch.setenv(k, str(v))
+    s = config.load()
+    store = Store.open(s.data_dir)
+    ensure_defaults(store, s)
+    return store, s, Router(store, s, frozenset({"threaded"}))
+
+
+def _rows(store, s, sid):
+    sess = store.session(sid)
+    p = sessiondb.SessionPaths(str(s.session_dir(sess["agent_group_id"], sid)))
+    conn = sqlite3.connect(p.inbound)
+    conn.row_factory = sqlite3.Row
+    return [dict(r) for r in conn.execute(
+        "SELECT id, trigger, content FROM messages_in ORDER BY seq")], p
+
+
+def _cli(text, mid, chat="local"):
+    owner = local_user_id().split(":", 1)[1]
+    return Event("cli", chat, mid, text=text, sender_id=owner, sender_name=owner,
+                 is_mention=True)
+
+
+def _wakes(store):
+    return store.q("SELECT session_id FROM container_requests WHERE action='wake'")
+
+
+def test_shared_session_is_reused_and_routing_is_idempotent(env):
+    store, s, r = env
+    a = r.route(_cli("one", "m1"))
+    b = r.route(_cli("two", "m2"))
+    again = r.route(_cli("one", "m1"))
+    assert a == b == again and len(a) == 1
+    rows, _ = _rows(store, s, a[0])
+    assert [x["id"].split(":")[0] for x in rows] == ["m1", "m2"]
+    assert json.loads(rows[0]["content"])["text"] == "one"
+
+
+def test_new_terminal_chat_is_its_own_conversation(env):
+    store, s, r = env
+    a = r.route(_cli("hi", "m1", "local"))
+    b = r.route(_cli("hi", "m2", "work"))
+    assert a != b and len(b) == 1
+    names = {d["name"] for d in store.destinations(store.session(b[0])["agent_group_id"])}
+    assert {"terminal", "terminal-work"} <= names
+
+
+def test_unknown_chat_without_mention_is_dropped(env):
+    store, s, r = env
+    assert r.route(Event("telegram", "telegram:9", "x1", text="hey", sender_id="5")) == []
+    assert store.messaging_group("telegram", "telegram:9") is None
+    r.route(Event("telegram", "telegram:9", "x2", text="@bot hey", sender_id="5",
+                  is_mention=True))
+    mg = store.messaging_group("telegram", "telegram:9")
+    assert mg["unknown_sender_policy"] == "request_approval"
+    reasons = store.q("SELECT reason FROM unregistered_senders")
+    assert reasons == [{"reason": "no_agent_wired"}]
+
+
+@pytest.mark.parametrize("text", ["/clear", "/CLEAR", "   /clear", "／ｃｌｅａｒ", "/Compact now"])
+def test_member_cannot_run_admin_commands(env, text):
+    store, s, r = env
+    ag = store.q1("SELECT id FROM agent_groups")["id"]
+    mg = store.messaging_group("cli", "local")["id"]
+    store.conn.execute("UPDATE messaging_groups SET unknown_sender_policy='public' WHERE id=?",
+                       (mg,))
+    store.ensure_user("cli:guest", "cli")
+    store.conn.execute("INSERT INTO agent_group_members VALUES ('cli:guest', ?, NULL, 'x')",
+                       (ag,))
+    ev = Event("cli", "local", "g1", text=text, sender_id="guest", is_mention=True)
+    assert r.route(ev) == []
+    assert _wakes(store) == []  # the agent was not woken
+    sess = store.q1("SELECT id FROM sessions")
+    rows, p = _rows(store, s, sess["id"])
+    assert rows == []  # nothing reached the agent
+    out = sessiondb.undelivered(p)
+    assert len(out) == 1 and "Permission denied" in json.loads(out[0]["content"])["text"]
+
+
+def test_owner_may_run_admin_commands_and_dropped_commands_vanish(env):
+    store, s, r = env
+    assert len(r.route(_cli("/clear", "o1"))) == 1
+    assert r.route(_cli("/login", "o2")) == []
+    sid = store.q1("SELECT id FROM sessions")["id"]
+    rows, _ = _rows(store, s, sid)
+    assert [x["id"].split(":")[0] for x in rows] == ["o1"]
+
+
+def test_stranger_is_refused_on_a_strict_chat(env):
+    store, s, r = env
+    assert r.route(Event("cli", "local", "s1", text="hi", sender_id="mallory",
+                         is_mention=True)) == []
+    assert store.q("SELECT reason FROM unregistered_senders")[0]["reason"] == \
+        "unknown_sender_strict"
+
+
+def test_accumulate_stores_context_without_waking(env):
+    store, s, r = env
+    mg = store.messaging_group("cli", "local")["id"]
+    store.conn.execute("UPDATE messaging_group_agents SET engage_mode='pattern',"
+                       " engage_pattern='^@andy', ignored_message_policy='accumulate'"
+                       " WHERE messaging_group_id=?", (mg,))
+    assert r.route(_cli("just chatting", "a1")) == []
+    assert _wakes(store) == []
+    assert len(r.route(_cli("@andy what now?", "a2"))) == 1
+    sid = store.q1("SELECT id FROM sessions")["id"]
+    rows, _ = _rows(store, s, sid)
+    assert [(x["id"].split(":")[0], x["trigger"]) for x in rows] == [("a1", 0), ("a2", 1)]
