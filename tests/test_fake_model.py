@@ -77,7 +77,8 @@ def test_tool_round_trip(client):
     assert call.id.startswith("toolu_")
     second = client.messages.create(model="m", max_tokens=50, messages=[
         {"role": "user", "content": 'please [[tool:bash {"command": "ls"}]]'},
-        {"role": "assistant", "content": [call.model_dump(include={"type", "id", "name", "input"})]},
+        {"role": "assistant",
+         "content": [{"type": "tool_use", "id": call.id, "name": call.name, "input": call.input}]},
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id,
                                       "content": [{"type": "text", "text": "a.txt b.txt"}]}]},
     ])
@@ -166,3 +167,20 @@ def test_standalone_process_serves_until_sigterm():
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_injected_delay_still_answers(client, fake):
+    fake.inject(delay_ms=20, count=1)
+    assert client.messages.create(model="m", max_tokens=5, messages=user("slow")).content[0].text \
+        == "echo: slow"
+
+
+def test_reply_override():
+    fake = FakeModel(reply="fixed").start()
+    try:
+        c = anthropic.Anthropic(base_url=fake.url, api_key="k", max_retries=0)
+        text = c.messages.create(model="m", max_tokens=5,
+                                 messages=user('<message id="1" from="x">hi</message>'))
+        assert text.content[0].text == '<message to="x">fixed</message>'
+    finally:
+        fake.stop()

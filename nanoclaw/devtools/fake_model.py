@@ -24,7 +24,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 MODEL = "claude-fake-1"
-TOOL_MARKER = re.compile(r"\[\[tool:(?P<name>[A-Za-z0-9_\-]+)(?:\s+(?P<json>\{.*?\}))?\s*\]\]", re.S)
+TOOL_MARKER = re.compile(
+    r"\[\[tool:(?P<name>[A-Za-z0-9_\-]+)(?:\s+(?P<json>\{.*?\}))?\s*\]\]", re.S)
 MESSAGE_BLOCK = re.compile(r"<message\b(?P<attrs>[^>]*)>(?P<body>.*?)</message>", re.S)
 FROM_ATTR = re.compile(r"""\bfrom\s*=\s*(?:"([^"]*)"|'([^']*)')""")
 SYSTEM_REMINDER = re.compile(r"<system-reminder>.*?</system-reminder>", re.S)
