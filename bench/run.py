@@ -874,8 +874,9 @@ def main(argv: list[str] | None = None) -> int:
               + (f"; {len(sd['leftover_processes_killed'])} of its processes were still "
                  f"running after it exited (killed): {sd['leftover_processes_killed'][:3]}"
                  if sd.get("leftover_processes_killed") else ""))
-    if errors:
-        print(f"host error log: {len(errors)} line(s), last: {errors[-1][:200]}")
+    serious = [ln for ln in errors if "| ERROR" in ln or "| CRITICAL" in ln]
+    if serious:
+        print(f"host error log: {len(serious)} ERROR line(s), e.g. {serious[0][:200]}")
     cl = results.get("client", {})
     if cl.get("stray_replies") or cl.get("mismatched_replies"):
         print(f"client: {cl.get('stray_replies')} stray, {cl.get('mismatched_replies')} "

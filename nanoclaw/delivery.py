@@ -90,10 +90,7 @@ class Delivery:
             logger.error("session {}: message {} has malformed content", s["id"], row["id"])
             return
         if row["kind"] == "system":
-            action = content.get("action") or content.get("type")
-            logger.warning("session {}: system action {!r} is not handled yet", s["id"], action)
-            sessiondb.mark_delivered(paths, row["id"], None, "failed", f"unknown action {action}")
-            self._tell_agent(s, paths, f"The host could not perform {action!r}: not supported.")
+            self._system(s, paths, row, content)
             return
         ch, pid = row["channel_type"], row["platform_id"]
         if not ch or not pid or ch == "agent" or not self._allowed(s, ch, pid):
@@ -106,6 +103,28 @@ class Delivery:
         self.store.enqueue_send(f"{s['id']}:{row['id']}", ch, pid, row["thread_id"], row["kind"],
                                 content, session_id=s["id"], message_out_id=row["id"],
                                 in_reply_to=row["in_reply_to"])
+
+    def _system(self, s: dict[str, Any], paths: sessiondb.SessionPaths, row: dict[str, Any],
+                content: dict[str, Any]) -> None:
+        """Run a system action; the agent hears about any failure."""
+        from nanoclaw import actions
+
+        name = content.get("action") or content.get("type")
+        try:
+            note = actions.run(actions.Ctx(self.store, self.settings, s, paths, row, content))
+        except actions.ActionError as e:
+            sessiondb.mark_delivered(paths, row["id"], None, "failed", str(e))
+            logger.warning("session {}: action {!r} refused: {}", s["id"], name, e)
+            self._tell_agent(s, paths, f"The host refused {name!r}: {e}")
+            return
+        except Exception as e:
+            sessiondb.mark_delivered(paths, row["id"], None, "failed", str(e))
+            logger.exception("session {}: action {!r} failed", s["id"], name)
+            self._tell_agent(s, paths, f"The host failed to perform {name!r}: {e}")
+            return
+        sessiondb.mark_delivered(paths, row["id"], None, "delivered")
+        if note:
+            self._tell_agent(s, paths, note)
 
     def _allowed(self, s: dict[str, Any], ch: str, pid: str) -> bool:
         """The session's own chat, or a chat the agent has a destination for (the ACL)."""

@@ -158,6 +158,14 @@ class Store:
                     " target_id, created_at) VALUES (?,?,'channel',?,?)", (ag, name, mg, now))
         return wid
 
+    def add_agent_destination(self, agent_group_id: str, local_name: str,
+                              target_agent_group_id: str) -> None:
+        with atomic(self.conn):
+            self.conn.execute(
+                "INSERT OR IGNORE INTO agent_destinations (agent_group_id, local_name,"
+                " target_type, target_id, created_at) VALUES (?,?,'agent',?,?)",
+                (agent_group_id, local_name, target_agent_group_id, utcnow()))
+
     def grant_role(self, user_id: str, role: str, agent_group_id: str | None = None,
                    granted_by: str | None = None) -> None:
         with atomic(self.conn):

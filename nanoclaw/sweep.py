@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from nanoclaw import sessiondb
+from nanoclaw import scheduling, sessiondb
 from nanoclaw.config import Settings
 from nanoclaw.log import logger
 from nanoclaw.store import Store
@@ -54,6 +54,8 @@ class Sweep:
         if not os.path.exists(paths.inbound):
             return
         sessiondb.sync_acks(paths)
+        if scheduling.recur(paths, self.settings.tz, now):
+            logger.info("session {}: next occurrence of a recurring task scheduled", s["id"])
         running = s["container_status"] == "running"
         if not running:
             if sessiondb.due_count(paths, iso(now)):

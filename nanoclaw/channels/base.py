@@ -38,8 +38,13 @@ class ChannelHost(Protocol):
     """What an adapter may call back into."""
 
     async def inbound(self, platform_id: str, message_id: str, payload: dict[str, Any],
-                      thread_id: str | None = None) -> bool:
-        """Store one platform message durably; True if new, False if seen before."""
+                      thread_id: str | None = None, kind: str = "chat") -> bool:
+        """Store one platform event durably; True if new, False if seen before.
+
+        kind `chat`: payload {text, sender_id, sender_name, is_mention, is_group,
+        attachments: [{name, type, data (base64) | url}], reply_to: {id, text, sender}?}.
+        kind `action` (a button click): payload {question_id, option, user_id} where
+        user_id is the clicker's platform handle; message_id must be unique per click."""
 
     def kick(self, platform_id: str | None = None) -> None:
         """Something changed (e.g. a client connected): retry parked sends now."""

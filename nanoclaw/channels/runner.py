@@ -32,9 +32,9 @@ class ChannelRunner:
 
     # ---- ChannelHost ------------------------------------------------------------------
     async def inbound(self, platform_id: str, message_id: str, payload: dict[str, Any],
-                      thread_id: str | None = None) -> bool:
+                      thread_id: str | None = None, kind: str = "chat") -> bool:
         _, new = self.store.enqueue_inbound(self.channel_type, platform_id, message_id, payload,
-                                            thread_id)
+                                            thread_id, kind)
         return new
 
     def kick(self, platform_id: str | None = None) -> None:

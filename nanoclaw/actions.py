@@ -1,0 +1,185 @@
+"""System actions an agent asks of the host (`messages_out` rows of kind `system`,
+content `{"action": name, ...}`), run by the delivery worker. A registry of handlers by
+name; every check runs here on the host — nothing the container says about who asked
+is trusted: the asker is the sender of the inbound row the action answers.
+
+A handler returns a note for the agent (or None) and raises ActionError for a refusal
+or a bad request; either way the agent hears about failures, never silence.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from nanoclaw import permissions, scheduling, sessiondb
+from nanoclaw.config import Settings
+from nanoclaw.log import logger
+from nanoclaw.store import Store
+from nanoclaw.util import FOLDER_NAME
+
+
+class ActionError(Exception):
+    """Refused or malformed; the message is told to the agent."""
+
+
+@dataclass
+class Ctx:
+    store: Store
+    settings: Settings
+    session: dict[str, Any]
+    paths: sessiondb.SessionPaths
+    row: dict[str, Any]          # the messages_out row
+    content: dict[str, Any]
+
+    @property
+    def asker(self) -> str | None:
+        """The user whose message the action answers (host-side truth), if any."""
+        src = self.source()
+        if src is None:
+            return None
+        try:
+            return json.loads(src["content"]).get("senderId")
+        except (ValueError, AttributeError):
+            return None
+
+    def source(self) -> dict[str, Any] | None:
+        mid = self.row.get("in_reply_to")
+        return sessiondb.message(self.paths, mid) if mid else None
+
+    def routing(self) -> tuple[str | None, str | None, str | None]:
+        src = self.source()
+        if src is not None and src["channel_type"] not in (None, "agent"):
+            return (src["channel_type"], src["platform_id"], src["thread_id"])
+        with sessiondb._open(self.paths.inbound, readonly=True) as conn:
+            r = conn.execute("SELECT channel_type, platform_id, thread_id FROM session_routing"
+                             " WHERE id=1").fetchone()
+        return (r[0], r[1], r[2]) if r else (None, None, None)
+
+    def str_arg(self, key: str, required: bool = True) -> str | None:
+        v = self.content.get(key)
+        if v is None and not required:
+            return None
+        if not isinstance(v, str) or (required and not v.strip()):
+            raise ActionError(f"{key} must be a non-empty string")
+        return v
+
+
+Handler = Callable[[Ctx], "str | None"]
+ACTIONS: dict[str, Handler] = {}
+
+
+def action(name: str) -> Callable[[Handler], Handler]:
+    def deco(fn: Handler) -> Handler:
+        if name in ACTIONS:
+            raise ValueError(f"action {name!r} registered twice")
+        ACTIONS[name] = fn
+        return fn
+    return deco
+
+
+def run(ctx: Ctx) -> str | None:
+    name = ctx.content.get("action") or ctx.content.get("type")
+    fn = ACTIONS.get(name) if isinstance(name, str) else None
+    if fn is None:
+        raise ActionError(f"unknown action {name!r}")
+    try:
+        return fn(ctx)
+    except scheduling.TaskError as e:
+        raise ActionError(str(e)) from None
+
+
+# ---- scheduling -------------------------------------------------------------------------
+@action("schedule_task")
+def _schedule(ctx: Ctx) -> str | None:
+    tid = scheduling.schedule(
+        ctx.paths, prompt=ctx.str_arg("prompt") or "",
+        process_after=ctx.str_arg("processAfter", required=False),
+        recurrence=ctx.str_arg("recurrence", required=False),
+        script=ctx.str_arg("script", required=False), tz=ctx.settings.tz, now=time.time(),
+        routing=ctx.routing())
+    logger.info("session {}: task {} scheduled", ctx.session["id"], tid)
+    return None
+
+
+@action("cancel_task")
+def _cancel(ctx: Ctx) -> str | None:
+    scheduling.cancel(ctx.paths, ctx.str_arg("taskId") or "")
+    return None
+
+
+@action("pause_task")
+def _pause(ctx: Ctx) -> str | None:
+    scheduling.pause(ctx.paths, ctx.str_arg("taskId") or "")
+    return None
+
+
+@action("resume_task")
+def _resume(ctx: Ctx) -> str | None:
+    scheduling.resume(ctx.paths, ctx.str_arg("taskId") or "")
+    return None
+
+
+@action("update_task")
+def _update(ctx: Ctx) -> str | None:
+    scheduling.update(ctx.paths, ctx.str_arg("taskId") or "", tz=ctx.settings.tz,
+                      prompt=ctx.str_arg("prompt", required=False),
+                      recurrence=ctx.str_arg("recurrence", required=False),
+                      process_after=ctx.str_arg("processAfter", required=False) or None,
+                      script=ctx.str_arg("script", required=False))
+    return None
+
+
+# ---- agents -----------------------------------------------------------------------------
+def normalise_name(name: str) -> str:
+    n = re.sub(r"[^a-z0-9_-]+", "-", name.strip().lower()).strip("-")
+    return n[:63] or "agent"
+
+
+@action("create_agent")
+def _create_agent(ctx: Ctx) -> str | None:
+    ag = ctx.session["agent_group_id"]
+    asker = ctx.asker
+    if not asker or not permissions.is_admin(ctx.store, asker, ag):
+        raise ActionError("create_agent needs the request of an admin of this agent group")
+    name = normalise_name(ctx.str_arg("name") or "")
+    if ctx.store.q1("SELECT 1 AS x FROM agent_destinations WHERE agent_group_id=? AND"
+                    " local_name=?", (ag, name)):
+        raise ActionError(f"you already have a destination named {name!r}")
+    folder, n = name, 1
+    while not FOLDER_NAME.match(folder) or ctx.store.q1(
+            "SELECT 1 AS x FROM agent_groups WHERE folder=?", (folder,)):
+        n += 1
+        folder = f"{name}-{n}"[:64]
+    parent_cfg = ctx.store.container_config(ag)
+    child = ctx.store.create_agent_group(name, folder, parent_cfg.get("provider")
+                                         or ctx.settings.provider,
+                                         parent_cfg.get("model") or ctx.settings.model, name)
+    from nanoclaw.bootstrap import ensure_group_folder
+
+    ensure_group_folder(ctx.settings, folder, name)
+    instructions = ctx.content.get("instructions")
+    if isinstance(instructions, str) and instructions.strip():
+        (ctx.settings.group_dir(folder) / "CLAUDE.md").write_text(f"# {name}\n\n{instructions}\n")
+    ctx.store.add_agent_destination(ag, name, child)
+    ctx.store.add_agent_destination(child, "parent", ag)
+    refresh_destinations(ctx.store, ctx.settings, ag)
+    logger.info("agent group {} created {} ({})", ag, child, name)
+    return f"Agent {name!r} created; send it messages with to=\"{name}\"."
+
+
+def refresh_destinations(store: Store, settings: Settings, agent_group_id: str) -> None:
+    """Re-project an agent's destinations into each of its active sessions."""
+    dests = store.destinations(agent_group_id)
+    for s in store.sessions_where("agent_group_id=? AND status='active'", (agent_group_id,)):
+        p = sessiondb.SessionPaths(str(settings.session_dir(agent_group_id, s["id"])))
+        try:
+            with sessiondb._open(p.inbound, readonly=True) as conn:
+                r = conn.execute("SELECT channel_type, platform_id, thread_id FROM"
+                                 " session_routing WHERE id=1").fetchone()
+            sessiondb.write_routing(p, (r[0], r[1], r[2]) if r else (None, None, None), dests)
+        except Exception as e:
+            logger.error("cannot refresh destinations of session {}: {}", s["id"], e)
