@@ -59,6 +59,7 @@ class Settings(BaseSettings):
     idle_ceiling: float = Field(default=1800.0, gt=0)
     claim_tolerance: float = Field(default=60.0, gt=0)
     send_attempts: int = Field(default=5, ge=1, le=50)
+    agent_pair_limit: int = Field(default=10, ge=1, le=1000)  # agent→agent msgs per minute
     retry_base: float = Field(default=5.0, gt=0, le=600)  # agent retries: retry_base·2^tries
 
     @field_validator("anthropic_base_url")

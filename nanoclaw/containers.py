@@ -165,8 +165,19 @@ class Containers:
             self._ended(s, code=None, killed=True)
 
     def stop_all(self) -> None:
-        for sid in list(self.running):
-            self.stop(sid, reason="host stopping")
+        """Stop every agent at once (one by one would outlast the host's grace period)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        sids = list(self.running)
+        if not sids:
+            return
+        with ThreadPoolExecutor(max_workers=min(32, len(sids))) as pool:
+            list(pool.map(lambda sid: self.runtime.stop(self.running[sid]), sids))
+        for sid in sids:
+            self.running.pop(sid, None)
+            s = self.store.session(sid)
+            if s is not None:
+                self._ended(s, code=None, killed=True)
 
     def _ended(self, s: dict[str, Any], code: int | None, killed: bool = False) -> None:
         """Bookkeeping after an agent ended: state, claimed rows, respawn policy."""

@@ -30,6 +30,9 @@ class Delivery:
         self.sessions: dict[str, dict[str, Any]] = {}
         self.version = -1
         self.last_full = 0.0
+        from nanoclaw.agent_route import AgentRouter
+
+        self.agents = AgentRouter(store, settings)
 
     def paths(self, s: dict[str, Any]) -> sessiondb.SessionPaths:
         return sessiondb.SessionPaths(str(self.settings.session_dir(s["agent_group_id"], s["id"])))
@@ -93,16 +96,42 @@ class Delivery:
             self._system(s, paths, row, content)
             return
         ch, pid = row["channel_type"], row["platform_id"]
-        if not ch or not pid or ch == "agent" or not self._allowed(s, ch, pid):
+        if ch == "agent":
+            self._to_agent(s, paths, row, content)
+            return
+        if not ch or not pid or not self._allowed(s, ch, pid):
             why = f"not an allowed destination: {ch}:{pid}"
             sessiondb.mark_delivered(paths, row["id"], None, "failed", why)
             logger.error("session {}: message {} refused: {}", s["id"], row["id"], why)
             if not (row["in_reply_to"] or "").startswith("note-"):  # no note about a note
                 self._tell_agent(s, paths, f"Your message {row['id']} was not sent: {why}.")
             return
+        if content.get("type") == "ask_question" and content.get("questionId"):
+            self.store.conn.execute(
+                "INSERT OR IGNORE INTO pending_questions (question_id, session_id,"
+                " message_out_id, platform_id, channel_type, thread_id, title, options_json,"
+                " created_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                (str(content["questionId"]), s["id"], row["id"], pid, ch, row["thread_id"],
+                 content.get("title"), json.dumps(content.get("options") or []), row["timestamp"]))
         self.store.enqueue_send(f"{s['id']}:{row['id']}", ch, pid, row["thread_id"], row["kind"],
                                 content, session_id=s["id"], message_out_id=row["id"],
                                 in_reply_to=row["in_reply_to"])
+
+    def _to_agent(self, s: dict[str, Any], paths: sessiondb.SessionPaths, row: dict[str, Any],
+                  content: dict[str, Any]) -> None:
+        from nanoclaw.agent_route import RouteError
+
+        try:
+            target = self.agents.send(s, paths, row, content)
+        except RouteError as e:
+            sessiondb.mark_delivered(paths, row["id"], None, "failed", str(e))
+            logger.warning("session {}: message to agent {} refused: {}", s["id"],
+                           row["platform_id"], e)
+            if not (row["in_reply_to"] or "").startswith("note-"):
+                self._tell_agent(s, paths, f"Your message to agent {row['platform_id']} was not"
+                                 f" sent: {e}")
+            return
+        sessiondb.mark_delivered(paths, row["id"], f"agent:{target}", "delivered")
 
     def _system(self, s: dict[str, Any], paths: sessiondb.SessionPaths, row: dict[str, Any],
                 content: dict[str, Any]) -> None:

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from nanoclaw import permissions, sessiondb
+from nanoclaw import approvals, permissions, registration, sessiondb
 from nanoclaw.config import Settings
 from nanoclaw.log import logger
 from nanoclaw.store import Store
@@ -36,6 +36,7 @@ class Event:
     attachments: list[dict[str, Any]] = field(default_factory=list)
     reply_to: dict[str, Any] | None = None
     kind: str = "chat"
+    payload: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> "Event":
@@ -48,7 +49,18 @@ class Event:
             text=str(p.get("text") or ""), sender_id=_opt(p.get("sender_id")),
             sender_name=_opt(p.get("sender_name")), is_mention=bool(p.get("is_mention")),
             is_group=bool(p.get("is_group")), attachments=list(p.get("attachments") or []),
-            reply_to=p.get("reply_to") if isinstance(p.get("reply_to"), dict) else None)
+            reply_to=p.get("reply_to") if isinstance(p.get("reply_to"), dict) else None,
+            payload=p)
+
+    def to_row(self) -> dict[str, Any]:
+        """The `inbound_events` shape, kept with an approval so it can be replayed."""
+        return {"channel_type": self.channel_type, "platform_id": self.platform_id,
+                "thread_id": self.thread_id, "message_id": self.message_id, "kind": self.kind,
+                "payload": json.dumps(self.payload or {
+                    "text": self.text, "sender_id": self.sender_id,
+                    "sender_name": self.sender_name, "is_mention": self.is_mention,
+                    "is_group": self.is_group, "attachments": self.attachments,
+                    "reply_to": self.reply_to})}
 
 
 def _opt(v: Any) -> str | None:
@@ -82,6 +94,8 @@ class Router:
 
     def route(self, ev: Event) -> list[str]:
         """Route one event; returns the ids of the sessions it was delivered to."""
+        if ev.kind == "action":
+            return self.click(ev)
         thread = ev.thread_id if ev.channel_type in self.threaded else None
         ev.thread_id = thread
         mg = self.store.messaging_group(ev.channel_type, ev.platform_id)
@@ -97,6 +111,7 @@ class Router:
             if ev.is_mention and not mg["denied_at"]:
                 self.store.record_unregistered(ev.channel_type, ev.platform_id, uid,
                                                ev.sender_name, "no_agent_wired", mg["id"])
+                registration.ask_channel(self.store, ev.to_row(), mg)
             return []
         delivered = []
         self._refused = False
@@ -108,6 +123,47 @@ class Router:
             self.store.record_unregistered(ev.channel_type, ev.platform_id, uid, ev.sender_name,
                                            "no_agent_engaged", mg["id"])
         return delivered
+
+    def click(self, ev: Event) -> list[str]:
+        """A button click: an approval decision or the answer to an agent's question."""
+        p = ev.payload
+        qid, option = str(p.get("question_id") or ""), str(p.get("option") or "")
+        raw = str(p.get("user_id") or "") or None
+        clicker = None if raw is None else raw if ":" in raw else f"{ev.channel_type}:{raw}"
+        if not qid:
+            raise ValueError("a click needs a question_id")
+        q = self.store.q1("SELECT * FROM pending_questions WHERE question_id=?", (qid,))
+        if q is None:
+            try:
+                what = approvals.decide(self.store, self.settings, qid, option, clicker)
+                logger.info("approval {}: {} by {}", qid, what, clicker)
+            except PermissionError:
+                self._notice(ev, "Only the approver or an admin can decide this.")
+            except LookupError:
+                logger.info("click on unknown or closed card {} ignored", qid)
+            return []
+        s = self.store.session(q["session_id"])
+        if s is None:
+            return []
+        mg = self.store.q1("SELECT * FROM messaging_groups WHERE id=?",
+                           (s["messaging_group_id"],)) if s["messaging_group_id"] else None
+        public = mg is not None and mg["unknown_sender_policy"] == "public"
+        if not (public or permissions.can_access(self.store, clicker, s["agent_group_id"])):
+            logger.warning("{} may not answer question {}; ignored", clicker, qid)
+            self._notice(ev, "You are not allowed to answer this question.")
+            return []
+        sessiondb.insert_message(
+            self._paths(s), id=f"qr-{qid}", kind="system",
+            content={"type": "question_response", "questionId": qid, "selectedOption": option,
+                     "userId": clicker}, channel_type=ev.channel_type,
+            platform_id=ev.platform_id, thread_id=ev.thread_id)
+        self.store.conn.execute("DELETE FROM pending_questions WHERE question_id=?", (qid,))
+        self.store.request_container(s["id"], "wake", "question answered")
+        return [s["id"]]
+
+    def _notice(self, ev: Event, text: str) -> None:
+        self.store.enqueue_send(f"notice:{ev.channel_type}:{ev.message_id}", ev.channel_type,
+                                ev.platform_id, ev.thread_id, "chat", {"text": text})
 
     def _new_chat(self, ev: Event) -> dict[str, Any] | None:
         if ev.channel_type == "cli":
@@ -140,6 +196,9 @@ class Router:
             self.store.record_unregistered(ev.channel_type, ev.platform_id, uid, ev.sender_name,
                                            f"unknown_sender_{mg['unknown_sender_policy']}",
                                            mg["id"], w["agent_group_id"])
+            if uid and mg["unknown_sender_policy"] == "request_approval":
+                registration.ask_sender(self.store, ev.to_row(), mg, w["agent_group_id"], uid,
+                                        ev.sender_name)
             return None
         session = session or self._create_session(w, mg, ev, mode)
         denial = permissions.command_gate(self.store, ev.text, uid, w["agent_group_id"])

@@ -250,4 +250,5 @@ CREATE TABLE host_state (
 MIGRATIONS: list[tuple[str, str]] = [
     ("initial-entities", ENTITIES),
     ("inter-worker-queues", QUEUES),
+    ("approvals-approver", "ALTER TABLE pending_approvals ADD COLUMN approver_user_id TEXT;"),
 ]

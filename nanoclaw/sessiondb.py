@@ -169,8 +169,14 @@ def create(root: str) -> SessionPaths:
     os.makedirs(paths.inbox, exist_ok=True)
     os.makedirs(paths.outbox, exist_ok=True)
     for path, ddl in ((paths.inbound, INBOUND_DDL), (paths.outbound, OUTBOUND_DDL)):
-        with _open(path) as conn:
+        if os.path.exists(path):
+            with _open(path) as conn:
+                conn.executescript(ddl)
+            continue
+        tmp = path + ".new"  # readers never see a file without its tables
+        with _open(tmp) as conn:
             conn.executescript(ddl)
+        os.replace(tmp, path)
     return paths
 
 

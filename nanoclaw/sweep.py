@@ -40,6 +40,10 @@ class Sweep:
         self.errors: dict[str, str] = {}  # session id → last error logged (log once)
 
     def pass_once(self, now: float) -> None:
+        from nanoclaw import approvals
+
+        if approvals.expire(self.store, self.settings, now):
+            logger.info("expired approvals told to their agents")
         for s in self.store.sessions_where("status='active'"):
             try:
                 self._session(s, now)

@@ -66,7 +66,10 @@ class ChannelRunner:
                               row["in_reply_to"])
         attempt = row["attempts"] + 1
         try:
-            pmid = await self.adapter.deliver(row["platform_id"], row["thread_id"], msg)
+            pid = row["platform_id"]
+            if pid.startswith("@dm:"):
+                pid = await self._open_dm(pid[4:])
+            pmid = await self.adapter.deliver(pid, row["thread_id"], msg)
         except Unavailable as e:
             self.store.conn.execute("UPDATE channel_outbox SET next_attempt_at=? WHERE id=?",
                                     (iso(time.time() + PARK_SECONDS), row["id"]))
@@ -83,6 +86,21 @@ class ChannelRunner:
             self._retry(row, attempt, f"{type(e).__name__}: {e}", _backoff(attempt))
             return
         self.store.mark_sent(row["id"], pmid)
+
+    async def _open_dm(self, handle: str) -> str:
+        """A cold DM (approvals): ask the adapter for the DM chat, cache it in user_dms."""
+        assert self.adapter is not None
+        opener = getattr(self.adapter, "open_dm", None)
+        pid = await opener(handle) if opener else handle
+        mg = self.store.messaging_group(self.channel_type, pid)
+        mg_id = mg["id"] if mg else self.store.create_messaging_group(
+            self.channel_type, pid, None, is_group=False)
+        uid = handle if ":" in handle else f"{self.channel_type}:{handle}"
+        self.store.ensure_user(uid, self.channel_type)
+        self.store.conn.execute(
+            "INSERT OR REPLACE INTO user_dms (user_id, channel_type, messaging_group_id,"
+            " resolved_at) VALUES (?,?,?,?)", (uid, self.channel_type, mg_id, iso(time.time())))
+        return pid
 
     def _retry(self, row: dict[str, Any], attempt: int, error: str, delay: float | None) -> None:
         final = delay is None or attempt >= self.settings.send_attempts

@@ -178,7 +178,7 @@ class FakeModel:
         self.reply = reply
         self.requests: list[dict[str, Any]] = []
         self._injections: list[Injection] = []
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: handlers call helpers that lock too
         self._counter = 0
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None

@@ -1,0 +1,195 @@
+"""Approvals (reference §10): who is asked, how the card reaches them, and what a click
+does. Every click is checked: only the chosen approver or an admin of the agent group
+may decide (the original's generic path did not check the clicker).
+
+Three kinds share one card format (an `ask_question` card whose question id is the
+approval id): agent requests (`pending_approvals`: install_packages, add_mcp_server),
+unknown senders (`pending_sender_approvals`) and unknown chats
+(`pending_channel_approvals`). The terminal answers them too:
+`nanoclaw approvals list|approve|reject`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Callable
+
+from nanoclaw import permissions, sessiondb
+from nanoclaw.config import Settings
+from nanoclaw.log import logger
+from nanoclaw.store import Store
+from nanoclaw.util import iso, new_id, utcnow
+
+APPROVE = [{"label": "Approve", "selectedLabel": "Approved", "value": "approve"},
+           {"label": "Reject", "selectedLabel": "Rejected", "value": "reject"}]
+EXPIRY = 24 * 3600.0
+
+
+def pick_approvers(store: Store, agent_group_id: str | None) -> list[str]:
+    """Scoped admins, then global admins, then owners; no duplicates."""
+    out: list[str] = []
+    queries = [("SELECT user_id FROM user_roles WHERE role='admin' AND agent_group_id=?",
+                (agent_group_id,)),
+               ("SELECT user_id FROM user_roles WHERE role='admin' AND agent_group_id IS NULL", ()),
+               ("SELECT user_id FROM user_roles WHERE role='owner'", ())]
+    for sql, args in queries:
+        if sql.endswith("agent_group_id=?") and not agent_group_id:
+            continue
+        for r in store.q(sql + " ORDER BY granted_at", args):
+            if r["user_id"] not in out:
+                out.append(r["user_id"])
+    return out
+
+
+def dm_address(store: Store, user_id: str) -> tuple[str, str] | None:
+    """(channel_type, platform_id) of a user's DM: the cache, else the channel's own
+    convention (the terminal's owner chat; a platform user id elsewhere)."""
+    ch, _, handle = user_id.partition(":")
+    row = store.q1("SELECT m.channel_type, m.platform_id FROM user_dms d JOIN messaging_groups m"
+                   " ON m.id=d.messaging_group_id WHERE d.user_id=?", (user_id,))
+    if row:
+        return row["channel_type"], row["platform_id"]
+    if not handle:
+        return None
+    if ch == "cli":
+        return "cli", "local"
+    return ch, f"@dm:{handle}"  # the channel worker resolves it with the adapter's open_dm
+
+
+def choose(store: Store, agent_group_id: str | None, prefer_channel: str | None
+           ) -> tuple[str, tuple[str, str]] | None:
+    """The approver and their DM, preferring one on the same channel type."""
+    cands = [(u, dm_address(store, u)) for u in pick_approvers(store, agent_group_id)]
+    cands = [(u, a) for u, a in cands if a]
+    for u, a in cands:
+        if a[0] == prefer_channel:
+            return u, a
+    return cands[0] if cands else None
+
+
+def send_card(store: Store, card_id: str, address: tuple[str, str], title: str, question: str,
+              options: list[dict[str, str]]) -> None:
+    store.enqueue_send(f"card:{card_id}", address[0], address[1], None, "chat-sdk",
+                       {"type": "ask_question", "questionId": card_id, "title": title,
+                        "question": question, "options": options})
+
+
+def may_decide(store: Store, clicker: str | None, approver: str | None,
+               agent_group_id: str | None) -> bool:
+    if not clicker:
+        return False
+    if clicker == approver:
+        return True
+    if agent_group_id:
+        return permissions.is_admin(store, clicker, agent_group_id)
+    return permissions.is_owner(store, clicker)
+
+
+# ---- agent requests ---------------------------------------------------------------------
+# Handlers run on approval: (store, settings, approval row, payload) -> note for the agent.
+ON_APPROVE: dict[str, Callable[[Store, Settings, dict[str, Any], dict[str, Any]], str]] = {}
+
+
+def request(store: Store, settings: Settings, session: dict[str, Any], action: str,
+            payload: dict[str, Any], title: str, question: str) -> str:
+    """Queue an approval card for an agent's request; returns the approval id.
+
+    Raises LookupError when nobody can approve (the caller tells the agent)."""
+    mg = store.q1("SELECT channel_type FROM messaging_groups WHERE id=?",
+                  (session["messaging_group_id"],)) if session["messaging_group_id"] else None
+    pick = choose(store, session["agent_group_id"], mg["channel_type"] if mg else None)
+    if pick is None:
+        raise LookupError("no admin or owner can be reached to approve this")
+    approver, addr = pick
+    aid = new_id("appr")
+    with_now = utcnow()
+    store.conn.execute(
+        "INSERT INTO pending_approvals (approval_id, session_id, request_id, action, payload,"
+        " created_at, agent_group_id, channel_type, platform_id, expires_at, status, title,"
+        " options_json, approver_user_id) VALUES (?,?,?,?,?,?,?,?,?,?,'pending',?,?,?)",
+        (aid, session["id"], payload.get("requestId"), action, json.dumps(payload), with_now,
+         session["agent_group_id"], addr[0], addr[1], iso(time.time() + EXPIRY), title,
+         json.dumps(APPROVE), approver))
+    send_card(store, aid, addr, title, question, APPROVE)
+    logger.info("approval {} for {} asked of {}", aid, action, approver)
+    return aid
+
+
+def tell_agent(store: Store, settings: Settings, session_id: str, text: str) -> None:
+    s = store.session(session_id)
+    if s is None:
+        return
+    p = sessiondb.SessionPaths(str(settings.session_dir(s["agent_group_id"], s["id"])))
+    sessiondb.insert_message(p, id=new_id("note"), kind="chat", channel_type="agent",
+                             platform_id="system",
+                             content={"sender": "system", "senderId": None, "text": text,
+                                      "attachments": []})
+    store.request_container(s["id"], "wake", "host note")
+
+
+def decide(store: Store, settings: Settings, approval_id: str, option: str,
+           clicker: str | None) -> str:
+    """Apply a decision on any kind of approval; returns what happened (one line).
+
+    Raises PermissionError for a clicker who may not decide, LookupError for an unknown
+    or already decided approval."""
+    row = store.q1("SELECT * FROM pending_approvals WHERE approval_id=? AND status='pending'",
+                   (approval_id,))
+    if row is not None:
+        return _decide_request(store, settings, row, option, clicker)
+    from nanoclaw import registration
+
+    return registration.decide(store, settings, approval_id, option, clicker)
+
+
+def _decide_request(store: Store, settings: Settings, row: dict[str, Any], option: str,
+                    clicker: str | None) -> str:
+    if not may_decide(store, clicker, row["approver_user_id"], row["agent_group_id"]):
+        logger.warning("{} may not decide approval {}; ignored", clicker, row["approval_id"])
+        raise PermissionError(f"{clicker} may not decide this approval")
+    payload = json.loads(row["payload"] or "{}")
+    approved = option == "approve"
+    store.conn.execute("UPDATE pending_approvals SET status=? WHERE approval_id=?",
+                       ("approved" if approved else "rejected", row["approval_id"]))
+    if not approved:
+        tell_agent(store, settings, row["session_id"], f"Your request {row['action']!r} was"
+                   " rejected by an admin.")
+        return "rejected"
+    handler = ON_APPROVE.get(row["action"])
+    try:
+        if handler is None:
+            raise RuntimeError(f"no handler for {row['action']!r}")
+        note = handler(store, settings, row, payload)
+    except Exception as e:
+        logger.error("approved {} failed: {}", row["action"], e)
+        tell_agent(store, settings, row["session_id"], f"Your request {row['action']!r} was"
+                   f" approved but failed: {e}")
+        return "approved, but it failed"
+    tell_agent(store, settings, row["session_id"], note)
+    return "approved"
+
+
+def expire(store: Store, settings: Settings, now: float) -> int:
+    rows = store.q("SELECT * FROM pending_approvals WHERE status='pending' AND expires_at < ?",
+                   (iso(now),))
+    for r in rows:
+        store.conn.execute("UPDATE pending_approvals SET status='expired' WHERE approval_id=?",
+                           (r["approval_id"],))
+        tell_agent(store, settings, r["session_id"],
+                   f"Your request {r['action']!r} expired without an answer.")
+    return len(rows)
+
+
+def pending(store: Store) -> list[dict[str, Any]]:
+    """Every open approval of every kind, for `nanoclaw approvals list`."""
+    out = [{"id": r["approval_id"], "kind": r["action"], "about": r["payload"][:80],
+            "created_at": r["created_at"]}
+           for r in store.q("SELECT * FROM pending_approvals WHERE status='pending'")]
+    out += [{"id": r["id"], "kind": "sender", "about": f"{r['sender_identity']} →"
+             f" {r['agent_group_id']}", "created_at": r["created_at"]}
+            for r in store.q("SELECT * FROM pending_sender_approvals")]
+    out += [{"id": f"chan-{r['messaging_group_id']}", "kind": "channel",
+             "about": r["messaging_group_id"], "created_at": r["created_at"]}
+            for r in store.q("SELECT * FROM pending_channel_approvals")]
+    return out

@@ -1,0 +1,131 @@
+"""Letting new people and new chats in (reference §10): an unknown sender on a
+`request_approval` chat, or a mention in a chat no agent is wired to, becomes a card to
+an approver. Allow/connect adds the member (and the wiring) and replays the original
+message through the router; deny/reject forgets the request (a rejected chat is
+marked `denied_at` and stays quiet). Only the chosen approver or an admin may decide.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from nanoclaw import approvals
+from nanoclaw.config import Settings
+from nanoclaw.log import logger
+from nanoclaw.store import Store
+from nanoclaw.util import new_id, utcnow
+
+ALLOW = [{"label": "Allow", "selectedLabel": "Allowed", "value": "allow"},
+         {"label": "Deny", "selectedLabel": "Denied", "value": "deny"}]
+CHANNEL_PREFIX = "chan-"
+
+
+def ask_sender(store: Store, ev_row: dict[str, Any], mg: dict[str, Any], agent_group_id: str,
+               uid: str, name: str | None) -> bool:
+    """Ask an approver to let `uid` talk to the agent; False if already asked or nobody can."""
+    if store.q1("SELECT 1 AS x FROM pending_sender_approvals WHERE messaging_group_id=? AND"
+                " sender_identity=?", (mg["id"], uid)):
+        return False
+    pick = approvals.choose(store, agent_group_id, mg["channel_type"])
+    if pick is None:
+        logger.warning("no approver for sender {} in {}", uid, mg["platform_id"])
+        return False
+    approver, addr = pick
+    rid = new_id("snd")
+    ag = store.agent_group(agent_group_id)
+    store.conn.execute(
+        "INSERT OR IGNORE INTO pending_sender_approvals (id, messaging_group_id, agent_group_id,"
+        " sender_identity, sender_name, original_message, approver_user_id, created_at, title,"
+        " options_json) VALUES (?,?,?,?,?,?,?,?,?,?)",
+        (rid, mg["id"], agent_group_id, uid, name, json.dumps(ev_row), approver, utcnow(),
+         "New sender", json.dumps(ALLOW)))
+    approvals.send_card(store, rid, addr, "New sender",
+                        f"{name or uid} wants to talk to {ag['name'] if ag else agent_group_id}"
+                        f" in {mg['name'] or mg['platform_id']}. Allow?", ALLOW)
+    return True
+
+
+def ask_channel(store: Store, ev_row: dict[str, Any], mg: dict[str, Any]) -> bool:
+    """Ask an owner/global admin which agent (if any) this new chat should talk to."""
+    if mg["denied_at"] or store.q1("SELECT 1 AS x FROM pending_channel_approvals WHERE"
+                                   " messaging_group_id=?", (mg["id"],)):
+        return False
+    agents = store.q("SELECT id, name FROM agent_groups ORDER BY created_at")
+    pick = approvals.choose(store, None, mg["channel_type"])
+    if not agents or pick is None:
+        return False
+    approver, addr = pick
+    options = [{"label": f"Connect to {a['name']}", "selectedLabel": f"Connected to {a['name']}",
+                "value": f"connect:{a['id']}"} for a in agents]
+    options.append({"label": "Reject", "selectedLabel": "Rejected", "value": "reject"})
+    store.conn.execute(
+        "INSERT OR IGNORE INTO pending_channel_approvals (messaging_group_id, agent_group_id,"
+        " original_message, approver_user_id, created_at, title, options_json) VALUES"
+        " (?,?,?,?,?,?,?)", (mg["id"], None, json.dumps(ev_row), approver, utcnow(),
+                             "New chat", json.dumps(options)))
+    approvals.send_card(store, CHANNEL_PREFIX + mg["id"], addr, "New chat",
+                        f"A new {'group' if mg['is_group'] else 'direct'} chat on"
+                        f" {mg['channel_type']} ({mg['platform_id']}) mentioned the assistant.",
+                        options)
+    return True
+
+
+def decide(store: Store, settings: Settings, card_id: str, option: str,
+           clicker: str | None) -> str:
+    if card_id.startswith(CHANNEL_PREFIX):
+        return _decide_channel(store, settings, card_id[len(CHANNEL_PREFIX):], option, clicker)
+    row = store.q1("SELECT * FROM pending_sender_approvals WHERE id=?", (card_id,))
+    if row is None:
+        raise LookupError(f"no open approval {card_id!r}")
+    if not approvals.may_decide(store, clicker, row["approver_user_id"], row["agent_group_id"]):
+        logger.warning("{} may not decide sender approval {}; ignored", clicker, card_id)
+        raise PermissionError(f"{clicker} may not decide this approval")
+    store.conn.execute("DELETE FROM pending_sender_approvals WHERE id=?", (card_id,))
+    if option not in ("allow", "approve"):
+        return "denied"
+    store.conn.execute("INSERT OR IGNORE INTO agent_group_members (user_id, agent_group_id,"
+                       " added_by, added_at) VALUES (?,?,?,?)",
+                       (row["sender_identity"], row["agent_group_id"], clicker, utcnow()))
+    _replay(store, settings, row["original_message"])
+    return "allowed"
+
+
+def _decide_channel(store: Store, settings: Settings, mg_id: str, option: str,
+                    clicker: str | None) -> str:
+    row = store.q1("SELECT * FROM pending_channel_approvals WHERE messaging_group_id=?", (mg_id,))
+    if row is None:
+        raise LookupError(f"no open approval for chat {mg_id!r}")
+    if not approvals.may_decide(store, clicker, row["approver_user_id"], None):
+        logger.warning("{} may not decide channel approval {}; ignored", clicker, mg_id)
+        raise PermissionError(f"{clicker} may not decide this approval")
+    store.conn.execute("DELETE FROM pending_channel_approvals WHERE messaging_group_id=?",
+                       (mg_id,))
+    mg = store.q1("SELECT * FROM messaging_groups WHERE id=?", (mg_id,))
+    if not option.startswith("connect:") or mg is None:
+        store.conn.execute("UPDATE messaging_groups SET denied_at=? WHERE id=?", (utcnow(), mg_id))
+        return "rejected"
+    ag = option.split(":", 1)[1]
+    if store.agent_group(ag) is None:
+        raise LookupError(f"unknown agent group {ag!r}")
+    group = bool(mg["is_group"])
+    store.wire(mg_id, ag, destination=(mg["name"] or mg["platform_id"]).lower()[:40],
+               engage_mode="mention-sticky" if group else "pattern",
+               engage_pattern=None if group else ".", sender_scope="known",
+               ignored="accumulate", session_mode="shared")
+    original = json.loads(row["original_message"])
+    sender = json.loads(original["payload"]).get("sender_id")
+    if sender:
+        uid = sender if ":" in sender else f"{mg['channel_type']}:{sender}"
+        store.ensure_user(uid, mg["channel_type"])
+        store.conn.execute("INSERT OR IGNORE INTO agent_group_members (user_id, agent_group_id,"
+                           " added_by, added_at) VALUES (?,?,?,?)", (uid, ag, clicker, utcnow()))
+    _replay(store, settings, row["original_message"])
+    return "connected"
+
+
+def _replay(store: Store, settings: Settings, original: str) -> None:
+    from nanoclaw.routing import Event, Router
+
+    row = json.loads(original)
+    Router(store, settings, frozenset()).route(Event.from_row(row))
