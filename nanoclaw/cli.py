@@ -341,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     lg.set_defaults(fn=cmd_logs)
     sub.add_parser("doctor", help="check the installation and say what is wrong").set_defaults(
         fn=cmd_doctor)
+    from nanoclaw import admin
+
+    admin.add_parsers(sub)
     sv = sub.add_parser("service", help="install|uninstall a systemd user unit")
     sv.add_argument("action", choices=["install", "uninstall"])
     sv.set_defaults(fn=cmd_service)
