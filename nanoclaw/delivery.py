@@ -132,6 +132,10 @@ class Delivery:
                                  f" sent: {e}")
             return
         sessiondb.mark_delivered(paths, row["id"], f"agent:{target}", "delivered")
+        if target not in self.sessions:  # our own write does not move data_version
+            t = self.store.session(target)
+            if t is not None:
+                self.sessions[target] = t
 
     def _system(self, s: dict[str, Any], paths: sessiondb.SessionPaths, row: dict[str, Any],
                 content: dict[str, Any]) -> None:

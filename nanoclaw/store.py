@@ -169,9 +169,9 @@ class Store:
     def grant_role(self, user_id: str, role: str, agent_group_id: str | None = None,
                    granted_by: str | None = None) -> None:
         with atomic(self.conn):
-            self.conn.execute(
-                "INSERT OR IGNORE INTO user_roles (user_id, role, agent_group_id, granted_by,"
-                " granted_at) VALUES (?,?,?,?,?)",
+            self.conn.execute(  # DO NOTHING on a duplicate; a CHECK violation still raises
+                "INSERT INTO user_roles (user_id, role, agent_group_id, granted_by,"
+                " granted_at) VALUES (?,?,?,?,?) ON CONFLICT DO NOTHING",
                 (user_id, role, agent_group_id, granted_by, utcnow()))
 
     def record_unregistered(self, channel_type: str, platform_id: str, user_id: str | None,

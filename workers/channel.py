@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 
 from nanoclaw.channels import load_builtin
+from nanoclaw.channels.base import ChannelDead
 from nanoclaw.channels.runner import ChannelRunner
+from nanoclaw.log import logger
 from nanoclaw.store import Store
-from nanoclaw.worker import Worker
+from nanoclaw.worker import EXIT_CRASH, Worker
 
 
 class ChannelWorker(Worker):
@@ -20,5 +22,8 @@ class ChannelWorker(Worker):
         adapter = load_builtin().get(channel_type)(self.settings, runner)
         try:
             await runner.run(adapter, stop)
+        except ChannelDead as e:  # exit non-zero: restarted under the crash-loop breaker
+            logger.error("channel {} is dead: {}; exiting for a restart", channel_type, e)
+            raise SystemExit(EXIT_CRASH) from None
         finally:
             store.close()

@@ -20,6 +20,11 @@ class RetryAfter(Exception):
         self.seconds = seconds
 
 
+class ChannelDead(Exception):
+    """The connection is dead and cannot be repaired in-process: the worker exits
+    non-zero, so the orchestrator restarts it under the crash-loop breaker."""
+
+
 class SendError(Exception):
     def __init__(self, message: str, permanent: bool = False):
         super().__init__(message)
@@ -56,6 +61,13 @@ class Channel:
 
     def __init__(self, settings: Settings, host: ChannelHost):
         self.settings, self.host = settings, host
+        self.dead: str | None = None  # set by die(): why the connection is beyond repair
+
+    def die(self, reason: str) -> None:
+        """Liveness failed for good: the channel worker stops and exits non-zero."""
+        if self.dead is None:
+            self.dead = reason
+        self.host.kick()
 
     @classmethod
     def enabled(cls, settings: Settings) -> bool:
@@ -71,6 +83,9 @@ class Channel:
     async def deliver(self, platform_id: str, thread_id: str | None,
                       message: OutboundMessage) -> str | None:
         raise NotImplementedError
+
+    # Optional: `async set_typing(platform_id, thread_id)`; `async open_dm(handle) ->
+    # platform_id` (the runner resolves `@dm:<handle>` destinations with it).
 
 
 class Registry:

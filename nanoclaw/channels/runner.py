@@ -10,8 +10,8 @@ import json
 import time
 from typing import Any
 
-from nanoclaw.channels.base import (Channel, OutboundMessage, RetryAfter, SendError,
-                                    Unavailable)
+from nanoclaw.channels.base import (Channel, ChannelDead, OutboundMessage, RetryAfter,
+                                    SendError, Unavailable)
 from nanoclaw.config import Settings
 from nanoclaw.log import logger
 from nanoclaw.store import Store
@@ -19,6 +19,9 @@ from nanoclaw.util import iso
 from nanoclaw.worker import Poller
 
 PARK_SECONDS = 2.0
+TYPING_EVERY = 4.0    # seconds between typing refreshes (platforms show it ~5 s)
+TYPING_FOR = 60.0     # stop showing typing this long after the message if no reply came
+TEARDOWN_GRACE = 5.0
 BACKOFF = (1.0, 5.0, 15.0, 60.0, 300.0)
 
 
@@ -29,13 +32,37 @@ class ChannelRunner:
         self.wakeup = asyncio.Event()
         self.version = -1
         self.next_due: float | None = None
+        self.typing: dict[tuple[str, str | None], tuple[float, float]] = {}  # → (until, next)
 
     # ---- ChannelHost ------------------------------------------------------------------
     async def inbound(self, platform_id: str, message_id: str, payload: dict[str, Any],
                       thread_id: str | None = None, kind: str = "chat") -> bool:
         _, new = self.store.enqueue_inbound(self.channel_type, platform_id, message_id, payload,
                                             thread_id, kind)
+        if new and kind == "chat" and hasattr(self.adapter, "set_typing") and (
+                payload.get("is_mention") or not payload.get("is_group")) and self._wired(platform_id):
+            now = time.time()
+            self.typing[(platform_id, thread_id)] = (now + TYPING_FOR, now)
+            self.wakeup.set()
         return new
+
+    def _wired(self, platform_id: str) -> bool:
+        return self.store.q1(
+            "SELECT 1 AS x FROM messaging_groups m JOIN messaging_group_agents w ON"
+            " w.messaging_group_id=m.id WHERE m.channel_type=? AND m.platform_id=?",
+            (self.channel_type, platform_id)) is not None
+
+    async def refresh_typing(self, now: float) -> None:
+        """Show "typing…" in chats waiting for an answer; best effort, never fails a send."""
+        for key, (until, nxt) in list(self.typing.items()):
+            if now >= until:
+                self.typing.pop(key, None)
+            elif now >= nxt:
+                self.typing[key] = (until, now + TYPING_EVERY)
+                try:
+                    await asyncio.wait_for(self.adapter.set_typing(*key), 5)  # type: ignore[union-attr]
+                except Exception as e:
+                    logger.debug("typing in {} failed: {}", key[0], e)
 
     def kick(self, platform_id: str | None = None) -> None:
         with_pid = " AND platform_id=?" if platform_id else ""
@@ -86,6 +113,8 @@ class ChannelRunner:
             self._retry(row, attempt, f"{type(e).__name__}: {e}", _backoff(attempt))
             return
         self.store.mark_sent(row["id"], pmid)
+        if msg.content.get("operation") is None:
+            self.typing.pop((pid, row["thread_id"]), None)
 
     async def _open_dm(self, handle: str) -> str:
         """A cold DM (approvals): ask the adapter for the DM chat, cache it in user_dms."""
@@ -114,18 +143,28 @@ class ChannelRunner:
 
     async def run(self, adapter: Channel, stop: asyncio.Event) -> None:
         self.adapter = adapter
-        await adapter.setup()
-        poll = Poller(self.settings.poll_min, self.settings.poll_max)
         try:
+            await adapter.setup()
+            poll = Poller(self.settings.poll_min, self.settings.poll_max)
             while not stop.is_set():
+                if adapter.dead:
+                    raise ChannelDead(adapter.dead)
                 now = time.time()
                 did = await self.send_due(now)
+                if self.typing:
+                    await self.refresh_typing(now)
+                wait = poll.next(did, now)
+                if self.typing:
+                    wait = min(wait, 1.0)
                 try:
-                    await asyncio.wait_for(self.wakeup.wait(), poll.next(did, now))
+                    await asyncio.wait_for(self.wakeup.wait(), wait)
                 except asyncio.TimeoutError:
                     pass
         finally:
-            await adapter.teardown()
+            try:
+                await asyncio.wait_for(adapter.teardown(), TEARDOWN_GRACE)
+            except Exception as e:  # a dead connection may not close cleanly
+                logger.warning("channel {} teardown failed: {}", self.channel_type, e)
 
 
 def _backoff(attempt: int) -> float:
