@@ -183,3 +183,119 @@ def refresh_destinations(store: Store, settings: Settings, agent_group_id: str) 
             sessiondb.write_routing(p, (r[0], r[1], r[2]) if r else (None, None, None), dests)
         except Exception as e:
             logger.error("cannot refresh destinations of session {}: {}", s["id"], e)
+
+
+# ---- self-modification (admin approval first) -------------------------------------------
+APT_NAME = re.compile(r"^[a-z0-9][a-z0-9.+-]{0,62}$")
+NPM_NAME = re.compile(r"^(@[a-z0-9][a-z0-9._-]*/)?[a-z0-9][a-z0-9._-]{0,213}$")
+MAX_PACKAGES = 20
+
+
+def _list_arg(ctx: Ctx, key: str) -> list[str]:
+    v = ctx.content.get(key) or []
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise ActionError(f"{key} must be a list of package names")
+    return v
+
+
+@action("install_packages")
+def _install_packages(ctx: Ctx) -> str | None:
+    apt, npm = _list_arg(ctx, "apt"), _list_arg(ctx, "npm")
+    if not apt and not npm:
+        raise ActionError("name at least one package")
+    if len(apt) + len(npm) > MAX_PACKAGES:
+        raise ActionError(f"at most {MAX_PACKAGES} packages per request")
+    bad = [p for p in apt if not APT_NAME.match(p)] + [p for p in npm if not NPM_NAME.match(p)]
+    if bad:
+        raise ActionError(f"invalid package names: {', '.join(bad)}")
+    reason = str(ctx.content.get("reason") or "")[:500]
+    return _ask(ctx, "install_packages", {"apt": apt, "npm": npm, "reason": reason},
+                "Install packages",
+                f"The agent asks to install apt: {', '.join(apt) or '-'}; npm:"
+                f" {', '.join(npm) or '-'}. Reason: {reason or '(none given)'}")
+
+
+@action("add_mcp_server")
+def _add_mcp_server(ctx: Ctx) -> str | None:
+    name = ctx.str_arg("name") or ""
+    if not re.match(r"^[A-Za-z0-9_-]{1,64}$", name):
+        raise ActionError("name must be 1-64 letters, digits, '-' or '_'")
+    command = ctx.str_arg("command") or ""
+    args = _list_arg(ctx, "args")
+    env = ctx.content.get("env") or {}
+    if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
+        raise ActionError("env must map names to strings")
+    return _ask(ctx, "add_mcp_server", {"name": name, "command": command, "args": args,
+                                        "env": env}, "Add an MCP server",
+                f"The agent asks to add MCP server {name!r}: {command} {' '.join(args)}")
+
+
+def _ask(ctx: Ctx, action_name: str, payload: dict[str, Any], title: str,
+         question: str) -> str:
+    from nanoclaw import approvals
+
+    payload["requestId"] = ctx.row["id"]
+    try:
+        aid = approvals.request(ctx.store, ctx.settings, ctx.session, action_name, payload,
+                                title, question)
+    except LookupError as e:
+        raise ActionError(str(e)) from None
+    return f"Asked an admin to approve {action_name} (request {aid}); you will be told."
+
+
+def _respawn_with_note(store: Store, settings: Settings, session_id: str, note: str) -> None:
+    """Stop the agent and leave a note only a fresh agent's first poll reads."""
+    s = store.session(session_id)
+    if s is None:
+        return
+    p = sessiondb.SessionPaths(str(settings.session_dir(s["agent_group_id"], s["id"])))
+    from nanoclaw.util import new_id
+
+    sessiondb.insert_message(p, id=new_id("wake"), kind="chat", channel_type="agent",
+                             platform_id="system", on_wake=True,
+                             content={"sender": "system", "senderId": None, "text": note,
+                                      "attachments": []})
+    store.request_container(session_id, "kill", "configuration changed")
+    store.request_container(session_id, "wake", "configuration changed")
+
+
+def _approved_packages(store: Store, settings: Settings, row: dict[str, Any],
+                       payload: dict[str, Any]) -> str:
+    ag = row["agent_group_id"]
+    cfg = store.container_config(ag)
+    apt = sorted(set(json.loads(cfg.get("packages_apt") or "[]")) | set(payload["apt"]))
+    npm = sorted(set(json.loads(cfg.get("packages_npm") or "[]")) | set(payload["npm"]))
+    if settings.runtime == "process":
+        raise RuntimeError("the process runtime cannot install packages (no image to rebuild)")
+    store.conn.execute("UPDATE container_configs SET packages_apt=?, packages_npm=?,"
+                       " updated_at=? WHERE agent_group_id=?",
+                       (json.dumps(apt), json.dumps(npm), sessiondb.utcnow(), ag))
+    _respawn_with_note(store, settings, row["session_id"],
+                       "Packages were approved and the image is being rebuilt:"
+                       f" {', '.join(payload['apt'] + payload['npm'])}. Verify they work and"
+                       " report to the user.")
+    return "Packages approved; your container restarts with them."
+
+
+def _approved_mcp(store: Store, settings: Settings, row: dict[str, Any],
+                  payload: dict[str, Any]) -> str:
+    ag = row["agent_group_id"]
+    servers = json.loads(store.container_config(ag).get("mcp_servers") or "{}")
+    servers[payload["name"]] = {"command": payload["command"], "args": payload["args"],
+                                "env": payload["env"]}
+    store.conn.execute("UPDATE container_configs SET mcp_servers=?, updated_at=? WHERE"
+                       " agent_group_id=?", (json.dumps(servers), sessiondb.utcnow(), ag))
+    _respawn_with_note(store, settings, row["session_id"],
+                       f"MCP server {payload['name']!r} was added. Check that its tools work"
+                       " and tell the user.")
+    return f"MCP server {payload['name']!r} approved; your container restarts with it."
+
+
+def _register_approval_handlers() -> None:
+    from nanoclaw import approvals
+
+    approvals.ON_APPROVE.setdefault("install_packages", _approved_packages)
+    approvals.ON_APPROVE.setdefault("add_mcp_server", _approved_mcp)
+
+
+_register_approval_handlers()

@@ -46,6 +46,16 @@ class Settings(BaseSettings):
         default="https://api.anthropic.com", validation_alias="ANTHROPIC_BASE_URL"
     )
     broker_port: int = Field(default=0, ge=0, le=65535)
+    daily_token_budget: int = Field(default=0, ge=0)  # per agent group; 0: no budget
+
+    # Sandboxes (docker and bwrap runtimes).
+    image: str = "nanoclaw-agent:latest"
+    container_network: Literal["none", "host"] = "none"  # none: the broker socket only
+    container_memory: str = "1g"
+    container_pids: int = Field(default=512, ge=0)
+    container_cpus: float = Field(default=2.0, ge=0)
+    agent_uid: int = Field(default=1000, ge=1)  # the sandbox user when the host runs as root
+    mount_allowlist: Path = Path("~/.config/nanoclaw/mount-allowlist.json")
 
     # Channels.
     cli_enabled: bool = True
@@ -94,6 +104,11 @@ class Settings(BaseSettings):
     @property
     def cli_socket(self) -> Path:
         return self.data_dir / "cli.sock"
+
+    @property
+    def broker_socket(self) -> Path:
+        """The broker's unix socket; its folder is mounted into every sandbox."""
+        return self.data_dir / "broker" / "broker.sock"
 
     @property
     def breaker_file(self) -> Path:

@@ -73,17 +73,14 @@ class Containers:
     def _requests(self, now: float) -> bool:
         reqs = self.store.open_container_requests()
         handled, did = [], False
-        wanted: dict[str, str] = {}
-        for r in reqs:
-            if r["action"] == "kill":
-                wanted[r["session_id"]] = "kill"
-            else:
-                wanted.setdefault(r["session_id"], "wake")
-        for sid, action in wanted.items():
-            if action == "kill":
+        wanted: dict[str, list[str]] = {}
+        for r in reqs:  # in order: a kill then a wake means "restart"
+            wanted.setdefault(r["session_id"], []).append(r["action"])
+        for sid, acts in wanted.items():
+            if "kill" in acts:
                 self.stop(sid, reason="kill requested")
                 did = True
-            elif sid not in self.running:
+            if acts[-1] == "wake" and sid not in self.running:
                 if self.retry_at.get(sid, 0) > now:
                     continue  # keep the request open until the backoff passes
                 did |= self.wake(sid)

@@ -321,12 +321,14 @@ class Store:
 
     # ---- container requests (router/sweep → containers) -------------------------------
     def request_container(self, session_id: str, action: str, reason: str) -> None:
-        """Ask for a wake or kill; an identical request still open is enough."""
+        """Ask for a wake or kill; skipped when the newest open request for the session
+        already asks the same (order matters: kill then wake is a restart)."""
         with atomic(self.conn):
             self.conn.execute(
                 "INSERT INTO container_requests (session_id, action, reason, created_at)"
                 " SELECT ?,?,?,? WHERE NOT EXISTS (SELECT 1 FROM container_requests WHERE"
-                " session_id=? AND action=? AND handled_at IS NULL)",
+                " id=(SELECT MAX(id) FROM container_requests WHERE session_id=? AND"
+                " handled_at IS NULL) AND action=?)",
                 (session_id, action, reason, utcnow(), session_id, action))
 
     def open_container_requests(self) -> list[dict[str, Any]]:

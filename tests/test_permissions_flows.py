@@ -266,3 +266,36 @@ def test_create_agent_is_admin_only(env):
     names = {x["name"] for x in store.destinations(ag)}
     assert "researcher" in names
     assert {x["name"] for x in store.destinations(child["id"])} == {"parent"}
+
+
+def test_self_modification_needs_an_admin_and_respawns_with_a_note(env):
+    store, s, r, ag = env
+    (sid,) = r.route(Event("cli", "local", "i0", text="add a tool", sender_id=OWNER.split(":")[1],
+                           is_mention=True))
+    p = _paths(store, s, sid)
+    d = Delivery(store, s)
+    _agent_writes(p, {"action": "install_packages", "apt": ["curl", "rm -rf /"], "npm": []},
+                  kind="system")
+    _agent_writes(p, {"action": "grant_role", "user": "cli:me", "role": "owner"}, kind="system")
+    _agent_writes(p, {"action": "add_mcp_server", "name": "files", "command": "mcp-files",
+                      "args": ["--root", "/workspace"], "env": {}}, kind="system")
+    d.pass_once(time.time())
+    notes = [json.loads(x["content"])["text"] for x in _inbound(p) if x["channel_type"] == "agent"]
+    assert any("invalid package names: rm -rf /" in n for n in notes)
+    assert any("unknown action 'grant_role'" in n for n in notes)  # no way to grant itself
+    assert store.q("SELECT * FROM user_roles WHERE user_id != ?", (OWNER,)) == []
+    (appr,) = store.q("SELECT * FROM pending_approvals")
+    assert appr["approver_user_id"] == OWNER and appr["action"] == "add_mcp_server"
+    from nanoclaw import approvals
+
+    store.ensure_user("cli:mallory", "cli")
+    with pytest.raises(PermissionError):
+        approvals.decide(store, s, appr["approval_id"], "approve", "cli:mallory")
+    assert json.loads(store.container_config(ag)["mcp_servers"]) == {}
+    assert approvals.decide(store, s, appr["approval_id"], "approve", OWNER) == "approved"
+    assert "files" in json.loads(store.container_config(ag)["mcp_servers"])
+    wake_note = [x for x in _inbound(p) if x["on_wake"] == 1]
+    assert len(wake_note) == 1
+    acts = [x["action"] for x in store.q("SELECT action FROM container_requests WHERE"
+                                         " session_id=? ORDER BY id", (sid,))]
+    assert acts[-2:] == ["kill", "wake"]

@@ -20,6 +20,18 @@ class SpawnSpec:
     log_path: Path
     install_id: str
     env: dict[str, str] = field(default_factory=dict)
+    image: str | None = None  # docker: this group's image (container_configs.image_tag)
+    extra_mounts: list[Mount] = field(default_factory=list)  # already allow-listed
+    command: list[str] | None = None  # instead of the runner (probes in tests)
+
+
+@dataclass(frozen=True)
+class Mount:
+    """One bind mount of a sandbox: host `source` at `target` inside."""
+
+    source: Path
+    target: str
+    writable: bool = False
 
 
 class Runtime(Protocol):

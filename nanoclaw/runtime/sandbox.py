@@ -1,0 +1,116 @@
+"""What the docker and bwrap runtimes share, so both sandboxes look the same from inside:
+one mount layout (DESIGN §4), one environment, one unprivileged user, and the broker
+reached through its unix socket instead of the network.
+
+Inside every sandbox:
+
+| path | what | mode |
+|---|---|---|
+| `/workspace` | the session folder (`inbound.db`, `outbound.db`, `.heartbeat`, …) | rw |
+| `/workspace/agent` | the agent group's folder (the agent's cwd) | rw |
+| `/workspace/global` | `groups/global` | ro |
+| `/workspace/extra/<name>` | allow-listed extra mounts (`nanoclaw/mounts.py`) | per allowlist |
+| `/app/agent_runner`, `/app/sandbox_entry.py` | the runner source, live from `container/` | ro |
+| `/run/nanoclaw` | the broker's socket folder (network `none` only) | ro |
+
+Nothing else of the host is visible, so nothing else can leak: no `.env`, no central
+DB, no other session. When the host runs as root the agent runs as `agent_uid` and the
+folders it writes are handed to that user; the files the host alone writes
+(`inbound.db`, `container.json`) stay the host's, readable but not writable inside.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from nanoclaw.runtime.base import Mount, SpawnSpec
+
+SESSION = "/workspace"
+GROUP = "/workspace/agent"
+GLOBAL = "/workspace/global"
+EXTRA = "/workspace/extra"
+APP = "/app"
+BROKER_DIR = "/run/nanoclaw"
+HOST_OWNED = {"inbound.db", "inbound.db-journal", "container.json", "container.json.tmp"}
+LABEL = "nanoclaw.install"
+
+
+def name(install_id: str, session_id: str) -> str:
+    """One name per install and session: the engine itself refuses a second container."""
+    safe = "".join(c if c.isalnum() or c in "_.-" else "-" for c in session_id)
+    return f"nanoclaw-{install_id}-{safe}"
+
+
+def layout(spec: SpawnSpec, broker_dir: Path | None) -> list[Mount]:
+    """Every bind mount of the sandbox, parents before children."""
+    spec.global_dir.mkdir(parents=True, exist_ok=True)
+    mounts = [
+        Mount(spec.session_dir, SESSION, True),
+        Mount(spec.group_dir, GROUP, True),
+        Mount(spec.global_dir, GLOBAL, False),
+        Mount(spec.runner_dir / "agent_runner", f"{APP}/agent_runner", False),
+        Mount(spec.runner_dir / "sandbox_entry.py", f"{APP}/sandbox_entry.py", False),
+    ]
+    if broker_dir is not None:
+        mounts.append(Mount(broker_dir, BROKER_DIR, False))
+    mounts.extend(spec.extra_mounts)
+    return mounts
+
+
+def environment(spec: SpawnSpec, path: str, via_socket: bool) -> dict[str, str]:
+    env = {
+        "PATH": path,
+        "HOME": SESSION,
+        "LANG": "C.UTF-8",
+        "PYTHONPATH": APP,
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONUNBUFFERED": "1",
+        "NANOCLAW_SESSION_DIR": SESSION,
+        "NANOCLAW_GROUP_DIR": GROUP,
+        "NANOCLAW_GLOBAL_DIR": GLOBAL,
+        **spec.env,
+    }
+    if via_socket:  # sandbox_entry relays 127.0.0.1 inside to this socket
+        env["NANOCLAW_BROKER_SOCKET"] = f"{BROKER_DIR}/broker.sock"
+    return env
+
+
+def user(agent_uid: int) -> tuple[int, int]:
+    """The sandbox's uid:gid: the host's own user, or `agent_uid` when the host is root."""
+    if os.geteuid() == 0:
+        return agent_uid, agent_uid
+    return os.getuid(), os.getgid()
+
+
+def hand_over(folders: list[Path], uid: int, gid: int) -> None:
+    """Make the agent's folders writable by the sandbox user (host files stay the host's)."""
+    if os.geteuid() != 0:
+        return
+    for top in folders:
+        for root, dirs, files in os.walk(top):
+            _chown(root, uid, gid)
+            for n in dirs + files:
+                if n in HOST_OWNED:
+                    _chown(os.path.join(root, n), 0, 0)
+                else:
+                    _chown(os.path.join(root, n), uid, gid)
+
+
+def _chown(path: str, uid: int, gid: int) -> None:
+    try:
+        st = os.lstat(path)
+        if (st.st_uid, st.st_gid) != (uid, gid):
+            os.lchown(path, uid, gid)
+    except FileNotFoundError:
+        pass
+
+
+def image_hash(container_dir: Path) -> str:
+    """What the agent image is built from; a changed hash means `make image` again."""
+    h = hashlib.sha256()
+    for n in ("Dockerfile", "requirements.txt", "build.sh"):
+        p = container_dir / n
+        h.update(n.encode() + b"\0" + (p.read_bytes() if p.exists() else b"") + b"\0")
+    return h.hexdigest()[:16]
