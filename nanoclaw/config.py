@@ -59,7 +59,27 @@ class Settings(BaseSettings):
 
     # Channels.
     cli_enabled: bool = True
-    web_port: int = Field(default=0, ge=0, le=65535)
+    web_enabled: bool = True
+    web_port: int = Field(default=0, ge=0, le=65535)  # 0: a free port, kept in data/web.json
+    web_host: str = "127.0.0.1"  # the local chat page stays off public interfaces by default
+    telegram_bot_token: str = Field(default="", validation_alias="TELEGRAM_BOT_TOKEN")
+    telegram_api_base: str = Field(default="https://api.telegram.org",
+                                   validation_alias="TELEGRAM_API_BASE")
+    telegram_poll_timeout: float = Field(default=25.0, gt=0, le=60)  # long poll, seconds
+    discord_bot_token: str = Field(default="", validation_alias="DISCORD_BOT_TOKEN")
+    discord_api_base: str = Field(default="https://discord.com/api/v10",
+                                  validation_alias="DISCORD_API_BASE")
+    discord_gateway_url: str = Field(default="wss://gateway.discord.gg",
+                                     validation_alias="DISCORD_GATEWAY_URL")
+    discord_heartbeat_timeout: float = Field(default=60.0, gt=0, le=600)
+    discord_reconnects: int = Field(default=5, ge=0, le=100)  # in-process, per 10 minutes
+    slack_bot_token: str = Field(default="", validation_alias="SLACK_BOT_TOKEN")
+    slack_app_token: str = Field(default="", validation_alias="SLACK_APP_TOKEN")
+    slack_api_base: str = Field(default="https://slack.com/api/", validation_alias="SLACK_API_BASE")
+    # A platform adapter that has had no successful round trip for this long exits
+    # non-zero, so the orchestrator restarts it under the crash-loop breaker.
+    channel_liveness: float = Field(default=120.0, gt=0, le=3600)
+    channel_ping: float = Field(default=30.0, gt=0, le=600)  # cheap liveness call interval
 
     # Timing (seconds). Polls back off from the short interval to the long one when idle.
     poll_min: float = Field(default=0.004, gt=0, le=1)
@@ -72,7 +92,7 @@ class Settings(BaseSettings):
     agent_pair_limit: int = Field(default=10, ge=1, le=1000)  # agent→agent msgs per minute
     retry_base: float = Field(default=5.0, gt=0, le=600)  # agent retries: retry_base·2^tries
 
-    @field_validator("anthropic_base_url")
+    @field_validator("anthropic_base_url", "telegram_api_base", "discord_api_base")
     @classmethod
     def _url(cls, v: str) -> str:
         if not v.startswith(("http://", "https://")):

@@ -46,6 +46,15 @@ class ChannelRunner:
             self.wakeup.set()
         return new
 
+    def question(self, question_id: str) -> dict[str, Any] | None:
+        """The question card this channel sent with that id (to map a button index back
+        to its option value), or None."""
+        row = self.store.q1(
+            "SELECT content FROM channel_outbox WHERE channel_type=? AND"
+            " json_extract(content, '$.questionId')=? ORDER BY id DESC LIMIT 1",
+            (self.channel_type, question_id))
+        return json.loads(row["content"]) if row else None
+
     def _wired(self, platform_id: str) -> bool:
         return self.store.q1(
             "SELECT 1 AS x FROM messaging_groups m JOIN messaging_group_agents w ON"

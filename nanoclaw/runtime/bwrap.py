@@ -1,0 +1,147 @@
+"""The `bwrap` runtime: each agent in a bubblewrap sandbox. No daemon, no image.
+
+The sandbox root is an empty read-only tmpfs holding only what the runner needs: the
+host's `/usr` (and the merged-usr links), a few harmless `/etc` files, the Python
+installation running NanoClaw (read-only, at the same path), and the mount layout every
+runtime shares (`sandbox.py`). New pid, ipc, uts and — with the default network `none` —
+net namespaces; the broker is then reached through its unix socket. As root, bwrap sets
+the sandbox up and `setpriv` drops to `agent_uid` with no capabilities before the runner
+starts; as any other user bwrap runs unprivileged in a user namespace.
+
+`--die-with-parent`: a sandbox dies with the containers worker that started it. After a
+restart of that worker, re-attaching simply finds the agent gone; its claimed rows are
+reset and retried like after any crash. Ids are `pid:<pid>:<starttime>` of the bwrap
+process, so everything else is the process runtime's.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+from nanoclaw.config import Settings
+from nanoclaw.runtime import sandbox
+from nanoclaw.runtime.base import SpawnSpec
+from nanoclaw.runtime.process import MARK, ProcessRuntime, _parse, _starttime
+
+ETC = ("passwd", "group", "nsswitch.conf", "hosts", "localtime", "timezone", "ld.so.cache",
+       "ld.so.conf", "ld.so.conf.d", "ssl", "ca-certificates", "ca-certificates.conf",
+       "alternatives", "mime.types", "os-release", "debian_version")
+SETPRIV = "/usr/bin/setpriv"
+
+
+def _python_roots() -> list[str]:
+    """The Python installation outside /usr: the venv and the interpreter it points at."""
+    roots: list[str] = []
+    for p in {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+              os.path.dirname(os.path.dirname(os.path.realpath(sys.executable)))}:
+        p = os.path.realpath(p)
+        if p != "/usr" and not p.startswith("/usr/") and p not in roots:
+            roots.append(p)
+    return sorted(roots)
+
+
+def _children(pid: int) -> list[int]:
+    """All descendants of pid (the sandboxed processes under a bwrap)."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            parents.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for c in parents.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+class BwrapRuntime(ProcessRuntime):
+    name = "bwrap"
+    _works: bool | None = None
+
+    def __init__(self, settings: Settings):
+        super().__init__()
+        self.settings = settings
+
+    @classmethod
+    def available(cls, settings: Settings | None = None) -> bool:
+        """bwrap is installed and can make a sandbox here (user namespaces allowed)."""
+        if cls._works is None:
+            exe = shutil.which("bwrap")
+            try:
+                cls._works = bool(exe) and subprocess.run(
+                    [exe, "--unshare-pid", "--die-with-parent", "--ro-bind", "/", "/",  # type: ignore[list-item]
+                     "--proc", "/proc", "--dev", "/dev", "true"],
+                    capture_output=True, timeout=10).returncode == 0
+            except (OSError, subprocess.TimeoutExpired):
+                cls._works = False
+        return cls._works
+
+    def argv(self, spec: SpawnSpec, via_socket: bool, uid: int, gid: int) -> list[str]:
+        a = ["bwrap", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+             "--die-with-parent", "--new-session", "--ro-bind", "/usr", "/usr"]
+        if via_socket:
+            a.append("--unshare-net")
+        for top in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+            path = f"/{top}"
+            if os.path.islink(path):
+                a += ["--symlink", os.readlink(path), path]
+            elif os.path.isdir(path):
+                a += ["--ro-bind", path, path]
+        for n in ETC:
+            a += ["--ro-bind-try", f"/etc/{n}", f"/etc/{n}"]
+        if not via_socket:
+            a += ["--ro-bind-try", "/etc/resolv.conf", "/etc/resolv.conf"]
+        for root in _python_roots():
+            a += ["--ro-bind", root, root]
+        a += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+        for m in sandbox.layout(spec, self.settings.broker_socket.parent if via_socket else None):
+            a += ["--bind" if m.writable else "--ro-bind", str(m.source), m.target]
+        a += ["--remount-ro", "/", "--chdir", sandbox.GROUP, "--unsetenv", MARK]
+        if os.geteuid() == 0:  # bwrap keeps root's powers inside; drop them for good
+            a += [SETPRIV, f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
+                  "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all", "--"]
+        return a + (spec.command or [sys.executable, "-m", "sandbox_entry"])
+
+    def spawn(self, spec: SpawnSpec) -> str:
+        uid, gid = sandbox.user(self.settings.agent_uid)
+        sandbox.hand_over([spec.session_dir, spec.group_dir], uid, gid)
+        via_socket = self.settings.container_network == "none"
+        path = ":".join(dict.fromkeys([os.path.dirname(sys.executable), "/usr/local/bin",
+                                       "/usr/bin", "/bin"]))
+        env = sandbox.environment(spec, path, via_socket)
+        env[MARK] = spec.install_id  # bwrap's own; --unsetenv keeps it out of the sandbox
+        argv = self.argv(spec, via_socket, uid, gid)
+        spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(spec.log_path, "ab") as log:
+            p = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                 stderr=subprocess.STDOUT, start_new_session=True,
+                                 close_fds=True)
+        cid = f"pid:{p.pid}:{_starttime(p.pid)}"
+        self.children[cid] = p
+        return cid
+
+    def stop(self, container_id: str, grace: float = 1.0) -> None:
+        """TERM the runner inside (bwrap does not forward signals), then the process
+        runtime's escalation on the bwrap process group."""
+        pid, start = _parse(container_id)
+        if pid is None or _starttime(pid) != start:
+            return
+        for child in _children(pid):
+            try:
+                os.kill(child, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.time() + grace
+        while time.time() < deadline and not self._gone(container_id, pid):
+            time.sleep(0.01)
+        super().stop(container_id, grace=0.05)
