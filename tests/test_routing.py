@@ -124,3 +124,71 @@ def test_accumulate_stores_context_without_waking(env):
     sid = store.q1("SELECT id FROM sessions")["id"]
     rows, _ = _rows(store, s, sid)
     assert [(x["id"].split(":")[0], x["trigger"]) for x in rows] == [("a1", 0), ("a2", 1)]
+
+
+def _group_chat(store, ag, mode="shared", engage="pattern", pattern=".", channel="threaded"):
+    mg = store.create_messaging_group(channel, f"{channel}:g1", "grp", True, "public")
+    store.wire(mg, ag, destination="grp", engage_mode=engage, engage_pattern=pattern,
+               session_mode=mode)
+    return mg
+
+
+def _ev(mid, thread=None, mention=False, channel="threaded", text="hi"):
+    return Event(channel, f"{channel}:g1", mid, text=text, thread_id=thread, sender_id="u1",
+                 is_mention=mention, is_group=True)
+
+
+def test_threaded_group_forces_per_thread_sessions(env):
+    store, s, r = env
+    ag = store.q1("SELECT id FROM agent_groups")["id"]
+    _group_chat(store, ag, mode="shared")
+    a = r.route(_ev("1", thread="t1"))
+    b = r.route(_ev("2", thread="t2"))
+    c = r.route(_ev("3", thread="t1"))
+    assert a == c and a != b
+    assert {x["thread_id"] for x in store.q("SELECT thread_id FROM sessions WHERE"
+                                            " messaging_group_id IS NOT NULL AND thread_id"
+                                            " IS NOT NULL")} == {"t1", "t2"}
+
+
+def test_unthreaded_adapter_drops_the_thread(env):
+    store, s, r = env
+    ag = store.q1("SELECT id FROM agent_groups")["id"]
+    _group_chat(store, ag, channel="flat")
+    a = r.route(_ev("1", thread="t1", channel="flat"))
+    b = r.route(_ev("2", thread="t2", channel="flat"))
+    assert a == b
+
+
+def test_agent_shared_session_has_no_reply_address(env):
+    store, s, r = env
+    ag = store.q1("SELECT id FROM agent_groups")["id"]
+    _group_chat(store, ag, mode="agent-shared")
+    (sid,) = r.route(_ev("1", thread="t1"))
+    sess = store.session(sid)
+    assert sess["messaging_group_id"] is None
+    p = sessiondb.SessionPaths(str(s.session_dir(ag, sid)))
+    row = sqlite3.connect(p.inbound).execute("SELECT * FROM session_routing").fetchone()
+    assert row[1:] == (None, None, None)
+    assert r.route(_ev("2", thread="t9")) == [sid]
+
+
+def test_mention_sticky_follows_up_without_a_mention(env):
+    store, s, r = env
+    ag = store.q1("SELECT id FROM agent_groups")["id"]
+    _group_chat(store, ag, engage="mention-sticky", pattern=None)
+    assert r.route(_ev("1", thread="t1")) == []  # no session yet, no mention
+    first = r.route(_ev("2", thread="t1", mention=True))
+    assert len(first) == 1
+    assert r.route(_ev("3", thread="t1")) == first  # sticky within the thread
+    assert r.route(_ev("4", thread="t2")) == []  # another thread is not
+
+
+def test_fan_out_by_priority_one_session_per_agent(env):
+    store, s, r = env
+    ag = store.q1("SELECT id FROM agent_groups")["id"]
+    other = store.create_agent_group("other", "other", "anthropic", "m", "o")
+    mg = _group_chat(store, ag, channel="flat")
+    store.wire(mg, other, destination="grp", priority=5)
+    sids = r.route(_ev("1", channel="flat"))
+    assert [store.session(x)["agent_group_id"] for x in sids] == [other, ag]

@@ -1,0 +1,65 @@
+"""The command line: every verb is documented in the README; service install writes a
+unit that systemd restarts; doctor says what is wrong in plain words."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+from nanoclaw.cli import build_parser
+
+
+def _verbs() -> list[str]:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sorted(sub.choices)
+
+
+def test_every_command_is_documented():
+    readme = (ROOT / "README.md").read_text()
+    missing = [v for v in _verbs() if f"nanoclaw {v}" not in readme]
+    assert not missing, f"commands missing from README.md: {missing}"
+    assert readme.lstrip().startswith("# ")
+    head = readme.split("\n\n", 2)[1]
+    assert "make run" in head and "make test" in head
+
+
+def _cli(tmp_path, *args, **env):
+    e = {**os.environ, "NANOCLAW_DATA_DIR": str(tmp_path / "data"),
+         "NANOCLAW_LOGS_DIR": str(tmp_path / "logs"), **env}
+    return subprocess.run([sys.executable, "-m", "nanoclaw", *args], cwd=tmp_path, env=e,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_service_install_writes_a_restarting_unit(tmp_path):
+    r = _cli(tmp_path, "service", "install", XDG_CONFIG_HOME=str(tmp_path / "cfg"))
+    assert r.returncode == 0, r.stderr
+    unit = (tmp_path / "cfg" / "systemd" / "user" / "nanoclaw.service").read_text()
+    assert "Restart=always" in unit
+    assert f"ExecStart={sys.executable} -m nanoclaw run" in unit
+    assert _cli(tmp_path, "service", "uninstall",
+                XDG_CONFIG_HOME=str(tmp_path / "cfg")).returncode == 0
+    assert not (tmp_path / "cfg" / "systemd" / "user" / "nanoclaw.service").exists()
+
+
+def test_doctor_and_status_without_a_host(tmp_path):
+    r = _cli(tmp_path, "doctor")
+    assert r.returncode == 1
+    assert "host is not running" in r.stdout
+    s = _cli(tmp_path, "status")
+    assert s.returncode == 3 and "host: not running" in s.stdout
+
+
+def test_admin_verbs_give_one_line_for_unknown_ids(host):
+    for args in (["groups", "remove", "nope"], ["wire", "remove", "w-nope"],
+                 ["roles", "grant", "cli:ghost", "admin"], ["members", "add", "cli:ghost", "x"],
+                 ["destinations", "list", "nope"], ["approvals", "approve", "appr-x"],
+                 ["tasks", "pause", "task-x"]):
+        r = host.cli(*args)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+        assert r.stderr.startswith("nanoclaw: ")
