@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nanoclaw import sessiondb
+from nanoclaw import mounts, sessiondb
 from nanoclaw.config import Settings
 from nanoclaw.log import logger
 from nanoclaw.runtime import Runtime, SpawnSpec
@@ -131,16 +131,25 @@ class Containers:
         Path(paths.heartbeat).unlink(missing_ok=True)
         token = secrets.token_urlsafe(32)
         spawn = f"{int(time.time() * 1000)}"
+        cfg = self.store.container_config(ag["id"])
+        extra, refused = mounts.resolve(cfg.get("additional_mounts"), self.settings.mount_allowlist,
+                                        self._protected())
+        for why in refused:
+            logger.error("session {}: {}", sid, why)
         spec = SpawnSpec(
             session_id=sid, agent_group_id=ag["id"], session_dir=Path(paths.root).resolve(),
             group_dir=group_dir.resolve(), global_dir=(self.settings.groups_dir / "global").resolve(),
             runner_dir=RUNNER_DIR, install_id=self.install,
             log_path=self.settings.logs_dir / "containers" / sid / f"{spawn}.log",
             env={"ANTHROPIC_BASE_URL": broker, "ANTHROPIC_API_KEY": token,
-                 "TZ": self.settings.tz})
+                 "TZ": self.settings.tz},
+            image=cfg.get("image_tag") or None, extra_mounts=extra)
+        # the broker must know the token before the agent can first use it
+        self.store.set_container(sid, "running", None, token_hash(token))
         try:
             cid = self.runtime.spawn(spec)
         except Exception as e:
+            self.store.set_container(sid, "stopped")
             logger.error("session {}: cannot start agent: {}", sid, e)
             self._start_failed(s, str(e))
             return False
@@ -243,6 +252,12 @@ class Containers:
                                     in_reply_to=mid)
 
     # ---- helpers ----------------------------------------------------------------------
+    def _protected(self) -> list[Path]:
+        """What no extra mount may overlap: NanoClaw's own state and its secrets."""
+        st = self.settings
+        return [st.data_dir, st.logs_dir, st.groups_dir, Path(".env").resolve(),
+                st.mount_allowlist.expanduser()]
+
     def _paths(self, s: dict[str, Any]) -> sessiondb.SessionPaths:
         return sessiondb.SessionPaths(str(self.settings.session_dir(s["agent_group_id"], s["id"])))
 

@@ -118,7 +118,7 @@ def lock_data_dir(settings: Settings) -> Any:
     return f
 
 
-def run_host(settings: Settings, *, tick: float = 0.05) -> int:
+def run_host(settings: Settings, *, tick: float = 0.1) -> int:
     log.setup("host", settings.logs_dir, settings.log_level)
     try:
         lock = lock_data_dir(settings)

@@ -144,7 +144,11 @@ def list_tasks(paths: sessiondb.SessionPaths, status: str | None = None) -> list
 
 def recur(paths: sessiondb.SessionPaths, tz: str, now: float) -> list[str]:
     """Clone each completed row that still has a cron into its next occurrence."""
-    made = []
+    made: list[str] = []
+    with sessiondb._open(paths.inbound, readonly=True) as conn:  # cheap check first
+        if not conn.execute("SELECT 1 FROM messages_in WHERE status IN ('completed','failed')"
+                            " AND recurrence IS NOT NULL LIMIT 1").fetchone():
+            return made
     with sessiondb._write(paths.inbound) as conn:
         done = conn.execute("SELECT * FROM messages_in WHERE status IN ('completed','failed')"
                             " AND recurrence IS NOT NULL").fetchall()

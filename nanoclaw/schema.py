@@ -247,8 +247,24 @@ CREATE TABLE host_state (
 );
 """
 
+TOKEN_USAGE = """
+CREATE TABLE token_usage (
+  agent_group_id TEXT NOT NULL,
+  day TEXT NOT NULL,
+  requests INTEGER NOT NULL DEFAULT 0,
+  input_tokens INTEGER NOT NULL DEFAULT 0,
+  output_tokens INTEGER NOT NULL DEFAULT 0,
+  cache_creation_input_tokens INTEGER NOT NULL DEFAULT 0,
+  cache_read_input_tokens INTEGER NOT NULL DEFAULT 0,
+  updated_at TEXT NOT NULL,
+  PRIMARY KEY (agent_group_id, day)
+);
+ALTER TABLE container_configs ADD COLUMN daily_token_budget INTEGER;
+"""
+
 MIGRATIONS: list[tuple[str, str]] = [
     ("initial-entities", ENTITIES),
     ("inter-worker-queues", QUEUES),
     ("approvals-approver", "ALTER TABLE pending_approvals ADD COLUMN approver_user_id TEXT;"),
+    ("token-usage", TOKEN_USAGE),
 ]

@@ -42,7 +42,9 @@ class Worker:
     def initialize(self) -> None:
         pass
 
-    def loop_once(self, now: float) -> bool:
+    def loop_once(self, now: float) -> bool | float:
+        """One unit of work: True if it did something (poll again soon), False if not,
+        or a float: seconds until it next has anything to do (sleep up to that)."""
         return False
 
     def shutdown(self) -> None:
@@ -107,7 +109,10 @@ def run(worker: Worker) -> int:
             while not stop["flag"]:
                 now = time.time()
                 did = worker.loop_once(now)
-                time.sleep(poll.next(did, now))
+                if isinstance(did, float):
+                    _sleep_until(stop, now + did)
+                else:
+                    time.sleep(poll.next(did, now))
         finally:
             worker.shutdown()
         logger.info("worker stopped")
@@ -118,6 +123,15 @@ def run(worker: Worker) -> int:
     except Exception:
         logger.error("worker crashed:\n{}", traceback.format_exc())
         return EXIT_CRASH
+
+
+def _sleep_until(stop: dict, deadline: float, step: float = 0.5) -> None:
+    """Sleep to a deadline, waking at least every `step` s to notice a stop."""
+    while not stop["flag"]:
+        left = deadline - time.time()
+        if left <= 0:
+            return
+        time.sleep(min(left, step))
 
 
 def _run_async(worker: Worker, stop_flag: dict) -> int:

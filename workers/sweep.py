@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from nanoclaw.store import Store
 from nanoclaw.sweep import Sweep
 from nanoclaw.worker import Worker
@@ -15,12 +17,11 @@ class SweepWorker(Worker):
         self.sweep = Sweep(self.store, self.settings)
         self.next_pass = 0.0
 
-    def loop_once(self, now: float) -> bool:
-        if now < self.next_pass:
-            return False
-        self.sweep.pass_once(now)
-        self.next_pass = now + self.settings.sweep_interval
-        return False
+    def loop_once(self, now: float) -> float:
+        if now >= self.next_pass:
+            self.sweep.pass_once(now)
+            self.next_pass = now + self.settings.sweep_interval
+        return max(0.0, self.next_pass - time.time())
 
     def shutdown(self) -> None:
         self.store.close()

@@ -11,13 +11,18 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 log = logging.getLogger("agent_runner")
 
 DEFAULT_PROVIDER = "claude"
 DEFAULT_MODEL = "claude-sonnet-4-5"
+EFFORTS = ("low", "medium", "high", "xhigh", "max")
+# container/ (in docker /app): the shared base prompt CLAUDE.md and skills/ live here
+RUNNER_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SERVER_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,9 @@ class Config:
     agent_group_id: str = ""
     max_messages_per_prompt: int = 10
     effort: str | None = None
+    mcp_servers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    skills: list[str] | str = "all"
+    runner_root: str = RUNNER_ROOT
 
     @property
     def inbound(self) -> str:
@@ -44,6 +52,16 @@ class Config:
     @property
     def heartbeat(self) -> str:
         return os.path.join(self.session_dir, ".heartbeat")
+
+    @property
+    def extra_dirs(self) -> list[str]:
+        """Allow-listed extra mounts (`<session>/extra/<name>`), offered to the agent."""
+        root = os.path.join(self.session_dir, "extra")
+        try:
+            return sorted(os.path.join(root, n) for n in os.listdir(root)
+                          if os.path.isdir(os.path.join(root, n)))
+        except OSError:
+            return []
 
     @property
     def provider_dir(self) -> str:
@@ -86,5 +104,39 @@ def load(env: Mapping[str, str] = os.environ) -> Config:
         assistant_name=str(data.get("assistant_name") or "Andy"),
         agent_group_id=str(data.get("agent_group_id") or ""),
         max_messages_per_prompt=limit,
-        effort=data.get("effort"),
+        effort=data.get("effort") if data.get("effort") in EFFORTS else None,
+        mcp_servers=_mcp_servers(data.get("mcp_servers")),
+        skills=_skills(data.get("skills")),
+        runner_root=env.get("NANOCLAW_RUNNER_ROOT") or RUNNER_ROOT,
     )
+
+
+def _mcp_servers(value: Any) -> dict[str, dict[str, Any]]:
+    """Extra MCP servers `{name: {command, args?, env?, instructions?}}`; bad entries are
+    dropped with a warning (a typo must not stop the agent from answering)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            value = None
+    if not isinstance(value, dict):
+        return {}
+    servers = {}
+    for name, spec in value.items():
+        if (SERVER_NAME.match(str(name)) and name != "nanoclaw" and isinstance(spec, dict)
+                and isinstance(spec.get("command"), str) and spec["command"].strip()):
+            servers[str(name)] = spec
+        else:
+            log.warning("mcp server ignored name=%s: needs a safe name and a command", name)
+    return servers
+
+
+def _skills(value: Any) -> list[str] | str:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            pass
+    if isinstance(value, list):
+        return [str(v) for v in value]
+    return "all"

@@ -79,6 +79,10 @@ class InboundRow:
     source_session_id: str | None
     on_wake: bool
     content: dict[str, Any] = field(default_factory=dict)
+    status: str = "pending"
+    process_after: str | None = None
+    recurrence: str | None = None
+    series_id: str | None = None
 
     @property
     def channel(self) -> tuple[str | None, str | None]:
@@ -101,7 +105,8 @@ def _row(r: sqlite3.Row) -> InboundRow:
         id=r["id"], seq=r["seq"], kind=r["kind"], timestamp=r["timestamp"],
         trigger=bool(r["trigger"]), channel_type=r["channel_type"], platform_id=r["platform_id"],
         thread_id=r["thread_id"], source_session_id=r["source_session_id"],
-        on_wake=bool(r["on_wake"]), content=content,
+        on_wake=bool(r["on_wake"]), content=content, status=r["status"],
+        process_after=r["process_after"], recurrence=r["recurrence"], series_id=r["series_id"],
     )
 
 
@@ -182,6 +187,35 @@ class Inbound:
             return None
         return Address(r["channel_type"], r["platform_id"], r["thread_id"])
 
+    def by_seq(self, seq: int) -> InboundRow | None:
+        with _read(self.path) as conn:
+            r = conn.execute("SELECT * FROM messages_in WHERE seq=?", (seq,)).fetchone()
+        return _row(r) if r else None
+
+    def question_response(self, question_id: str) -> InboundRow | None:
+        """The pending `question_response` system row answering `question_id`, if any."""
+        with _read(self.path) as conn:
+            rows = conn.execute(
+                "SELECT * FROM messages_in WHERE kind='system' AND status='pending'"
+                " AND content LIKE ? ORDER BY seq", (f"%{question_id}%",)).fetchall()
+        for row in map(_row, rows):
+            if (row.content.get("type") == "question_response"
+                    and row.content.get("questionId") == question_id):
+                return row
+        return None
+
+    def tasks(self) -> list[InboundRow]:
+        with _read(self.path) as conn:
+            rows = conn.execute("SELECT * FROM messages_in WHERE kind='task' ORDER BY seq")
+            return [_row(r) for r in rows.fetchall()]
+
+    def delivery(self, out_id: str) -> tuple[str, str | None] | None:
+        """(status, platform message id) the host recorded for one of our rows, if any."""
+        with _read(self.path) as conn:
+            r = conn.execute("SELECT status, platform_message_id FROM delivered"
+                             " WHERE message_out_id=?", (out_id,)).fetchone()
+        return (r[0], r[1]) if r else None
+
     def max_seq(self) -> int:
         with _read(self.path) as conn:
             return conn.execute("SELECT COALESCE(MAX(seq), 0) FROM messages_in").fetchone()[0]
@@ -232,9 +266,9 @@ class Outbound:
 
     # -- output
     def write_message(self, kind: str, content: dict[str, Any], to: Address,
-                      in_reply_to: str | None) -> tuple[str, int]:
+                      in_reply_to: str | None, out_id: str | None = None) -> tuple[str, int]:
         """Append one `messages_out` row; returns (id, seq)."""
-        out_id = new_out_id()
+        out_id = out_id or new_out_id()
         with _write(self.path) as conn:
             in_max = self.inbound.max_seq()
             out_max = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM messages_out").fetchone()[0]
@@ -247,6 +281,11 @@ class Outbound:
                  to.thread_id, json.dumps(content)),
             )
         return out_id, seq
+
+    def by_seq(self, seq: int) -> dict[str, Any] | None:
+        with _read(self.path) as conn:
+            r = conn.execute("SELECT * FROM messages_out WHERE seq=?", (seq,)).fetchone()
+        return dict(r) if r else None
 
     # -- state
     def get_state(self, key: str) -> str | None:

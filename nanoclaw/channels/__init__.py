@@ -7,10 +7,20 @@ from nanoclaw.channels.base import (Channel, ChannelHost, OutboundMessage, Regis
 
 REGISTRY = Registry()
 
+# Adapters whose module (and client library) is imported only by the worker running it:
+# name → ("module:Class", enabled(settings), supports_threads).
+LAZY = {
+    "telegram": ("nanoclaw.channels.telegram:TelegramChannel",
+                 lambda s: bool(s.telegram_bot_token), True),
+}
+
 
 def load_builtin() -> Registry:
     """Import the built-in adapters (each registers itself once)."""
     from nanoclaw.channels import cli  # noqa: F401
+    for name, (target, enabled, threads) in LAZY.items():
+        if name not in REGISTRY.names():
+            REGISTRY.register_lazy(name, target, enabled, supports_threads=threads)
 
     return REGISTRY
 

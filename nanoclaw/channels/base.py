@@ -101,6 +101,22 @@ class Registry:
         self._classes[cls.name] = cls
         return cls
 
+    def register_lazy(self, name: str, target: str, enabled: Callable[[Settings], bool],
+                      supports_threads: bool = False) -> type[Channel]:
+        """Register `module:Class` without importing it: a platform's client library is
+        loaded only by the worker that runs it, not by the host or the other workers."""
+        module, _, attr = target.partition(":")
+
+        def _new(cls: type, settings: Settings, host: ChannelHost) -> Channel:
+            import importlib
+
+            return getattr(importlib.import_module(module), attr)(settings, host)
+
+        lazy = type(f"Lazy_{name}", (Channel,), {
+            "name": name, "supports_threads": supports_threads, "__new__": _new,
+            "enabled": classmethod(lambda cls, settings: bool(enabled(settings)))})
+        return self.register(lazy)
+
     def get(self, name: str) -> type[Channel]:
         try:
             return self._classes[name]

@@ -1,14 +1,17 @@
 """Providers: the model behind one small interface, chosen by name from a registry.
 
-A provider turns a prompt into a `Query`, whose `events()` yields what happened
-(`Init` with the continuation to persist, tool activity, a `Result` per finished turn,
-or an `Error`). The poll loop may `push()` a follow-up user turn after a result (a nudge,
-a correction, later new messages), `end()` when it wants no more, or `abort()` on
-shutdown. `is_session_invalid(err)` says when stored history is unusable, so the loop
-starts afresh instead of failing every turn.
+A provider turns a prompt into a `Query`, whose `events()` yields what happened (`Init`
+with the continuation to persist, tool activity, `Retrying` while the model is busy, a
+`Result` per finished turn, or an `Error`, which ends the query). The poll loop may
+`push()` more user input at any time (new messages, a nudge, a correction); a query
+keeps going while pushed input is unanswered (`Result.more`) and ends after a result
+that leaves nothing outstanding. `abort()` stops it on shutdown. A provider that works
+in the background yields `Idle` every so often, so the loop can look for new messages.
+`is_session_invalid(err)` says when stored history is unusable, so the loop starts
+afresh instead of failing every turn.
 
-Installed providers are the visible list at the bottom; modules load lazily so the
-`anthropic` SDK is only imported when that provider is chosen.
+Installed providers are the visible list at the bottom; modules load lazily so neither
+SDK is imported unless its provider is chosen.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ class StaleSession(ProviderError):
 
 
 class ProviderUnavailable(ProviderError):
-    """The configured provider cannot run here (missing package, not built yet)."""
+    """The configured provider cannot run here (missing package, bad configuration)."""
 
 
 # --- events ---
@@ -47,6 +50,11 @@ class Activity:
 
 
 @dataclass(frozen=True)
+class Idle:
+    """Nothing happened for a moment (not a sign of progress: no heartbeat)."""
+
+
+@dataclass(frozen=True)
 class ToolStart:
     name: str
     timeout_ms: int | None = None
@@ -58,8 +66,19 @@ class ToolEnd:
 
 
 @dataclass(frozen=True)
+class Retrying:
+    """The model refused for now (429, 529, 5xx, connection); the provider waits and retries."""
+
+    attempt: int
+    max_attempts: int
+    delay_s: float
+    reason: str
+
+
+@dataclass(frozen=True)
 class Result:
     text: str
+    more: bool = False  # pushed input is still unanswered: another Result will follow
 
 
 @dataclass(frozen=True)
@@ -67,7 +86,7 @@ class Error:
     error: ProviderError
 
 
-Event = Union[Init, Activity, ToolStart, ToolEnd, Result, Error]
+Event = Union[Init, Activity, Idle, ToolStart, ToolEnd, Retrying, Result, Error]
 
 
 @dataclass(frozen=True)
@@ -79,7 +98,7 @@ class ToolOutcome:
 class Tools(Protocol):
     """What a provider may call on the agent's behalf (see agent_runner.tools)."""
 
-    specs: list[dict[str, Any]]
+    def specs(self, local: bool = True) -> list[dict[str, Any]]: ...
 
     def timeout_ms(self, name: str, args: dict[str, Any]) -> int | None: ...
 
@@ -108,6 +127,7 @@ class Query(Protocol):
 
 class Provider(Protocol):
     name: str
+    supports_native_slash_commands: bool
 
     def query(self, q: QueryInput) -> Query: ...
 
@@ -115,6 +135,9 @@ class Provider(Protocol):
 
     def forget(self, continuation: str) -> None:
         """Drop a continuation's stored history (`/clear`)."""
+
+    def close(self) -> None:
+        """Release what the provider keeps between queries (a CLI process, a thread)."""
 
 
 class Registry:
@@ -134,7 +157,8 @@ class Registry:
     def factory(self, name: str) -> Callable[..., Provider]:
         if name not in self._entries:
             raise ProviderUnavailable(
-                f"unknown provider {name!r} (installed: {', '.join(self.names())})")
+                f"unknown provider {name!r} (installed: {', '.join(self.names())})",
+                classification="config")
         module, attr = self._entries[name].split(":")
         return getattr(importlib.import_module(module), attr)
 

@@ -1,0 +1,150 @@
+"""Extra mounts: which host folders an agent may see besides its own, and how.
+
+An agent group asks for them in `container_configs.additional_mounts` (a JSON list of
+`{"hostPath": "~/projects/site", "containerPath": "site", "readonly": true}`; they
+appear at `/workspace/extra/<containerPath>`). The host grants them only against an
+allowlist kept outside every sandbox (`NANOCLAW_MOUNT_ALLOWLIST`, default
+`~/.config/nanoclaw/mount-allowlist.json`):
+
+    {"allowedRoots": [{"path": "~/projects", "allowReadWrite": true}],
+     "blockedPatterns": ["more", "names"]}
+
+Always refused, whatever the allowlist says: a path (as asked, or after resolving
+symlinks) with a part containing a blocked pattern (reference §7: `.ssh`, `.aws`,
+`.env`, credentials, keys, …), a home directory or any folder holding one, and
+anything overlapping NanoClaw's own data, logs, groups or `.env`. No allowlist file
+means no extra mounts. A mount under a root without `allowReadWrite` is read-only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nanoclaw.runtime.base import Mount
+
+BLOCKED = (".ssh", ".gnupg", ".gpg", ".aws", ".azure", ".gcloud", ".kube", ".docker",
+           "credentials", ".env", ".netrc", ".npmrc", ".pypirc", "id_rsa", "id_ed25519",
+           "private_key", ".secret")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+EXTRA = "/workspace/extra"
+
+
+class MountError(ValueError):
+    """This mount is refused; the message says why in one line."""
+
+
+@dataclass(frozen=True)
+class Root:
+    path: Path
+    read_write: bool = False
+
+
+@dataclass
+class Allowlist:
+    roots: list[Root] = field(default_factory=list)
+    blocked: tuple[str, ...] = BLOCKED
+    source: str = "(none)"
+
+    @classmethod
+    def load(cls, path: Path) -> "Allowlist":
+        path = path.expanduser()
+        if not path.exists():
+            return cls(source=str(path))
+        try:
+            data = json.loads(path.read_text())
+            roots = [Root(Path(os.path.realpath(Path(str(r["path"])).expanduser())),
+                          bool(r.get("allowReadWrite", r.get("allow_read_write", False))))
+                     for r in data.get("allowedRoots", data.get("allowed_roots", []))]
+            extra = tuple(str(p) for p in data.get("blockedPatterns",
+                                                   data.get("blocked_patterns", [])))
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+            raise MountError(f"mount allowlist {path} is unreadable: {e}") from None
+        return cls(roots, BLOCKED + extra, str(path))
+
+
+def home_dirs() -> set[Path]:
+    homes = {Path("/root"), Path.home()}
+    for p in pwd.getpwall():
+        if p.pw_dir and p.pw_dir not in ("/", "/nonexistent") and (p.pw_uid == 0
+                                                                    or p.pw_uid >= 1000):
+            homes.add(Path(p.pw_dir))
+    if os.path.isdir("/home"):
+        homes.update(Path("/home", n) for n in os.listdir("/home"))
+    return {Path(os.path.realpath(h)) for h in homes}
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
+
+
+def check(request: dict[str, Any], allow: Allowlist, protected: list[Path]) -> Mount:
+    """One requested mount → the Mount to make, or MountError saying why not."""
+    raw = request.get("hostPath", request.get("host_path"))
+    if not raw or not isinstance(raw, str):
+        raise MountError(f"extra mount {request!r} has no hostPath")
+    asked = Path(raw).expanduser()
+    if not asked.is_absolute():
+        raise MountError(f"extra mount {raw}: hostPath must be absolute")
+    real = Path(os.path.realpath(asked))
+    for part in (*asked.parts, *real.parts):
+        hit = next((b for b in allow.blocked if b.lower() in part.lower()), None)
+        if hit:
+            raise MountError(f"extra mount {raw} refused: the path contains {hit!r}"
+                             " (credentials and keys never enter a sandbox)")
+    if not real.exists():
+        raise MountError(f"extra mount {raw} refused: no such file or folder")
+    home = next((h for h in home_dirs() if h == real or h.is_relative_to(real)), None)
+    if home is not None:
+        raise MountError(f"extra mount {raw} refused: {'it is' if home == real else 'it holds'}"
+                         f" the home directory {home}")
+    for p in protected:
+        if _overlaps(real, Path(os.path.realpath(p))):
+            raise MountError(f"extra mount {raw} refused: it overlaps NanoClaw's own {p}")
+    root = next((r for r in allow.roots if real == r.path or real.is_relative_to(r.path)), None)
+    if root is None:
+        raise MountError(f"extra mount {raw} refused: not under an allowed root of the mount"
+                         f" allowlist {allow.source}")
+    name = request.get("containerPath", request.get("container_path")) or real.name
+    name = str(name).removeprefix(EXTRA + "/")
+    if not NAME.match(name):
+        raise MountError(f"extra mount {raw} refused: bad containerPath {name!r} (one plain"
+                         " name; it appears at /workspace/extra/<name>)")
+    readonly = request.get("readonly", request.get("read_only", True)) is not False
+    return Mount(real, f"{EXTRA}/{name}", writable=not readonly and root.read_write)
+
+
+def resolve(requests: Any, allowlist: Path,
+            protected: list[Path]) -> tuple[list[Mount], list[str]]:
+    """All granted mounts and one line per refusal (the spawn goes on without those)."""
+    if isinstance(requests, str):
+        try:
+            requests = json.loads(requests or "[]")
+        except ValueError:
+            return [], [f"additional_mounts is not JSON: {requests[:80]!r}"]
+    if not requests:
+        return [], []
+    if not isinstance(requests, list):
+        return [], ["additional_mounts must be a JSON list"]
+    try:
+        allow = Allowlist.load(allowlist)
+    except MountError as e:
+        return [], [str(e)]
+    mounts, problems, seen = [], [], set()
+    for r in requests:
+        try:
+            m = check(r if isinstance(r, dict) else {"hostPath": r}, allow, protected)
+        except MountError as e:
+            problems.append(str(e))
+            continue
+        if m.target in seen:
+            problems.append(f"extra mount {m.source} refused: {m.target} is taken")
+            continue
+        seen.add(m.target)
+        mounts.append(m)
+    return mounts, problems
