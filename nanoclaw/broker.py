@@ -4,13 +4,24 @@ Agents get `ANTHROPIC_BASE_URL` pointing here and a per-session token. The broke
 looks the token up (hashed) among running sessions, refuses anything else with 401,
 swaps in the real credential and forwards to the upstream, streaming the answer back
 chunk by chunk (SSE passes through unbuffered).
+
+It listens on 127.0.0.1 (the process runtime, sandboxes on the host network) and on a
+unix socket in `data/broker/`, the only way out of a sandbox with network `none`. Token
+usage is read off each model answer as it streams by (`nanoclaw/usage.py`) and counted
+per agent group and day (the host's timezone); a group over its daily token budget
+(`container_configs.daily_token_budget`, else `NANOCLAW_DAILY_TOKEN_BUDGET`; 0 = none)
+gets a JSON error whose message the runner shows the user as "Error: …".
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+from datetime import datetime
+from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import aiohttp
 from aiohttp import web
@@ -19,6 +30,7 @@ from nanoclaw.config import Settings
 from nanoclaw.containers import token_hash
 from nanoclaw.log import logger
 from nanoclaw.store import Store
+from nanoclaw.usage import Meter
 
 HOP = {"host", "connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
        "proxy-authorization", "proxy-authenticate", "content-length", "x-api-key",
@@ -40,9 +52,38 @@ def pick_port(preferred: int = 0) -> int:
     raise OSError("no free port for the broker")
 
 
-def _error(status: int, kind: str, message: str) -> web.Response:
+# 403, not 429: the runner shows a 403's message to the user, and no client retries it.
+BUDGET_STATUS = 403
+
+
+def _error(status: int, kind: str, message: str, **headers: str) -> web.Response:
     return web.json_response({"type": "error", "error": {"type": kind, "message": message}},
-                             status=status)
+                             status=status, headers=headers or None)
+
+
+def bind_unix(path: Path) -> socket.socket:
+    """A listening unix socket at `path` that every sandbox user may connect to (paths
+    past the 108-byte limit are bound through /proc/self/fd of their folder)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o755)
+    path.unlink(missing_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    if len(str(path)) < 100:
+        sock.bind(str(path))
+    else:
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            sock.bind(f"/proc/self/fd/{fd}/{path.name}")
+        finally:
+            os.close(fd)
+    os.chmod(path, 0o666)  # the token, not the socket, is what admits a caller
+    sock.listen(128)
+    return sock
+
+
+def metered(request: web.Request) -> bool:
+    """Model calls count against budgets; token counting and listings do not."""
+    return request.method == "POST" and request.path.rstrip("/") == "/v1/messages"
 
 
 class Broker:
@@ -72,6 +113,12 @@ class Broker:
             logger.warning("refused a request with an unknown token ({} {})", request.method,
                            request.path)
             return _error(401, "authentication_error", "invalid session token")
+        group = session["agent_group_id"]
+        meter = None
+        if metered(request):
+            refusal = self.over_budget(group)
+            if refusal is not None:
+                return refusal
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP}
         headers.update(self.credential_headers())
         url = self.settings.anthropic_base_url + request.path_qs
@@ -84,13 +131,47 @@ class Broker:
                     k: v for k, v in up.headers.items() if k.lower() not in HOP
                     and k.lower() != "content-encoding"})
                 await resp.prepare(request)
+                if metered(request) and up.status == 200:
+                    meter = Meter(up.headers.get("content-type", ""))
                 async for chunk in up.content.iter_any():
+                    if meter is not None:
+                        meter.feed(chunk)
                     await resp.write(chunk)
                 await resp.write_eof()
                 return resp
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
             logger.error("upstream {} unreachable: {}", self.settings.anthropic_base_url, e)
             return _error(502, "api_error", f"the host could not reach the model API: {e}")
+        finally:  # also when the agent went away mid-stream: what was streamed was billed
+            if meter is not None:
+                self.record(group, meter.finish())
+
+    # ---- usage and budgets ------------------------------------------------------------
+    def today(self) -> str:
+        return datetime.now(ZoneInfo(self.settings.tz)).date().isoformat()
+
+    def record(self, group: str, usage: dict[str, int]) -> None:
+        if usage:
+            try:
+                self.store.add_usage(group, self.today(), usage)
+            except Exception as e:  # counting must never break an answer
+                logger.error("could not record token usage of {}: {}", group, e)
+
+    def over_budget(self, group: str) -> web.Response | None:
+        budget = self.store.token_budget(group)
+        if budget is None:
+            budget = self.settings.daily_token_budget
+        if not budget:
+            return None
+        used = self.store.tokens_used(group, self.today())
+        if used < budget:
+            return None
+        logger.warning("agent group {} is over its daily token budget ({} of {})", group, used,
+                       budget)
+        return _error(BUDGET_STATUS, "permission_error",
+                      f"NanoClaw: this agent's daily token budget ({budget:,} tokens) is used up"
+                      f" ({used:,} used today). It renews at midnight ({self.settings.tz}); the"
+                      " host's owner can raise it.", **{"x-should-retry": "false"})
 
     async def serve(self, stop: asyncio.Event) -> None:
         self.session = aiohttp.ClientSession(
@@ -108,6 +189,8 @@ class Broker:
         port = chosen
         site = web.TCPSite(runner, "127.0.0.1", port, reuse_address=True)
         await site.start()
+        sock = bind_unix(self.settings.broker_socket)
+        await web.SockSite(runner, sock).start()
         self.store.set_state("broker_port", str(port))
         self.store.set_state("broker_url", f"http://127.0.0.1:{port}")
         if not self.credential_headers():
