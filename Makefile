@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: run test bench install clean
+.PHONY: run test bench image install clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ test: install
 
 bench: install
 	$(BIN)/python -m bench.run
+
+# The agent image for the docker runtime (needs a Docker engine; see container/build.sh).
+image: install
+	$(BIN)/nanoclaw image build
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -102,7 +102,7 @@ def _schedule(ctx: Ctx) -> str | None:
         script=ctx.str_arg("script", required=False), tz=ctx.settings.tz, now=time.time(),
         routing=ctx.routing())
     logger.info("session {}: task {} scheduled", ctx.session["id"], tid)
-    return None
+    return f"Task {tid} scheduled (use this id to update, pause, resume or cancel it)."
 
 
 @action("cancel_task")

@@ -179,7 +179,9 @@ class Broker:
             auto_decompress=False)
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self.handle)
-        runner = web.AppRunner(app, access_log=None)
+        # an agent that goes away cancels its upstream call; stopping waits 2 s at most
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0,
+                               handler_cancellation=True)
         await runner.setup()
         port = self.settings.broker_port or int(self.store.get_state("broker_port") or 0)
         chosen = pick_port(port)

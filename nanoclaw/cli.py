@@ -314,6 +314,21 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def cmd_image(args: argparse.Namespace) -> int:
+    """Build the agent image with container/build.sh; its progress goes to the terminal."""
+    import subprocess
+
+    s = _settings()
+    script = Path(__file__).resolve().parent.parent / "container" / "build.sh"
+    if not script.exists():
+        raise CliError(f"no build script at {script}")
+    cmd = [str(script), *(["--force"] if args.force else [])]
+    code = subprocess.call(cmd, env=config.scrubbed_env({"NANOCLAW_IMAGE": s.image}))
+    if code:
+        raise CliError(f"the image build failed (exit {code}); the reason is printed above")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nanoclaw", description="A personal Claude assistant host.")
     sub = p.add_subparsers(dest="verb", required=True, metavar="COMMAND")
@@ -344,6 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
     from nanoclaw import admin
 
     admin.add_parsers(sub)
+    im = sub.add_parser("image", help="build the agent image (container/build.sh)")
+    im.add_argument("action", choices=["build"])
+    im.add_argument("--force", action="store_true", help="rebuild even when up to date")
+    im.set_defaults(fn=cmd_image)
     sv = sub.add_parser("service", help="install|uninstall a systemd user unit")
     sv.add_argument("action", choices=["install", "uninstall"])
     sv.set_defaults(fn=cmd_service)

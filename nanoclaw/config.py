@@ -32,8 +32,7 @@ class Settings(BaseSettings):
     logs_dir: Path = Path("logs")
     groups_dir: Path = Path("groups")
     runtime: Literal["auto", "docker", "bwrap", "process"] = "auto"
-    # `anthropic` until the claude-agent-sdk provider lands; DESIGN names `claude` the goal.
-    provider: Literal["claude", "anthropic"] = "anthropic"
+    provider: Literal["claude", "anthropic"] = "claude"
     model: str = "claude-sonnet-4-5"
     assistant_name: str = "Andy"
     timezone: str = Field(default="", validation_alias=AliasChoices("NANOCLAW_TIMEZONE", "TZ"))
@@ -98,6 +97,20 @@ class Settings(BaseSettings):
         if not v.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return v.rstrip("/")
+
+    @field_validator("slack_api_base")
+    @classmethod
+    def _slack_url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return v.rstrip("/") + "/"
+
+    @field_validator("discord_gateway_url")
+    @classmethod
+    def _ws_url(cls, v: str) -> str:
+        if not v.startswith(("ws://", "wss://")):
+            raise ValueError("must start with ws:// or wss://")
+        return v
 
     @field_validator("timezone")
     @classmethod

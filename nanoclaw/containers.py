@@ -275,7 +275,9 @@ class Containers:
         data = {"provider": provider, "model": cfg.get("model") or self.settings.model,
                 "assistant_name": cfg.get("assistant_name") or self.settings.assistant_name,
                 "agent_group_id": ag["id"], "effort": cfg.get("effort"),
-                "max_messages_per_prompt": cfg.get("max_messages_per_prompt") or 10}
+                "max_messages_per_prompt": cfg.get("max_messages_per_prompt") or 10,
+                # JSON text in the table; the runner parses and checks both
+                "mcp_servers": cfg.get("mcp_servers") or {}, "skills": cfg.get("skills") or "all"}
         tmp = group_dir / "container.json.tmp"
         tmp.write_text(json.dumps(data, indent=2))
         tmp.replace(group_dir / "container.json")

@@ -34,6 +34,19 @@ def decide_stuck(now: float, heartbeat: float | None, claims: list[float], ceili
     return None
 
 
+def declared_tool_timeout(paths: sessiondb.SessionPaths) -> float:
+    """Seconds a running tool declared it may take (e.g. a long Bash), else 0."""
+    try:
+        with sessiondb._open(paths.outbound, readonly=True) as conn:
+            row = conn.execute("SELECT current_tool, tool_declared_timeout_ms FROM"
+                               " container_state WHERE id=1").fetchone()
+    except Exception:
+        return 0.0
+    if not row or not row[0] or not row[1]:
+        return 0.0
+    return float(row[1]) / 1000.0
+
+
 class Sweep:
     def __init__(self, store: Store, settings: Settings):
         self.store, self.settings = store, settings
@@ -71,7 +84,7 @@ class Sweep:
             hb = None
         claims = [parse_iso(t) for st, t in sessiondb.acks(paths).values() if st == "processing"]
         verdict = decide_stuck(now, hb, claims, self.settings.idle_ceiling,
-                               self.settings.claim_tolerance)
+                               self.settings.claim_tolerance, declared_tool_timeout(paths))
         if verdict:
             logger.warning("session {}: agent {} ({}); killing it", s["id"],
                            "idle past the ceiling" if verdict == "ceiling" else "stuck on a claim",

@@ -279,3 +279,58 @@ def host_factory(tmp_path, fake_model):
 @pytest.fixture
 def host(host_factory) -> Host:
     return host_factory().start()
+
+
+# ---- sandboxes: a real Docker engine and bubblewrap ------------------------------------
+# Tests that need them skip with the reason when the engine is truly absent; under
+# .ci/run (NANOCLAW_REQUIRE_SANDBOXES=1) a missing engine fails them instead.
+IMAGE = os.environ.get("NANOCLAW_IMAGE", "nanoclaw-agent:latest")
+
+
+def _absent(why: str) -> None:
+    if os.environ.get("NANOCLAW_REQUIRE_SANDBOXES") == "1":
+        pytest.fail(why)
+    pytest.skip(why)
+
+
+@pytest.fixture(scope="session")
+def docker_client():
+    try:
+        import docker
+
+        client = docker.from_env(timeout=60)
+        client.ping()
+    except Exception as e:
+        where = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+        _absent(f"no Docker engine answers at {where} ({type(e).__name__}); .ci/run starts one")
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def agent_image(docker_client) -> str:
+    """The agent image, built at most once per test run (build.sh returns at once when
+    the image is up to date, e.g. after .ci/run built it)."""
+    r = subprocess.run([str(ROOT / "container" / "build.sh")], capture_output=True, text=True,
+                       timeout=1200, env={**os.environ, "NANOCLAW_IMAGE": IMAGE})
+    if r.returncode:
+        pytest.fail(f"the agent image did not build:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return IMAGE
+
+
+@pytest.fixture(scope="session")
+def bwrap_works() -> None:
+    from nanoclaw.runtime.bwrap import BwrapRuntime
+
+    if not BwrapRuntime.available():
+        _absent("bubblewrap is not installed or cannot create a sandbox here")
+
+
+def install_label(data_dir: Path) -> str:
+    import hashlib
+
+    return "nanoclaw.install=" + hashlib.sha1(str(data_dir.resolve()).encode()).hexdigest()[:8]
+
+
+def containers_of(client, data_dir: Path, all: bool = False) -> list:
+    return client.containers.list(all=all, filters={"label": install_label(data_dir)})

@@ -1,9 +1,9 @@
-"""The agent runner as a real subprocess, with real session DBs and the fake model.
+"""The agent runner as a real subprocess (`anthropic` provider), with real session DBs and
+the fake model: the poll loop's promises end to end.
 
-Each test builds a session folder with `nanoclaw.sessiondb`, starts
-`python -m agent_runner` with the environment of container/README.md (and
-ANTHROPIC_BASE_URL pointing at the fake), inserts rows the way the host does, and polls
-outbound.db and the fake's request log with a deadline.
+Each test builds a session folder, starts `python -m agent_runner` with the environment
+of container/README.md (ANTHROPIC_BASE_URL pointing at the fake), inserts rows the way
+the host does, and polls outbound.db and the fake's request log with a deadline.
 """
 
 from __future__ import annotations
@@ -12,126 +12,14 @@ import json
 import os
 import signal
 import sqlite3
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from nanoclaw import sessiondb
 from nanoclaw.devtools.fake_model import FakeModel
-
-ROOT = Path(__file__).resolve().parents[1]
-DEADLINE_S = 15.0
-
-
-def wait_for(cond, what: str, timeout: float = DEADLINE_S):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def query(path: str, sql: str, args=()) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
-    conn.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in conn.execute(sql, args)]
-    finally:
-        conn.close()
-
-
-class Session:
-    """A session folder plus the group folder the runner works in."""
-
-    def __init__(self, tmp: Path, provider: str = "anthropic") -> None:
-        self.tmp = tmp
-        tmp.mkdir(parents=True, exist_ok=True)
-        self.paths = sessiondb.create(str(tmp / "session"))
-        self.group = tmp / "group"
-        self.group.mkdir()
-        (tmp / "global").mkdir()
-        (self.group / "container.json").write_text(json.dumps({
-            "provider": provider, "model": "claude-fake-1", "assistant_name": "Andy",
-            "agent_group_id": "ag-1", "max_messages_per_prompt": 10, "effort": None}))
-        sessiondb.write_routing(self.paths, ("telegram", "tg:1", None), [
-            {"name": "tg-main", "display_name": "Main chat", "type": "channel",
-             "channel_type": "telegram", "platform_id": "tg:1", "agent_group_id": None},
-            {"name": "ops", "display_name": "Ops", "type": "channel",
-             "channel_type": "slack", "platform_id": "C9", "agent_group_id": None},
-        ])
-        self._n = 0
-
-    def chat(self, text: str, channel=("telegram", "tg:1"), **kw) -> str:
-        self._n += 1
-        mid = kw.pop("id", f"m{self._n}")
-        sessiondb.insert_message(self.paths, id=mid, kind=kw.pop("kind", "chat"),
-                                 content=kw.pop("content", {"sender": "Alice", "text": text}),
-                                 channel_type=channel[0], platform_id=channel[1], **kw)
-        return mid
-
-    def out(self) -> list[dict]:
-        rows = query(self.paths.outbound, "SELECT * FROM messages_out ORDER BY seq")
-        for r in rows:
-            r["text"] = json.loads(r["content"]).get("text")
-        return rows
-
-    def acks(self) -> dict[str, str]:
-        return {r["message_id"]: r["status"] for r in
-                query(self.paths.outbound, "SELECT * FROM processing_ack")}
-
-    def state(self, key: str):
-        rows = query(self.paths.outbound, "SELECT value FROM session_state WHERE key=?", (key,))
-        return rows[0]["value"] if rows else None
-
-    def reply_to(self, mid: str) -> dict:
-        return wait_for(lambda: next((r for r in self.out() if r["in_reply_to"] == mid), None),
-                        f"a reply to {mid}")
-
-
-class Runner:
-    def __init__(self, session: Session, fake_url: str) -> None:
-        self.session = session
-        self.log = session.tmp / f"runner-{time.monotonic_ns()}.log"
-        env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "PYTHONPATH": str(ROOT / "container"),
-            "HOME": str(session.tmp),
-            "NANOCLAW_SESSION_DIR": session.paths.root,
-            "NANOCLAW_GROUP_DIR": str(session.group),
-            "NANOCLAW_GLOBAL_DIR": str(session.tmp / "global"),
-            "ANTHROPIC_BASE_URL": fake_url,
-            "ANTHROPIC_API_KEY": "session-token",
-            "TZ": "UTC",
-        }
-        self._fh = open(self.log, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "agent_runner"], env=env,
-                                     stdout=self._fh, stderr=subprocess.STDOUT)
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_started(self) -> None:
-        wait_for(lambda: "started provider=" in self.text() or self.proc.poll() is not None,
-                 "runner start")
-        assert self.proc.poll() is None, self.text()
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            rc = self.proc.wait(timeout=DEADLINE_S)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            rc = self.proc.wait()
-        self._fh.close()
-        return rc
+from nanoclaw.devtools.runner_harness import (
+    DEADLINE_S, Runner, Session, last_user_text, model_calls, wait_for,
+)
 
 
 @pytest.fixture(scope="module")
@@ -157,8 +45,8 @@ def session(tmp_path):
 def start(session, fake):
     runners: list[Runner] = []
 
-    def _start(sess: Session | None = None) -> Runner:
-        r = Runner(sess or session, fake.url)
+    def _start(sess: Session | None = None, **env: str) -> Runner:
+        r = Runner(sess or session, fake.url, {"NANOCLAW_MODEL_RETRIES": "1", **env})
         runners.append(r)
         return r
 
@@ -168,18 +56,7 @@ def start(session, fake):
         assert rc == 0, r.text()
 
 
-def last_user_text(request: dict) -> str:
-    content = [m for m in request["body"]["messages"] if m["role"] == "user"][-1]["content"]
-    if isinstance(content, str):
-        return content
-    return "\n".join(b.get("text", "") for b in content if isinstance(b, dict))
-
-
-def model_calls(fake) -> list[dict]:
-    return [r for r in list(fake.requests) if r["path"] == "/v1/messages"]
-
-
-# --- tests ---------------------------------------------------------------------------------
+# --- turns and tools ---------------------------------------------------------------------
 
 def test_chat_is_answered_to_origin_with_in_reply_to(session, fake, start):
     runner = start()
@@ -189,13 +66,15 @@ def test_chat_is_answered_to_origin_with_in_reply_to(session, fake, start):
     assert (row["channel_type"], row["platform_id"], row["kind"]) == ("telegram", "tg:1", "chat")
     assert row["seq"] % 2 == 1 and row["id"].startswith("out-")
     assert row["timestamp"].endswith("Z")
-    wait_for(lambda: session.acks().get(mid) == "completed", "ack completed")
+    session.completed(mid)
     body = model_calls(fake)[0]["body"]
     prompt = last_user_text(model_calls(fake)[0])
     assert prompt.startswith('<context timezone="UTC"/>')
     assert 'from="tg-main" sender="Alice"' in prompt and "hello &lt;there&gt; &amp; you" in prompt
     assert "You are Andy" in body["system"] and '<message to="NAME">' in body["system"]
-    assert {t["name"] for t in body["tools"]} == {"send_message", "bash", "read", "write"}
+    names = {t["name"] for t in body["tools"]}
+    assert {"bash", "read", "write", "edit", "glob", "grep", "web_fetch", "send_message",
+            "ask_user_question", "schedule_task", "install_packages"} <= names
     assert os.path.exists(session.paths.heartbeat)
     assert runner.proc.poll() is None
 
@@ -206,10 +85,10 @@ def test_send_message_tool_writes_a_row(session, fake, start):
     row = session.reply_to(mid)
     assert row["text"] == "hi"
     assert (row["channel_type"], row["platform_id"]) == ("telegram", "tg:1")
-    wait_for(lambda: session.acks().get(mid) == "completed", "ack completed")
+    session.completed(mid)
     calls = model_calls(fake)
     assert len(calls) == 2  # tool call, then the tool result; no nudge after a sent message
-    assert calls[1]["body"]["messages"][-1]["content"][0]["content"].startswith("sent (seq ")
+    assert calls[1]["body"]["messages"][-1]["content"][0]["content"].startswith("Message sent")
     assert [r["text"] for r in session.out()] == ["hi"]
 
 
@@ -223,13 +102,28 @@ def test_write_tool_writes_in_group_dir_and_bare_text_falls_back(session, fake, 
     assert "Nothing you wrote was delivered" in last_user_text(model_calls(fake)[-1])
 
 
-def test_write_outside_allowed_folders_is_a_tool_error(session, fake, start):
+def test_tool_error_goes_back_to_the_model(session, fake, start):
     start()
     mid = session.chat('[[tool:write {"path":"/etc/nanoclaw-test","content":"x"}]]')
     session.reply_to(mid)
     result = model_calls(fake)[1]["body"]["messages"][-1]["content"][0]
     assert result["is_error"] is True and "outside the folders" in result["content"]
     assert not os.path.exists("/etc/nanoclaw-test")
+
+
+# --- batching and the poll loop ----------------------------------------------------------
+
+def test_pending_rows_are_batched_into_one_prompt(session, fake, start):
+    ids = [session.chat(f"part {i}") for i in range(3)]
+    start()
+    session.reply_to(ids[-1])
+    for mid in ids:
+        session.completed(mid)
+    calls = model_calls(fake)
+    assert len(calls) == 1
+    prompt = last_user_text(calls[0])
+    assert prompt.count("<message ") == 3 and "<messages>" in prompt
+    assert prompt.index("part 0") < prompt.index("part 2")
 
 
 def test_trigger0_rows_ride_along(session, fake, start):
@@ -242,8 +136,7 @@ def test_trigger0_rows_ride_along(session, fake, start):
     calls = model_calls(fake)
     assert len(calls) == 1
     assert "background chatter" in last_user_text(calls[0])
-    assert "<messages>" in last_user_text(calls[0])
-    wait_for(lambda: session.acks().get(ctx) == "completed", "context row completed")
+    session.completed(ctx)
     assert len(session.out()) == 1
 
 
@@ -260,24 +153,90 @@ def test_on_wake_rows_only_on_first_poll(session, fake, start):
 
 def test_system_rows_do_not_starve_chat(session, fake, start):
     for i in range(50):
-        session.chat("", kind="system", id=f"sys{i}",
-                     content={"type": "question_response", "questionId": f"q{i}"})
+        session.insert("system", {"type": "question_response", "questionId": f"q{i}"},
+                       id=f"sys{i}")
     mid = session.chat("still there?")
     start()
     assert session.reply_to(mid)["text"] == "echo: still there?"
     assert not any(k.startswith("sys") for k in session.acks())
 
 
-def test_overloaded_model_gives_visible_error_and_completes(session, fake, start):
-    fake.inject(status=529, count=3, retry_after=0.01)  # the first call and both SDK retries
+def test_follow_up_is_pushed_into_the_open_query(session, fake, start):
+    runner = start()
+    runner.wait_started()
+    fake.inject(delay_ms=600)  # the first answer is slow: the second message arrives meanwhile
+    first = session.chat("first")
+    wait_for(lambda: model_calls(fake), "the first model call")
+    second = session.chat("second")
+    assert session.reply_to(first)["text"] == "echo: first"
+    assert session.reply_to(second)["text"] == "echo: second"
+    session.completed(second)
+    assert "follow-up pushed n=1" in runner.text()
+    calls = model_calls(fake)
+    assert len(calls) == 2 and len(calls[1]["body"]["messages"]) == 3  # same conversation
+
+
+def test_task_script_decides_whether_to_wake(session, fake, start):
+    quiet = session.insert("task", {"prompt": "check quietly",
+                                    "script": 'echo \'{"wakeAgent": false}\''})
+    start()
+    session.completed(quiet)
+    loud = session.insert("task", {"prompt": "report it",
+                                   "script": 'echo noise; echo \'{"wakeAgent": true, "data": 42}\''})
+    row = session.reply_to(loud)
+    assert row["text"].startswith("echo:") and "report it" in row["text"]
+    prompts = [last_user_text(c) for c in model_calls(fake)]
+    assert "Script output: 42" in prompts[0] and "<task " in prompts[0]
+    assert not any("check quietly" in p for p in prompts)
+
+
+def test_group_memory_is_composed_and_given_to_the_model(session, fake, start):
+    (session.tmp / "global" / "CLAUDE.md").write_text("GLOBAL FACT: the user is Bob.")
+    (session.group / "CLAUDE.md").write_text("MY NOTE: likes tea.")
+    start()
+    mid = session.chat("hi")
+    session.reply_to(mid)
+    composed = (session.group / ".claude" / "CLAUDE.md").read_text()
+    assert "GLOBAL FACT" in composed and "ask_user_question" in composed
+    assert "MY NOTE" not in composed  # the agent's own memory stays its own file
+    system = model_calls(fake)[0]["body"]["system"]
+    assert "GLOBAL FACT" in system and "MY NOTE" in system and "send_message" in system
+
+
+# --- failures are visible ----------------------------------------------------------------
+
+def test_overloaded_model_retries_visibly_then_fails_visibly(session, fake, start):
+    fake.inject(status=529, count=2, retry_after=0.01)  # the first call and the one retry
     start()
     mid = session.chat("are you there")
-    row = session.reply_to(mid)
-    assert row["text"].startswith("Error: model overloaded/rate limited")
-    wait_for(lambda: session.acks().get(mid) == "completed", "batch completed")
+    session.completed(mid)
+    texts = [r["text"] for r in session.out()]
+    assert texts[0].startswith("The model is busy (HTTP 529, overloaded); retrying")
+    assert texts[1].startswith("Error: model overloaded/rate limited (HTTP 529")
+    assert "gave up after 2 attempts" in texts[1]
+    assert all(r["in_reply_to"] == mid for r in session.out())
     mid2 = session.chat("again")
     assert session.reply_to(mid2)["text"] == "echo: again"
 
+
+def test_rate_limit_is_retried_after_retry_after(session, fake, start):
+    fake.inject(status=429, retry_after=0.05)
+    start()
+    mid = session.chat("busy?")
+    wait_for(lambda: len(session.out()) == 2, "notice and answer")
+    texts = [r["text"] for r in session.out()]
+    assert texts == ["The model is busy (HTTP 429, rate limited); retrying…", "echo: busy?"]
+
+
+def test_unknown_provider_answers_with_error(tmp_path, fake, start):
+    sess = Session(tmp_path / "other", provider="gpt-9")
+    start(sess)
+    mid = sess.chat("hi")
+    assert "unknown provider 'gpt-9'" in sess.reply_to(mid)["text"]
+    sess.completed(mid)
+
+
+# --- continuation ------------------------------------------------------------------------
 
 def test_clear_command(session, fake, start):
     start()
@@ -299,7 +258,7 @@ def test_continuation_resumed_after_restart(session, fake, start):
     runner = start()
     first = session.chat("my name is Bob")
     session.reply_to(first)
-    wait_for(lambda: session.acks().get(first) == "completed", "first batch completed")
+    session.completed(first)
     assert runner.stop() == 0
     fake.clear()
     start()
@@ -335,14 +294,6 @@ def test_unknown_destination_is_reported_back_to_agent(session, fake, start):
     assert "no destination is called" in texts[1]
 
 
-def test_claude_provider_stub_answers_with_error(tmp_path, fake, start):
-    sess = Session(tmp_path / "claude", provider="claude")
-    start(sess)
-    mid = sess.chat("hi")
-    assert "not available yet" in sess.reply_to(mid)["text"]
-    wait_for(lambda: sess.acks().get(mid) == "completed", "batch completed")
-
-
 def test_sigterm_exits_zero_and_clears_stale_claims(session, fake, start):
     conn = sqlite3.connect(session.paths.outbound)
     conn.execute("INSERT INTO processing_ack VALUES ('old', 'processing', '2020-01-01T00:00:00Z')")
@@ -353,3 +304,19 @@ def test_sigterm_exits_zero_and_clears_stale_claims(session, fake, start):
     assert "old" not in session.acks()
     runner.proc.send_signal(signal.SIGTERM)
     assert runner.proc.wait(timeout=DEADLINE_S) == 0
+
+
+def test_anthropic_sdk_is_imported_lean(tmp_path):
+    """The lazy import keeps the SDK's thousands of unused type modules out of memory."""
+    import subprocess
+    import sys
+
+    from nanoclaw.devtools.runner_harness import ROOT
+
+    code = ("import sys; from agent_runner.providers import anthropic as a;"
+            "a.anthropic.Anthropic(api_key='x', base_url='http://127.0.0.1:9');"
+            "print(len([m for m in sys.modules if m.startswith('anthropic')]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT / "container")}, check=True)
+    assert int(out.stdout.strip()) < 1500, out.stdout  # a plain `import anthropic`: ~3,400
+    assert "aiohttp" not in json.dumps(out.stderr)

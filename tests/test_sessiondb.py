@@ -102,3 +102,18 @@ def test_safe_child_refuses_symlinks(tmp_path):
     with pytest.raises(ValueError):
         safe_child(str(tmp_path), "link")
     assert safe_child(str(tmp_path), "photo.jpg").endswith("photo.jpg")
+
+
+def test_decide_stuck_table():
+    from nanoclaw.sweep import decide_stuck
+
+    now, ceil, tol = 10_000.0, 1800.0, 60.0
+    assert decide_stuck(now, None, [], ceil, tol) is None                  # fresh: grace
+    assert decide_stuck(now, now - 10, [], ceil, tol) is None              # active
+    assert decide_stuck(now, now - 1801, [], ceil, tol) == "ceiling"       # idle too long
+    assert decide_stuck(now, now - 1801, [], ceil, tol, 3600) is None      # long tool declared
+    assert decide_stuck(now, now - 100, [now - 90], ceil, tol) == "stuck"  # no beat since claim
+    assert decide_stuck(now, now - 5, [now - 90], ceil, tol) is None       # beat since claim
+    assert decide_stuck(now, None, [now - 61], ceil, tol) == "stuck"
+    assert decide_stuck(now, None, [now - 59], ceil, tol) is None
+    assert decide_stuck(now, None, [now - 90], ceil, tol, 120) is None     # bash timeout

@@ -69,6 +69,17 @@ def run(loop: PollLoop, stop: Callable[[], bool],
         sleep(poll_interval(clock() - last_active))
 
 
+def ensure_tmpdir(session_dir: str) -> None:
+    """A sandbox whose /tmp this user cannot write still needs a temp folder (the CLI
+    and `tempfile` put files there): use one in the session folder."""
+    if os.environ.get("TMPDIR") or os.access("/tmp", os.W_OK | os.X_OK):
+        return
+    path = os.path.join(session_dir, ".tmp")
+    os.makedirs(path, exist_ok=True)
+    os.environ["TMPDIR"] = path
+    log.warning("/tmp is not writable; using TMPDIR=%s", path)
+
+
 def main() -> int:
     logging.basicConfig(
         stream=sys.stderr, level=os.environ.get("NANOCLAW_LOG_LEVEL", "INFO").upper(),
@@ -79,6 +90,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, stop.handle)
     signal.signal(signal.SIGINT, stop.handle)
     cfg = config_mod.load()
+    ensure_tmpdir(cfg.session_dir)
     loop = PollLoop(cfg, stop)
     try:
         loop.initialize()

@@ -1,35 +1,42 @@
 """The poll loop: notice new rows, claim a batch, ask the provider, write the answers.
 
 `loop_once(now)` does one unit of work; `agent_runner.main` owns the forever loop, the
-stop flag and the sleep between polls. Fixes over the original (reference §8): `system`
-rows are filtered out *before* the per-prompt limit (they used to starve chat), every
-failure becomes a visible `Error:` row with the batch completed (never silence), unknown
-destinations go back to the agent, and bare text gets one nudge and then a fallback to
-the one plausible destination instead of vanishing.
+stop flag and the sleep between polls. While a query is open, new messages are claimed
+and pushed into it instead of waiting for the next turn. Fixes over the original
+(reference §8): `system` rows are filtered out *before* the per-prompt limit (they used
+to starve chat); rows written by tools carry the batch's `in_reply_to`; a busy model is
+a visible "retrying" notice and a failure an `Error:` row with the batch completed
+(never silence); unknown destinations go back to the agent; bare text gets one nudge and
+then a fallback to the one plausible destination instead of vanishing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Callable
 
+from agent_runner import inbox, memory
 from agent_runner.batch import Batch
 from agent_runner.config import Config
 from agent_runner.db import Address, Inbound, InboundRow, Outbound, utcnow
 from agent_runner.formatter import format_batch, system_prompt
 from agent_runner.providers import (
-    REGISTRY, Error, Init, Provider, ProviderError, ProviderUnavailable, QueryInput, Result,
-    ToolEnd, ToolStart,
+    REGISTRY, Error, Idle, Init, Provider, ProviderError, ProviderUnavailable, QueryInput,
+    Result, Retrying, ToolEnd, ToolStart,
 )
 from agent_runner.replies import NUDGE, correction, parse_reply
+from agent_runner.scripts import run_script
 from agent_runner.tools import Toolbox
 
 log = logging.getLogger("agent_runner")
 
 SAFETY_NET_S = 1.0  # read rows at least this often even if the file looks unchanged
-CLEAR_COMMAND = "/clear"
+FOLLOW_UP_S = 0.02  # while a query is open, look for new rows at most this often
+COMMANDS = ("/clear", "/compact")
 
 
 class Shutdown(BaseException):
@@ -38,10 +45,17 @@ class Shutdown(BaseException):
 
 @dataclass
 class TurnState:
+    batch: Batch
+    claimed: list[str] = field(default_factory=list)
+    pending: list[InboundRow] = field(default_factory=list)  # pushed, not yet answered
+    raw_command: bool = False
     corrected: bool = False
     nudged: bool = False
     first_bare: str = ""
     written: int = 0
+    retry_noticed: bool = False
+    follow_signal: tuple[int, int, int] | None = None
+    follow_read: float = 0.0
 
 
 def touch(path: str) -> None:
@@ -52,8 +66,9 @@ def touch(path: str) -> None:
             pass
 
 
-def is_clear(row: InboundRow) -> bool:
-    return row.kind in ("chat", "chat-sdk") and row.text.strip() == CLEAR_COMMAND
+def command(row: InboundRow) -> str | None:
+    text = row.text.strip() if row.kind in ("chat", "chat-sdk") else ""
+    return text if text in COMMANDS else None
 
 
 class PollLoop:
@@ -62,10 +77,12 @@ class PollLoop:
         self.should_stop = should_stop
         self.inbound = Inbound(config.inbound)
         self.outbound = Outbound(config.outbound, self.inbound)
-        self.tools = Toolbox(config, self.outbound, should_stop)
+        self.tools = Toolbox(config, self.inbound, self.outbound, should_stop,
+                             heartbeat=lambda: touch(config.heartbeat))
         self.provider: Provider | None = None
         self.provider_error: ProviderError | None = None
         self.continuation: str | None = None
+        self.composed = ""
         self.first_poll = True
         self._signal: tuple[int, int, int] | None = None
         self._last_read = float("-inf")
@@ -74,6 +91,7 @@ class PollLoop:
     # -- lifecycle
     def initialize(self) -> None:
         stale = self.outbound.delete_stale_claims()
+        self.composed = memory.compose(self.config)
         try:
             self.provider = REGISTRY.factory(self.config.provider)(self.config)
         except ProviderError as exc:
@@ -89,6 +107,11 @@ class PollLoop:
                  self.config.provider, self.config.model, stale, bool(self.continuation))
 
     def shutdown(self) -> None:
+        if self.provider is not None:
+            try:
+                self.provider.close()
+            except Exception:  # closing must never turn a clean stop into a crash
+                log.exception("provider close failed")
         log.info("stopped")
 
     def loop_once(self, now: float) -> bool:
@@ -116,49 +139,105 @@ class PollLoop:
         return rows
 
     def handle(self, rows: list[InboundRow]) -> None:
-        clear_at = next((i for i, r in enumerate(rows) if is_clear(r)), None)
-        if clear_at is not None:
-            rows = rows[: clear_at + 1]
-        batch = Batch(rows, self.inbound.destinations(), self.inbound.routing())
-        self.outbound.claim(batch.ids)
+        cmd_at = next((i for i, r in enumerate(rows) if command(r)), None)
+        if cmd_at is not None:
+            rows = rows[: cmd_at + 1]
+        state = TurnState(Batch(rows, self.inbound.destinations(), self.inbound.routing()))
+        self.claim(state, rows)
         log.info("batch claimed n=%d first_seq=%d last_seq=%d", len(rows), rows[0].seq,
                  rows[-1].seq)
-        state = TurnState()
-        self.tools.begin(batch)
+        self.tools.begin(state.batch)
         try:
-            if clear_at is not None:
-                self.clear_session(batch, state)
+            cmd = command(rows[-1]) if cmd_at is not None else None
+            if cmd == "/clear":
+                self.clear_session(state)
+            elif cmd == "/compact":
+                self.compact(state)
             else:
-                self.answer(batch, state)
+                ready = self.prepare(rows)
+                state.batch = dataclasses.replace(state.batch, rows=ready)
+                self.tools.begin(state.batch)
+                if any(r.trigger for r in ready):
+                    self.answer(state)
+                else:  # only context rows are left (a task's script said no): they wait
+                    context = [r.id for r in ready]
+                    self.outbound.release(context)
+                    state.claimed = [i for i in state.claimed if i not in context]
         except Shutdown:
             if state.written or self.tools.sent:
-                self.outbound.complete(batch.ids)
+                self.outbound.complete(state.claimed)
             else:
-                self.outbound.release(batch.ids)
-            log.info("batch interrupted by shutdown n=%d", len(rows))
+                self.outbound.release(state.claimed)
+            log.info("batch interrupted by shutdown n=%d", len(state.claimed))
             raise
-        self.outbound.complete(batch.ids)
-        log.info("batch completed n=%d replies=%d", len(rows), state.written + self.tools.sent)
+        self.outbound.complete(state.claimed)
+        log.info("batch completed n=%d replies=%d", len(state.claimed),
+                 state.written + self.tools.sent)
+
+    def claim(self, state: TurnState, rows: list[InboundRow]) -> None:
+        self.outbound.claim(r.id for r in rows)
+        state.claimed += [r.id for r in rows]
+        touch(self.config.heartbeat)
+
+    def prepare(self, rows: list[InboundRow]) -> list[InboundRow]:
+        """Attachments into the inbox, task scripts run: the rows for the model. A task
+        whose script says no is completed here without a model call."""
+        ready, done = [], []
+        for row in rows:
+            row = inbox.prepare(row, self.config.session_dir)
+            script = row.content.get("script") if row.kind == "task" else None
+            if script and "scriptOutput" not in row.content:
+                result = run_script(str(script), self.config.group_dir, self.should_stop)
+                if self.should_stop():  # a killed script says nothing about the task
+                    raise Shutdown()
+                if not result.wake:
+                    log.info("task not woken id=%s reason=%s", row.id,
+                             result.error or "wakeAgent false")
+                    done.append(row.id)
+                    continue
+                row = dataclasses.replace(row, content={**row.content,
+                                                        "scriptOutput": result.data})
+            ready.append(row)
+        if done:
+            self.outbound.complete(done)
+        return ready
 
     # -- commands
-    def clear_session(self, batch: Batch, state: TurnState) -> None:
+    def clear_session(self, state: TurnState) -> None:
         if self.continuation and self.provider is not None:
             self.provider.forget(self.continuation)
         self.set_continuation(None)
         log.info("session cleared")
-        self.notify(batch, "Session cleared.", state)
+        self.notify(state, "Session cleared.")
+
+    def compact(self, state: TurnState) -> None:
+        if self.provider is None or not self.provider.supports_native_slash_commands:
+            self.notify(state, f"/compact is not available with the {self.config.provider!r}"
+                               " provider; /clear starts afresh.")
+            return
+        if not self.continuation:
+            self.notify(state, "Nothing to compact yet.")
+            return
+        state.raw_command = True
+        err = self.run_query(state, "/compact", self.system(state.batch))
+        self.notify(state, f"Error: {err}" if err else "Conversation compacted.")
 
     # -- the query
-    def answer(self, batch: Batch, state: TurnState) -> None:
+    def system(self, batch: Batch) -> str:
+        reads_md = getattr(self.provider, "reads_claude_md", False)
+        return system_prompt(self.config.assistant_name, batch.destinations,
+                             self.config.group_dir,
+                             "" if reads_md else memory.memory(self.config, self.composed))
+
+    def answer(self, state: TurnState) -> None:
         if self.provider is None:
-            self.notify(batch, f"Error: {self.provider_error}", state)
+            self.notify(state, f"Error: {self.provider_error}")
             return
-        prompt = format_batch(batch.rows, batch.destinations, self.config.tz)
-        system = system_prompt(self.config.assistant_name, batch.destinations,
-                               self.config.group_dir, self.config.global_dir)
         for attempt in (1, 2):
+            self.absorb(state)
+            prompt = format_batch(state.batch.rows, state.batch.destinations, self.config.tz)
             try:
-                err = self.run_query(batch, prompt, system, state)
+                err = self.run_query(state, prompt, self.system(state.batch))
             except Exception as exc:  # a bug must still reach the user, not kill the loop
                 log.exception("query crashed")
                 err = ProviderError(f"internal error: {type(exc).__name__}: {exc}")
@@ -170,18 +249,18 @@ class PollLoop:
                 continue
             log.warning("query failed classification=%s error=%s",
                         getattr(err, "classification", "error"), err)
-            self.notify(batch, f"Error: {err}", state)
+            self.notify(state, f"Error: {err}")
             return
 
-    def run_query(self, batch: Batch, prompt: str, system: str,
-                  state: TurnState) -> ProviderError | None:
+    def run_query(self, state: TurnState, prompt: str, system: str) -> ProviderError | None:
         assert self.provider is not None
         query = self.provider.query(QueryInput(prompt, self.continuation,
                                                self.config.group_dir, system, self.tools))
         events = query.events()
         try:
             for ev in events:
-                touch(self.config.heartbeat)
+                if not isinstance(ev, Idle):
+                    touch(self.config.heartbeat)
                 if self.should_stop():
                     query.abort()
                     raise Shutdown()
@@ -192,17 +271,68 @@ class PollLoop:
                     self.outbound.set_current_tool(ev.name, ev.timeout_ms)
                 elif isinstance(ev, ToolEnd):
                     self.outbound.set_current_tool(None)
-                elif isinstance(ev, Result):
-                    follow_up = self.deliver(batch, ev.text, state)
-                    if follow_up:
-                        query.push(follow_up)
-                    else:
-                        query.end()
+                elif isinstance(ev, Retrying):
+                    self.retrying(state, ev)
                 elif isinstance(ev, Error):
                     return ev.error
+                elif isinstance(ev, Result):
+                    if not ev.more:  # this result answers the pushed rows too
+                        self.absorb(state)
+                    follow = None if state.raw_command else self.deliver(state, ev.text)
+                    self.absorb(state)  # the next turn is about them
+                    if follow:
+                        query.push(follow)
+                    elif not ev.more and not self.follow_up(query, state, force=True):
+                        query.end()
+                    continue
+                self.follow_up(query, state)
         finally:
             events.close()
         return None
+
+    def follow_up(self, query, state: TurnState, force: bool = False) -> bool:
+        """Claim rows that arrived while the query is open and push them into it.
+        Commands (/clear) are left for the outer loop, after this query ends."""
+        if state.raw_command:
+            return False
+        now = time.monotonic()
+        if not force and now - state.follow_read < FOLLOW_UP_S:
+            return False
+        signal = self.inbound.change_signal()
+        if signal == state.follow_signal and now - state.follow_read < SAFETY_NET_S:
+            return False
+        state.follow_signal, state.follow_read = signal, now
+        rows = [r for r in self.fetch() if r.id not in state.claimed]
+        if not any(r.trigger for r in rows) or any(command(r) for r in rows):
+            return False
+        self.claim(state, rows)
+        ready = self.prepare(rows)
+        if not any(r.trigger for r in ready):
+            self.outbound.release(r.id for r in ready)
+            state.claimed = [i for i in state.claimed if i not in {r.id for r in ready}]
+            return False
+        state.pending += ready
+        query.push(format_batch(ready, self.inbound.destinations(), self.config.tz))
+        log.info("follow-up pushed n=%d last_seq=%d", len(ready), ready[-1].seq)
+        return True
+
+    def absorb(self, state: TurnState) -> None:
+        """Pushed rows join the batch once the model has them (addressing, tools)."""
+        if not state.pending:
+            return
+        state.batch = state.batch.extend(state.pending, self.inbound.destinations(),
+                                         self.inbound.routing())
+        state.pending = []
+        state.corrected = state.nudged = False  # new messages deserve their own answer
+        self.tools.extend(state.batch)
+        self.tools.ctx.sent = 0
+
+    def retrying(self, state: TurnState, ev: Retrying) -> None:
+        log.warning("model busy, retrying attempt=%d max=%d delay_s=%.1f reason=%s",
+                    ev.attempt, ev.max_attempts, ev.delay_s, ev.reason)
+        if not state.retry_noticed and ev.status is not None:  # a blip of the connection
+            state.retry_noticed = True  # (the broker restarting) is not worth a message
+            self.notify(state, f"The model is busy ({ev.reason}); retrying…")
 
     def set_continuation(self, value: str | None) -> None:
         if value == self.continuation:
@@ -214,8 +344,9 @@ class PollLoop:
         self.continuation = value
 
     # -- output
-    def deliver(self, batch: Batch, text: str, state: TurnState) -> str | None:
+    def deliver(self, state: TurnState, text: str) -> str | None:
         """Write the result's `<message>` blocks; return a follow-up to push, if any."""
+        batch = state.batch
         parsed = parse_reply(text)
         unknown = []
         for name, body in parsed.blocks:
@@ -224,7 +355,7 @@ class PollLoop:
                 unknown.append(name)
                 continue
             address, reply_to = batch.address_for(dest.channel)
-            self.write(address, body, reply_to, state)
+            self.write(state, address, body, reply_to or batch.asker_id)
         if unknown:
             if not state.corrected:
                 state.corrected = True
@@ -245,18 +376,18 @@ class PollLoop:
             log.warning("bare reply lost: no single plausible destination")
             return None
         log.warning("bare reply delivered to origin after nudge")
-        self.write(target[0], state.first_bare, target[1], state)
+        self.write(state, target[0], state.first_bare, target[1])
         return None
 
-    def notify(self, batch: Batch, text: str, state: TurnState) -> None:
-        target = batch.origin()
+    def notify(self, state: TurnState, text: str) -> None:
+        target = state.batch.origin()
         if target is None:
             log.error("nowhere to send notice text=%s", text[:200])
             return
-        self.write(target[0], text, target[1], state)
+        self.write(state, target[0], text, target[1])
 
-    def write(self, address: Address, text: str, reply_to: str | None,
-              state: TurnState) -> None:
+    def write(self, state: TurnState, address: Address, text: str,
+              reply_to: str | None) -> None:
         out_id, seq = self.outbound.write_message("chat", {"text": text}, address, reply_to)
         state.written += 1
         log.info("reply written id=%s seq=%d channel=%s", out_id, seq, address.channel_type)

@@ -12,6 +12,11 @@ REGISTRY = Registry()
 LAZY = {
     "telegram": ("nanoclaw.channels.telegram:TelegramChannel",
                  lambda s: bool(s.telegram_bot_token), True),
+    "discord": ("nanoclaw.channels.discord_channel:DiscordChannel",
+                lambda s: bool(s.discord_bot_token), True),
+    "slack": ("nanoclaw.channels.slack:SlackChannel",
+              lambda s: bool(s.slack_bot_token and s.slack_app_token), True),
+    "web": ("nanoclaw.channels.web:WebChannel", lambda s: s.web_enabled, False),
 }
 
 

@@ -5,7 +5,7 @@ We run our own getUpdates loop instead of PTB's Updater so that an update is con
 (the next offset) only after it is stored: a crash or a stalled poll loses nothing, and
 a redelivered update is dropped by the inbound idempotency key. Every poll is bounded
 (PTB's read timeout, then a hard `wait_for`), so a wedged connection pool is noticed
-within `poll timeout + 10 s`; a poll that has not succeeded for `channel_liveness`
+within `poll timeout + 5 s`; a poll that has not succeeded for `channel_liveness`
 seconds makes the worker exit non-zero (a fresh process, under the crash-loop breaker).
 
 Errors are sorted by what to do next (PTB's own networkloop): wait out `retry_after`,
@@ -88,7 +88,7 @@ class TelegramChannel(Channel):
             await self.bot.shutdown()
 
     def is_connected(self) -> bool:
-        return time.monotonic() - self.last_ok < self.settings.channel_liveness
+        return time.monotonic() - self.last_ok < self._liveness()
 
     async def _poll_forever(self) -> None:
         offset: int | None = None
@@ -98,16 +98,18 @@ class TelegramChannel(Channel):
                 updates = await asyncio.wait_for(self.bot._post(  # raw dicts: parsed one by one
                     "getUpdates", {"offset": offset, "timeout": int(self.poll_timeout),
                                    "allowed_updates": ALLOWED},
-                    read_timeout=self.poll_timeout + 5), self.poll_timeout + 10)
+                    read_timeout=self.poll_timeout + 5), self.poll_timeout + 8)
             except asyncio.CancelledError:
                 raise
             except (tg.RetryAfter, tg.TimedOut, asyncio.TimeoutError, tg.TelegramError,
                     OSError) as e:
                 failures += 1
                 delay = self._poll_failed(e, failures)
-                if self._expired():
+                left = self._liveness() - (time.monotonic() - self.last_ok)
+                if left <= 0 or self.dead:
+                    self.die(self.dead or f"no successful poll for {self._liveness():.0f}s")
                     return
-                await asyncio.sleep(delay)
+                await asyncio.sleep(min(delay, left + 0.1))
                 continue
             except Exception as e:  # a bug or garbage from the server: never a dead loop
                 failures += 1
@@ -148,11 +150,10 @@ class TelegramChannel(Channel):
         logger.warning("telegram poll failed ({}: {}); retry in {:.1f}s", type(e).__name__, e, delay)
         return delay
 
-    def _expired(self) -> bool:
-        idle = time.monotonic() - self.last_ok
-        if idle > self.settings.channel_liveness:
-            self.die(f"no successful poll for {idle:.0f}s")
-        return self.dead is not None
+    def _liveness(self) -> float:
+        """Seconds without a successful poll before we give up; never less than a poll
+        plus its timeout margin, so one stalled poll is retried in-process first."""
+        return max(self.settings.channel_liveness, self.poll_timeout + 10)
 
     # ---- inbound ----------------------------------------------------------------------
     async def _handle(self, u: dict[str, Any]) -> None:

@@ -108,9 +108,9 @@ def script_reply(body: dict[str, Any], next_tool_id: Any, reply: str | None = No
     if user is None:
         return [{"type": "text", "text": "ok"}]
     result = _tool_result_text(user.get("content"))
-    if result is not None:
-        return [{"type": "text", "text": f"done: {result[:200]}"}]
-    text = _text_of(user.get("content"))
+    text = SYSTEM_REMINDER.sub("", _text_of(user.get("content")))  # the CLI's context notes
+    if result is not None and not text.strip():  # (new text beside a result wins: the CLI
+        return [{"type": "text", "text": f"done: {result[:200]}"}]  # folds late input in)
     marker = _find_tool_marker(text)
     if marker is not None:
         name, args = marker

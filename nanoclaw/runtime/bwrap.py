@@ -64,6 +64,22 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _parents(targets: list[str]) -> list[str]:
+    """`--dir` with mode 0755 for every folder bwrap would otherwise make 0700 on the
+    way to a mount point (the sandbox user could not pass through), except inside mounts."""
+    out: list[str] = []
+    made: set[str] = set()
+    for t in targets:
+        parts = t.strip("/").split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            d = "/" + "/".join(parts[:i])
+            if d in made or any(d == m or d.startswith(m + "/") for m in targets if m != t):
+                continue
+            made.add(d)
+            out += ["--perms", "0755", "--dir", d]
+    return out
+
+
 class BwrapRuntime(ProcessRuntime):
     name = "bwrap"
     _works: bool | None = None
@@ -88,24 +104,26 @@ class BwrapRuntime(ProcessRuntime):
 
     def argv(self, spec: SpawnSpec, via_socket: bool, uid: int, gid: int) -> list[str]:
         a = ["bwrap", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
-             "--die-with-parent", "--new-session", "--ro-bind", "/usr", "/usr"]
+             "--die-with-parent", "--new-session"]
         if via_socket:
             a.append("--unshare-net")
+        binds: list[tuple[str, str, str]] = [("--ro-bind", "/usr", "/usr")]
         for top in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
             path = f"/{top}"
             if os.path.islink(path):
-                a += ["--symlink", os.readlink(path), path]
+                binds.append(("--symlink", os.readlink(path), path))
             elif os.path.isdir(path):
-                a += ["--ro-bind", path, path]
-        for n in ETC:
-            a += ["--ro-bind-try", f"/etc/{n}", f"/etc/{n}"]
-        if not via_socket:
-            a += ["--ro-bind-try", "/etc/resolv.conf", "/etc/resolv.conf"]
-        for root in _python_roots():
-            a += ["--ro-bind", root, root]
-        a += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
-        for m in sandbox.layout(spec, self.settings.broker_socket.parent if via_socket else None):
-            a += ["--bind" if m.writable else "--ro-bind", str(m.source), m.target]
+                binds.append(("--ro-bind", path, path))
+        etc = ETC if via_socket else (*ETC, "resolv.conf")
+        binds += [("--ro-bind-try", f"/etc/{n}", f"/etc/{n}") for n in etc]
+        binds += [("--ro-bind", root, root) for root in _python_roots()]
+        broker = self.settings.broker_socket.parent if via_socket else None
+        binds += [("--bind" if m.writable else "--ro-bind", str(m.source), m.target)
+                  for m in sandbox.layout(spec, broker)]
+        a += _parents([dest for _, _, dest in binds])
+        for op, src, dest in binds:
+            a += [op, src, dest]
+        a += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/tmp"]
         a += ["--remount-ro", "/", "--chdir", sandbox.GROUP, "--unsetenv", MARK]
         if os.geteuid() == 0:  # bwrap keeps root's powers inside; drop them for good
             a += [SETPRIV, f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
@@ -145,3 +163,29 @@ class BwrapRuntime(ProcessRuntime):
         while time.time() < deadline and not self._gone(container_id, pid):
             time.sleep(0.01)
         super().stop(container_id, grace=0.05)
+
+    def cleanup_orphans(self, install_id: str, keep: set[str]) -> int:
+        """This install's sandboxes no session claims: the outer bwrap processes (bwrap's
+        own pid-1 child carries the same mark; it goes with its parent)."""
+        marked: dict[int, tuple[int | None, str]] = {}  # pid → (ppid, container id), one snapshot
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/environ", "rb") as f:
+                        if f"{MARK}={install_id}".encode() in f.read().split(b"\0"):
+                            pid = int(entry)
+                            marked[pid] = (_ppid(pid), f"pid:{pid}:{_starttime(pid)}")
+                except OSError:
+                    continue
+        orphans = [cid for ppid, cid in marked.values() if ppid not in marked and cid not in keep]
+        for cid in orphans:
+            self.stop(cid, grace=0.5)
+        return len(orphans)
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None

@@ -19,6 +19,7 @@ needs to re-attach.
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +27,11 @@ from nanoclaw.config import Settings
 from nanoclaw.log import logger
 from nanoclaw.runtime import sandbox
 from nanoclaw.runtime.base import SpawnSpec
+from nanoclaw.runtime.process import _starttime
 
 PATH = "/opt/venv/bin:/usr/local/bin:/usr/bin:/bin"
 ENDED = ("exited", "dead", "created", "removing")
+RECHECK_S = 10.0  # ask the engine at least this often even while the pid looks alive
 
 
 def client(timeout: float = 30.0) -> Any:
@@ -62,6 +65,7 @@ class DockerRuntime:
         self.client = client()
         self.followers: dict[str, threading.Thread] = {}
         self.codes: dict[str, int] = {}
+        self.pids: dict[str, tuple[int, str | None, float]] = {}  # id → pid, start, asked at
         self.engine_error: str | None = None
 
     @classmethod
@@ -139,10 +143,16 @@ class DockerRuntime:
 
     # ---- watch and stop ---------------------------------------------------------------
     def exit_code(self, container_id: str) -> int | None:
+        """Cheap while running: the container's init pid in /proc (a local engine) stands
+        in for the engine, which is asked only when that pid goes or every RECHECK_S."""
         import docker.errors
 
         if container_id in self.codes:
-            return self.codes[container_id]
+            return self.codes.pop(container_id)
+        known = self.pids.get(container_id)
+        if known and time.monotonic() - known[2] < RECHECK_S and known[1] is not None \
+                and _starttime(known[0]) == known[1]:
+            return None
         try:
             c = self.client.containers.get(container_id)
         except docker.errors.NotFound:
@@ -154,7 +164,10 @@ class DockerRuntime:
             return None
         self.engine_error = None
         if c.status not in ENDED:
+            pid = int(c.attrs.get("State", {}).get("Pid") or 0)
+            self.pids[container_id] = (pid, _starttime(pid) if pid else None, time.monotonic())
             return None
+        self.pids.pop(container_id, None)
         code = int(c.attrs.get("State", {}).get("ExitCode", -1)) if c.status != "created" else -1
         self._finish(c)
         self.codes[container_id] = code
@@ -163,6 +176,7 @@ class DockerRuntime:
     def stop(self, container_id: str, grace: float = 1.0) -> None:
         import docker.errors
 
+        self.pids.pop(container_id, None)
         try:
             c = self.client.containers.get(container_id)
             if c.status not in ENDED:

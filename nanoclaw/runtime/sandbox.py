@@ -54,6 +54,7 @@ def layout(spec: SpawnSpec, broker_dir: Path | None) -> list[Mount]:
         Mount(spec.runner_dir / "sandbox_entry.py", f"{APP}/sandbox_entry.py", False),
     ]
     if broker_dir is not None:
+        broker_dir.mkdir(parents=True, exist_ok=True)  # the broker binds its socket here
         mounts.append(Mount(broker_dir, BROKER_DIR, False))
     mounts.extend(spec.extra_mounts)
     return mounts

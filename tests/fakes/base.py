@@ -141,12 +141,12 @@ class FakeServer:
                 await asyncio.wait_for(release.wait(), 600)
             except asyncio.TimeoutError:
                 pass
-            raise ConnectionResetError("stalled request released")
+            return web.Response(status=504)  # the client gave up long ago
         if rule.drop:
             self.record(method, params, "dropped")
             if request.transport is not None:
                 request.transport.abort()
-            raise ConnectionResetError("dropped")
+            return web.Response(status=500)  # never reaches the client
         self.record(method, params, f"injected:{rule.status}")
         return error(rule.status or 500, rule.retry_after)
 

@@ -137,7 +137,8 @@ class FakeTelegram(FakeServer):
         body: dict[str, Any] = {"ok": False, "error_code": status,
                                 "description": description or {
                                     429: "Too Many Requests: retry later", 400: "Bad Request",
-                                    401: "Unauthorized", 403: "Forbidden: bot was blocked"}.get(
+                                    401: "Unauthorized", 403: "Forbidden: bot was blocked",
+                                    502: "Bad Gateway"}.get(
                                     status, "Internal Server Error")}
         if retry_after is not None:
             body["parameters"] = {"retry_after": int(retry_after)}

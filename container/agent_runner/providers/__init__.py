@@ -73,6 +73,7 @@ class Retrying:
     max_attempts: int
     delay_s: float
     reason: str
+    status: int | None = None  # the HTTP status; None for a dropped connection
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,8 @@ class Tools(Protocol):
     """What a provider may call on the agent's behalf (see agent_runner.tools)."""
 
     def specs(self, local: bool = True) -> list[dict[str, Any]]: ...
+
+    def tools(self, local: bool = True) -> list[Any]: ...
 
     def timeout_ms(self, name: str, args: dict[str, Any]) -> int | None: ...
 

@@ -1,7 +1,8 @@
 """The `anthropic` provider: the Messages API with our own tool loop, no CLI.
 
 The client reads ANTHROPIC_BASE_URL / ANTHROPIC_API_KEY (the host's broker and a
-per-session token). The conversation lives in memory and is saved after every finished
+per-session token). Retries are ours, not the SDK's, so each one is a visible `Retrying`
+event (honouring `retry-after`) and a final failure an `Error`. The conversation lives in memory and is saved after every finished
 turn as `<session>/.provider/anthropic-<id>.json`; the id is the continuation the poll
 loop stores in `session_state`. A missing or corrupt file is a `StaleSession`: the loop
 clears it and starts afresh instead of failing every turn. A failed turn is rolled back
@@ -14,16 +15,18 @@ import json
 import logging
 import os
 import re
+import time
 import uuid
 from typing import Any, Generator, Iterator
 
-import anthropic
-
 from agent_runner.config import Config
 from agent_runner.providers import (
-    Activity, Error, Event, Init, ProviderError, QueryInput, Result, StaleSession, ToolEnd,
-    ToolOutcome, ToolStart,
+    Activity, Error, Event, Init, ProviderError, QueryInput, Result, Retrying, StaleSession,
+    ToolEnd, ToolOutcome, ToolStart,
 )
+from agent_runner.providers.lazy_import import import_anthropic
+
+anthropic = import_anthropic()
 
 log = logging.getLogger("agent_runner")
 
@@ -31,18 +34,23 @@ MAX_TOKENS = 8192
 MAX_TOOL_STEPS = 50
 MAX_HISTORY = 400  # messages kept; older turns are dropped from the front
 SAFE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+RETRIES = int(os.environ.get("NANOCLAW_MODEL_RETRIES") or 3)
+MAX_DELAY_S = 60.0
+
+
+def busy_reason(status: int) -> str:
+    return {429: "rate limited", 529: "overloaded"}.get(status, "server error")
 
 
 def classify(exc: Exception) -> ProviderError:
-    """Map an SDK error (after its own retries) to what the user is told."""
+    """Map an SDK error to what the user is told."""
     if isinstance(exc, anthropic.APIStatusError):
         status = exc.status_code
         detail = getattr(exc, "api_message", None) or ""
-        if status in (429, 529) or status >= 500:
-            what = {429: "rate limited", 529: "overloaded"}.get(status, "server error")
+        if status in (408, 409, 429, 529) or status >= 500:
             return ProviderError(
-                f"model overloaded/rate limited (HTTP {status}, {what}); please try again in"
-                " a moment", retryable=True,
+                f"model overloaded/rate limited (HTTP {status}, {busy_reason(status)}); please"
+                " try again in a moment", retryable=True,
                 classification="quota" if status == 429 else "overloaded")
         if status in (401, 403):
             return ProviderError(f"model access denied (HTTP {status}) {detail}".strip(),
@@ -50,9 +58,21 @@ def classify(exc: Exception) -> ProviderError:
         return ProviderError(f"model request rejected (HTTP {status}) {detail}".strip(),
                              classification="bad_request")
     if isinstance(exc, anthropic.APIConnectionError):
-        return ProviderError("could not reach the model (connection failed after retries)",
+        return ProviderError("could not reach the model (connection failed)",
                              retryable=True, classification="connection")
     return ProviderError(f"model call failed: {exc}")
+
+
+def retry_delay(exc: Exception, attempt: int) -> float:
+    """`retry-after` when the API gives one, else 1, 2, 4 … s; capped."""
+    response = getattr(exc, "response", None)
+    header = response.headers.get("retry-after") if response is not None else None
+    try:
+        if header is not None:
+            return min(max(float(header), 0.0), MAX_DELAY_S)
+    except ValueError:
+        pass
+    return min(2.0 ** (attempt - 1), MAX_DELAY_S)
 
 
 def _block(b: Any) -> dict[str, Any] | None:
@@ -77,11 +97,13 @@ def _trim(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 class AnthropicProvider:
     name = "anthropic"
+    supports_native_slash_commands = False
+    reads_claude_md = False
 
     def __init__(self, config: Config) -> None:
         self.model = config.model
         self.dir = config.provider_dir
-        self.client = anthropic.Anthropic(max_retries=2)
+        self.client = anthropic.Anthropic(max_retries=0)
         self._id: str | None = None
         self._history: list[dict[str, Any]] = []
 
@@ -136,6 +158,9 @@ class AnthropicProvider:
     def is_session_invalid(self, err: BaseException) -> bool:
         return isinstance(err, StaleSession)
 
+    def close(self) -> None:
+        self.client.close()
+
     def query(self, q: QueryInput) -> "AnthropicQuery":
         return AnthropicQuery(self, q)
 
@@ -186,9 +211,9 @@ class AnthropicQuery:
                     messages.append({"role": "user", "content": results})
                 continue
             self.p.commit(cid, messages)
-            yield Result("\n".join(texts))
+            yield Result("\n".join(texts), more=bool(self._pushed))
             texts, steps = [], 0
-            if not self._pushed or self._ended:
+            if not self._pushed or self._aborted:
                 return
             messages.append({"role": "user", "content": "\n\n".join(self._pushed)})
             self._pushed.clear()
@@ -197,18 +222,40 @@ class AnthropicQuery:
         kwargs: dict[str, Any] = {"model": self.p.model, "max_tokens": MAX_TOKENS,
                                   "system": self.q.system, "messages": messages}
         if self.q.tools is not None:
-            kwargs["tools"] = self.q.tools.specs
-        try:
-            with self.p.client.messages.stream(**kwargs) as stream:
-                for event in stream:
-                    if event.type in ("message_start", "content_block_stop"):
-                        yield Activity("stream")
-                    if self._aborted:
-                        raise ProviderError("aborted")
-                return stream.get_final_message()
-        except anthropic.AnthropicError as exc:
-            log.warning("model call failed error_type=%s", type(exc).__name__)
-            raise classify(exc) from exc
+            kwargs["tools"] = self.q.tools.specs(local=True)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                with self.p.client.messages.stream(**kwargs) as stream:
+                    for event in stream:
+                        if event.type in ("message_start", "content_block_stop"):
+                            yield Activity("stream")
+                        if self._aborted:
+                            raise ProviderError("aborted")
+                    return stream.get_final_message()
+            except anthropic.AnthropicError as exc:
+                err = classify(exc)
+                log.warning("model call failed error_type=%s attempt=%d", type(exc).__name__,
+                            attempt)
+                if not err.retryable or attempt > RETRIES:
+                    if err.retryable and attempt > 1:
+                        err = ProviderError(f"{err} (gave up after {attempt} attempts)",
+                                            True, err.classification)
+                    raise err from exc
+                delay = retry_delay(exc, attempt)
+                status = getattr(exc, "status_code", None)
+                reason = (f"HTTP {status}, {busy_reason(status)}" if status
+                          else "connection failed")
+                yield Retrying(attempt, RETRIES + 1, delay, reason, status)
+                self._sleep(delay)
+
+    def _sleep(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while not self._aborted and time.monotonic() < end:
+            time.sleep(min(0.05, max(end - time.monotonic(), 0)))
+        if self._aborted:
+            raise ProviderError("aborted")
 
     def _run_tools(self, content: list[dict[str, Any]]) -> Generator[Event, None, list]:
         results = []

@@ -70,8 +70,11 @@ _NAMES = {"string": "a string", "integer": "a whole number", "number": "a number
 
 def _coerce(schema: dict[str, Any], value: Any) -> Any:
     """Models often send numbers as strings ("12"); accept those for integer fields."""
-    if schema.get("type") == "integer" and isinstance(value, str) and value.strip().isdigit():
-        return int(value.strip())
+    if schema.get("type") == "integer":
+        if isinstance(value, str) and value.strip().isdigit():
+            return int(value.strip())
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
     return value
 
 

@@ -1,200 +1,253 @@
-"""The agent's tools: send_message, bash, read, write.
+"""Shell and file tools for the `anthropic` provider: bash, read, write, edit, glob, grep,
+web_fetch. (The `claude` provider has the CLI's own.)
 
-Provider-neutral: each tool is a JSON schema plus a function returning text, so the
-`anthropic` provider runs them in its own loop and a later provider can serve them over
-MCP. `send_message` writes a `messages_out` row at once and carries the current batch's
-`in_reply_to` (the original's separate MCP process lost it). File tools are confined
-to the folders the agent may use; a refusal is a clear tool error, never an exception.
+File tools stay inside the folders the agent may use (its group folder, the session
+folder, /tmp; read also the global and extra folders); the runner's own files cannot be
+written. Output is clipped so one tool call cannot flood the context. Commands run in a
+new process group and are killed whole on timeout or shutdown.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import os
+import re
 import signal
 import subprocess
 import tempfile
 import time
-from typing import Any, Callable
+import urllib.error
+import urllib.request
+from html.parser import HTMLParser
+from typing import Any
 
-from agent_runner.batch import Batch
-from agent_runner.config import Config
-from agent_runner.db import Outbound
-from agent_runner.providers import ToolOutcome
+from agent_runner.tools.base import Tool, ToolContext, ToolError, obj, string
 
 MAX_OUTPUT = 30_000
 BASH_DEFAULT_S = 120
 BASH_MAX_S = 600
-
-SPECS: list[dict[str, Any]] = [
-    {"name": "send_message",
-     "description": "Send a chat message now (e.g. a progress update). Without `to` it goes "
-                    "to the conversation you are in.",
-     "input_schema": {"type": "object", "properties": {
-         "to": {"type": "string", "description": "a destination name"},
-         "text": {"type": "string"}}, "required": ["text"]}},
-    {"name": "bash",
-     "description": "Run a bash command in your working directory; returns exit code and "
-                    "output.",
-     "input_schema": {"type": "object", "properties": {
-         "command": {"type": "string"},
-         "timeout": {"type": "integer", "description": f"seconds, at most {BASH_MAX_S}"}},
-         "required": ["command"]}},
-    {"name": "read",
-     "description": "Read a text file (relative paths are in your working directory).",
-     "input_schema": {"type": "object", "properties": {
-         "path": {"type": "string"},
-         "offset": {"type": "integer", "description": "first line, 1-based"},
-         "limit": {"type": "integer", "description": "number of lines"}},
-         "required": ["path"]}},
-    {"name": "write",
-     "description": "Write a text file, replacing it (relative paths are in your working "
-                    "directory).",
-     "input_schema": {"type": "object", "properties": {
-         "path": {"type": "string"}, "content": {"type": "string"}},
-         "required": ["path", "content"]}},
-]
+MAX_MATCHES = 200
+MAX_GREP_FILE = 2 * 1024 * 1024
+FETCH_TIMEOUT_S = 30
+FETCH_MAX_BYTES = 2 * 1024 * 1024
+RUNNER_FILES = ("inbound.db", "outbound.db", "inbound.db-journal", "outbound.db-journal",
+                ".heartbeat")
 
 
-class ToolError(Exception):
-    pass
-
-
-def _clip(text: str) -> str:
-    if len(text) <= MAX_OUTPUT:
+def clip(text: str, limit: int = MAX_OUTPUT) -> str:
+    if len(text) <= limit:
         return text
-    half = MAX_OUTPUT // 2
-    return f"{text[:half]}\n… [{len(text) - MAX_OUTPUT} characters cut] …\n{text[-half:]}"
+    half = limit // 2
+    return f"{text[:half]}\n… [{len(text) - limit} characters cut] …\n{text[-half:]}"
 
 
-class Toolbox:
-    specs = SPECS
+def _writable(ctx: ToolContext, path: str) -> str:
+    full = ctx.path(path, writable=True)
+    session = os.path.realpath(ctx.config.session_dir)
+    private = os.path.realpath(ctx.config.provider_dir)
+    if full in {os.path.join(session, n) for n in RUNNER_FILES} or \
+            full.startswith(private + os.sep) or full == private:
+        raise ToolError(f"{path} belongs to the runner and cannot be written")
+    return full
 
-    def __init__(self, config: Config, outbound: Outbound,
-                 should_stop: Callable[[], bool] = lambda: False) -> None:
-        self.config = config
-        self.outbound = outbound
-        self.should_stop = should_stop
-        self.batch: Batch | None = None
-        self.sent = 0
-        session = os.path.realpath(config.session_dir)
-        self._protected = {os.path.join(session, n) for n in (
-            "inbound.db", "outbound.db", "inbound.db-journal", "outbound.db-journal",
-            ".heartbeat")}
-        self._protected_dir = os.path.realpath(config.provider_dir)
 
-    def begin(self, batch: Batch) -> None:
-        self.batch, self.sent = batch, 0
+def bash_timeout(args: dict[str, Any]) -> int:
+    return min(max(int(args.get("timeout") or BASH_DEFAULT_S), 1), BASH_MAX_S)
 
-    def timeout_ms(self, name: str, args: dict[str, Any]) -> int | None:
-        return self._bash_timeout(args) * 1000 if name == "bash" else None
 
-    def run(self, name: str, args: dict[str, Any]) -> ToolOutcome:
-        handler = {"send_message": self._send_message, "bash": self._bash,
-                   "read": self._read, "write": self._write}.get(name)
-        if handler is None:
-            return ToolOutcome(f"Error: unknown tool {name!r}", True)
-        try:
-            return handler(args)
-        except ToolError as exc:
-            return ToolOutcome(f"Error: {exc}", True)
-        except (OSError, ValueError, TypeError, KeyError) as exc:
-            return ToolOutcome(f"Error: {type(exc).__name__}: {exc}", True)
-
-    # -- send_message
-    def _send_message(self, args: dict[str, Any]) -> ToolOutcome:
-        batch = self.batch or Batch([], [], None)
-        text = str(args.get("text") or "").strip()
-        if not text:
-            raise ToolError("text is empty")
-        names = ", ".join(d.name for d in batch.destinations) or "(none)"
-        if args.get("to"):
-            dest = batch.destination(str(args["to"]))
-            if dest is None:
-                raise ToolError(f"unknown destination {args['to']!r}; known: {names}")
-            channel = dest.channel
-        elif batch.routing is not None:
-            channel = batch.routing.channel
-        elif len(batch.destinations) == 1:
-            channel = batch.destinations[0].channel
-        else:
-            raise ToolError(f"no default destination here; pass `to` (one of: {names})")
-        address, _ = batch.address_for(channel)
-        _, seq = self.outbound.write_message("chat", {"text": text}, address, batch.latest_id)
-        self.sent += 1
-        return ToolOutcome(f"sent (seq {seq})")
-
-    # -- bash
-    @staticmethod
-    def _bash_timeout(args: dict[str, Any]) -> int:
-        try:
-            return min(max(int(args.get("timeout") or BASH_DEFAULT_S), 1), BASH_MAX_S)
-        except (TypeError, ValueError):
-            return BASH_DEFAULT_S
-
-    def _bash(self, args: dict[str, Any]) -> ToolOutcome:
-        command = str(args.get("command") or "")
-        if not command.strip():
-            raise ToolError("command is empty")
-        deadline = time.monotonic() + self._bash_timeout(args)
-        with tempfile.TemporaryFile() as out:
-            proc = subprocess.Popen(["bash", "-c", command], cwd=self.config.group_dir,
-                                    stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-            reason = None
-            while reason is None:
-                try:
-                    proc.wait(timeout=0.05)
-                    break
-                except subprocess.TimeoutExpired:
-                    if self.should_stop():
-                        reason = "stopped: the agent is shutting down"
-                    elif time.monotonic() > deadline:
-                        reason = "timed out"
-            if reason is not None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            out.seek(0)
-            output = out.read().decode("utf-8", "replace")
+def _bash(ctx: ToolContext, args: dict[str, Any]) -> str:
+    deadline = time.monotonic() + bash_timeout(args)
+    with tempfile.TemporaryFile() as out:
+        proc = subprocess.Popen(["bash", "-c", args["command"]], cwd=ctx.config.group_dir,
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        reason = None
+        while reason is None:
+            try:
+                proc.wait(timeout=0.05)
+                break
+            except subprocess.TimeoutExpired:
+                if ctx.should_stop():
+                    reason = "stopped: the agent is shutting down"
+                elif time.monotonic() > deadline:
+                    reason = f"timed out after {bash_timeout(args)} s"
         if reason is not None:
-            return ToolOutcome(f"Error: command {reason}\n{_clip(output)}", True)
-        return ToolOutcome(f"exit code {proc.returncode}\n{_clip(output)}")
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        out.seek(0)
+        output = out.read().decode("utf-8", "replace")
+    if reason is not None:
+        raise ToolError(f"command {reason}\n{clip(output)}")
+    return f"exit code {proc.returncode}\n{clip(output)}"
 
-    # -- files
-    def _resolve(self, path: str, roots: list[str]) -> str:
-        if not path:
-            raise ToolError("path is empty")
-        full = path if os.path.isabs(path) else os.path.join(self.config.group_dir, path)
-        real = os.path.realpath(full)
-        for root in roots:
-            r = os.path.realpath(root)
-            if real == r or real.startswith(r.rstrip(os.sep) + os.sep):
-                return real
-        raise ToolError(f"{path} is outside the folders you may use: {', '.join(roots)}")
 
-    def _read(self, args: dict[str, Any]) -> ToolOutcome:
-        c = self.config
-        path = self._resolve(str(args.get("path") or ""),
-                             [c.group_dir, c.session_dir, c.global_dir, "/tmp"])
-        if not os.path.isfile(path):
-            raise ToolError(f"{args.get('path')} is not a file")
-        with open(path, "rb") as fh:
-            data = fh.read()
+def _read_text(path: str, shown: str) -> str:
+    if not os.path.isfile(path):
+        raise ToolError(f"{shown} is not a file")
+    with open(path, "rb") as fh:
+        data = fh.read()
+    if b"\0" in data[:8192]:
+        raise ToolError(f"{shown} is a binary file")
+    return data.decode("utf-8", "replace")
+
+
+def _read(ctx: ToolContext, args: dict[str, Any]) -> str:
+    lines = _read_text(ctx.path(args["path"]), args["path"]).splitlines()
+    start = max(int(args.get("offset") or 1), 1) - 1
+    limit = max(int(args.get("limit") or 2000), 1)
+    numbered = [f"{i + 1:6}\t{line}" for i, line in enumerate(lines[start:start + limit],
+                                                               start)]
+    return clip("\n".join(numbered)) or "(empty file)"
+
+
+def _write(ctx: ToolContext, args: dict[str, Any]) -> str:
+    path = _writable(ctx, args["path"])
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(args["content"])
+    return f"wrote {len(args['content'].encode())} bytes to {path}"
+
+
+def _edit(ctx: ToolContext, args: dict[str, Any]) -> str:
+    path = _writable(ctx, args["path"])
+    text = _read_text(path, args["path"])
+    old, new = args["old_string"], args["new_string"]
+    if old == new:
+        raise ToolError("old_string and new_string are the same")
+    count = text.count(old)
+    if count == 0:
+        raise ToolError(f"old_string was not found in {args['path']}")
+    if count > 1 and not args.get("replace_all"):
+        raise ToolError(f"old_string occurs {count} times in {args['path']}; give more"
+                        " context to make it unique, or set replace_all")
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text.replace(old, new) if args.get("replace_all") else text.replace(old, new, 1))
+    return f"replaced {count if args.get('replace_all') else 1} occurrence(s) in {path}"
+
+
+def _walk(root: str):
+    if os.path.isfile(root):
+        yield root
+        return
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in (".git", "node_modules",
+                                                               "__pycache__"))
+        for name in sorted(filenames):
+            yield os.path.join(dirpath, name)
+
+
+def _glob(ctx: ToolContext, args: dict[str, Any]) -> str:
+    root = ctx.path(args.get("path") or ctx.config.group_dir)
+    pattern = args["pattern"]
+    hits = [p for p in _walk(root) if fnmatch.fnmatch(os.path.relpath(p, root), pattern)
+            or fnmatch.fnmatch(os.path.basename(p), pattern)]
+    hits.sort(key=lambda p: os.path.getmtime(p), reverse=True)
+    more = f"\n… and {len(hits) - MAX_MATCHES} more" if len(hits) > MAX_MATCHES else ""
+    return "\n".join(hits[:MAX_MATCHES]) + more if hits else "no files match"
+
+
+def _grep(ctx: ToolContext, args: dict[str, Any]) -> str:
+    try:
+        rx = re.compile(args["pattern"], re.I if args.get("ignore_case") else 0)
+    except re.error as exc:
+        raise ToolError(f"`pattern` is not a valid regular expression: {exc}") from None
+    root = ctx.path(args.get("path") or ctx.config.group_dir)
+    hits: list[str] = []
+    for path in _walk(root):
+        if args.get("glob") and not fnmatch.fnmatch(os.path.basename(path), args["glob"]):
+            continue
+        try:
+            if os.path.getsize(path) > MAX_GREP_FILE:
+                continue
+            with open(path, "rb") as fh:
+                data = fh.read()
+        except OSError:
+            continue
         if b"\0" in data[:8192]:
-            raise ToolError(f"{args.get('path')} is a binary file")
-        lines = data.decode("utf-8", "replace").splitlines()
-        start = max(int(args.get("offset") or 1), 1) - 1
-        limit = max(int(args.get("limit") or 2000), 1)
-        return ToolOutcome(_clip("\n".join(lines[start:start + limit])))
+            continue
+        for n, line in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
+            if rx.search(line):
+                hits.append(f"{path}:{n}:{line[:500]}")
+                if len(hits) >= MAX_MATCHES:
+                    return clip("\n".join(hits) + "\n… (more matches cut)")
+    return clip("\n".join(hits)) if hits else "no matches"
 
-    def _write(self, args: dict[str, Any]) -> ToolOutcome:
-        c = self.config
-        path = self._resolve(str(args.get("path") or ""), [c.group_dir, c.session_dir, "/tmp"])
-        if path in self._protected or path.startswith(self._protected_dir + os.sep):
-            raise ToolError(f"{args.get('path')} belongs to the runner and cannot be written")
-        content = args.get("content")
-        if not isinstance(content, str):
-            raise ToolError("content must be a string")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w", encoding="utf-8") as fh:
-            fh.write(content)
-        return ToolOutcome(f"wrote {len(content.encode())} bytes to {path}")
+
+class _Text(HTMLParser):
+    SKIP = {"script", "style", "noscript", "head"}
+    BLOCK = {"p", "div", "br", "li", "tr", "h1", "h2", "h3", "h4", "h5", "h6", "pre", "section"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts: list[str] = []
+        self._skip = 0
+
+    def handle_starttag(self, tag: str, attrs: Any) -> None:
+        if tag in self.SKIP:
+            self._skip += 1
+        elif tag in self.BLOCK:
+            self.parts.append("\n")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in self.SKIP and self._skip:
+            self._skip -= 1
+
+    def handle_data(self, data: str) -> None:
+        if not self._skip:
+            self.parts.append(data)
+
+
+def _web_fetch(ctx: ToolContext, args: dict[str, Any]) -> str:
+    url = args["url"].strip()
+    if not url.startswith(("http://", "https://")):
+        raise ToolError("`url` must start with http:// or https://")
+    req = urllib.request.Request(url, headers={"User-Agent": "nanoclaw-agent/1.0"})
+    try:
+        with urllib.request.urlopen(req, timeout=FETCH_TIMEOUT_S) as resp:
+            body = resp.read(FETCH_MAX_BYTES + 1)
+            ctype = resp.headers.get("Content-Type", "")
+            charset = resp.headers.get_content_charset() or "utf-8"
+    except urllib.error.HTTPError as exc:
+        raise ToolError(f"HTTP {exc.code} {exc.reason} from {url}") from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise ToolError(f"could not fetch {url}: {getattr(exc, 'reason', exc)}") from None
+    text = body[:FETCH_MAX_BYTES].decode(charset, "replace")
+    if "html" in ctype:
+        parser = _Text()
+        parser.feed(text)
+        text = re.sub(r"\n\s*\n+", "\n\n", "".join(parser.parts)).strip()
+    limit = int(args.get("max_chars") or MAX_OUTPUT)
+    return clip(text, max(1000, min(limit, MAX_OUTPUT)))
+
+
+PATH = string("a path; relative paths are in your working directory", minLength=1)
+TOOLS = [
+    Tool("bash", "Run a bash command in your working directory; returns the exit code and"
+         " output (stdout and stderr).",
+         obj({"command": string(minLength=1), "timeout": {
+             "type": "integer", "minimum": 1, "maximum": BASH_MAX_S,
+             "description": f"seconds (default {BASH_DEFAULT_S})"}}, ("command",)),
+         _bash, local=True, timeout_s=bash_timeout),
+    Tool("read", "Read a text file, with line numbers.",
+         obj({"path": PATH, "offset": {"type": "integer", "minimum": 1,
+                                       "description": "first line, 1-based"},
+              "limit": {"type": "integer", "minimum": 1, "description": "number of lines"}},
+             ("path",)), _read, local=True),
+    Tool("write", "Write a text file, replacing it.",
+         obj({"path": PATH, "content": string()}, ("path", "content")), _write, local=True),
+    Tool("edit", "Replace exact text in a file (old_string must be unique unless"
+         " replace_all).",
+         obj({"path": PATH, "old_string": string(minLength=1), "new_string": string(),
+              "replace_all": {"type": "boolean"}}, ("path", "old_string", "new_string")),
+         _edit, local=True),
+    Tool("glob", "Find files by name pattern (e.g. '**/*.md'), newest first.",
+         obj({"pattern": string(minLength=1), "path": string("folder to search")},
+             ("pattern",)), _glob, local=True),
+    Tool("grep", "Search file contents with a regular expression; returns path:line:text.",
+         obj({"pattern": string(minLength=1), "path": string("file or folder to search"),
+              "glob": string("only files whose name matches, e.g. '*.py'"),
+              "ignore_case": {"type": "boolean"}}, ("pattern",)), _grep, local=True),
+    Tool("web_fetch", "Fetch a web page or file over HTTP(S) and return its text.",
+         obj({"url": string(minLength=1), "max_chars": {"type": "integer", "minimum": 1000}},
+             ("url",)), _web_fetch, local=True),
+]

@@ -1,0 +1,86 @@
+"""Group memory: what the agent is told before any message (reference §7 step 5).
+
+At every start the runner composes `<group>/.claude/CLAUDE.md` from the shared base
+prompt (`container/CLAUDE.md`), the host-wide memory (`groups/global/CLAUDE.md`,
+read-only), each enabled skill's `instructions.md`, the nanoclaw tool instructions and
+each extra MCP server's `instructions`. The Claude Code CLI loads that file and the
+group's own `CLAUDE.md` (the agent's memory, which it edits) by itself; the `anthropic`
+provider gets the same text in its system prompt from `memory()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from agent_runner import tools
+from agent_runner.config import Config
+
+log = logging.getLogger("agent_runner")
+
+HEADER = ("<!-- Composed by the agent runner at every start; edits here are lost. The agent's"
+          " own memory is the CLAUDE.md of its working directory. -->")
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read().strip()
+    except OSError:
+        return ""
+
+
+def _skills(config: Config) -> list[tuple[str, str]]:
+    root = os.path.join(config.runner_root, "skills")
+    try:
+        names = sorted(os.listdir(root))
+    except OSError:
+        return []
+    wanted = None if config.skills == "all" else set(config.skills)
+    found = []
+    for name in names:
+        if wanted is None or name in wanted:
+            text = _read(os.path.join(root, name, "instructions.md"))
+            if text:
+                found.append((name, text))
+    return found
+
+
+def compose_text(config: Config) -> str:
+    parts = [HEADER]
+    base = _read(os.path.join(config.runner_root, "CLAUDE.md"))
+    if base:
+        parts.append(base)
+    shared = _read(os.path.join(config.global_dir, "CLAUDE.md"))
+    if shared:
+        parts.append("## Shared memory (read-only; the same for every agent)\n\n" + shared)
+    for name, text in _skills(config):
+        parts.append(f"## Skill: {name}\n\n{text}")
+    parts.append(tools.instructions())
+    for name, spec in config.mcp_servers.items():
+        if isinstance(spec.get("instructions"), str) and spec["instructions"].strip():
+            parts.append(f"## MCP server: {name}\n\n{spec['instructions'].strip()}")
+    return "\n\n".join(parts) + "\n"
+
+
+def compose(config: Config) -> str:
+    """Write the composed file (only when it changed); returns its text."""
+    text = compose_text(config)
+    path = os.path.join(config.group_dir, ".claude", "CLAUDE.md")
+    if _read(path) + "\n" == text:
+        return text
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("cannot write composed memory path=%s error=%s", path, exc)
+    return text
+
+
+def memory(config: Config, composed: str) -> str:
+    """Everything the CLI would load: the composed file, then the agent's own memory."""
+    own = _read(os.path.join(config.group_dir, "CLAUDE.md"))
+    return composed.strip() + (f"\n\n## Your memory (CLAUDE.md)\n\n{own}" if own else "")

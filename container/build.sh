@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Build the agent image from container/Dockerfile — also on a machine where no container
+# registry is reachable:
+#   1. base: debian:bookworm-slim if present or pullable, else made here with debootstrap
+#      (minbase + python3) and `docker import`ed as nanoclaw-base:bookworm (kept);
+#   2. wheels: `pip download`ed on the host for the image's Python (cp311, manylinux),
+#      because pip over TLS inside a build fails here; installed with --no-index in a
+#      build stage, so the wheels never reach the final image;
+#   3. `docker build`, labelled with a hash of what it is built from. An image with the
+#      same hash is up to date and is not rebuilt (--force rebuilds).
+# Settings: NANOCLAW_IMAGE (tag), NANOCLAW_BASE_IMAGE (skip step 1), DEBIAN_MIRROR.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(dirname "$here")
+image=${NANOCLAW_IMAGE:-nanoclaw-agent:latest}
+base=${NANOCLAW_BASE_IMAGE:-}
+force=0
+[ "${1:-}" = "--force" ] && force=1
+
+say() { printf '==> %s\n' "$*"; }
+die() { printf 'build.sh: %s\n' "$*" >&2; exit 1; }
+
+command -v docker >/dev/null || die "no docker command (apt-get install docker.io)"
+docker version --format '{{.Server.Version}}' >/dev/null 2>&1 \
+  || die "no Docker engine answers${DOCKER_HOST:+ at $DOCKER_HOST}; start one (see .ci/run)"
+
+# Same recipe as nanoclaw.runtime.sandbox.image_hash.
+hash=$(cd "$here" && for n in Dockerfile requirements.txt build.sh; do
+         printf '%s\0' "$n"; cat "$n" 2>/dev/null || true; printf '\0'; done \
+       | sha256sum | cut -c1-16)
+have=$(docker image inspect --format '{{ index .Config.Labels "nanoclaw.image-hash" }}' \
+         "$image" 2>/dev/null || true)
+if [ "$force" = 0 ] && [ "$have" = "$hash" ]; then
+  say "image $image is up to date ($hash)"
+  exit 0
+fi
+
+# ---- 1. base ---------------------------------------------------------------------------
+mirror() {
+  if [ -n "${DEBIAN_MIRROR:-}" ]; then echo "$DEBIAN_MIRROR"; return; fi
+  local m
+  m=$( (grep -hs '^URIs:' /etc/apt/sources.list.d/*.sources | awk '{print $2}';
+        grep -hs '^deb ' /etc/apt/sources.list | awk '{print $2}') \
+       | grep -m1 -E '^http://.*/debian/?$' || true)
+  echo "${m:-http://deb.debian.org/debian}"
+}
+
+if [ -z "$base" ]; then
+  if docker image inspect debian:bookworm-slim >/dev/null 2>&1; then
+    base=debian:bookworm-slim
+  elif docker image inspect nanoclaw-base:bookworm >/dev/null 2>&1; then
+    base=nanoclaw-base:bookworm
+  elif say "pulling debian:bookworm-slim" && timeout 120 docker pull debian:bookworm-slim; then
+    base=debian:bookworm-slim
+  else
+    say "no registry: making the base with debootstrap (about a minute)"
+    command -v debootstrap >/dev/null || die "no debootstrap (apt-get install debootstrap)"
+    [ "$(id -u)" = 0 ] || die "debootstrap needs root (or set NANOCLAW_BASE_IMAGE)"
+    rootfs=$(mktemp -d /var/tmp/nanoclaw-rootfs.XXXXXX)
+    trap 'rm -rf "$rootfs"' EXIT
+    debootstrap --variant=minbase --include=python3,tzdata,ca-certificates \
+      bookworm "$rootfs" "$(mirror)"
+    rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/* \
+      "$rootfs"/usr/share/doc/* "$rootfs"/usr/share/man/* "$rootfs"/usr/share/info/* \
+      "$rootfs"/usr/share/locale/* "$rootfs"/var/log/*.log
+    say "importing the base as nanoclaw-base:bookworm"
+    tar -C "$rootfs" -c . | docker import --change 'CMD ["/bin/bash"]' - nanoclaw-base:bookworm
+    rm -rf "$rootfs"
+    trap - EXIT
+    base=nanoclaw-base:bookworm
+  fi
+fi
+say "base image: $base"
+
+# ---- 2. wheels -------------------------------------------------------------------------
+if [ -x "$root/.venv/bin/python" ]; then py="$root/.venv/bin/python"; else py=python3; fi
+"$py" -m pip --version >/dev/null 2>&1 || die "no pip for $py (make install, or python3-pip)"
+case "$(uname -m)" in
+  x86_64) arch=x86_64 ;; aarch64|arm64) arch=aarch64 ;; *) die "unsupported arch $(uname -m)" ;;
+esac
+wheels="$root/build/agent-wheels"
+mkdir -p "$wheels"
+say "downloading wheels for cp311/$arch into $wheels"
+"$py" -m pip download --disable-pip-version-check --progress-bar off --dest "$wheels" \
+  --only-binary=:all: --implementation cp --python-version 3.11 --abi cp311 --abi abi3 \
+  --abi none --platform "manylinux_2_36_$arch" --platform "manylinux_2_28_$arch" \
+  --platform "manylinux_2_17_$arch" --platform "manylinux2014_$arch" \
+  --platform "linux_$arch" -r "$here/requirements.txt" pip \
+  | grep -Ev '^(Collecting|  File was already|  Using cached|Saved|Successfully)' || true
+
+# ---- 3. build --------------------------------------------------------------------------
+ctx=$(mktemp -d /var/tmp/nanoclaw-image.XXXXXX)
+trap 'rm -rf "$ctx"' EXIT
+cp "$here/Dockerfile" "$here/requirements.txt" "$ctx/"
+mkdir "$ctx/wheels"
+cp "$wheels"/*.whl "$ctx/wheels/"
+say "building $image"
+DOCKER_BUILDKIT=0 docker build --network host --build-arg "BASE=$base" \
+  --label "nanoclaw.image-hash=$hash" -t "$image" "$ctx" 2>&1 | grep -v '^DEPRECATED\|legacy builder\|BuildKit is\|buildx\|^ *https://docs.docker.com/go/buildx' || true
+docker image inspect "$image" --format '{{ index .Config.Labels "nanoclaw.image-hash" }}' \
+  2>/dev/null | grep -qx "$hash" || die "the build failed (see the output above)"
+size=$(docker image inspect "$image" --format '{{.Size}}')
+say "built $image ($hash): $((size / 1000000)) MB"

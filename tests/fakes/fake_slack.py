@@ -1,0 +1,268 @@
+"""A fake Slack on 127.0.0.1: the Web API under /api/ and Socket Mode (a websocket at
+/link, handed out by apps.connections.open), driven by the real slack-sdk clients.
+
+Socket Mode: `hello` on connect; events and block_actions arrive as envelopes that the
+app must acknowledge (`{"envelope_id"}`); an unacknowledged envelope is sent again on
+the next connection. Web API: auth.test, chat.postMessage, chat.update, reactions.add,
+conversations.open, the files_upload_v2 trio (getUploadURLExternal, the upload URL,
+completeUploadExternal) and files.info, plus private file downloads. 429s carry
+`Retry-After` and `{"ok": false, "error": "ratelimited"}` as Slack's do.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from fakes.base import FakeServer
+
+BOT_USER, BOT_ID = "UBOT0001", "BBOT0001"
+
+
+def _ok(**data: Any) -> web.Response:
+    return web.json_response({"ok": True, **data})
+
+
+class FakeSlack(FakeServer):
+    def __init__(self, bot_token: str = "xoxb-test", app_token: str = "xapp-test") -> None:
+        super().__init__()
+        self.bot_token, self.app_token = bot_token, app_token
+        self.sockets: list[web.WebSocketResponse] = []
+        self.unacked: dict[str, dict[str, Any]] = {}
+        self.acked: list[str] = []
+        self.connections = 0
+        self.clock = 1_700_000_000.0
+        self.messages: dict[str, dict[str, Any]] = {}  # ts → message (bot and users)
+        self.files: dict[str, dict[str, Any]] = {}
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 << 20)
+        app.router.add_get("/link", self._socket)
+        app.router.add_post("/upload/{fid}", self._upload)
+        app.router.add_get("/files-pri/{fid}/{name}", self._download)
+        app.router.add_route("*", "/api/{method}", self._api)
+        return app
+
+    @property
+    def api_base(self) -> str:
+        return f"{self.url}/api/"
+
+    def ts(self) -> str:
+        with self.lock:
+            self.clock += 0.000100
+            return f"{self.clock:.6f}"
+
+    # ---- test side --------------------------------------------------------------------
+    def user_message(self, channel: str, text: str, *, user: str = "UANN0001",
+                     thread_ts: str | None = None, file: tuple[str, bytes, str] | None = None,
+                     raw: dict[str, Any] | None = None) -> str:
+        ts = self.ts()
+        ev: dict[str, Any] = {"type": "message", "channel": channel, "user": user, "text": text,
+                              "ts": ts, "channel_type": "im" if channel.startswith("D") else "channel",
+                              "event_ts": ts}
+        if thread_ts:
+            ev["thread_ts"] = thread_ts
+        if file:
+            name, data, mime = file
+            fid = f"F{len(self.files) + 1:08d}"
+            self.files[fid] = {"id": fid, "name": name, "mimetype": mime, "size": len(data),
+                               "data": data}
+            ev["subtype"] = "file_share"
+            ev["files"] = [{"id": fid, "name": name, "mimetype": mime, "size": len(data),
+                            "url_private_download": f"{self.url}/files-pri/{fid}/{name}"}]
+        ev.update(raw or {})
+        self.messages[ts] = ev
+        self.envelope("events_api", {"token": "t", "team_id": "T1", "api_app_id": "A1",
+                                     "type": "event_callback", "event_id": f"Ev{ts}",
+                                     "event_time": int(time.time()), "event": ev})
+        return ts
+
+    def click(self, channel: str, ts: str, action_id: str, user: str = "UANN0001") -> None:
+        self.envelope("interactive", {
+            "type": "block_actions", "user": {"id": user, "username": "ann"},
+            "channel": {"id": channel}, "container": {"type": "message", "message_ts": ts,
+                                                      "channel_id": channel},
+            "message": {"ts": ts}, "trigger_id": f"trig{uuid.uuid4().hex[:8]}",
+            "actions": [{"type": "button", "action_id": action_id, "block_id": "b",
+                         "value": "0", "action_ts": self.ts()}]})
+
+    def envelope(self, kind: str, payload: Any, envelope_id: str | None = None) -> str:
+        eid = envelope_id or uuid.uuid4().hex
+        env = {"envelope_id": eid, "type": kind, "payload": payload,
+               "accepts_response_payload": False, "retry_attempt": 0, "retry_reason": ""}
+        self.unacked[eid] = env
+        self.send_raw(json.dumps(env))
+        return eid
+
+    def send_raw(self, text: str) -> None:
+        async def _send() -> None:
+            for ws in list(self.sockets):
+                if not ws.closed:
+                    await ws.send_str(text)
+        self.run(_send())
+
+    def drop(self) -> None:
+        async def _drop() -> None:
+            for ws in list(self.sockets):
+                await ws.close()
+        self.run(_drop())
+
+    def sent(self, channel: str) -> list[dict[str, Any]]:
+        with self.lock:
+            return [m for m in self.messages.values()
+                    if m["channel"] == channel and m.get("bot_id") == BOT_ID]
+
+    # ---- Socket Mode ------------------------------------------------------------------
+    async def _socket(self, request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse(autoping=True)
+        await ws.prepare(request)
+        self.connections += 1
+        self.record("socket_connect", dict(request.query))
+        self.sockets.append(ws)
+        await ws.send_str(json.dumps({"type": "hello", "num_connections": 1,
+                                      "connection_info": {"app_id": "A1"},
+                                      "debug_info": {"host": "fake"}}))
+        for env in list(self.unacked.values()):  # redeliver what was never acknowledged
+            await ws.send_str(json.dumps(env))
+        try:
+            async for msg in ws:
+                if msg.type == WSMsgType.TEXT:
+                    try:
+                        eid = json.loads(msg.data).get("envelope_id")
+                    except ValueError:
+                        continue
+                    if eid and self.unacked.pop(eid, None) is not None:
+                        self.acked.append(eid)
+        finally:
+            self.sockets.remove(ws)
+        return ws
+
+    # ---- Web API ----------------------------------------------------------------------
+    def _error(self, status: int, retry_after: float | None = None) -> web.Response:
+        if status == 429:
+            return web.json_response({"ok": False, "error": "ratelimited"}, status=429,
+                                     headers={"Retry-After": str(int(retry_after or 1))})
+        if status < 300:  # a Slack-style failure: HTTP 200, ok false
+            return web.json_response({"ok": False, "error": "channel_not_found"})
+        return web.Response(status=status, text="upstream error")
+
+    async def _api(self, request: web.Request) -> web.StreamResponse:
+        method = request.match_info["method"]
+        p: dict[str, Any] = dict(request.query)
+        if request.content_type == "application/json":
+            p.update(await request.json())
+        elif request.can_read_body:
+            p.update({k: str(v) for k, v in (await request.post()).items()})
+        auth = request.headers.get("Authorization", "")
+        want = self.app_token if method == "apps.connections.open" else self.bot_token
+        if auth != f"Bearer {want}":
+            self.record(method, p, "unauthorized")
+            return web.json_response({"ok": False, "error": "invalid_auth"})
+        bad = await self.misbehave(request, method, p, self._error)
+        if bad is not None:
+            return bad
+        self.record(method, p)
+        handler = getattr(self, "_m_" + method.replace(".", "_"), None)
+        if handler is None:
+            return web.json_response({"ok": False, "error": "unknown_method"})
+        return await handler(p)
+
+    async def _m_auth_test(self, p: dict) -> web.Response:
+        return _ok(url="https://fake.slack.com/", team="Fake", user="andy", team_id="T1",
+                   user_id=BOT_USER, bot_id=BOT_ID)
+
+    async def _m_apps_connections_open(self, p: dict) -> web.Response:
+        return _ok(url=f"ws://127.0.0.1:{self.port}/link?ticket={uuid.uuid4().hex[:8]}")
+
+    def _post(self, channel: str, text: str, thread_ts: Any = None, **extra: Any) -> dict:
+        ts = self.ts()
+        m = {"type": "message", "channel": channel, "text": text, "ts": ts, "bot_id": BOT_ID,
+             "user": BOT_USER, **extra}
+        if thread_ts:
+            m["thread_ts"] = thread_ts
+        with self.lock:
+            self.messages[ts] = m
+        return m
+
+    async def _m_chat_postMessage(self, p: dict) -> web.Response:
+        text = str(p.get("text") or "")
+        if len(text) > 40_000:
+            return web.json_response({"ok": False, "error": "msg_too_long"})
+        blocks = p.get("blocks")
+        if isinstance(blocks, str):
+            blocks = json.loads(blocks)
+        m = self._post(p["channel"], text, p.get("thread_ts"), blocks=blocks)
+        return _ok(channel=p["channel"], ts=m["ts"], message=m)
+
+    async def _m_chat_update(self, p: dict) -> web.Response:
+        m = self.messages.get(str(p.get("ts")))
+        if m is None:
+            return web.json_response({"ok": False, "error": "message_not_found"})
+        with self.lock:
+            m["text"] = p.get("text")
+            blocks = p.get("blocks")
+            m["blocks"] = json.loads(blocks) if isinstance(blocks, str) else blocks
+            m["edited"] = True
+        return _ok(channel=p["channel"], ts=m["ts"], text=m["text"])
+
+    async def _m_reactions_add(self, p: dict) -> web.Response:
+        m = self.messages.get(str(p.get("timestamp")))
+        if m is None:
+            return web.json_response({"ok": False, "error": "message_not_found"})
+        with self.lock:
+            m.setdefault("reactions", []).append(p.get("name"))
+        return _ok()
+
+    async def _m_users_info(self, p: dict) -> web.Response:
+        return _ok(user={"id": p.get("user"), "name": "ann",
+                         "profile": {"display_name": "Ann", "real_name": "Ann Example"}})
+
+    async def _m_conversations_open(self, p: dict) -> web.Response:
+        return _ok(channel={"id": "D" + str(p.get("users"))[1:]})
+
+    async def _m_files_getUploadURLExternal(self, p: dict) -> web.Response:
+        fid = f"F{len(self.files) + 1:08d}"
+        self.files[fid] = {"id": fid, "name": p.get("filename"), "size": int(p.get("length") or 0)}
+        return _ok(upload_url=f"{self.url}/upload/{fid}", file_id=fid)
+
+    async def _m_files_completeUploadExternal(self, p: dict) -> web.Response:
+        files = p.get("files")
+        files = json.loads(files) if isinstance(files, str) else files
+        out = []
+        for f in files or []:
+            rec = self.files.get(f["id"], {})
+            rec.update({"title": f.get("title"), "channel": p.get("channel_id")})
+            self._post(str(p.get("channel_id")), "", p.get("thread_ts"), files=[f["id"]])
+            out.append({"id": f["id"], "name": rec.get("name"), "title": f.get("title")})
+        return _ok(files=out)
+
+    async def _m_files_info(self, p: dict) -> web.Response:
+        f = self.files.get(str(p.get("file")))
+        if f is None:
+            return web.json_response({"ok": False, "error": "file_not_found"})
+        return _ok(file={k: v for k, v in f.items() if k != "data"})
+
+    async def _upload(self, request: web.Request) -> web.Response:
+        fid = request.match_info["fid"]
+        if request.content_type.startswith("multipart/"):
+            reader = await request.multipart()
+            data = b""
+            async for part in reader:
+                data = bytes(await part.read())  # type: ignore[union-attr]
+        else:
+            data = await request.read()
+        self.files.setdefault(fid, {"id": fid})["data"] = data
+        self.record("upload", {"file_id": fid, "size": len(data)})
+        return web.Response(text="OK - 1")
+
+    async def _download(self, request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") != f"Bearer {self.bot_token}":
+            return web.Response(status=403)
+        f = self.files.get(request.match_info["fid"])
+        if f is None or "data" not in f:
+            return web.Response(status=404)
+        return web.Response(body=f["data"], content_type="application/octet-stream")

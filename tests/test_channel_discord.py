@@ -1,0 +1,260 @@
+"""Discord end to end: a real host whose `channel:discord` worker drives the real
+discord.py client against a fake Discord (REST + gateway websocket) on 127.0.0.1; and
+the crash loop: a worker that fails right after IDENTIFY, restarted by the supervisor
+on an injected clock, identifies no more often than the breaker schedule allows."""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, Host, wait_for
+from fakes.fake_discord import BOT, FakeDiscord
+from fakes.hosts import (enqueue, error_log, inbound_events, log, outbox, session_inbound,
+                         wire_chat, worker)
+
+
+@pytest.fixture(scope="module")
+def dc():
+    fake = FakeDiscord().start()
+    yield fake
+    fake.stop()
+
+
+def discord_env(dc: FakeDiscord, **extra: str) -> dict[str, str]:
+    return {"DISCORD_BOT_TOKEN": dc.token, "DISCORD_API_BASE": dc.api_base,
+            "DISCORD_GATEWAY_URL": dc.gateway_url, "NANOCLAW_DISCORD_HEARTBEAT_TIMEOUT": "2",
+            "NANOCLAW_WEB_ENABLED": "false", **extra}
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory, dc):
+    from nanoclaw.devtools.fake_model import FakeModel
+
+    model = FakeModel(port=0, delay_ms=0)
+    model.start()
+    h = Host(tmp_path_factory.mktemp("dc"), model.url,
+             discord_env(dc, NANOCLAW_SEND_ATTEMPTS="2", NANOCLAW_DISCORD_RECONNECTS="20"))
+    h.start()
+    wait_for(lambda: dc.calls_of("IDENTIFY"), 30, what="IDENTIFY")
+    wait_for(lambda: "discord connected" in log(h), 30, what="READY")
+    yield h
+    h.cleanup()
+    model.stop()
+
+
+def reply_to(dc: FakeDiscord, channel: str, mid: str, timeout: float = 60) -> dict:
+    return wait_for(lambda: next((m for m in dc.sent(channel)
+                                  if str((m.get("message_reference") or {}).get("message_id")) == mid),
+                                 None), timeout, what=f"reply to {mid}")
+
+
+def test_message_reaches_agent_and_reply_appears(host, dc):
+    wire_chat(host, "discord", "discord:201")
+    mid = dc.user_message("201", "hello discord")
+    assert reply_to(dc, "201", mid)["content"] == "echo: hello discord"
+    assert dc.calls_of("POST /channels/{id}/typing")
+    ev = [e for e in inbound_events(host, "discord") if e["message_id"] == mid][0]
+    assert ev["payload"]["is_mention"] is True and ev["payload"]["is_group"] is False
+
+
+def test_guild_mention_and_attachment(host, dc):
+    wire_chat(host, "discord", "discord:202", is_group=True, engage_mode="mention")
+    quiet = dc.user_message("202", "no mention here", guild_id="77")
+    mid = dc.user_message("202", "look at this", guild_id="77", mention_bot=True,
+                          attachment=("a.txt", b"attached", "text/plain"))
+    r = reply_to(dc, "202", mid)
+    assert r["content"].startswith(f"echo: @{BOT['username']} look at this")
+    assert "a.txt" in r["content"]  # the agent saw the attachment
+    evs = {e["message_id"]: e["payload"] for e in inbound_events(host, "discord")}
+    assert evs[quiet]["is_mention"] is False and evs[quiet]["is_group"] is True
+    assert base64.b64decode(evs[mid]["attachments"][0]["data"]) == b"attached"
+
+
+def test_long_reply_is_split_at_2000(host, dc):
+    wire_chat(host, "discord", "discord:203")
+    lines = [f"line {i:04d} " + "x" * 60 for i in range(60)]  # ~4100 characters
+    text = "\n".join(lines)
+    mid = dc.user_message("203", text)
+    reply_to(dc, "203", mid)
+    want = f"echo: {text}"
+    got = wait_for(lambda: [m["content"] for m in dc.sent("203")]
+                   if sum(len(m["content"]) for m in dc.sent("203")) >= len(want) - 5 else None,
+                   30, what="all chunks")
+    assert len(got) == 3 and all(len(t) <= 2000 for t in got)
+    assert "\n".join(got) == want  # cut at line breaks, nothing lost
+
+
+def test_button_click_becomes_an_action_event(host, dc):
+    card = {"type": "ask_question", "questionId": "q-dc-1", "title": "Deploy?",
+            "question": "Ship it now?", "options": [
+                {"label": "Yes", "selectedLabel": "Shipping", "value": "yes"},
+                {"label": "Later", "selectedLabel": "Postponed", "value": "later"}]}
+    enqueue(host, "card:q-dc-1", "discord", "discord:204", card, kind="chat-sdk")
+    sent = wait_for(lambda: dc.sent("204"), 30, what="card sent")[0]
+    buttons = sent["components"][0]["components"]
+    assert [b["label"] for b in buttons] == ["Yes", "Later"]
+    dc.click(sent["id"], buttons[1]["custom_id"], user_id="31")
+    ev = wait_for(lambda: inbound_events(host, "discord", "action"), 30, what="action")[0]
+    assert ev["payload"] == {"question_id": "q-dc-1", "option": "later", "user_id": "31"}
+    wait_for(lambda: "Postponed" in dc.messages[sent["id"]]["content"], 10, what="card edited")
+    assert dc.messages[sent["id"]]["components"] == []
+
+
+def test_rate_limit_is_waited_out(host, dc):
+    wire_chat(host, "discord", "discord:205")
+    dc.inject("POST /channels/{id}/messages", status=429, retry_after=1, channel_id="205")
+    mid = dc.user_message("205", "slow down")
+    assert reply_to(dc, "205", mid)["content"] == "echo: slow down"
+    calls = [c for c in dc.calls_of("POST /channels/{id}/messages", None)
+             if c.params.get("channel_id") == "205"]
+    assert [c.outcome for c in calls] == ["injected:429", "ok"]
+    assert calls[1].at - calls[0].at >= 0.9
+
+
+def test_send_that_keeps_failing_is_told_to_agent_and_logged(host, dc):
+    wire_chat(host, "discord", "discord:206")
+    rule = dc.inject("POST /channels/{id}/messages", count=50, status=403, channel_id="206")
+    dc.user_message("206", "are you there")
+    row = wait_for(lambda: (host.q("SELECT * FROM channel_outbox WHERE platform_id="
+                                   "'discord:206' AND status='failed'") or [None])[0], 60,
+                   what="send failed for good")
+    assert "Missing Permissions" in row["error"]
+    wait_for(lambda: any("could not be delivered" in (m["content"] or "")
+                         for m in session_inbound(host, "discord", "discord:206")), 30,
+             what="agent told")
+    assert "failed for good" in error_log(host)
+    rule.count = 0
+
+
+def test_edits_reactions_and_files_out(host, dc):
+    enqueue(host, "f-207", "discord", "discord:207",
+            {"text": "report", "files": [{"name": "r.txt", "data": base64.b64encode(b"R").decode()}]})
+    wait_for(lambda: (outbox(host, "f-207") or {}).get("status") == "sent", 30)
+    pmid = outbox(host, "f-207")["platform_message_id"]
+    assert dc.messages[pmid]["attachments"][0]["filename"] == "r.txt"
+    enqueue(host, "e-207", "discord", "discord:207",
+            {"operation": "edit", "messageId": pmid, "text": "report v2"})
+    enqueue(host, "r-207", "discord", "discord:207",
+            {"operation": "reaction", "messageId": pmid, "emoji": "👍"})
+    wait_for(lambda: dc.messages[pmid]["content"] == "report v2", 30, what="edit")
+    wait_for(lambda: dc.messages[pmid]["reactions"], 30, what="reaction")
+
+
+def test_zombie_gateway_is_resumed_without_losing_a_message(host, dc):
+    wire_chat(host, "discord", "discord:208")
+    resumes, identifies = dc.resumes, dc.identifies
+    dc.zombie = True  # the connection stays open but nothing comes back: no ACKs, no events
+    mid = dc.user_message("208", "sent into the void")
+    wait_for(lambda: dc.resumes > resumes, 30, what="RESUME after missed ACKs")
+    dc.zombie = False
+    assert reply_to(dc, "208", mid)["content"] == "echo: sent into the void"
+    assert dc.identifies == identifies  # resumed, not re-identified
+    assert "gateway disconnected" in log(host)  # noticed (missed ACKs or silence), resumed
+    assert worker(host, "channel:discord")["restarts"] == 0
+
+
+def test_malformed_gateway_frames_never_crash_the_worker(host, dc):
+    wire_chat(host, "discord", "discord:209")
+    for raw in ("{not json", "[]", '{"op": 0, "t": "MESSAGE_CREATE", "s": 1, "d": {"id": "x"}}',
+                '{"op": 0, "t": "INTERACTION_CREATE", "s": 2, "d": {"type": 3}}',
+                '{"op": 0, "t": "MESSAGE_CREATE", "s": 3, "d": null}', '{"op": 77}'):
+        dc.send_raw(raw)
+    dc.dispatch("MESSAGE_CREATE", {"id": "1", "channel_id": "209", "content": 5, "author": {}})
+    mid = dc.user_message("209", "still alive?")
+    assert reply_to(dc, "209", mid)["content"] == "echo: still alive?"
+    assert worker(host, "channel:discord")["restarts"] == 0
+
+
+# ---- the crash loop ---------------------------------------------------------------------
+
+CHILD = """
+import sys
+from nanoclaw import config, log
+from nanoclaw.worker import run
+from workers import make_worker
+s = config.load()
+log.setup('channel:discord', s.logs_dir, 'INFO', stderr=True)
+sys.exit(run(make_worker('channel:discord', s)))
+"""
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Child:
+    """A real channel worker process for the supervisor (its process interface)."""
+
+    def __init__(self, env: dict[str, str], out) -> None:
+        self.p = subprocess.Popen([sys.executable, "-c", CHILD], env=env, cwd=ROOT,
+                                  stdout=out, stderr=subprocess.STDOUT)
+        self.pid = self.p.pid
+
+    def poll(self):
+        return self.p.poll()
+
+    def signal(self, sig):
+        try:
+            self.p.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+
+def test_crash_loop_identifies_at_the_breaker_pace(tmp_path, dc):
+    from nanoclaw.store import Store
+    from nanoclaw.supervisor import Supervisor
+
+    env = {**os.environ, **discord_env(dc, NANOCLAW_DISCORD_RECONNECTS="0"),
+           "NANOCLAW_DATA_DIR": str(tmp_path / "data"), "NANOCLAW_LOGS_DIR": str(tmp_path / "logs")}
+    store = Store.open(tmp_path / "data")
+    out = open(tmp_path / "workers.out", "ab")
+    clock = Clock()
+    starts: list[float] = []
+    base = dc.identifies
+    dc.close_after_identify = 4000  # every connection dies right after IDENTIFY
+    try:
+        def spawn(name: str) -> Child:
+            starts.append(clock.now)
+            return Child(env, out)
+
+        sup = Supervisor(["channel:discord"], spawn, clock, store, grace=2.0)
+        t0 = clock.now
+        while clock.now - t0 < 200:  # 200 s of injected time: starts at 0, 0, 10, 40, 160
+            sup.tick()
+            slot = sup.slots["channel:discord"]
+            if slot.proc is not None:
+                wait_for(lambda: slot.proc.poll() is not None, 60, what="worker exit")
+                assert slot.proc.poll() == 1  # dead connection: non-zero, not a config error
+                sup.tick()
+            else:
+                clock.now += 1.0
+        gaps = [round(b - a) for a, b in zip(starts, starts[1:])]
+        assert gaps == [0, 10, 30, 120], gaps
+        assert dc.identifies - base == len(starts)  # one IDENTIFY per start, no more
+        # a clean shutdown resets the count: the next start is attempt 1, without delay
+        sup.stop_all()
+        sup.tick()
+        sup.reset_counts()
+        sup2 = Supervisor(["channel:discord"], spawn, clock, store)
+        n = len(starts)
+        sup2.tick()
+        assert sup2.slots["channel:discord"].attempt == 1 and len(starts) == n + 1
+        wait_for(lambda: sup2.slots["channel:discord"].proc.poll() is not None, 60)
+    finally:
+        dc.close_after_identify = None
+        for s in (locals().get("sup"), locals().get("sup2")):
+            for slot in (s.slots.values() if s else []):
+                if slot.proc is not None and slot.proc.poll() is None:
+                    slot.proc.signal(signal.SIGKILL)
+        out.close()
+        store.close()

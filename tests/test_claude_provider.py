@@ -1,0 +1,187 @@
+"""The `claude` provider end to end: the runner as a subprocess driving the real bundled
+Claude Code CLI (claude-agent-sdk) against the fake model, offline, HOME per test.
+
+Each runner start launches the CLI (about a second), so each test covers several
+promises with one runner where it can."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import uuid
+
+import pytest
+
+from nanoclaw.devtools.fake_model import FakeModel
+from nanoclaw.devtools.runner_harness import ROOT, Runner, Session, model_calls, wait_for
+
+pytest.importorskip("claude_agent_sdk")
+
+SLOW = 30.0  # deadline for anything that waits on the CLI
+
+
+@pytest.fixture(scope="module")
+def model():
+    fake = FakeModel(port=0).start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def fake(model):
+    model.clear()
+    yield model
+    model.clear()
+
+
+@pytest.fixture
+def session(tmp_path):
+    return Session(tmp_path, provider="claude")
+
+
+@pytest.fixture
+def start(fake):
+    runners: list[Runner] = []
+
+    def _start(sess: Session) -> Runner:
+        r = Runner(sess, fake.url, {"CLAUDE_CODE_MAX_RETRIES": "1"})
+        runners.append(r)
+        return r
+
+    yield _start
+    for r in runners:
+        rc = r.stop()
+        assert rc == 0, r.text()
+
+
+def test_turns_and_tool_round_trips_on_one_warm_cli(session, fake, start):
+    runner = start(session)
+    first = session.chat("hello claude")
+    assert session.reply_to(first, SLOW)["text"] == "echo: hello claude"
+    request = model_calls(fake)[0]
+    assert request["headers"]["x-api-key"] == "session-token"
+    assert request["body"]["model"] == "claude-fake-1"
+    tools = {t["name"] for t in request["body"]["tools"]}
+    assert {"Bash", "Write", "mcp__nanoclaw__send_message",
+            "mcp__nanoclaw__ask_user_question"} <= tools
+    assert not {"CronCreate", "AskUserQuestion", "ScheduleWakeup", "EnterPlanMode"} & tools
+    system = json.dumps(request["body"]["system"])
+    assert "You are Andy" in system and "tg-main" in system
+
+    sent = session.chat('[[tool:mcp__nanoclaw__send_message {"text":"hi via mcp"}]]')
+    row = session.reply_to(sent, SLOW)
+    assert row["text"] == "hi via mcp" and (row["channel_type"], row["platform_id"]) == (
+        "telegram", "tg:1")
+    session.completed(sent, SLOW)
+
+    target = session.group / "out.txt"
+    wrote = session.chat(f'[[tool:Write {{"file_path":"{target}","content":"from claude"}}]]')
+    assert session.reply_to(wrote, SLOW)["text"].startswith("done: File created")
+    assert target.read_text() == "from claude"
+    assert runner.text().count("claude cli starting") == 1  # one CLI served every turn
+    assert session.state("continuation:claude")
+    composed = (session.group / ".claude" / "CLAUDE.md").read_text()
+    assert "ask_user_question" in composed
+    assert "ask_user_question" in json.dumps(request["body"]["messages"])  # the CLI read it
+
+
+def test_ask_user_question_blocks_until_the_click(session, fake, start):
+    start(session)
+    ask = session.chat('[[tool:mcp__nanoclaw__ask_user_question {"title":"Lunch",'
+                       '"question":"Where?","options":["Pizza","Sushi"]}]]')
+    card = wait_for(lambda: next((r for r in session.out() if r["kind"] == "chat-sdk"), None),
+                    "the question card", SLOW)
+    qid = card["body"]["questionId"]
+    session.insert("system", {"type": "question_response", "questionId": qid,
+                              "selectedOption": "Sushi", "userId": "telegram:alice"}, id="qr")
+    session.completed(ask, SLOW)
+    result = wait_for(lambda: [c for c in model_calls(fake) if "selectedOption: Sushi"
+                               in json.dumps(c["body"]["messages"][-2:])], "the answer", SLOW)
+    assert result and session.acks()["qr"] == "completed"
+
+
+def test_follow_up_is_pushed_into_the_running_cli(session, fake, start):
+    runner = start(session)
+    runner.wait_started()
+    fake.inject(delay_ms=800)
+    first = session.chat("first")
+    wait_for(lambda: model_calls(fake), "the first model call", SLOW)
+    second = session.chat("second")
+    assert session.reply_to(first, SLOW)["text"] == "echo: first"
+    assert session.reply_to(second, SLOW)["text"] == "echo: second"
+    assert "follow-up pushed n=1" in runner.text()
+    assert runner.text().count("claude cli starting") == 1
+
+
+def test_continuation_resume_and_stale_session_recovery(session, fake, start):
+    runner = start(session)
+    first = session.chat("my name is Bob")
+    session.reply_to(first, SLOW)
+    session.completed(first, SLOW)
+    cont = session.state("continuation:claude")
+    assert runner.stop() == 0
+    fake.clear()
+    runner = start(session)
+    second = session.chat("what is my name")
+    assert session.reply_to(second, SLOW)["text"] == "echo: what is my name"
+    assert session.state("continuation:claude") == cont
+    assert "my name is Bob" in json.dumps(model_calls(fake)[0]["body"]["messages"])
+    assert runner.stop() == 0
+
+    conn = sqlite3.connect(session.paths.outbound)  # a continuation the CLI never saw
+    conn.execute("UPDATE session_state SET value=? WHERE key='continuation:claude'",
+                 (str(uuid.uuid4()),))
+    conn.commit()
+    conn.close()
+    runner = start(session)
+    third = session.chat("are you there")
+    assert session.reply_to(third, SLOW)["text"] == "echo: are you there"
+    assert "continuation unusable" in runner.text()
+    new = session.state("continuation:claude")
+    assert new and new != cont
+
+
+def test_busy_model_is_retried_visibly_then_reported(session, fake, start):
+    start(session)
+    warm = session.chat("warm up")
+    session.reply_to(warm, SLOW)
+    fake.inject(status=529, count=2, retry_after=0.01)  # the call and the CLI's one retry
+    busy = session.chat("are you there")
+    session.completed(busy, SLOW)
+    texts = [r["text"] for r in session.out() if r["in_reply_to"] == busy]
+    assert texts[0].startswith("The model is busy (HTTP 529, overloaded); retrying")
+    assert texts[1].startswith("Error: model overloaded/rate limited (HTTP 529")
+    again = session.chat("again")
+    assert session.reply_to(again, SLOW)["text"] == "echo: again"
+
+
+def test_compact_archives_and_clear_starts_afresh(session, fake, start):
+    runner = start(session)
+    first = session.chat("something worth keeping")
+    session.reply_to(first, SLOW)
+    compact = session.chat("/compact")
+    assert session.reply_to(compact, SLOW)["text"] == "Conversation compacted."
+    archives = list((session.group / "conversations").glob("*.md"))
+    assert len(archives) == 1 and "something worth keeping" in archives[0].read_text()
+    clear = session.chat("/clear")
+    assert session.reply_to(clear, SLOW)["text"] == "Session cleared."
+    assert session.state("continuation:claude") is None
+    fake.clear()
+    after = session.chat("fresh")
+    session.reply_to(after, SLOW)
+    assert "something worth keeping" not in json.dumps(model_calls(fake)[0]["body"]["messages"])
+    assert runner.text().count("claude cli starting") == 2  # /clear dropped the old CLI
+
+
+def test_missing_sdk_is_a_visible_error(tmp_path, fake):
+    """Without claude-agent-sdk the agent still answers: with a clear error."""
+    sess = Session(tmp_path, provider="claude")
+    blocker = tmp_path / "block"
+    blocker.mkdir()
+    (blocker / "claude_agent_sdk.py").write_text("raise ImportError('not installed here')")
+    runner = Runner(sess, fake.url, {"PYTHONPATH": f"{blocker}:{ROOT / 'container'}"})
+    try:
+        mid = sess.chat("hi")
+        assert "needs claude-agent-sdk" in sess.reply_to(mid)["text"]
+    finally:
+        assert runner.stop() == 0
