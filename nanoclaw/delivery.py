@@ -10,6 +10,7 @@ failed is told to the agent (a row in its inbound, which wakes it) and logged.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from nanoclaw import sessiondb
@@ -106,6 +107,14 @@ class Delivery:
             if not (row["in_reply_to"] or "").startswith("note-"):  # no note about a note
                 self._tell_agent(s, paths, f"Your message {row['id']} was not sent: {why}.")
             return
+        if "files" in content:
+            try:
+                content = {**content, "files": self._files(paths, row["id"], content["files"])}
+            except ValueError as e:
+                sessiondb.mark_delivered(paths, row["id"], None, "failed", str(e))
+                logger.error("session {}: message {} refused: {}", s["id"], row["id"], e)
+                self._tell_agent(s, paths, f"Your message {row['id']} was not sent: {e}.")
+                return
         if content.get("type") == "ask_question" and content.get("questionId"):
             self.store.conn.execute(
                 "INSERT OR IGNORE INTO pending_questions (question_id, session_id,"
@@ -158,6 +167,30 @@ class Delivery:
         sessiondb.mark_delivered(paths, row["id"], None, "delivered")
         if note:
             self._tell_agent(s, paths, note)
+
+    @staticmethod
+    def _files(paths: sessiondb.SessionPaths, message_id: str, files: Any) -> list[dict]:
+        """Agent files → adapter files. Only plain names of regular files the agent put in
+        `outbox/<message id>/` (no symlinks, no escapes) or inline base64 data; a host
+        path from the agent would let it mail out any file of the host."""
+        from nanoclaw.util import safe_child
+
+        if not isinstance(files, list):
+            raise ValueError("files must be a list")
+        out = []
+        for f in files:
+            if isinstance(f, dict) and "path" not in f and isinstance(f.get("data"), str):
+                out.append({"name": str(f.get("name") or "file"), "data": f["data"]})
+                continue
+            name = f if isinstance(f, str) else f.get("name") if isinstance(f, dict) else None
+            if not isinstance(name, str) or (isinstance(f, dict) and "path" in f):
+                raise ValueError("a file must be the name of a file in the message's outbox")
+            folder = safe_child(paths.outbox, message_id)
+            path = safe_child(folder, name)
+            if not os.path.isfile(path) or os.path.islink(path):
+                raise ValueError(f"file {name!r} is not in outbox/{message_id}/")
+            out.append({"name": name, "path": os.path.realpath(path)})
+        return out
 
     def _allowed(self, s: dict[str, Any], ch: str, pid: str) -> bool:
         """The session's own chat, or a chat the agent has a destination for (the ACL)."""

@@ -299,3 +299,30 @@ def test_self_modification_needs_an_admin_and_respawns_with_a_note(env):
     acts = [x["action"] for x in store.q("SELECT action FROM container_requests WHERE"
                                          " session_id=? ORDER BY id", (sid,))]
     assert acts[-2:] == ["kill", "wake"]
+
+
+def test_agent_files_come_only_from_its_outbox(env, tmp_path):
+    store, s, r, ag = env
+    (sid,) = r.route(Event("cli", "local", "f0", text="send a file",
+                           sender_id=OWNER.split(":")[1], is_mention=True))
+    p = _paths(store, s, sid)
+    d = Delivery(store, s)
+    secret = tmp_path / "host-secret.txt"
+    secret.write_text("do not send")
+    bad = [[{"path": str(secret)}], ["../../../../host-secret.txt"], [str(secret)]]
+    for files in bad:
+        _agent_writes(p, {"text": "here", "files": files}, channel_type="cli", platform_id="local")
+    good = _agent_writes(p, {"text": "report", "files": ["report.txt"]}, channel_type="cli",
+                         platform_id="local")
+    import os
+
+    os.makedirs(os.path.join(p.outbox, good))
+    with open(os.path.join(p.outbox, good, "report.txt"), "w") as fh:
+        fh.write("ok")
+    d.pass_once(time.time())
+    sends = store.q("SELECT content FROM channel_outbox")
+    assert len(sends) == 1
+    (f,) = json.loads(sends[0]["content"])["files"]
+    assert f["name"] == "report.txt" and f["path"].endswith(f"outbox/{good}/report.txt")
+    notes = [json.loads(x["content"])["text"] for x in _inbound(p) if x["channel_type"] == "agent"]
+    assert len([n for n in notes if "was not sent" in n]) == 3

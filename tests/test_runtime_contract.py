@@ -115,7 +115,7 @@ def test_five_deaths_tell_the_user(rt, fake_model):
     n = len(fake_model.requests)
     mid = c.send("doomed")
     for i in range(5):
-        wait_for(lambda: len(fake_model.requests) > n, 60, what=f"attempt {i + 1} in flight")
+        wait_for(lambda n=n: len(fake_model.requests) > n, 60, what=f"attempt {i + 1} in flight")
         n = len(fake_model.requests)
         rt.kill(h)
     reply = c.wait_reply(mid, 90)

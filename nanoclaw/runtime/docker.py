@@ -64,7 +64,6 @@ class DockerRuntime:
         self.settings = settings
         self.client = client()
         self.followers: dict[str, threading.Thread] = {}
-        self.codes: dict[str, int] = {}
         self.pids: dict[str, tuple[int, str | None, float]] = {}  # id → pid, start, asked at
         self.engine_error: str | None = None
 
@@ -147,8 +146,6 @@ class DockerRuntime:
         in for the engine, which is asked only when that pid goes or every RECHECK_S."""
         import docker.errors
 
-        if container_id in self.codes:
-            return self.codes.pop(container_id)
         known = self.pids.get(container_id)
         if known and time.monotonic() - known[2] < RECHECK_S and known[1] is not None \
                 and _starttime(known[0]) == known[1]:
@@ -170,7 +167,6 @@ class DockerRuntime:
         self.pids.pop(container_id, None)
         code = int(c.attrs.get("State", {}).get("ExitCode", -1)) if c.status != "created" else -1
         self._finish(c)
-        self.codes[container_id] = code
         return code
 
     def stop(self, container_id: str, grace: float = 1.0) -> None:
@@ -184,7 +180,6 @@ class DockerRuntime:
                 c.reload()
         except docker.errors.NotFound:
             return
-        self.codes[container_id] = int(c.attrs.get("State", {}).get("ExitCode", -1))
         self._finish(c)
 
     def _finish(self, c: Any) -> None:
