@@ -203,3 +203,40 @@ def test_dead_api_makes_the_worker_exit_and_restart(host, tg):
     assert "no successful poll" in error_log(host)
     rule.count = 0
     assert reply_to(tg, 110, mid)["text"] == "echo: sent while down"
+
+
+def test_agent_question_is_answered_by_a_click_end_to_end(host, tg):
+    """ask_user_question (real tool in the agent) → card on the platform → a user's click
+    → router → question_response row → the blocked tool returns the choice."""
+    import json
+
+    wire_chat(host, "telegram", "telegram:111")
+    q = {"title": "Lunch", "question": "Pizza or salad?", "timeout": 60,
+         "options": [{"label": "Pizza", "value": "pizza"}, {"label": "Salad", "value": "salad"}]}
+    tg.user_message(111, f"[[tool:ask_user_question {json.dumps(q)}]]")
+    card = wait_for(lambda: next((m for m in tg.sent(111) if m.get("reply_markup")), None), 60,
+                    what="question card")
+    buttons = [b[0] for b in card["reply_markup"]["inline_keyboard"]]
+    assert [b["text"] for b in buttons] == ["Pizza", "Salad"]
+    qid = host.q("SELECT question_id FROM pending_questions")[0]["question_id"]
+    tg.click(111, card["message_id"], buttons[1]["callback_data"], user_id=12)
+    rows = wait_for(lambda: [m for m in session_inbound(host, "telegram", "telegram:111")
+                             if m["kind"] == "system"], 60, what="question_response row")
+    assert json.loads(rows[0]["content"]) == {
+        "type": "question_response", "questionId": qid, "selectedOption": "salad",
+        "userId": "telegram:12"}
+    sess = host.q("SELECT s.* FROM sessions s JOIN messaging_groups m ON"
+                  " m.id=s.messaging_group_id WHERE m.platform_id='telegram:111'")[0]
+    import sqlite3
+
+    out = host.data / "sessions" / sess["agent_group_id"] / sess["id"] / "outbound.db"
+
+    def acked():  # the blocked tool found the answer and took it
+        c = sqlite3.connect(out)
+        try:
+            return c.execute("SELECT status FROM processing_ack WHERE message_id=?",
+                             (rows[0]["id"],)).fetchone()
+        finally:
+            c.close()
+    assert wait_for(acked, 30, what="tool took the answer")[0] == "completed"
+    assert not host.q("SELECT * FROM pending_questions")
