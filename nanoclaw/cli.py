@@ -81,6 +81,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"sessions: {n['n']} active, {n['r'] or 0} with a running agent")
     pending = store.q1("SELECT COUNT(*) AS n FROM channel_outbox WHERE status='pending'")
     print(f"sends pending: {pending['n']}")
+    web = store.get_state("web_url")
+    if web and pid:
+        print(f"web chat: {web} (token in {s.data_dir / 'web-token'})")
     return 0 if pid else 3
 
 
