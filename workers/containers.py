@@ -14,7 +14,7 @@ class ContainersWorker(Worker):
     def initialize(self) -> None:
         self.store = Store.open(self.settings.data_dir)
         try:
-            rt = runtime.select(self.settings.runtime)
+            rt = runtime.select(self.settings.runtime, self.settings)
         except ValueError as e:
             raise ConfigError(f"NANOCLAW_RUNTIME: {e}") from None
         self.containers = Containers(self.store, self.settings, rt)

@@ -10,7 +10,9 @@ starts; as any other user bwrap runs unprivileged in a user namespace.
 
 `--die-with-parent`: a sandbox dies with the containers worker that started it. After a
 restart of that worker, re-attaching simply finds the agent gone; its claimed rows are
-reset and retried like after any crash. Ids are `pid:<pid>:<starttime>` of the bwrap
+reset and retried like after any crash. (A worker killed within bwrap's first
+milliseconds can leave a sandbox behind; it carries the install's mark, so the next
+worker's orphan cleanup stops it.) Ids are `pid:<pid>:<starttime>` of the bwrap
 process, so everything else is the process runtime's.
 """
 
