@@ -23,13 +23,16 @@ def decide_stuck(now: float, heartbeat: float | None, claims: list[float], ceili
 
     heartbeat: mtime of `.heartbeat` (None: missing, i.e. a fresh agent given grace);
     claims: times of its `processing` acks; tool_timeout: a declared Bash timeout, which
-    stretches both limits.
+    stretches both limits. Stuck: a claim older than the tolerance while the heartbeat
+    is older than the tolerance too (no progress for that long mid-turn).
     """
     if heartbeat is not None and now - heartbeat > max(ceiling, tool_timeout):
         return "ceiling"
     limit = max(tolerance, tool_timeout)
     for claimed in claims:
-        if now - claimed > limit and (heartbeat is None or heartbeat < claimed):
+        # A claim older than the limit with no sign of life for as long: the agent beats
+        # once when it claims, so "no beat since the claim" alone would miss a hung call.
+        if now - claimed > limit and (heartbeat is None or now - heartbeat > limit):
             return "stuck"
     return None
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import pytest
 
@@ -127,14 +126,10 @@ def test_stuck_claim_is_killed_by_the_sweep_and_retried(rt, fake_model):
     h = rt.host(NANOCLAW_CLAIM_TOLERANCE="1", NANOCLAW_RETRY_BASE="0.05").start()
     c = h.client()
     c.wait_reply(c.send("warm up"), 60)
-    s = h.q("SELECT * FROM sessions")[0]
-    beat = h.data / "sessions" / s["agent_group_id"] / s["id"] / ".heartbeat"
     fake_model.inject(delay_ms=30000, count=1)  # the model never answers this claim
     n = len(fake_model.requests)
-    mid = c.send("stuck one")
+    mid = c.send("stuck one")  # the agent beats once when it claims, then hangs
     wait_for(lambda: len(fake_model.requests) > n, 30, what="model request in flight")
-    old = time.time() - 600  # and the agent shows no sign of life since it claimed
-    os.utime(beat, (old, old))
     assert c.wait_reply(mid, 60)["text"] == "echo: stuck one"
     assert "stuck on a claim" in (h.base / "logs" / "nanoclaw.error.log").read_text()
     assert len({f["id"] for f in c.replies_to(mid)}) == 1

@@ -113,7 +113,8 @@ def test_decide_stuck_table():
     assert decide_stuck(now, now - 1801, [], ceil, tol) == "ceiling"       # idle too long
     assert decide_stuck(now, now - 1801, [], ceil, tol, 3600) is None      # long tool declared
     assert decide_stuck(now, now - 100, [now - 90], ceil, tol) == "stuck"  # no beat since claim
-    assert decide_stuck(now, now - 5, [now - 90], ceil, tol) is None       # beat since claim
+    assert decide_stuck(now, now - 5, [now - 90], ceil, tol) is None       # recent progress
+    assert decide_stuck(now, now - 85, [now - 90], ceil, tol) == "stuck"   # beat at claim only
     assert decide_stuck(now, None, [now - 61], ceil, tol) == "stuck"
     assert decide_stuck(now, None, [now - 59], ceil, tol) is None
     assert decide_stuck(now, None, [now - 90], ceil, tol, 120) is None     # bash timeout
