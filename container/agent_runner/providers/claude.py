@@ -394,8 +394,9 @@ class ClaudeQuery:
             return ProviderError(f"model overloaded/rate limited (HTTP {status}, "
                                  f"{BUSY.get(status, 'server error')}); please try again in a"
                                  " moment", True, "quota" if status == 429 else "overloaded")
-        if status in (401, 403):
-            return ProviderError(f"model access denied (HTTP {status})", False, "auth")
+        if status in (401, 403):  # keep the API's words: e.g. the host's budget message
+            return ProviderError(f"model access denied (HTTP {status}): {detail[:300]}", False,
+                                 "auth")
         if STALE.search(detail):
             return StaleSession(f"conversation cannot be resumed: {detail[:300]}")
         return ProviderError(f"the model turn failed ({result.subtype}): {detail[:500]}")
