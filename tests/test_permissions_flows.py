@@ -326,3 +326,37 @@ def test_agent_files_come_only_from_its_outbox(env, tmp_path):
     assert f["name"] == "report.txt" and f["path"].endswith(f"outbox/{good}/report.txt")
     notes = [json.loads(x["content"])["text"] for x in _inbound(p) if x["channel_type"] == "agent"]
     assert len([n for n in notes if "was not sent" in n]) == 3
+
+
+def test_agent_files_are_forwarded_and_replies_find_their_way_back(env):
+    import os
+
+    store, s, r, ag = env
+    other = store.create_agent_group("helper", "helper", "anthropic", "m", "h")
+    store.add_agent_destination(ag, "helper", other)
+    store.add_agent_destination(other, "parent", ag)
+    (sid,) = r.route(Event("cli", "local", "f1", text="ask helper",
+                           sender_id=OWNER.split(":")[1], is_mention=True))
+    p = _paths(store, s, sid)
+    d = Delivery(store, s)
+    out = _agent_writes(p, {"text": "see attached", "files": ["data.csv"]},
+                        channel_type="agent", platform_id=other)
+    os.makedirs(os.path.join(p.outbox, out))
+    with open(os.path.join(p.outbox, out, "data.csv"), "w") as fh:
+        fh.write("a,b\n")
+    _agent_writes(p, {"text": "escape", "files": ["../../../etc/passwd"]},
+                  channel_type="agent", platform_id=other)
+    d.pass_once(time.time())
+    target = store.q1("SELECT * FROM sessions WHERE agent_group_id=?", (other,))
+    tp = _paths(store, s, target["id"])
+    (got,) = _inbound(tp)
+    (att,) = json.loads(got["content"])["attachments"]
+    with open(os.path.join(tp.root, att["localPath"])) as fh:
+        assert fh.read() == "a,b\n"
+    notes = [json.loads(x["content"])["text"] for x in _inbound(p) if x["channel_type"] == "agent"]
+    assert any("was not sent" in n for n in notes)
+    # the helper answers without naming the message: the newest row from the parent
+    # that carries a source session leads back to the terminal conversation
+    _agent_writes(tp, {"text": "thanks"}, channel_type="agent", platform_id=ag)
+    d.pass_once(time.time())
+    assert "thanks" in [json.loads(x["content"])["text"] for x in _inbound(p)]
