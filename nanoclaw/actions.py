@@ -249,12 +249,7 @@ def _respawn_with_note(store: Store, settings: Settings, session_id: str, note: 
     if s is None:
         return
     p = sessiondb.SessionPaths(str(settings.session_dir(s["agent_group_id"], s["id"])))
-    from nanoclaw.util import new_id
-
-    sessiondb.insert_message(p, id=new_id("wake"), kind="chat", channel_type="agent",
-                             platform_id="system", on_wake=True,
-                             content={"sender": "system", "senderId": None, "text": note,
-                                      "attachments": []})
+    sessiondb.insert_note(p, note, on_wake=True)
     store.request_container(session_id, "kill", "configuration changed")
     store.request_container(session_id, "wake", "configuration changed")
 

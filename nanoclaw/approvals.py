@@ -121,10 +121,7 @@ def tell_agent(store: Store, settings: Settings, session_id: str, text: str) -> 
     if s is None:
         return
     p = sessiondb.SessionPaths(str(settings.session_dir(s["agent_group_id"], s["id"])))
-    sessiondb.insert_message(p, id=new_id("note"), kind="chat", channel_type="agent",
-                             platform_id="system",
-                             content={"sender": "system", "senderId": None, "text": text,
-                                      "attachments": []})
+    sessiondb.insert_note(p, text)
     store.request_container(s["id"], "wake", "host note")
 
 

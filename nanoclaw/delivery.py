@@ -17,7 +17,7 @@ from nanoclaw import sessiondb
 from nanoclaw.config import Settings
 from nanoclaw.log import logger
 from nanoclaw.store import Store
-from nanoclaw.util import iso, new_id
+from nanoclaw.util import iso
 
 WATCH_RECENT = 600.0  # seconds: sessions active this recently are watched every tick
 FULL_SCAN = 30.0      # seconds between scans of every active session
@@ -223,9 +223,7 @@ class Delivery:
 
     def _tell_agent(self, s: dict[str, Any], paths: sessiondb.SessionPaths, text: str) -> None:
         """A host note to the agent: a chat row from `system`, which wakes it."""
-        sessiondb.insert_message(
-            paths, id=new_id("note"), kind="chat", channel_type="agent", platform_id="system",
-            content={"sender": "system", "senderId": None, "text": text, "attachments": []})
+        sessiondb.insert_note(paths, text)
         self.store.request_container(s["id"], "wake", "host note")
 
 

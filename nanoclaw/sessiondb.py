@@ -232,6 +232,20 @@ def insert_message(
     return True
 
 
+def insert_note(paths: SessionPaths, text: str, *, on_wake: bool = False) -> str:
+    """A host note to the agent: a chat row from `system` on the `agent` channel (it
+    wakes the agent; the runner never answers it back). `on_wake`: only a fresh agent's
+    first poll reads it. Ids start with `note-`, which delivery uses to avoid a note
+    about a refused answer to a note."""
+    from nanoclaw.util import new_id
+
+    nid = new_id("note")
+    insert_message(paths, id=nid, kind="chat", channel_type="agent", platform_id="system",
+                   on_wake=on_wake, content={"sender": "system", "senderId": None,
+                                             "text": text, "attachments": []})
+    return nid
+
+
 def write_routing(
     paths: SessionPaths,
     routing: tuple[str | None, str | None, str | None],
