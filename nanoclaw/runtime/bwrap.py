@@ -122,10 +122,13 @@ class BwrapRuntime(ProcessRuntime):
         broker = self.settings.broker_socket.parent if via_socket else None
         binds += [("--bind" if m.writable else "--ro-bind", str(m.source), m.target)
                   for m in sandbox.layout(spec, broker)]
+        # /tmp first: mounted after the binds it would hide any of them under /tmp (a
+        # checkout or venv there, as in CI)
+        a += ["--perms", "1777", "--tmpfs", "/tmp"]
         a += _parents([dest for _, _, dest in binds])
         for op, src, dest in binds:
             a += [op, src, dest]
-        a += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/tmp"]
+        a += ["--proc", "/proc", "--dev", "/dev"]
         a += ["--remount-ro", "/", "--chdir", sandbox.GROUP, "--unsetenv", MARK]
         if os.geteuid() == 0:  # bwrap keeps root's powers inside; drop them for good
             a += [SETPRIV, f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
