@@ -91,6 +91,7 @@ def engages(wiring: dict[str, Any], ev: Event, sticky_session: bool) -> bool:
 class Router:
     def __init__(self, store: Store, settings: Settings, threaded: frozenset[str] = frozenset()):
         self.store, self.settings, self.threaded = store, settings, threaded
+        self._refused = False  # set while routing one event: a gate refused a sender
 
     def route(self, ev: Event) -> list[str]:
         """Route one event; returns the ids of the sessions it was delivered to."""
