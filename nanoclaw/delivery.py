@@ -28,6 +28,7 @@ class Delivery:
         self.store, self.settings = store, settings
         self.signals: dict[str, Any] = {}     # session id → last seen outbound signal
         self.errors: dict[str, str] = {}      # session id → last error logged
+        self._paths: dict[str, sessiondb.SessionPaths] = {}
         self.sessions: dict[str, dict[str, Any]] = {}
         self.version = -1
         self.last_full = 0.0
@@ -36,7 +37,11 @@ class Delivery:
         self.agents = AgentRouter(store, settings)
 
     def paths(self, s: dict[str, Any]) -> sessiondb.SessionPaths:
-        return sessiondb.SessionPaths(str(self.settings.session_dir(s["agent_group_id"], s["id"])))
+        p = self._paths.get(s["id"])  # built once: this runs for every session every tick
+        if p is None:
+            p = self._paths[s["id"]] = sessiondb.SessionPaths(
+                str(self.settings.session_dir(s["agent_group_id"], s["id"])))
+        return p
 
     def pass_once(self, now: float) -> bool:
         did = False

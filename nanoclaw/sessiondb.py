@@ -414,10 +414,15 @@ def write_outbound_direct(
     return mid
 
 
-def change_signal(paths: SessionPaths) -> tuple[int, int] | None:
-    """A cheap 'did outbound.db move?' signal: (mtime_ns, size) of the file."""
+def file_signal(path: str) -> tuple[int, int, int] | None:
+    """A cheap 'did this file move?' signal: (mtime_ns, size, inode); None if missing."""
     try:
-        st = os.stat(paths.outbound)
+        st = os.stat(path)
     except FileNotFoundError:
         return None
-    return (st.st_mtime_ns, st.st_size)
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def change_signal(paths: SessionPaths) -> tuple[int, int, int] | None:
+    """Did the agent write outbound.db since we last looked?"""
+    return file_signal(paths.outbound)

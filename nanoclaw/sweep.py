@@ -54,6 +54,9 @@ class Sweep:
     def __init__(self, store: Store, settings: Settings):
         self.store, self.settings = store, settings
         self.errors: dict[str, str] = {}  # session id → last error logged (log once)
+        # session id → (files' signature, next due time) of a session found quiet: with
+        # no agent, unchanged files and nothing due, a pass has nothing to do there.
+        self.quiet: dict[str, tuple[Any, float | None]] = {}
 
     def pass_once(self, now: float) -> None:
         from nanoclaw import approvals
@@ -71,15 +74,24 @@ class Sweep:
 
     def _session(self, s: dict[str, Any], now: float) -> None:
         paths = sessiondb.SessionPaths(str(self.settings.session_dir(s["agent_group_id"], s["id"])))
-        if not os.path.exists(paths.inbound):
+        sig = (sessiondb.file_signal(paths.inbound), sessiondb.change_signal(paths))
+        if sig[0] is None:
+            return
+        running = s["container_status"] == "running"
+        quiet = self.quiet.pop(s["id"], None)
+        if not running and quiet and quiet[0] == sig and (quiet[1] is None or quiet[1] > now):
+            self.quiet[s["id"]] = quiet
             return
         sessiondb.sync_acks(paths)
         if scheduling.recur(paths, self.settings.tz, now):
             logger.info("session {}: next occurrence of a recurring task scheduled", s["id"])
-        running = s["container_status"] == "running"
         if not running:
             if sessiondb.due_count(paths, iso(now)):
                 self.store.request_container(s["id"], "wake", "due rows")
+            else:
+                nxt = sessiondb.next_due(paths)
+                sig = (sessiondb.file_signal(paths.inbound), sessiondb.change_signal(paths))
+                self.quiet[s["id"]] = (sig, parse_iso(nxt) if nxt else None)
             return
         try:
             hb: float | None = os.stat(paths.heartbeat).st_mtime

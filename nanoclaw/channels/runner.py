@@ -165,9 +165,10 @@ class ChannelRunner:
                 wait = poll.next(did, now)
                 if self.typing:
                     wait = min(wait, 1.0)
-                try:
-                    await asyncio.wait_for(self.wakeup.wait(), wait)
-                except asyncio.TimeoutError:
+                try:  # asyncio.timeout: no task per tick, unlike wait_for
+                    async with asyncio.timeout(wait):
+                        await self.wakeup.wait()
+                except TimeoutError:
                     pass
         finally:
             try:
