@@ -13,13 +13,7 @@ import pytest
 
 from conftest import Host, agent_pids, containers_of, wait_for
 
-
-def _ppid(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
+from nanoclaw.runtime.bwrap import _ppid
 
 
 class Runtime:
