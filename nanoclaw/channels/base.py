@@ -5,7 +5,7 @@ channel worker does next: `Unavailable` (nobody to send to yet: wait, don't coun
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Protocol
+from typing import Any, Callable, Protocol
 
 from nanoclaw.config import Settings
 
@@ -129,5 +129,3 @@ class Registry:
     def threaded(self) -> frozenset[str]:
         return frozenset(n for n, c in self._classes.items() if c.supports_threads)
 
-
-Inbound = Callable[..., Awaitable[bool]]

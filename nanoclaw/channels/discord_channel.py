@@ -329,10 +329,7 @@ class DiscordChannel(Channel):
             view = discord.ui.View(timeout=None)
             for label, url in card_links(c)[:5]:
                 view.add_item(discord.ui.Button(label=label[:80], url=url))
-        try:
-            files = load_files(c)
-        except ValueError as e:
-            raise SendError(str(e), permanent=True) from None
+        files = load_files(c)  # a bad file is a permanent SendError
         chunks = split_text(plain_text(c), LIMIT) if plain_text(c) else []
         if not chunks and not files:
             raise SendError("empty message", permanent=True)

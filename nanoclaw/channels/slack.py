@@ -246,10 +246,7 @@ class SlackChannel(Channel):
             return ts
         if op:
             raise SendError(f"unknown operation {op!r}", permanent=True)
-        try:
-            files = load_files(c)
-        except ValueError as e:
-            raise SendError(str(e), permanent=True) from None
+        files = load_files(c)  # a bad file is a permanent SendError
         text = plain_text(c)
         chunks = split_text(text, LIMIT) if text else []
         blocks = None

@@ -313,10 +313,7 @@ class TelegramChannel(Channel):
         elif c.get("type") == "card" and card_links(c):
             markup = InlineKeyboardMarkup([[InlineKeyboardButton(label[:64], url=url)]
                                            for label, url in card_links(c)])
-        try:
-            files = load_files(c)
-        except ValueError as e:
-            raise SendError(str(e), permanent=True) from None
+        files = load_files(c)  # a bad file is a permanent SendError
         text = plain_text(c)
         chunks = split_text(text, LIMIT) if text else []
         done = self.parts.setdefault(message.idem_key, [])  # resume a half-sent split

@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from nanoclaw.channels.base import SendError
+
 CALLBACK_PREFIX = "ncq"
 CALLBACK_LIMIT = 64  # bytes (Telegram's callback_data limit)
 MAX_FILE = 50 << 20
@@ -150,30 +152,30 @@ SAFE_FILE = re.compile(r"[^A-Za-z0-9._-]+")
 
 def load_files(content: dict[str, Any]) -> list[OutFile]:
     """The files of a message: `files: [{name, data (base64)} | {name?, path}]`.
-    Raises ValueError (a permanent send error) for a missing or unreadable file."""
+    Raises a permanent SendError for a missing, oversized or unreadable file."""
     out = []
     for f in content.get("files") or []:
         if isinstance(f, str):
             f = {"path": f}
         if not isinstance(f, dict):
-            raise ValueError("a file must be an object")
+            raise SendError("a file must be an object", permanent=True)
         name = SAFE_FILE.sub("_", str(f.get("name") or os.path.basename(str(f.get("path"))) or
                                       "file"))[:128] or "file"
         if f.get("data") is not None:
             try:
                 data = base64.b64decode(str(f["data"]), validate=True)
             except ValueError:
-                raise ValueError(f"file {name}: data is not base64") from None
+                raise SendError(f"file {name}: data is not base64", permanent=True) from None
         elif f.get("path"):
             try:
                 if os.path.getsize(f["path"]) > MAX_FILE:
-                    raise ValueError(f"file {name} is larger than 50 MiB")
+                    raise SendError(f"file {name} is larger than 50 MiB", permanent=True)
                 with open(f["path"], "rb") as fh:
                     data = fh.read()
             except OSError as e:
-                raise ValueError(f"file {name}: {e.strerror}") from None
+                raise SendError(f"file {name}: {e.strerror}", permanent=True) from None
         else:
-            raise ValueError(f"file {name} has neither data nor path")
+            raise SendError(f"file {name} has neither data nor path", permanent=True)
         out.append(OutFile(name, data))
     return out
 
