@@ -175,7 +175,7 @@ def refresh_destinations(store: Store, settings: Settings, agent_group_id: str) 
     """Re-project an agent's destinations into each of its active sessions."""
     dests = store.destinations(agent_group_id)
     for s in store.sessions_where("agent_group_id=? AND status='active'", (agent_group_id,)):
-        p = sessiondb.SessionPaths(str(settings.session_dir(agent_group_id, s["id"])))
+        p = sessiondb.of(settings, s)
         try:
             with sessiondb._open(p.inbound, readonly=True) as conn:
                 r = conn.execute("SELECT channel_type, platform_id, thread_id FROM"
@@ -248,7 +248,7 @@ def _respawn_with_note(store: Store, settings: Settings, session_id: str, note: 
     s = store.session(session_id)
     if s is None:
         return
-    p = sessiondb.SessionPaths(str(settings.session_dir(s["agent_group_id"], s["id"])))
+    p = sessiondb.of(settings, s)
     sessiondb.insert_note(p, note, on_wake=True)
     store.request_container(session_id, "kill", "configuration changed")
     store.request_container(session_id, "wake", "configuration changed")

@@ -220,7 +220,7 @@ def tasks(a: argparse.Namespace, store, settings) -> None:
     sessions = store.sessions_where("status='active'")
     found = []
     for s in sessions:
-        p = sessiondb.SessionPaths(str(settings.session_dir(s["agent_group_id"], s["id"])))
+        p = sessiondb.of(settings, s)
         try:
             if a.op == "list":
                 for t in scheduling.list_tasks(p):

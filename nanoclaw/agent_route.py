@@ -36,7 +36,7 @@ class AgentRouter:
         self.recent: dict[tuple[str, str], deque[float]] = defaultdict(deque)
 
     def _paths(self, s: dict[str, Any]) -> sessiondb.SessionPaths:
-        return sessiondb.SessionPaths(str(self.settings.session_dir(s["agent_group_id"], s["id"])))
+        return sessiondb.of(self.settings, s)
 
     def guard(self, src: str, dst: str, now: float) -> None:
         q = self.recent[(src, dst)]
@@ -132,7 +132,7 @@ class AgentRouter:
                           " ORDER BY created_at DESC LIMIT 1", (ag,))
         if s is None:
             s = self.store.create_session(ag, None, None, None)
-            p = sessiondb.create(str(self.settings.session_dir(ag, s["id"])))
+            p = sessiondb.create(sessiondb.of(self.settings, s).root)
             sessiondb.write_routing(p, (None, None, None), self.store.destinations(ag))
             logger.info("new agent-shared session {} for agent group {}", s["id"], ag)
         return s

@@ -120,7 +120,7 @@ def tell_agent(store: Store, settings: Settings, session_id: str, text: str) -> 
     s = store.session(session_id)
     if s is None:
         return
-    p = sessiondb.SessionPaths(str(settings.session_dir(s["agent_group_id"], s["id"])))
+    p = sessiondb.of(settings, s)
     sessiondb.insert_note(p, text)
     store.request_container(s["id"], "wake", "host note")
 

@@ -259,7 +259,7 @@ class Containers:
                 st.mount_allowlist.expanduser()]
 
     def _paths(self, s: dict[str, Any]) -> sessiondb.SessionPaths:
-        return sessiondb.SessionPaths(str(self.settings.session_dir(s["agent_group_id"], s["id"])))
+        return sessiondb.of(self.settings, s)
 
     def _routing(self, s: dict[str, Any]) -> tuple[str | None, str | None, str | None]:
         if not s["messaging_group_id"]:

@@ -39,8 +39,7 @@ class Delivery:
     def paths(self, s: dict[str, Any]) -> sessiondb.SessionPaths:
         p = self._paths.get(s["id"])  # built once: this runs for every session every tick
         if p is None:
-            p = self._paths[s["id"]] = sessiondb.SessionPaths(
-                str(self.settings.session_dir(s["agent_group_id"], s["id"])))
+            p = self._paths[s["id"]] = sessiondb.of(self.settings, s)
         return p
 
     def pass_once(self, now: float) -> bool:

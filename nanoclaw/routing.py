@@ -17,7 +17,6 @@ from nanoclaw import approvals, permissions, registration, sessiondb
 from nanoclaw.config import Settings
 from nanoclaw.log import logger
 from nanoclaw.store import Store
-from nanoclaw.util import new_id
 
 
 @dataclass
@@ -224,7 +223,7 @@ class Router:
         s = self.store.create_session(w["agent_group_id"], None if mode == "agent-shared"
                                       else mg["id"], ev.thread_id if mode == "per-thread" else None,
                                       None)
-        paths = sessiondb.create(str(self.settings.session_dir(w["agent_group_id"], s["id"])))
+        paths = sessiondb.create(sessiondb.of(self.settings, s).root)
         routing = (None, None, None) if mode == "agent-shared" else (
             ev.channel_type, ev.platform_id, ev.thread_id)
         sessiondb.write_routing(paths, routing, self.store.destinations(w["agent_group_id"]))
@@ -232,8 +231,7 @@ class Router:
         return s
 
     def _paths(self, session: dict[str, Any]) -> sessiondb.SessionPaths:
-        return sessiondb.SessionPaths(
-            str(self.settings.session_dir(session["agent_group_id"], session["id"])))
+        return sessiondb.of(self.settings, session)
 
     def _insert(self, session: dict[str, Any], w: dict[str, Any], ev: Event, uid: str | None,
                 trigger: bool) -> None:
@@ -255,6 +253,3 @@ class Router:
         self.store.touch_session(session["id"])
         logger.info("refused command from {}: {}", ev.sender_id, reason)
 
-
-def new_message_id(prefix: str = "m") -> str:
-    return new_id(prefix)

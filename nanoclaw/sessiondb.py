@@ -129,6 +129,11 @@ class SessionPaths:
         return os.path.join(self.root, "outbox")
 
 
+def of(settings: Any, session: dict[str, Any]) -> SessionPaths:
+    """The folder of a `sessions` row: data/sessions/<agent group>/<session>/."""
+    return SessionPaths(str(settings.session_dir(session["agent_group_id"], session["id"])))
+
+
 def _connect(path: str, readonly: bool = False) -> sqlite3.Connection:
     if readonly:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=5.0)

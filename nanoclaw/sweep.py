@@ -73,7 +73,7 @@ class Sweep:
                     logger.error("sweep of session {} failed: {}", s["id"], e)
 
     def _session(self, s: dict[str, Any], now: float) -> None:
-        paths = sessiondb.SessionPaths(str(self.settings.session_dir(s["agent_group_id"], s["id"])))
+        paths = sessiondb.of(self.settings, s)
         sig = (sessiondb.file_signal(paths.inbound), sessiondb.change_signal(paths))
         if sig[0] is None:
             return
