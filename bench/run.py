@@ -47,6 +47,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from nanoclaw.runtime.warm import is_waiting  # noqa: E402
 DEFAULT_OUT = Path(__file__).resolve().parent / "results.json"
 REPLY_TIMEOUT = 30.0
 START_TIMEOUT = 30.0
@@ -64,6 +66,8 @@ TARGETS: dict[str, tuple[float | None, float | None, str]] = {
     "host_idle_cpu_pct": (2.0, 0.5, "le"),
     "host_pss_mb": (200, 115, "le"),
     "agent_pss_mb_mean": (None, 60, "le"),
+    "cold_turn_ms_p50_bwrap": (300, 200, "le"),
+    "cold_turn_ms_p50_docker": (1500, 800, "le"),
 }
 
 
@@ -133,6 +137,8 @@ def process_tree(host_pid: int) -> tuple[dict[int, str], dict[int, str]]:
     host: dict[int, str] = {}
     agents: dict[int, str] = {}
 
+    spare_roots: set[int] = set()
+
     def walk(pid: int, agent_root: int | None) -> None:
         comm = _comm(pid)
         if agent_root is None:
@@ -141,6 +147,9 @@ def process_tree(host_pid: int) -> tuple[dict[int, str], dict[int, str]]:
             agents[pid] = f"agent:{agent_root}" + ("" if pid == agent_root else f"/{comm}")
         for child in children.get(pid, ()):
             if agent_root is None and comm == "nc-containers":
+                if is_waiting(child):  # the warm pool's spare: no session yet
+                    spare_roots.add(child)
+                    continue
                 walk(child, child)
             else:
                 walk(child, agent_root)
@@ -224,8 +233,8 @@ def _stop(proc: subprocess.Popen | None, timeout: float = STOP_TIMEOUT) -> int |
 class Rig:
     """The fake model and the host, in a temp dir; `close()` always stops both."""
 
-    def __init__(self, keep: bool) -> None:
-        self.keep = keep
+    def __init__(self, keep: bool, runtime: str = "process", env: dict[str, str] | None = None):
+        self.keep, self.runtime, self.env = keep, runtime, env or {}
         self.tmp = Path(tempfile.mkdtemp(prefix="nanoclaw-bench-"))
         self.data = self.tmp / "data"
         self.sock = self.data / "cli.sock"
@@ -266,9 +275,9 @@ class Rig:
                and k not in ("CLAUDE_CODE_OAUTH_TOKEN", "ANTHROPIC_AUTH_TOKEN")}
         env.update({
             "NANOCLAW_DATA_DIR": str(self.data), "NANOCLAW_LOGS_DIR": str(self.tmp / "logs"),
-            "NANOCLAW_GROUPS_DIR": str(self.tmp / "groups"), "NANOCLAW_RUNTIME": "process",
+            "NANOCLAW_GROUPS_DIR": str(self.tmp / "groups"), "NANOCLAW_RUNTIME": self.runtime,
             "NANOCLAW_PROVIDER": "anthropic", "ANTHROPIC_BASE_URL": self.fake_url,
-            "ANTHROPIC_API_KEY": "bench-key",
+            "ANTHROPIC_API_KEY": "bench-key", **self.env,
         })
         return env
 
@@ -557,13 +566,8 @@ async def bench(rig: Rig, args: argparse.Namespace, results: dict[str, Any]) -> 
         results["host_workers"] = sorted(host.values())
         results["memory_at_start"] = memory(host)
 
-        say(f"cold turns ({args.cold} fresh chats)")
-        cold = []
-        for i in range(args.cold):
-            c = await chat(f"cold{i}")
-            cold.append((await c.send(f"cold hello {i}"))[1])
-        results["cold_turn_ms"] = summary(cold)
-        results["cold_turn_ms"]["values"] = [round(x, 1) for x in cold]
+        say(f"cold turns ({args.cold} fresh chats, {args.cold_gap:g} s apart)")
+        results["cold_turn_ms"] = await cold_turns(chat, args.cold, args.cold_gap, "cold")
 
         say(f"warm turns (1 warm-up + {args.n})")
         c = await chat("warm")
@@ -647,6 +651,69 @@ async def bench(rig: Rig, args: argparse.Namespace, results: dict[str, Any]) -> 
             await x.close()
 
 
+async def cold_turns(chat: Any, n: int, gap: float, prefix: str) -> dict[str, Any]:
+    """n fresh chats, one after another, `gap` seconds apart (the time a warm pool has to
+    refill, as between real people starting conversations)."""
+    cold = []
+    for i in range(n):
+        if i:
+            await asyncio.sleep(gap)
+        c = await chat(f"{prefix}{i}")
+        cold.append((await c.send(f"{prefix} hello {i}"))[1])
+    out = summary(cold)
+    out["values"] = [round(x, 1) for x in cold]
+    out["gap_s"] = gap
+    return out
+
+
+def sandbox_runtimes() -> dict[str, str]:
+    """Sandbox runtime name → why it is skipped ("" when it can run here)."""
+    from nanoclaw.config import Settings
+    from nanoclaw.runtime import RUNTIMES, WHY_NOT
+
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    out = {}
+    for name in ("bwrap", "docker"):
+        try:
+            ok = RUNTIMES[name].available(settings)
+        except Exception:  # noqa: BLE001
+            ok = False
+        out[name] = "" if ok else WHY_NOT[name].format(image=settings.image)
+    return out
+
+
+async def sandbox_bench(runtime: str, args: argparse.Namespace, pool: int) -> dict[str, Any]:
+    """Cold turns in one sandbox runtime (own host, own fake), then warm turns in the last
+    chat: per-spawn overhead is the cold p50 minus the warm p50."""
+    rig = Rig(keep=args.keep, runtime=runtime, env={"NANOCLAW_WARM_POOL": str(pool)})
+    out: dict[str, Any] = {"runtime": runtime, "warm_pool": pool}
+    chats: list[Chat] = []
+
+    async def chat(name: str) -> Chat:
+        c = await Chat(rig.sock, name, f"{runtime}{int(time.time())}").open()
+        chats.append(c)
+        return c
+
+    try:
+        rig.start_fake()
+        rig.start_host()
+        await wait_ready(rig)
+        await asyncio.sleep(2.0)  # the pool fills; nothing else is running
+        out["cold_turn_ms"] = await cold_turns(chat, args.cold, args.cold_gap, "cold")
+        last = chats[-1]
+        warm = [(await last.send(f"warm {i}"))[1] for i in range(10)]
+        out["warm_turn_ms"] = summary(warm)
+        c50, w50 = out["cold_turn_ms"]["p50"], out["warm_turn_ms"]["p50"]
+        out["spawn_overhead_ms"] = round(c50 - w50, 1) if c50 and w50 else None
+    except Exception as e:  # noqa: BLE001 - reported, the main figures still stand
+        out["error"] = f"{type(e).__name__}: {e}"
+    finally:
+        for x in chats:
+            await x.close()
+        out["shutdown"] = rig.close()
+    return out
+
+
 def figures(r: dict[str, Any]) -> dict[str, float | None]:
     g = lambda *path: _get(r, *path)  # noqa: E731
     return {
@@ -671,6 +738,11 @@ def figures(r: dict[str, Any]) -> dict[str, float | None]:
         "host_pss_mb": g("memory", "pss_mb"),
         "agent_pss_mb_mean": g("agent_memory", "pss_mb_mean_per_agent"),
         "agent_pss_mb_total": g("agent_memory", "pss_mb"),
+        "cold_turn_ms_p50_bwrap": g("sandboxes", "bwrap", "cold_turn_ms", "p50"),
+        "spawn_overhead_ms_bwrap": g("sandboxes", "bwrap", "spawn_overhead_ms"),
+        "cold_turn_ms_p50_bwrap_nopool": g("sandboxes", "bwrap-nopool", "cold_turn_ms", "p50"),
+        "cold_turn_ms_p50_docker": g("sandboxes", "docker", "cold_turn_ms", "p50"),
+        "spawn_overhead_ms_docker": g("sandboxes", "docker", "spawn_overhead_ms"),
     }
 
 
@@ -704,6 +776,11 @@ LABELS = {
     "host_pss_mb": "host PSS after load (MB)",
     "agent_pss_mb_mean": "agent PSS, mean per agent (MB)",
     "agent_pss_mb_total": "agent PSS, all agents (MB)",
+    "cold_turn_ms_p50_bwrap": "bwrap: cold turn p50 (ms)",
+    "spawn_overhead_ms_bwrap": "bwrap: per-spawn overhead (ms)",
+    "cold_turn_ms_p50_bwrap_nopool": "bwrap, no warm pool: cold turn p50 (ms)",
+    "cold_turn_ms_p50_docker": "docker: cold turn p50 (ms)",
+    "spawn_overhead_ms_docker": "docker: per-spawn overhead (ms)",
 }
 
 
@@ -771,6 +848,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--idle-seconds", type=float, default=None, help="idle CPU window (30)")
     p.add_argument("--settle", type=float, default=None,
                    help="pause before the idle window, so polls back off (3)")
+    p.add_argument("--cold-gap", type=float, default=1.0,
+                   help="seconds between fresh chats in the cold turns (1)")
+    p.add_argument("--sandboxes", default="auto",
+                   help="cold turns in sandbox runtimes too: auto (those that run here),"
+                        " none, or a list like bwrap,docker")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, dbs)")
     a = p.parse_args(argv)
@@ -807,6 +889,30 @@ def serve_fake() -> int:
         pass
     fake.stop()
     return 0
+
+
+def run_sandboxes(args: argparse.Namespace) -> dict[str, Any]:
+    """The cold-turn section for each sandbox runtime (bwrap also without its pool)."""
+    can = sandbox_runtimes()
+    wanted = list(can) if args.sandboxes == "auto" else [
+        n.strip() for n in args.sandboxes.split(",") if n.strip()]
+    out: dict[str, Any] = {}
+    for name in wanted:
+        if name not in can:
+            out[name] = {"error": f"unknown runtime {name!r}"}
+            continue
+        if can[name]:
+            print(f"  .. {name}: skipped ({can[name]})", flush=True)
+            out[name] = {"skipped": can[name]}
+            continue
+        runs = [(name, 1)] + ([(f"{name}-nopool", 0)] if name == "bwrap" else [])
+        for label, pool in runs:
+            print(f"  .. {label}: cold turns ({args.cold} fresh chats, {args.cold_gap:g} s"
+                  " apart), then 10 warm", flush=True)
+            out[label] = asyncio.run(sandbox_bench(name, args, pool))
+            if "error" in out[label]:
+                print(f"  .. {label}: FAILED {out[label]['error']}", flush=True)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -849,6 +955,8 @@ def main(argv: list[str] | None = None) -> int:
             status = 130
     results["host_error_log"] = errors[-20:]
     results["host_error_log_lines"] = len(errors)
+    if status == 0 and args.sandboxes != "none":
+        results["sandboxes"] = run_sandboxes(args)
     figs = figures(results)
     checks = verdicts(figs)
     results["figures"] = figs

@@ -6,14 +6,25 @@ host mounts the broker's unix socket at `$NANOCLAW_BROKER_SOCKET`; this module r
 HTTP client (the `anthropic` SDK, the Claude Code CLI) works unchanged and nothing but
 the broker is reachable. The relay is a few threads in the runner's own process: no
 extra process, nothing to supervise. Without the variable this just runs the runner.
+
+Warm start (`NANOCLAW_WARM=1`): the host starts a sandbox before any session needs it.
+The runner imports everything a turn needs (the providers in `NANOCLAW_WARM_PRELOAD`),
+then waits on stdin for one JSON line, `{"env": {...}, "cwd": "..."}`: the session's
+environment and working folder, sent once the host has put the session's folders in
+place. EOF instead means the host no longer needs this sandbox: exit 0. A cold turn
+then costs no interpreter start and no SDK import.
 """
 
 from __future__ import annotations
 
+import importlib
+import json
 import os
 import runpy
 import socket
+import sys
 import threading
+import time
 
 CHUNK = 65536
 
@@ -60,10 +71,45 @@ def start_relay(target: str) -> str:
     return f"http://127.0.0.1:{listener.getsockname()[1]}"
 
 
+def preload(providers: list[str]) -> None:
+    """Import the runner and the named providers' SDKs (and let each warm itself up)."""
+    importlib.import_module("agent_runner.main")
+    from agent_runner.providers import REGISTRY
+
+    for name in providers:
+        try:
+            factory = REGISTRY.factory(name)
+            warm_up = getattr(sys.modules[factory.__module__], "warm_up", None)
+            if warm_up is not None:
+                warm_up()
+        except Exception as exc:  # the session itself will report it properly
+            print(f"warm: preloading provider {name!r} failed: {exc}", file=sys.stderr)
+
+
+def wait_for_session(stream=None) -> bool:
+    """Block until the host hands this sandbox a session; False when it never will."""
+    line = (stream or sys.stdin).readline()
+    if not line.strip():
+        return False
+    job = json.loads(line)
+    os.environ.update({str(k): str(v) for k, v in job["env"].items()})
+    time.tzset()  # TZ arrived with the session
+    os.chdir(job.get("cwd") or os.environ.get("NANOCLAW_GROUP_DIR") or "/")
+    null = os.open(os.devnull, os.O_RDONLY)  # nothing more comes on stdin
+    os.dup2(null, 0)
+    os.close(null)
+    return True
+
+
 def main() -> None:
     target = os.environ.pop("NANOCLAW_BROKER_SOCKET", "")
-    if target:
-        os.environ["ANTHROPIC_BASE_URL"] = start_relay(target)
+    relay = start_relay(target) if target else None
+    if os.environ.pop("NANOCLAW_WARM", "") == "1":
+        preload([p for p in os.environ.pop("NANOCLAW_WARM_PRELOAD", "").split(",") if p])
+        if not wait_for_session():
+            return
+    if relay:
+        os.environ["ANTHROPIC_BASE_URL"] = relay
     runpy.run_module("agent_runner", run_name="__main__", alter_sys=True)
 
 

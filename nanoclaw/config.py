@@ -53,6 +53,7 @@ class Settings(BaseSettings):
     container_memory: str = "1g"
     container_pids: int = Field(default=512, ge=0)
     container_cpus: float = Field(default=2.0, ge=0)
+    warm_pool: int = Field(default=1, ge=0, le=16)  # agents started ahead (process, bwrap)
     agent_uid: int = Field(default=1000, ge=1)  # the sandbox user when the host runs as root
     mount_allowlist: Path = Path("~/.config/nanoclaw/mount-allowlist.json")
 

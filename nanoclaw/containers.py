@@ -21,6 +21,7 @@ from nanoclaw import mounts, sessiondb
 from nanoclaw.config import Settings
 from nanoclaw.log import logger
 from nanoclaw.runtime import Runtime, SpawnSpec
+from nanoclaw.runtime.warm import WarmSpec
 from nanoclaw.store import Store
 from nanoclaw.util import iso, utcnow
 
@@ -60,10 +61,13 @@ class Containers:
         n = self.runtime.cleanup_orphans(self.install, set(self.running.values()))
         if n:
             logger.warning("stopped {} orphaned agent(s) of this install", n)
+        self.runtime.prewarm(WarmSpec(RUNNER_DIR, self.install, self.settings.logs_dir,
+                                      self._providers()))
 
     # ---- one pass ---------------------------------------------------------------------
     def pass_once(self, now: float) -> bool:
         did = self._watch(now)
+        did |= self.runtime.maintain()
         v = self.store.version()
         if v != self.version or self.retry_at:
             self.version = v
@@ -176,6 +180,7 @@ class Containers:
 
         sids = list(self.running)
         if not sids:
+            self.runtime.close()
             return
         with ThreadPoolExecutor(max_workers=min(32, len(sids))) as pool:
             list(pool.map(lambda sid: self.runtime.stop(self.running[sid]), sids))
@@ -184,6 +189,7 @@ class Containers:
             s = self.store.session(sid)
             if s is not None:
                 self._ended(s, code=None, killed=True)
+        self.runtime.close()
 
     def _ended(self, s: dict[str, Any], code: int | None, killed: bool = False) -> None:
         """Bookkeeping after an agent ended: state, claimed rows, respawn policy."""
@@ -257,6 +263,14 @@ class Containers:
         st = self.settings
         return [st.data_dir, st.logs_dir, st.groups_dir, Path(".env").resolve(),
                 st.mount_allowlist.expanduser()]
+
+    def _providers(self) -> list[str]:
+        """The providers warm agents import ahead: the default and every group's."""
+        rows = self.store.q("SELECT DISTINCT COALESCE(NULLIF(c.provider, ''), g.agent_provider)"
+                            " AS p FROM agent_groups g LEFT JOIN container_configs c"
+                            " ON c.agent_group_id = g.id")
+        names = {self.settings.provider} | {str(r["p"]).strip().lower() for r in rows if r["p"]}
+        return sorted(names & {"claude", "anthropic"})
 
     def _paths(self, s: dict[str, Any]) -> sessiondb.SessionPaths:
         return sessiondb.of(self.settings, s)

@@ -245,8 +245,23 @@ class Host:
                 pass
 
 
-def agent_pids(data_dir: Path) -> list[int]:
-    """Agent runner processes started for this data directory (by install mark)."""
+def agent_pids(data_dir: Path, spares: bool = True) -> list[int]:
+    """Agent processes started for this data directory (by install mark); without the
+    warm pool's spares when `spares` is false."""
+    pids = _marked(data_dir)
+    if spares:
+        return pids
+    from nanoclaw.runtime.bwrap import _children, _ppid
+    from nanoclaw.runtime.warm import is_waiting
+
+    out = set(pids)
+    for p in pids:
+        if _ppid(p) not in pids and is_waiting(p):
+            out -= {p, *_children(p)}
+    return sorted(out)
+
+
+def _marked(data_dir: Path) -> list[int]:
     import hashlib
 
     mark = f"NANOCLAW_INSTALL={hashlib.sha1(str(data_dir.resolve()).encode()).hexdigest()[:8]}"

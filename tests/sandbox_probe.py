@@ -14,7 +14,8 @@ secret = base64.b64decode(sys.argv[1][::-1].encode())
 forbidden = sys.argv[2:]
 out = {"uid": os.getuid(), "gid": os.getgid(),
        "env_has_secret": any(secret.decode() in v for v in os.environ.values()),
-       "token": os.environ.get("ANTHROPIC_API_KEY", "")}
+       "token": os.environ.get("ANTHROPIC_API_KEY", ""),
+       "warm": os.environ.get("NANOCLAW_WARM") == "1"}
 
 proc_hits = []
 for pid in os.listdir("/proc"):

@@ -32,7 +32,7 @@ def sandboxes(h) -> dict[int, int]:
     """outer bwrap pid → the runner inside (its deepest descendant)."""
     from nanoclaw.runtime.bwrap import _children, _ppid
 
-    pids = set(agent_pids(h.data))
+    pids = set(agent_pids(h.data, spares=False))
     return {p: _children(p)[-1] for p in pids if _ppid(p) not in pids and _children(p)}
 
 
@@ -51,8 +51,12 @@ def enter(pid: int, *forbidden: str) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def test_inside_a_running_agent_sandbox(bhost):
-    h = bhost().start()
+@pytest.mark.parametrize("pool", ["0", "1"], ids=["cold", "warm"])
+def test_inside_a_running_agent_sandbox(bhost, pool):
+    """Both ways in: a sandbox started for its session, and a warm one handed the
+    session through the host's mounts (its token comes on a pipe, not in its
+    /proc environ)."""
+    h = bhost(NANOCLAW_WARM_POOL=pool).start()
     alice, bob = h.client("alice"), h.client("bob")
     alice.wait_reply(alice.send("hi from alice"), 60)
     bob.wait_reply(bob.send("hi from bob"), 60)
@@ -63,7 +67,9 @@ def test_inside_a_running_agent_sandbox(bhost):
     for mine, other in (sessions, sessions[::-1]):
         seen = enter(runners[mine["id"]], other["id"], str(h.data), str(h.base))
         assert seen["scanned"] > 5
-        assert not seen["env_has_secret"] and seen["token"]
+        assert not seen["env_has_secret"]
+        assert bool(seen["token"]) == (pool == "0")
+        assert seen["warm"] == (pool == "1")
         assert seen["proc_hits"] == [] and seen["file_hits"] == []
         assert seen["forbidden_paths"] == [] and seen["forbidden_exist"] == []
         assert seen["uid"] != 0 and seen["cap_eff"] == "0000000000000000"

@@ -31,7 +31,7 @@ class Runtime:
     def agents(self, h: Host) -> list[str]:
         if self.client is not None:
             return sorted(c.id for c in containers_of(self.client, h.data))
-        pids = set(agent_pids(h.data))  # a bwrap's own pid-1 child carries its mark too
+        pids = set(agent_pids(h.data, spares=False))  # a bwrap's pid-1 child has the mark too
         return sorted(str(p) for p in pids if _ppid(p) not in pids)
 
     def kill(self, h: Host) -> None:
@@ -39,7 +39,7 @@ class Runtime:
             for c in containers_of(self.client, h.data):
                 c.kill()
             return
-        for pid in agent_pids(h.data):
+        for pid in agent_pids(h.data, spares=False):
             os.kill(pid, signal.SIGKILL)
 
     def cleanup(self) -> None:
@@ -171,7 +171,7 @@ def test_agent_output_outlives_the_agent(rt):
     assert len(logs) == 1
     text = logs[0].read_text()
     assert "batch completed" in text and "exit on signal" in text
-    assert rt.agents(h) == []
+    assert rt.agents(h) == [] and agent_pids(h.data) == []  # the warm spare too
     if rt.client is not None:
         assert containers_of(rt.client, h.data, all=True) == []  # removed, output kept
 

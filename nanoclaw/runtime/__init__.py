@@ -32,13 +32,13 @@ def select(name: str, settings: Settings | None = None) -> Runtime:
                 return RUNTIMES[candidate](settings)
         logger.warning("RUNTIME process: agents run as plain host processes WITHOUT isolation"
                        " (no docker image or bubblewrap available); for development only")
-        return ProcessRuntime()
+        return ProcessRuntime(settings)
     cls = RUNTIMES.get(name)
     if cls is None:
         raise ValueError(f"runtime {name!r} is not available in this build")
     if name == "process":
         logger.warning("RUNTIME process: agents run WITHOUT isolation; for development only")
-        return cls()
+        return cls(settings)
     if not cls.available(settings):
         raise ValueError(f"runtime {name!r} cannot run here: "
                          + WHY_NOT[name].format(image=settings.image))

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from nanoclaw.runtime.warm import WarmSpec
 
 
 @dataclass
@@ -49,3 +52,12 @@ class Runtime(Protocol):
 
     def cleanup_orphans(self, install_id: str, keep: set[str]) -> int:
         """Stop this install's agents that no session claims; returns how many."""
+
+    def prewarm(self, spec: WarmSpec) -> None:
+        """Keep agents started ahead of need (a no-op where the runtime has no pool)."""
+
+    def maintain(self) -> bool:
+        """Called on every pass of the containers worker: refill the pool."""
+
+    def close(self) -> None:
+        """Stop what the runtime keeps besides agents (the pool)."""

@@ -23,11 +23,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from nanoclaw.config import Settings
-from nanoclaw.runtime import sandbox
-from nanoclaw.runtime.base import SpawnSpec
+from nanoclaw.log import logger
+from nanoclaw.runtime import mountns, sandbox, warm
+from nanoclaw.runtime.base import Mount, SpawnSpec
 from nanoclaw.runtime.process import MARK, ProcessRuntime, _parse, _starttime
 
 ETC = ("passwd", "group", "nsswitch.conf", "hosts", "localtime", "timezone", "ld.so.cache",
@@ -87,8 +90,10 @@ class BwrapRuntime(ProcessRuntime):
     _works: bool | None = None
 
     def __init__(self, settings: Settings):
-        super().__init__()
+        super().__init__(settings)
         self.settings = settings
+        self.stage_root: Path | None = None
+        self.stages: dict[str, Path] = {}  # container id → staging folder of a warm start
 
     @classmethod
     def available(cls, settings: Settings | None = None) -> bool:
@@ -105,6 +110,12 @@ class BwrapRuntime(ProcessRuntime):
         return cls._works
 
     def argv(self, spec: SpawnSpec, via_socket: bool, uid: int, gid: int) -> list[str]:
+        broker = self.settings.broker_socket.parent if via_socket else None
+        return self._argv(sandbox.layout(spec, broker), sandbox.GROUP, via_socket, uid, gid,
+                          spec.command or [sys.executable, "-m", "sandbox_entry"])
+
+    def _argv(self, mounts: list[Mount], chdir: str, via_socket: bool, uid: int, gid: int,
+              command: list[str]) -> list[str]:
         a = ["bwrap", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
              "--die-with-parent", "--new-session"]
         if via_socket:
@@ -119,9 +130,8 @@ class BwrapRuntime(ProcessRuntime):
         etc = ETC if via_socket else (*ETC, "resolv.conf")
         binds += [("--ro-bind-try", f"/etc/{n}", f"/etc/{n}") for n in etc]
         binds += [("--ro-bind", root, root) for root in _python_roots()]
-        broker = self.settings.broker_socket.parent if via_socket else None
         binds += [("--bind" if m.writable else "--ro-bind", str(m.source), m.target)
-                  for m in sandbox.layout(spec, broker)]
+                  for m in mounts]
         # /tmp first: mounted after the binds it would hide any of them under /tmp (a
         # checkout or venv there, as in CI)
         a += ["--perms", "1777", "--tmpfs", "/tmp"]
@@ -129,19 +139,21 @@ class BwrapRuntime(ProcessRuntime):
         for op, src, dest in binds:
             a += [op, src, dest]
         a += ["--proc", "/proc", "--dev", "/dev"]
-        a += ["--remount-ro", "/", "--chdir", sandbox.GROUP, "--unsetenv", MARK]
+        a += ["--remount-ro", "/", "--chdir", chdir, "--unsetenv", MARK]
         if os.geteuid() == 0:  # bwrap keeps root's powers inside; drop them for good
             a += [SETPRIV, f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
                   "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all", "--"]
-        return a + (spec.command or [sys.executable, "-m", "sandbox_entry"])
+        return a + command
 
-    def spawn(self, spec: SpawnSpec) -> str:
+    def _path(self) -> str:
+        return ":".join(dict.fromkeys([os.path.dirname(sys.executable), "/usr/local/bin",
+                                       "/usr/bin", "/bin"]))
+
+    def _spawn_cold(self, spec: SpawnSpec) -> str:
         uid, gid = sandbox.user(self.settings.agent_uid)
         sandbox.hand_over([spec.session_dir, spec.group_dir], uid, gid)
         via_socket = self.settings.container_network == "none"
-        path = ":".join(dict.fromkeys([os.path.dirname(sys.executable), "/usr/local/bin",
-                                       "/usr/bin", "/bin"]))
-        env = sandbox.environment(spec, path, via_socket)
+        env = sandbox.environment(spec, self._path(), via_socket)
         env[MARK] = spec.install_id  # bwrap's own; --unsetenv keeps it out of the sandbox
         argv = self.argv(spec, via_socket, uid, gid)
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -153,11 +165,132 @@ class BwrapRuntime(ProcessRuntime):
         self.children[cid] = p
         return cid
 
+    # ---- the warm pool: sandboxes waiting for a session (mountns.py) ----------------------
+    def prewarm(self, spec: warm.WarmSpec) -> None:
+        if self.warm_size <= 0:
+            return
+        if not mountns.can_mount():
+            logger.info("warm pool off for bwrap: handing a session to a waiting sandbox"
+                        " needs root; every agent starts cold")
+            return
+        root = (self.settings.data_dir / "run" / "warm").resolve()
+        n = mountns.detach_all(root)  # left by a worker that died mid-handover
+        if n:
+            logger.warning("warm pool: detached {} stale staging mount(s)", n)
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        root.chmod(0o700)
+        # a private mount of its own: nothing staged below it shows anywhere else
+        mountns.mount(str(root), str(root), mountns.MS_BIND)
+        mountns.mount(None, str(root), mountns.MS_PRIVATE)
+        self.stage_root = root
+        super().prewarm(spec)
+
+    def close(self) -> None:
+        super().close()
+        if self.stage_root is not None and not self.stages:  # else: the next worker's job
+            mountns.detach_all(self.stage_root)
+            shutil.rmtree(self.stage_root, ignore_errors=True)
+
+    def _start_warm(self) -> warm.Warm:
+        ws = self.warm_spec
+        assert ws is not None
+        stage = Path(tempfile.mkdtemp(dir=self.stage_root))
+        s = stage / "s"
+        s.mkdir(mode=0o755)
+        w = None
+        try:
+            mountns.mount(str(s), str(s), mountns.MS_BIND)
+            mountns.mount(None, str(s), mountns.MS_SHARED)  # what is bound here shows inside
+            fd = os.open(s, os.O_PATH | os.O_DIRECTORY)
+            uid, gid = sandbox.user(self.settings.agent_uid)
+            via_socket = self.settings.container_network == "none"
+            broker = self.settings.broker_socket.parent if via_socket else None
+            mounts = [*sandbox.shared_mounts(ws.runner_dir, broker),
+                      Mount(s, sandbox.SESSION, True)]
+            env = {"PATH": self._path(), "LANG": "C.UTF-8", "PYTHONPATH": sandbox.APP,
+                   "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1",
+                   "NANOCLAW_WARM": "1", "NANOCLAW_WARM_PRELOAD": ",".join(ws.preload),
+                   MARK: ws.install_id}
+            if via_socket:
+                env["NANOCLAW_BROKER_SOCKET"] = f"{sandbox.BROKER_DIR}/broker.sock"
+            argv = self._argv(mounts, "/", via_socket, uid, gid,
+                              [sys.executable, "-m", "sandbox_entry"])
+            log = warm.warm_log(ws.logs_dir)
+            with open(log, "ab") as out:
+                p = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=out,
+                                     stderr=subprocess.STDOUT, start_new_session=True,
+                                     close_fds=True)
+            w = warm.Warm(p, f"pid:{p.pid}:{_starttime(p.pid)}", log, stage, fd)
+            return w
+        finally:
+            if w is None:
+                mountns.detach_all(stage)
+                shutil.rmtree(stage, ignore_errors=True)
+
+    def _use_warm(self, w: warm.Warm, spec: SpawnSpec) -> str:
+        uid, gid = sandbox.user(self.settings.agent_uid)
+        sandbox.hand_over([spec.session_dir, spec.group_dir], uid, gid)
+        via_socket = self.settings.container_network == "none"
+        env = sandbox.environment(spec, self._path(), via_socket)
+        env.pop("NANOCLAW_BROKER_SOCKET", None)  # the sandbox relays it since it started
+        self._mount_session(w, spec)
+        warm.hand_over(w, env, sandbox.GROUP, spec.log_path)
+        self.stages[w.cid] = w.stage  # kept while the agent lives (see _unstage)
+        return w.cid
+
+    def _mount_session(self, w: warm.Warm, spec: SpawnSpec) -> None:
+        """Build the session's tree on a private staging mount, copy it into the waiting
+        sandbox through its shared `/workspace`, then cut the link and undo the staging."""
+        assert w.stage is not None and w.stage_fd is not None
+        t = w.stage / "t"
+        t.mkdir(mode=0o700)
+        try:
+            first, *rest = sandbox.session_mounts(spec)
+            mountns.bind(str(first.source), str(t))
+            with mountns.opened(t) as base:
+                for m in rest:
+                    mountns.bind_into(str(m.source), base, m.target[len(sandbox.SESSION) + 1:],
+                                      readonly=not m.writable, directory=m.source.is_dir())
+            mountns.mount(str(t), str(w.stage / "s"), mountns.MS_BIND | mountns.MS_REC)
+            # private from here: undoing the staging must not reach into the sandbox
+            mountns.mount(None, mountns.fd_path(w.stage_fd), mountns.MS_REC | mountns.MS_PRIVATE)
+        finally:
+            self._unstage(w)
+
+    def _unstage(self, w: warm.Warm) -> None:
+        """Detach the staging mounts. The folders stay until the sandbox ends: removing
+        the folder under its `/workspace` would detach the session from it (the kernel
+        unmounts whatever sits on a deleted folder, in every namespace)."""
+        if w.stage_fd is not None:
+            os.close(w.stage_fd)
+            w.stage_fd = None
+        if w.stage is not None:
+            mountns.detach_all(w.stage)
+
+    def _discard_warm(self, w: warm.Warm) -> None:
+        super()._discard_warm(w)
+        self._unstage(w)
+        if w.stage is not None:
+            shutil.rmtree(w.stage, ignore_errors=True)
+
+    def _ended(self, container_id: str) -> None:
+        stage = self.stages.pop(container_id, None)
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
+
+    def exit_code(self, container_id: str) -> int | None:
+        code = super().exit_code(container_id)
+        if code is not None:
+            self._ended(container_id)
+        return code
+
     def stop(self, container_id: str, grace: float = 1.0) -> None:
         """TERM the runner inside (bwrap does not forward signals), then the process
         runtime's escalation on the bwrap process group."""
         pid, start = _parse(container_id)
         if pid is None or _starttime(pid) != start:
+            self._ended(container_id)
             return
         for child in _children(pid):
             try:
@@ -168,6 +301,7 @@ class BwrapRuntime(ProcessRuntime):
         while time.time() < deadline and not self._gone(container_id, pid):
             time.sleep(0.01)
         super().stop(container_id, grace=0.05)
+        self._ended(container_id)
 
     def cleanup_orphans(self, install_id: str, keep: set[str]) -> int:
         """This install's sandboxes no session claims: the outer bwrap processes (bwrap's

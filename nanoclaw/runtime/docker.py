@@ -213,3 +213,13 @@ class DockerRuntime:
             self.stop(c.id, grace=1.0)
             n += 1
         return n
+
+    # no warm pool: a container's mounts are fixed when it is created
+    def prewarm(self, spec: Any) -> None:
+        pass
+
+    def maintain(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass

@@ -4,6 +4,7 @@ for development, tests and benchmarks of everything but the sandbox.
 Each agent gets its own session (process group), a scrubbed environment and its output
 in `logs/containers/<session>/<spawn>.log`. Container id `pid:<pid>:<starttime>` lets a
 restarted worker re-attach to an agent that outlived it, without mistaking a recycled pid.
+With a warm pool (`warm.py`) a wake is handed to an agent that already started.
 """
 
 from __future__ import annotations
@@ -13,7 +14,11 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+from nanoclaw.config import Settings
+from nanoclaw.log import logger
+from nanoclaw.runtime import warm
 from nanoclaw.runtime.base import SpawnSpec
 
 MARK = "NANOCLAW_INSTALL"
@@ -38,15 +43,81 @@ def _state(pid: int) -> str | None:
 class ProcessRuntime:
     name = "process"
 
-    def __init__(self) -> None:
+    def __init__(self, settings: Settings | None = None) -> None:
         self.children: dict[str, subprocess.Popen] = {}
+        self.warm_size = settings.warm_pool if settings is not None else 0
+        self.pool: warm.WarmPool | None = None
+        self.warm_spec: warm.WarmSpec | None = None
 
     @classmethod
-    def available(cls) -> bool:
+    def available(cls, settings: Settings | None = None) -> bool:
         return True
 
+    # ---- the warm pool ----------------------------------------------------------------
+    def prewarm(self, spec: warm.WarmSpec) -> None:
+        """Start keeping warm agents (after orphan cleanup, which would stop them)."""
+        if self.warm_size <= 0:
+            return
+        for old in (spec.logs_dir / "containers" / ".warm").glob("*.log"):
+            old.unlink(missing_ok=True)  # a previous worker's spares, gone with it
+        self.warm_spec = spec
+        self.pool = warm.WarmPool(self.warm_size, self._start_warm, self._discard_warm)
+        self.pool.maintain()
+
+    def maintain(self) -> bool:
+        return self.pool.maintain() if self.pool is not None else False
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+
+    def _start_warm(self) -> warm.Warm:
+        ws = self.warm_spec
+        assert ws is not None
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+               "LANG": os.environ.get("LANG", "C.UTF-8"), "PYTHONPATH": str(ws.runner_dir),
+               "PYTHONDONTWRITEBYTECODE": "1", MARK: ws.install_id, "NANOCLAW_WARM": "1",
+               "NANOCLAW_WARM_PRELOAD": ",".join(ws.preload)}
+        log = warm.warm_log(ws.logs_dir)
+        with open(log, "ab") as out:
+            p = subprocess.Popen([sys.executable, "-m", "sandbox_entry"], cwd="/", env=env,
+                                 stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT,
+                                 start_new_session=True, close_fds=True)
+        return warm.Warm(p, f"pid:{p.pid}:{_starttime(p.pid)}", log)
+
+    def _use_warm(self, w: warm.Warm, spec: SpawnSpec) -> str:
+        env = self._env(spec)
+        env.pop(MARK)  # already in the process's own environment
+        warm.hand_over(w, env, str(spec.group_dir), spec.log_path)
+        return w.cid
+
+    def _discard_warm(self, w: warm.Warm) -> None:
+        if w.proc.poll() is None:
+            self.children[w.cid] = w.proc
+            self.stop(w.cid, grace=0.2)
+        self.children.pop(w.cid, None)
+        if w.proc.stdin is not None:
+            w.proc.stdin.close()
+        Path(w.log_path).unlink(missing_ok=True)
+
+    # ---- one agent ----------------------------------------------------------------------
     def spawn(self, spec: SpawnSpec) -> str:
-        env = {
+        """A warm agent when one is ready (and the spawn is the runner), else a cold one."""
+        if spec.command is None and self.pool is not None:
+            w = self.pool.take()
+            if w is not None:
+                try:
+                    cid = self._use_warm(w, spec)
+                    self.children[cid] = w.proc
+                    return cid
+                except Exception as e:
+                    logger.warning("session {}: warm agent not usable ({}); starting cold",
+                                   spec.session_id, e)
+                    self._discard_warm(w)
+        return self._spawn_cold(spec)
+
+    def _env(self, spec: SpawnSpec) -> dict[str, str]:
+        return {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "LANG": os.environ.get("LANG", "C.UTF-8"),
             "HOME": str(spec.session_dir),
@@ -58,6 +129,9 @@ class ProcessRuntime:
             MARK: spec.install_id,
             **spec.env,
         }
+
+    def _spawn_cold(self, spec: SpawnSpec) -> str:
+        env = self._env(spec)
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(spec.log_path, "ab") as log:
             p = subprocess.Popen(

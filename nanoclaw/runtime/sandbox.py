@@ -45,18 +45,29 @@ def name(install_id: str, session_id: str) -> str:
 
 def layout(spec: SpawnSpec, broker_dir: Path | None) -> list[Mount]:
     """Every bind mount of the sandbox, parents before children."""
+    return session_mounts(spec) + shared_mounts(spec.runner_dir, broker_dir)
+
+
+def session_mounts(spec: SpawnSpec) -> list[Mount]:
+    """The session's own mounts: everything under `/workspace`, the session folder first."""
     spec.global_dir.mkdir(parents=True, exist_ok=True)
-    mounts = [
+    return [
         Mount(spec.session_dir, SESSION, True),
         Mount(spec.group_dir, GROUP, True),
         Mount(spec.global_dir, GLOBAL, False),
-        Mount(spec.runner_dir / "agent_runner", f"{APP}/agent_runner", False),
-        Mount(spec.runner_dir / "sandbox_entry.py", f"{APP}/sandbox_entry.py", False),
+        *spec.extra_mounts,
+    ]
+
+
+def shared_mounts(runner_dir: Path, broker_dir: Path | None) -> list[Mount]:
+    """What every sandbox of this install mounts alike: the runner, the broker's socket."""
+    mounts = [
+        Mount(runner_dir / "agent_runner", f"{APP}/agent_runner", False),
+        Mount(runner_dir / "sandbox_entry.py", f"{APP}/sandbox_entry.py", False),
     ]
     if broker_dir is not None:
         broker_dir.mkdir(parents=True, exist_ok=True)  # the broker binds its socket here
         mounts.append(Mount(broker_dir, BROKER_DIR, False))
-    mounts.extend(spec.extra_mounts)
     return mounts
 
 

@@ -34,7 +34,12 @@ MAX_TOKENS = 8192
 MAX_TOOL_STEPS = 50
 MAX_HISTORY = 400  # messages kept; older turns are dropped from the front
 SAFE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-RETRIES = int(os.environ.get("NANOCLAW_MODEL_RETRIES") or 3)
+
+
+def retries() -> int:
+    """Read when a query runs, not at import: a warm runner imports before its session's
+    environment arrives."""
+    return int(os.environ.get("NANOCLAW_MODEL_RETRIES") or 3)
 MAX_DELAY_S = 60.0
 
 
@@ -93,6 +98,55 @@ def _trim(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
             messages[start]["role"] == "user" and isinstance(messages[start]["content"], str)):
         start += 1
     return messages[start:]
+
+
+_WARM_EVENTS = [
+    ("message_start", {"type": "message_start", "message": {
+        "id": "msg_warm", "type": "message", "role": "assistant", "model": "warm", "content": [],
+        "stop_reason": None, "stop_sequence": None,
+        "usage": {"input_tokens": 1, "output_tokens": 1}}}),
+    ("content_block_start", {"type": "content_block_start", "index": 0,
+                             "content_block": {"type": "text", "text": ""}}),
+    ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                             "delta": {"type": "text_delta", "text": "ok"}}),
+    ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+    ("content_block_start", {"type": "content_block_start", "index": 1, "content_block": {
+        "type": "tool_use", "id": "toolu_warm", "name": "bash", "input": {}}}),
+    ("content_block_delta", {"type": "content_block_delta", "index": 1,
+                             "delta": {"type": "input_json_delta", "partial_json": "{}"}}),
+    ("content_block_stop", {"type": "content_block_stop", "index": 1}),
+    ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "tool_use",
+                                                          "stop_sequence": None},
+                       "usage": {"output_tokens": 2}}),
+    ("message_stop", {"type": "message_stop"}),
+]
+
+
+def warm_up() -> None:
+    """Run one streamed call against a canned in-memory reply, so a warm agent has every
+    module a real turn loads (request building, SSE parsing, the message types) imported
+    before its session arrives. No network, no credential."""
+    try:  # the SDK's own HTTP package: httpx2 in newer releases, httpx before
+        import httpx2 as httpx  # type: ignore[import-not-found]
+    except ImportError:
+        import httpx
+
+    body = "".join(f"event: {name}\ndata: {json.dumps(data)}\n\n" for name, data in _WARM_EVENTS)
+
+    def reply(request: Any) -> Any:
+        return httpx.Response(200, headers={"content-type": "text/event-stream"},
+                              content=body.encode())
+
+    with httpx.Client(transport=httpx.MockTransport(reply)) as http:
+        client = anthropic.Anthropic(api_key="warm", base_url="http://warm.invalid",
+                                     http_client=http, max_retries=0)
+        with client.messages.stream(model="warm", max_tokens=1,
+                                    messages=[{"role": "user", "content": "warm"}],
+                                    tools=[{"name": "bash", "description": "warm",
+                                            "input_schema": {"type": "object"}}]) as stream:
+            for _ in stream:
+                pass
+            stream.get_final_message()
 
 
 class AnthropicProvider:
@@ -238,7 +292,7 @@ class AnthropicQuery:
                 err = classify(exc)
                 log.warning("model call failed error_type=%s attempt=%d", type(exc).__name__,
                             attempt)
-                if not err.retryable or attempt > RETRIES:
+                if not err.retryable or attempt > retries():
                     if err.retryable and attempt > 1:
                         err = ProviderError(f"{err} (gave up after {attempt} attempts)",
                                             True, err.classification)
@@ -247,7 +301,7 @@ class AnthropicQuery:
                 status = getattr(exc, "status_code", None)
                 reason = (f"HTTP {status}, {busy_reason(status)}" if status
                           else "connection failed")
-                yield Retrying(attempt, RETRIES + 1, delay, reason, status)
+                yield Retrying(attempt, retries() + 1, delay, reason, status)
                 self._sleep(delay)
 
     def _sleep(self, seconds: float) -> None:

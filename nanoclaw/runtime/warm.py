@@ -1,0 +1,144 @@
+"""The warm pool: agents started before any session needs them.
+
+A cold start is mostly the runner's interpreter start and SDK import (~0.4 s of a
+0.45 s cold turn). The `process` and `bwrap` runtimes keep `NANOCLAW_WARM_POOL` agents
+(default 1) that have done that work and wait, blocked on a pipe, costing no CPU. A
+wake takes one and hands it the session (environment, working folder and, for bwrap,
+the session's mounts — `mountns.py`); the pool is refilled on the containers worker's
+next pass. Anything that goes wrong with a warm agent falls back to a cold start, so the
+pool can only make a start faster, never make it fail.
+
+A warm agent that dies before it is used is logged with the end of its output, and the
+pool backs off (1 s doubling to 5 min) so a broken runner cannot spin. Warm agents die
+with the containers worker (their pipe closes, or bwrap's `--die-with-parent`).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from nanoclaw.log import logger
+
+BACKOFF_MIN_S = 1.0
+BACKOFF_MAX_S = 300.0
+
+
+@dataclass
+class WarmSpec:
+    """What a warm agent needs before any session is known."""
+
+    runner_dir: Path
+    install_id: str
+    logs_dir: Path
+    preload: list[str] = field(default_factory=list)  # provider names to import ahead
+
+
+@dataclass
+class Warm:
+    proc: subprocess.Popen
+    cid: str
+    log_path: Path
+    stage: Path | None = None   # bwrap: this sandbox's staging folder
+    stage_fd: int | None = None  # … and its shared mount, held open
+
+
+def tail(path: Path, lines: int = 5) -> str:
+    try:
+        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+class WarmPool:
+    def __init__(self, size: int, start: Callable[[], Warm], discard: Callable[[Warm], None],
+                 clock: Callable[[], float] = time.monotonic):
+        self.size, self._start, self._discard, self.clock = size, start, discard, clock
+        self.ready: list[Warm] = []
+        self.backoff = 0.0
+        self.not_before = 0.0
+
+    def take(self) -> Warm | None:
+        """A live warm agent, oldest first, or None (the caller starts cold)."""
+        while self.ready:
+            w = self.ready.pop(0)
+            if w.proc.poll() is None:
+                self.backoff = 0.0
+                return w
+            self._died(w)
+        return None
+
+    def maintain(self) -> bool:
+        """Reap warm agents that died; start new ones up to the pool size."""
+        did = False
+        for w in [w for w in self.ready if w.proc.poll() is not None]:
+            self.ready.remove(w)
+            self._died(w)
+            did = True
+        while len(self.ready) < self.size and self.clock() >= self.not_before:
+            try:
+                self.ready.append(self._start())
+            except Exception as e:
+                logger.error("warm pool: cannot start a warm agent: {}", e)
+                self._back_off()
+                break
+            did = True
+        return did
+
+    def close(self) -> None:
+        for w in self.ready:
+            self._discard(w)
+        self.ready.clear()
+
+    def _died(self, w: Warm) -> None:
+        logger.warning("warm pool: a warm agent ended before use (exit {}): {}",
+                       w.proc.returncode, tail(w.log_path) or "no output")
+        self._discard(w)
+        self._back_off()
+
+    def _back_off(self) -> None:
+        self.backoff = min(BACKOFF_MAX_S, max(BACKOFF_MIN_S, self.backoff * 2))
+        self.not_before = self.clock() + self.backoff
+
+
+def hand_over(w: Warm, env: dict[str, str], cwd: str, log_path: Path) -> None:
+    """Send the session to a warm agent; its output file becomes the spawn's log."""
+    import json
+
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    assert w.proc.stdin is not None
+    w.proc.stdin.write((json.dumps({"env": env, "cwd": cwd}) + "\n").encode())
+    w.proc.stdin.flush()
+    w.proc.stdin.close()
+    try:
+        os.replace(w.log_path, log_path)
+    except OSError as e:  # the agent runs either way; only its log keeps the old name
+        logger.warning("warm pool: log {} not moved to {}: {}", w.log_path, log_path, e)
+
+
+def warm_log(logs_dir: Path) -> Path:
+    d = logs_dir / "containers" / ".warm"
+    d.mkdir(parents=True, exist_ok=True)
+    return d / f"{time.time_ns()}.log"
+
+
+def is_waiting(pid: int) -> bool:
+    """Whether the agent process tree at `pid` is a spare still waiting for its session:
+    its runner (`python -m sandbox_entry`) sits in `/`; once handed a session it works in
+    the agent's folder. For tools that look from outside (tests, the bench)."""
+    from nanoclaw.runtime.bwrap import _children
+
+    for p in [pid, *_children(pid)]:
+        try:
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            if (os.path.basename(argv[0]).startswith(b"python") and b"sandbox_entry" in argv
+                    and os.readlink(f"/proc/{p}/cwd") == "/"):
+                return True
+        except OSError:
+            continue
+    return False
