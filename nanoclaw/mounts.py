@@ -24,9 +24,12 @@ import pwd
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nanoclaw.runtime.base import Mount
+
+if TYPE_CHECKING:
+    from nanoclaw.config import Settings
 
 BLOCKED = (".ssh", ".gnupg", ".gpg", ".aws", ".azure", ".gcloud", ".kube", ".docker",
            "credentials", ".env", ".netrc", ".npmrc", ".pypirc", "id_rsa", "id_ed25519",
@@ -119,26 +122,50 @@ def check(request: dict[str, Any], allow: Allowlist, protected: list[Path]) -> M
     return Mount(real, f"{EXTRA}/{name}", writable=not readonly and root.read_write)
 
 
+def protected(settings: "Settings") -> list[Path]:
+    """What no extra mount may overlap: NanoClaw's own state, its secrets, the allowlist."""
+    return [settings.data_dir, settings.logs_dir, settings.groups_dir, Path(".env").resolve(),
+            settings.mount_allowlist.expanduser()]
+
+
+def requests_of(raw: Any) -> list[dict[str, Any]]:
+    """A group's `additional_mounts` (JSON text or a list) as request dicts; MountError
+    when it is not a JSON list."""
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw or "[]")
+        except ValueError:
+            raise MountError(f"additional_mounts is not JSON: {raw[:80]!r}") from None
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise MountError("additional_mounts must be a JSON list")
+    return [r if isinstance(r, dict) else {"hostPath": r} for r in raw]
+
+
+def name_of(request: dict[str, Any]) -> str:
+    """The name a request asks for under /workspace/extra (as `check` would grant it)."""
+    name = request.get("containerPath", request.get("container_path"))
+    if not name:
+        raw = request.get("hostPath", request.get("host_path")) or ""
+        name = Path(os.path.realpath(Path(str(raw)).expanduser())).name if raw else ""
+    return str(name).removeprefix(EXTRA + "/")
+
+
 def resolve(requests: Any, allowlist: Path,
             protected: list[Path]) -> tuple[list[Mount], list[str]]:
     """All granted mounts and one line per refusal (the spawn goes on without those)."""
-    if isinstance(requests, str):
-        try:
-            requests = json.loads(requests or "[]")
-        except ValueError:
-            return [], [f"additional_mounts is not JSON: {requests[:80]!r}"]
-    if not requests:
-        return [], []
-    if not isinstance(requests, list):
-        return [], ["additional_mounts must be a JSON list"]
     try:
+        requests = requests_of(requests)
+        if not requests:
+            return [], []
         allow = Allowlist.load(allowlist)
     except MountError as e:
         return [], [str(e)]
     mounts, problems, seen = [], [], set()
     for r in requests:
         try:
-            m = check(r if isinstance(r, dict) else {"hostPath": r}, allow, protected)
+            m = check(r, allow, protected)
         except MountError as e:
             problems.append(str(e))
             continue

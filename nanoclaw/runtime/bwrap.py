@@ -151,7 +151,7 @@ class BwrapRuntime(ProcessRuntime):
 
     def _spawn_cold(self, spec: SpawnSpec) -> str:
         uid, gid = sandbox.user(self.settings.agent_uid)
-        sandbox.hand_over([spec.session_dir, spec.group_dir], uid, gid)
+        sandbox.prepare(spec, uid, gid)
         via_socket = self.settings.container_network == "none"
         env = sandbox.environment(spec, self._path(), via_socket)
         env[MARK] = spec.install_id  # bwrap's own; --unsetenv keeps it out of the sandbox
@@ -230,7 +230,7 @@ class BwrapRuntime(ProcessRuntime):
 
     def _use_warm(self, w: warm.Warm, spec: SpawnSpec) -> str:
         uid, gid = sandbox.user(self.settings.agent_uid)
-        sandbox.hand_over([spec.session_dir, spec.group_dir], uid, gid)
+        sandbox.prepare(spec, uid, gid)
         via_socket = self.settings.container_network == "none"
         env = sandbox.environment(spec, self._path(), via_socket)
         env.pop("NANOCLAW_BROKER_SOCKET", None)  # the sandbox relays it since it started

@@ -78,7 +78,7 @@ class DockerRuntime:
 
         s = self.settings
         uid, gid = sandbox.user(s.agent_uid)
-        sandbox.hand_over([spec.session_dir, spec.group_dir], uid, gid)
+        sandbox.prepare(spec, uid, gid)
         via_socket = s.container_network == "none"
         mounts = [Mount(m.target, str(m.source), type="bind", read_only=not m.writable)
                   for m in sandbox.layout(spec, s.broker_socket.parent if via_socket else None)]

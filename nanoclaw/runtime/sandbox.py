@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from pathlib import Path
 
+from nanoclaw.log import logger
 from nanoclaw.runtime.base import Mount, SpawnSpec
 
 SESSION = "/workspace"
@@ -94,6 +96,37 @@ def user(agent_uid: int) -> tuple[int, int]:
     if os.geteuid() == 0:
         return agent_uid, agent_uid
     return os.getuid(), os.getgid()
+
+
+def clear_mount_points(spec: SpawnSpec) -> list[str]:
+    """The session folder is the agent's to write, so what sits where the runtime mounts
+    the group, global and extra folders may be anything (`agent -> /etc`, a file). Those
+    are mount points holding nothing of value: remove what is not a plain folder."""
+    removed = []
+    for m in session_mounts(spec)[1:]:
+        rel = m.target[len(SESSION) + 1:].split("/")
+        for i in range(1, len(rel) + 1):
+            p = spec.session_dir.joinpath(*rel[:i])
+            try:
+                st = os.lstat(p)
+            except FileNotFoundError:
+                break
+            if stat.S_ISDIR(st.st_mode):
+                continue
+            if i == len(rel) and not m.source.is_dir() and stat.S_ISREG(st.st_mode):
+                continue  # a file mount's point is a file
+            p.unlink()
+            removed.append(str(p))
+            break
+    return removed
+
+
+def prepare(spec: SpawnSpec, uid: int, gid: int) -> None:
+    """Before a sandbox gets the session: sane mount points, folders the agent can write."""
+    for path in clear_mount_points(spec):
+        logger.warning("session {}: removed {} (not a folder; the runtime mounts there)",
+                       spec.session_id, path)
+    hand_over([spec.session_dir, spec.group_dir], uid, gid)
 
 
 def hand_over(folders: list[Path], uid: int, gid: int) -> None:
