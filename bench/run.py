@@ -7,15 +7,19 @@ chat) and reports, on stdout as a table and in `bench/results.json`:
 
 - the fake's own round trip (raw HTTP POST /v1/messages, keep-alive and fresh connection),
 - host start to ready (process start -> socket answering a frame),
-- cold turns (a fresh chat's first message: includes starting its agent process),
+- cold turns (a fresh chat's first message: includes starting its agent, or handing the
+  session to the warm pool's spare; fresh chats `--cold-gap` s apart, 1 s by default),
 - warm turns p50/p95/p99 (one chat, one warm-up, then N back-to-back; send -> reply frame),
 - warm turns after a pause (the same chat, a few seconds between messages, so every
   poller in the path has backed off to its slow interval, as with a human typing),
 - throughput (K chats, all warmed up, each sending M messages back-to-back),
 - idle CPU over S seconds with every agent up and idle: the host (all workers) and the
   agent processes separately, in percent of one core, from /proc/<pid>/stat,
-- memory: PSS (/proc/<pid>/smaps_rollup) summed over the host and its workers, and per
-  agent process.
+- memory: PSS (/proc/<pid>/smaps_rollup) summed over the host and its workers, per
+  agent process, and of the warm pool's spare,
+- then, per sandbox runtime that can run here (`--sandboxes`): a host of its own with
+  that runtime, cold turns and 10 warm turns; per-spawn overhead = cold p50 - warm p50.
+  bwrap is measured with and without its warm pool.
 
 The host and the fake are always stopped (SIGTERM, then SIGKILL), also on errors and
 Ctrl-C; every wait is bounded.
@@ -123,11 +127,13 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def process_tree(host_pid: int) -> tuple[dict[int, str], dict[int, str]]:
+def process_tree(host_pid: int, spares: dict[int, str] | None = None
+                 ) -> tuple[dict[int, str], dict[int, str]]:
     """(host processes, agent processes) under `host_pid`, as pid -> label.
 
     Agents are the subtrees rooted at the children of the `containers` worker; everything
-    else under the host (the host itself and its workers) counts as the host."""
+    else under the host (the host itself and its workers) counts as the host. The warm
+    pool's spares (no session yet) are neither; they go to `spares` when given."""
     children: dict[int, list[int]] = defaultdict(list)
     for name in os.listdir("/proc"):
         if name.isdigit():
@@ -136,8 +142,6 @@ def process_tree(host_pid: int) -> tuple[dict[int, str], dict[int, str]]:
                 children[int(st[1])].append(int(name))
     host: dict[int, str] = {}
     agents: dict[int, str] = {}
-
-    spare_roots: set[int] = set()
 
     def walk(pid: int, agent_root: int | None) -> None:
         comm = _comm(pid)
@@ -148,7 +152,9 @@ def process_tree(host_pid: int) -> tuple[dict[int, str], dict[int, str]]:
         for child in children.get(pid, ()):
             if agent_root is None and comm == "nc-containers":
                 if is_waiting(child):  # the warm pool's spare: no session yet
-                    spare_roots.add(child)
+                    if spares is not None:
+                        spares[child] = "spare"
+                        spares.update({c: "spare" for c in _descendants(child, children)})
                     continue
                 walk(child, child)
             else:
@@ -157,6 +163,15 @@ def process_tree(host_pid: int) -> tuple[dict[int, str], dict[int, str]]:
     if _stat(host_pid) is not None:
         walk(host_pid, None)
     return host, agents
+
+
+def _descendants(pid: int, children: dict[int, list[int]]) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), ()):
+            out.append(c)
+            todo.append(c)
+    return out
 
 
 def cpu_ticks(pids: list[int]) -> dict[int, int]:
@@ -243,7 +258,8 @@ class Rig:
         self.host: subprocess.Popen | None = None
         self.host_started = 0.0
         self.host_log = None
-        self.seen: dict[int, str] = {}  # every host/agent pid observed, for the last resort
+        self.seen: dict[int, str] = {}
+        self.spares: dict[int, str] = {}  # the warm pool's, at the last tree()  # every host/agent pid observed, for the last resort
 
     def start_fake(self) -> str:
         self.fake = subprocess.Popen(
@@ -292,7 +308,8 @@ class Rig:
     def tree(self) -> tuple[dict[int, str], dict[int, str]]:
         if self.host is None:
             return {}, {}
-        host, agents = process_tree(self.host.pid)
+        self.spares = {}
+        host, agents = process_tree(self.host.pid, self.spares)
         for pid in (*host, *agents):
             self.seen.setdefault(pid, _cmdline(pid))
         return host, agents
@@ -643,6 +660,7 @@ async def bench(rig: Rig, args: argparse.Namespace, results: dict[str, Any]) -> 
         amem["agents"] = len(roots)
         amem["pss_mb_mean_per_agent"] = round(amem["pss_mb"] / max(1, len(roots)), 2)
         results["agent_memory"] = amem
+        results["warm_pool_memory"] = memory(rig.spares)
         results["client"] = {"stray_replies": sum(x.stray for x in chats),
                              "mismatched_replies": sum(x.mismatched for x in chats),
                              "error_frames": [e for x in chats for e in x.errors]}
@@ -669,8 +687,10 @@ async def cold_turns(chat: Any, n: int, gap: float, prefix: str) -> dict[str, An
 def sandbox_runtimes() -> dict[str, str]:
     """Sandbox runtime name → why it is skipped ("" when it can run here)."""
     from nanoclaw.config import Settings
+    from nanoclaw.log import logger
     from nanoclaw.runtime import RUNTIMES, WHY_NOT
 
+    logger.disable("nanoclaw")  # the probes' debug lines are not the bench's output
     settings = Settings(_env_file=None)  # type: ignore[call-arg]
     out = {}
     for name in ("bwrap", "docker"):
@@ -738,6 +758,7 @@ def figures(r: dict[str, Any]) -> dict[str, float | None]:
         "host_pss_mb": g("memory", "pss_mb"),
         "agent_pss_mb_mean": g("agent_memory", "pss_mb_mean_per_agent"),
         "agent_pss_mb_total": g("agent_memory", "pss_mb"),
+        "warm_pool_pss_mb": g("warm_pool_memory", "pss_mb"),
         "cold_turn_ms_p50_bwrap": g("sandboxes", "bwrap", "cold_turn_ms", "p50"),
         "spawn_overhead_ms_bwrap": g("sandboxes", "bwrap", "spawn_overhead_ms"),
         "cold_turn_ms_p50_bwrap_nopool": g("sandboxes", "bwrap-nopool", "cold_turn_ms", "p50"),
@@ -776,6 +797,7 @@ LABELS = {
     "host_pss_mb": "host PSS after load (MB)",
     "agent_pss_mb_mean": "agent PSS, mean per agent (MB)",
     "agent_pss_mb_total": "agent PSS, all agents (MB)",
+    "warm_pool_pss_mb": "warm pool PSS, the spare (MB)",
     "cold_turn_ms_p50_bwrap": "bwrap: cold turn p50 (ms)",
     "spawn_overhead_ms_bwrap": "bwrap: per-spawn overhead (ms)",
     "cold_turn_ms_p50_bwrap_nopool": "bwrap, no warm pool: cold turn p50 (ms)",
