@@ -137,8 +137,10 @@ class Client:
 class Host:
     """`nanoclaw run` in a scratch directory."""
 
-    def __init__(self, base: Path, fake_url: str, extra_env: dict[str, str] | None = None):
+    def __init__(self, base: Path, fake_url: str, extra_env: dict[str, str] | None = None,
+                 user: int | None = None):
         self.base = base
+        self.user = user  # run the host (and its CLI) as this uid instead of ours
         self.data = base / "data"
         self.env = {
             **os.environ,
@@ -162,8 +164,9 @@ class Host:
     def start(self) -> "Host":
         self.base.mkdir(parents=True, exist_ok=True)
         self.out = open(self.base / "host.out", "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "nanoclaw", "run"], cwd=self.base,
-                                     env=self.env, stdout=self.out, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(self._as_user([sys.executable, "-m", "nanoclaw", "run"]),
+                                     cwd=self.base, env=self.env, stdout=self.out,
+                                     stderr=subprocess.STDOUT)
         wait_for(self.ready, 30, what="host ready")
         return self
 
@@ -181,8 +184,15 @@ class Host:
             return ""
 
     def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "nanoclaw", *args], cwd=self.base,
-                              env=self.env, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(self._as_user([sys.executable, "-m", "nanoclaw", *args]),
+                              cwd=self.base, env=self.env, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def _as_user(self, argv: list[str]) -> list[str]:
+        if self.user is None:
+            return argv
+        return ["setpriv", f"--reuid={self.user}", f"--regid={self.user}", "--clear-groups",
+                *argv]
 
     def db(self):
         import sqlite3

@@ -122,3 +122,45 @@ def test_sandbox_dies_with_its_worker_and_orphans_are_found(bhost, tmp_path):
     parent.wait(10)
     wait_for(lambda: rt.exit_code(cid) is not None, 10, what="sandbox gone with its parent")
     wait_for(lambda: rt.cleanup_orphans(spec.install_id, set()) == 0, 10, what="nothing left")
+
+
+def test_host_as_a_regular_user(fake_model, bwrap_works):
+    """Not root: bwrap sandboxes unprivileged in a user namespace, the warm pool says it
+    is off for bwrap (the handover needs root) and every agent starts cold."""
+    import tempfile
+
+    from conftest import Host
+
+    if os.geteuid() != 0:
+        pytest.skip("the suite itself runs as a regular user; switching to another needs root")
+    uid = 1000
+    probe = subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+                            "bwrap", "--unshare-pid", "--ro-bind", "/", "/", "--proc", "/proc",
+                            "--dev", "/dev", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"unprivileged user namespaces are off here: {probe.stderr.decode()[:200]}")
+    py = subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+                         sys.executable, "-c", "import os, sys; os.execv(sys.executable,"
+                         " [sys.executable, '-c', 'import nanoclaw'])"],
+                        capture_output=True, cwd="/")  # the host re-executes itself
+    if py.returncode != 0:
+        pytest.skip(f"uid {uid} cannot run this suite's Python ({sys.executable}; e.g. it lives"
+                    f" under a 0700 home): {py.stderr.decode()[-200:]}")
+    base = Path(tempfile.mkdtemp(prefix="nanoclaw-user-"))  # tmp_path's parents are root's 0700
+    os.chown(base, uid, uid)
+    h = Host(base / "h", fake_model.url, {"NANOCLAW_RUNTIME": "bwrap", "HOME": str(base)},
+             user=uid)
+    (base / "h").mkdir()
+    os.chown(base / "h", uid, uid)
+    try:
+        h.start()
+        c = h.client()
+        assert c.wait_reply(c.send("hello from a user"), 60)["text"] == "echo: hello from a user"
+        log = (h.base / "logs" / "nanoclaw.log").read_text()
+        assert "warm pool off for bwrap" in log
+        procs = [w["pid"] for w in h.workers()] + agent_pids(h.data)
+        assert procs and all(os.stat(f"/proc/{p}").st_uid == uid for p in procs)
+        assert os.stat(h.data / "nanoclaw.db").st_uid == uid
+    finally:
+        h.cleanup()
+        shutil.rmtree(base, ignore_errors=True)
