@@ -283,6 +283,49 @@ def cmd_service(args: argparse.Namespace) -> int:
     return 0
 
 
+def runtime_report(settings: Settings) -> list[tuple[bool | None, str]]:
+    """Which runtime agents get here and why not the others; whether the warm pool is in
+    effect. (ok, line) pairs; ok None is a plain note."""
+    from nanoclaw.log import logger
+    from nanoclaw.runtime import RUNTIMES, WHY_NOT, mountns
+
+    logger.disable("nanoclaw.runtime")  # the probes' debug lines are not for this screen
+    try:
+        usable = {n: bool(RUNTIMES[n].available(settings)) for n in ("docker", "bwrap")}
+    finally:
+        logger.enable("nanoclaw.runtime")
+    auto = next((n for n in ("docker", "bwrap") if usable[n]), "process")
+    out: list[tuple[bool | None, str]] = []
+    for n, ok in usable.items():
+        if not ok:
+            out.append((None, f"runtime {n} is not usable: " + WHY_NOT[n].format(
+                image=settings.image)))
+    chosen = settings.runtime if settings.runtime != "auto" else auto
+    if settings.runtime == "auto":
+        out.append((auto != "process", f"runtime auto picks {auto} here" + (
+            ": agents run WITHOUT isolation (development only)" if auto == "process" else "")))
+    elif settings.runtime != "process" and not usable[settings.runtime]:
+        out.append((False, f"runtime {settings.runtime} (NANOCLAW_RUNTIME) cannot run here;"
+                    f" auto would pick {auto}"))
+        return out
+    else:
+        out.append((True, f"runtime {chosen} (NANOCLAW_RUNTIME; auto would pick {auto})" + (
+            ": agents run WITHOUT isolation" if chosen == "process" else "")))
+    n = settings.warm_pool
+    if n <= 0:
+        out.append((None, "warm pool off (NANOCLAW_WARM_POOL=0): every agent starts cold"))
+    elif chosen == "docker":
+        out.append((None, "warm pool not used by docker (a container's mounts are fixed when"
+                    " it is created)"))
+    elif chosen == "bwrap" and not mountns.can_mount():
+        out.append((None, "warm pool off: bwrap hands a session to a waiting sandbox only"
+                    " when the host runs as root; every agent starts cold"))
+    else:
+        out.append((True, f"warm pool on: {n} {chosen} agent(s) started ahead"
+                    " (NANOCLAW_WARM_POOL)"))
+    return out
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     problems = 0
 
@@ -297,6 +340,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     except SettingsError as e:
         say(False, str(e))
         return 1
+    for ok, line in runtime_report(s):
+        if ok is None:
+            print(f"{'-':<3}  {line}")
+        else:
+            say(ok, line)
     pid = host_pid(s)
     say(bool(pid), f"host {'running, pid ' + str(pid) if pid else 'is not running (make run)'}")
     if s.db_path.exists():
@@ -357,11 +405,13 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("-n", "--lines", type=int, default=50)
     lg.add_argument("--errors", action="store_true", help="the warnings-and-errors log")
     lg.set_defaults(fn=cmd_logs)
-    sub.add_parser("doctor", help="check the installation and say what is wrong").set_defaults(
+    sub.add_parser("doctor", help="check the installation, the runtime and the warm pool; say"
+                   " what is wrong").set_defaults(
         fn=cmd_doctor)
-    from nanoclaw import admin
+    from nanoclaw import admin, admin_limits
 
     admin.add_parsers(sub)
+    admin_limits.add_parsers(sub)
     im = sub.add_parser("image", help="build the agent image (container/build.sh)")
     im.add_argument("action", choices=["build"])
     im.add_argument("--force", action="store_true", help="rebuild even when up to date")
