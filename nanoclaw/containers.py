@@ -137,7 +137,7 @@ class Containers:
         spawn = f"{int(time.time() * 1000)}"
         cfg = self.store.container_config(ag["id"])
         extra, refused = mounts.resolve(cfg.get("additional_mounts"), self.settings.mount_allowlist,
-                                        self._protected())
+                                        mounts.protected(self.settings))
         for why in refused:
             logger.error("session {}: {}", sid, why)
         spec = SpawnSpec(
@@ -258,12 +258,6 @@ class Containers:
                                     in_reply_to=mid)
 
     # ---- helpers ----------------------------------------------------------------------
-    def _protected(self) -> list[Path]:
-        """What no extra mount may overlap: NanoClaw's own state and its secrets."""
-        st = self.settings
-        return [st.data_dir, st.logs_dir, st.groups_dir, Path(".env").resolve(),
-                st.mount_allowlist.expanduser()]
-
     def _providers(self) -> list[str]:
         """The providers warm agents import ahead: the default and every group's."""
         rows = self.store.q("SELECT DISTINCT COALESCE(NULLIF(c.provider, ''), g.agent_provider)"
