@@ -203,6 +203,13 @@ def test_group_memory_is_composed_and_given_to_the_model(session, fake, start):
     assert "GLOBAL FACT" in system and "MY NOTE" in system and "send_message" in system
 
 
+def test_effort_reaches_the_model(session, fake, start):
+    session.configure(effort="low")
+    start()
+    session.reply_to(session.chat("think a little"))
+    assert model_calls(fake)[0]["body"]["output_config"] == {"effort": "low"}
+
+
 # --- failures are visible ----------------------------------------------------------------
 
 def test_overloaded_model_retries_visibly_then_fails_visibly(session, fake, start):

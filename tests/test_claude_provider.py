@@ -159,8 +159,12 @@ def test_compact_archives_and_clear_starts_afresh(session, fake, start):
     runner = start(session)
     first = session.chat("something worth keeping")
     session.reply_to(first, SLOW)
+    n = len(model_calls(fake))
     compact = session.chat("/compact")
     assert session.reply_to(compact, SLOW)["text"] == "Conversation compacted."
+    # the PreCompact hook asked the summary to keep the message XML
+    assert any("keep its <message> XML attributes" in json.dumps(c["body"])
+               for c in model_calls(fake)[n:])
     archives = list((session.group / "conversations").glob("*.md"))
     assert len(archives) == 1 and "something worth keeping" in archives[0].read_text()
     clear = session.chat("/clear")

@@ -156,6 +156,7 @@ class AnthropicProvider:
 
     def __init__(self, config: Config) -> None:
         self.model = config.model
+        self.effort = config.effort
         self.dir = config.provider_dir
         self.client = anthropic.Anthropic(max_retries=0)
         self._id: str | None = None
@@ -277,6 +278,8 @@ class AnthropicQuery:
                                   "system": self.q.system, "messages": messages}
         if self.q.tools is not None:
             kwargs["tools"] = self.q.tools.specs(local=True)
+        if self.p.effort:
+            kwargs["output_config"] = {"effort": self.p.effort}
         attempt = 0
         while True:
             attempt += 1

@@ -53,6 +53,13 @@ BLOCKED_TOOLS = [
     "CronCreate", "CronDelete", "CronList", "ScheduleWakeup", "AskUserQuestion",
     "EnterPlanMode", "ExitPlanMode", "EnterWorktree", "ExitWorktree",
 ]
+# Compaction summarises the history; without this the summary drops the message XML
+# (ids, senders, `in_reply_to`) the agent needs to address replies after it.
+KEEP_ON_COMPACT = (
+    "Keep the messaging context exact: for each message still relevant, keep its <message>"
+    " XML attributes (id, from, sender, channel, thread, time) verbatim, who is waiting for"
+    " an answer, and any destinations or open questions. Summarise the rest.")
+
 CLI_ENV = {  # defaults; the environment wins (tests lower the retries)
     "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_AUTOUPDATER": "1",
     "DISABLE_TELEMETRY": "1", "DISABLE_ERROR_REPORTING": "1", "ENABLE_TOOL_SEARCH": "false",
@@ -234,7 +241,8 @@ class ClaudeProvider:
             log.info("conversation archived before compaction path=%s", path)
         except Exception:  # archiving must never block compaction
             log.exception("conversation archive failed")
-        return {}
+        # the CLI hands a PreCompact hook's message to the summary as its instructions
+        return {"systemMessage": KEEP_ON_COMPACT}
 
     # -- the provider interface
     def query(self, q: QueryInput) -> "ClaudeQuery":
