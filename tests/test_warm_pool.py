@@ -193,3 +193,30 @@ def test_pool_hands_out_live_spares_and_closes_them():
     assert all(p.poll() is not None for p in procs[1:])
     w.proc.stdin.close()
     w.proc.wait(10)
+
+
+def test_bwrap_without_staging_starts_cold(tmp_path, bwrap_works):
+    """If the host cannot stage mounts (here: its staging path is taken by a file), the
+    pool is off with a warning and spawns still work, cold."""
+    from nanoclaw.config import Settings
+    from nanoclaw.runtime.base import SpawnSpec
+    from nanoclaw.runtime.bwrap import BwrapRuntime
+    from nanoclaw.runtime.warm import WarmSpec
+
+    settings = Settings(data_dir=tmp_path / "data", logs_dir=tmp_path / "logs")
+    (tmp_path / "data" / "run").mkdir(parents=True)
+    (tmp_path / "data" / "run" / "warm").write_text("not a folder")
+    runner = Path(__file__).resolve().parent.parent / "container"
+    rt = BwrapRuntime(settings)
+    rt.prewarm(WarmSpec(runner, "cold" + str(os.getpid())[-6:], settings.logs_dir, []))
+    assert rt.pool is None
+    for d in ("s", "g"):
+        (tmp_path / d).mkdir()
+    cid = rt.spawn(SpawnSpec(session_id="s1", agent_group_id="ag", session_dir=tmp_path / "s",
+                             group_dir=tmp_path / "g", global_dir=tmp_path / "global",
+                             runner_dir=runner, log_path=tmp_path / "1.log",
+                             install_id="x", command=["true"]))
+    codes: list = []
+    wait_for(lambda: codes.append(rt.exit_code(cid)) or codes[-1] is not None, 10,
+             what="the sandbox ran")
+    assert codes[-1] == 0

@@ -174,15 +174,19 @@ class BwrapRuntime(ProcessRuntime):
                         " needs root; every agent starts cold")
             return
         root = (self.settings.data_dir / "run" / "warm").resolve()
-        n = mountns.detach_all(root)  # left by a worker that died mid-handover
-        if n:
-            logger.warning("warm pool: detached {} stale staging mount(s)", n)
-        shutil.rmtree(root, ignore_errors=True)
-        root.mkdir(parents=True)
-        root.chmod(0o700)
-        # a private mount of its own: nothing staged below it shows anywhere else
-        mountns.mount(str(root), str(root), mountns.MS_BIND)
-        mountns.mount(None, str(root), mountns.MS_PRIVATE)
+        try:
+            n = mountns.detach_all(root)  # left by a worker that died mid-handover
+            if n:
+                logger.warning("warm pool: detached {} stale staging mount(s)", n)
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir(parents=True)
+            root.chmod(0o700)
+            # a private mount of its own: nothing staged below it shows anywhere else
+            mountns.mount(str(root), str(root), mountns.MS_BIND)
+            mountns.mount(None, str(root), mountns.MS_PRIVATE)
+        except (OSError, ValueError) as e:  # e.g. root without the power to mount here
+            logger.warning("warm pool off for bwrap: cannot stage mounts in {}: {}", root, e)
+            return
         self.stage_root = root
         super().prewarm(spec)
 
