@@ -14,6 +14,10 @@ reset and retried like after any crash. (A worker killed within bwrap's first
 milliseconds can leave a sandbox behind; it carries the install's mark, so the next
 worker's orphan cleanup stops it.) Ids are `pid:<pid>:<starttime>` of the bwrap
 process, so everything else is the process runtime's.
+
+Warm pool (root only): spares are started with `/workspace` bound from an empty shared
+staging folder; a wake hands one the session by mounting its tree there
+(`mountns.py`) and sending its environment down the spare's stdin (`warm.py`).
 """
 
 from __future__ import annotations
