@@ -90,6 +90,22 @@ def test_long_reply_is_split_at_2000(host, dc):
     assert "\n".join(got) == want  # cut at line breaks, nothing lost
 
 
+def test_markdown_passes_through_and_code_blocks_survive_the_split(host, dc):
+    code = "\n".join(f"    row_{i} = load({i}) & 0xff  # <{i}>" for i in range(150))  # ~5000
+    md = f"**Dump** of [data](https://example.com):\n\n```python\n{code}\n```\n\n_done_"
+    enqueue(host, "long-md-209", "discord", "discord:209", {"text": md})
+    wait_for(lambda: (outbox(host, "long-md-209") or {}).get("status") == "sent", 30)
+    got = [m["content"] for m in dc.sent("209")]
+    assert len(got) >= 3 and all(len(t) <= 2000 for t in got)
+    assert got[0].startswith("**Dump** of [data](https://example.com):\n\n```python\n")
+    assert got[-1].endswith("\n```\n\n_done_")  # Markdown as written: Discord renders it
+    for t in got:  # each message opens its block with the language and closes it
+        assert t.count("```") == 2 and "```python\n" in t
+        assert t.removesuffix("\n\n_done_").endswith("\n```")
+    lines = [ln for t in got for ln in t.split("\n") if ln.startswith("    row_")]
+    assert lines == code.split("\n")
+
+
 def test_button_click_becomes_an_action_event(host, dc):
     card = {"type": "ask_question", "questionId": "q-dc-1", "title": "Deploy?",
             "question": "Ship it now?", "options": [

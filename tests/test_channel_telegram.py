@@ -156,6 +156,79 @@ def test_attachments_edits_and_reactions(host, tg):
     wait_for(lambda: tg.messages[int(target)].get("reactions"), 30, what="reaction")
 
 
+def sends(tg: FakeTelegram, chat: int, outcome: str | None = "ok") -> list[dict]:
+    return [c.params for c in tg.calls_of("sendMessage", outcome)
+            if str(c.params.get("chat_id")) == str(chat)]
+
+
+def test_agent_markdown_goes_out_as_html(host, tg):
+    wire_chat(host, "telegram", "telegram:112")
+    mid = tg.user_message(112, "make it **bold** & `a<b`, see [docs](https://example.com/?q=1)")
+    r = reply_to(tg, 112, mid)
+    sent = sends(tg, 112)[-1]
+    assert sent["parse_mode"] == "HTML" and sent["text"] == (
+        'echo: make it <b>bold</b> &amp; <code>a&lt;b</code>, see'
+        ' <a href="https://example.com/?q=1">docs</a>')
+    assert r["text"] == "echo: make it bold & a<b, see docs"  # as Telegram shows it
+    assert {(e["type"], e.get("url")) for e in r["entities"]} == {
+        ("bold", None), ("code", None), ("text_link", "https://example.com/?q=1")}
+
+
+def test_long_formatted_text_is_split_without_breaking_tags(host, tg):
+    code = "\n".join(f"total_{i} = price[{i}] * qty & mask  # <{i}>" for i in range(300))
+    md = f"**Report** for *today*:\n\n```python\n{code}\n```\n\nSee [more](https://example.com)."
+    enqueue(host, "long-md-113", "telegram", "telegram:113", {"text": md})
+    wait_for(lambda: (outbox(host, "long-md-113") or {}).get("status") == "sent", 30)
+    calls = sends(tg, 113)
+    assert len(calls) >= 3 and not sends(tg, 113, "injected:400")
+    assert all(c["parse_mode"] == "HTML" and len(c["text"]) <= 4096 for c in calls)
+    assert calls[0]["text"].startswith("<b>Report</b> for <i>today</i>:\n\n<pre><code")
+    assert all(c["text"].startswith('<pre><code class="language-python">') for c in calls[1:])
+    assert calls[-1]["text"].endswith('See <a href="https://example.com">more</a>.')
+    shown = tg.sent(113)  # each chunk parsed on its own: no tag or entity was cut
+    pre = ["".join(m["text"][e["offset"]:e["offset"] + e["length"]] for e in m["entities"]
+                   if e["type"] == "pre") for m in shown]
+    assert "\n".join(pre) == code  # the code block continues across messages
+
+
+def test_html_telegram_cannot_parse_is_sent_as_plain_text(host, tg):
+    tg.inject("sendMessage", status=400, parse_mode="HTML", chat_id=114, description=(
+        'Bad Request: can\'t parse entities: Unsupported start tag "blockquote" at byte offset 0'))
+    enqueue(host, "plain-114", "telegram", "telegram:114",
+            {"text": "> **Careful**: read [the docs](https://example.com) first"})
+    wait_for(lambda: (outbox(host, "plain-114") or {}).get("status") == "sent", 30)
+    calls = [c for c in tg.calls_of("sendMessage", None) if str(c.params.get("chat_id")) == "114"]
+    assert [c.outcome for c in calls] == ["injected:400", "ok"]
+    assert calls[0].params["parse_mode"] == "HTML"
+    assert "parse_mode" not in calls[1].params
+    assert calls[1].params["text"] == "Careful: read the docs (https://example.com) first"
+    row = outbox(host, "plain-114")
+    assert row["attempts"] == 1 and row["platform_message_id"] == str(tg.sent(114)[0]["message_id"])
+
+
+def test_edited_message_reaches_the_agent_once(host, tg):
+    wire_chat(host, "telegram", "telegram:115")
+    mid = tg.user_message(115, "meet at 5")
+    assert reply_to(tg, 115, mid)["text"] == "echo: meet at 5"
+    uid = tg.edit_message(mid, "meet at 6")
+    key = f"edit{uid}:{mid}"
+    ev = wait_for(lambda: next((e for e in inbound_events(host, "telegram")
+                                if e["message_id"] == key), None), 30, what="edit stored")
+    assert ev["payload"]["text"] == "[edited] meet at 6"
+    assert ev["payload"]["edited"] is True and ev["payload"]["edit_of"] == str(mid)
+    wait_for(lambda: [m for m in tg.sent(115) if m.get("reply_to_message_id") == mid
+                      and m["text"] == "echo: [edited] meet at 6"], 60, what="reply to the edit")
+    tg.redeliver(uid)  # Telegram sends the same update again
+    after = tg.user_message(115, "and one more")
+    reply_to(tg, 115, after)  # updates are handled in order: the replay came first
+    returned = [u for c in tg.calls_of("getUpdates") for u in c.params["returned"]]
+    assert returned.count(uid) == 2
+    assert [e["message_id"] for e in inbound_events(host, "telegram")].count(key) == 1
+    rows = session_inbound(host, "telegram", "telegram:115")
+    assert sum("[edited] meet at 6" in (m["content"] or "") for m in rows) == 1
+    assert [m["text"] for m in tg.sent(115)].count("echo: [edited] meet at 6") == 1
+
+
 def test_stalled_long_poll_is_detected_and_nothing_is_lost(host, tg):
     wire_chat(host, "telegram", "telegram:108")
     tg.inject("getUpdates", stall=True)

@@ -16,6 +16,8 @@ A rejected token is a configuration error (not restart-looped). Garbage from the
 (bad JSON, a parser that chokes on a field) is logged and dropped, never fatal.
 
 platform_id `discord:<channel id>` (a thread's parent); thread_id the thread's id.
+Discord renders Markdown itself: agent text passes through, split at 2000 characters
+without leaving a fenced code block open across messages (`markdown.discord_markdown`).
 """
 
 from __future__ import annotations
@@ -33,9 +35,9 @@ from discord.http import Route
 
 from nanoclaw.channels.base import (Channel, ChannelDead, OutboundMessage, RetryAfter,
                                     SendError, Unavailable)
+from nanoclaw.channels.markdown import discord_markdown
 from nanoclaw.channels.text import (attachment, card_links, decode_choice, encode_choice,
-                                    load_files, parse_question, plain_text, reply_target,
-                                    split_text)
+                                    load_files, parse_question, plain_text, reply_target)
 from nanoclaw.log import logger
 from nanoclaw.worker import ConfigError
 
@@ -274,7 +276,7 @@ class DiscordChannel(Channel):
         await self.host.inbound(pid, f"ix:{ix.id}", {
             "question_id": qid, "option": option, "user_id": str(ix.user.id)}, None, kind="action")
         await self._best_effort(ix.response.edit_message(
-            content=f"{card.text()}\n\n✓ {card.selected_label(index)}"[:LIMIT], view=None))
+            content=_first(f"{card.text()}\n\n✓ {card.selected_label(index)}"), view=None))
 
     async def _best_effort(self, coro: Any) -> None:
         try:
@@ -308,7 +310,7 @@ class DiscordChannel(Channel):
         if op in ("edit", "reaction"):
             msg = ch.get_partial_message(_snowflake(c.get("messageId")))
             if op == "edit":
-                await msg.edit(content=split_text(str(c.get("text") or "…"), LIMIT)[0])
+                await msg.edit(content=_first(str(c.get("text") or "")))
             else:
                 await msg.add_reaction(str(c.get("emoji") or "👍"))
             return str(msg.id)
@@ -330,7 +332,7 @@ class DiscordChannel(Channel):
             for label, url in card_links(c)[:5]:
                 view.add_item(discord.ui.Button(label=label[:80], url=url))
         files = load_files(c)  # a bad file is a permanent SendError
-        chunks = split_text(plain_text(c), LIMIT) if plain_text(c) else []
+        chunks = discord_markdown(plain_text(c), LIMIT)
         if not chunks and not files:
             raise SendError("empty message", permanent=True)
         steps: list[tuple[str | None, bool]] = [(t, False) for t in chunks] or [(None, True)]
@@ -361,6 +363,10 @@ class DiscordChannel(Channel):
         user = await self.client.fetch_user(uid)
         dm = await user.create_dm()
         return f"discord:{dm.id}"
+
+
+def _first(text: str) -> str:
+    return (discord_markdown(text, LIMIT) or ["…"])[0]
 
 
 def _snowflake(v: Any) -> int:

@@ -9,7 +9,9 @@ the socket and reconnects by itself; on top of that we call `auth.test` every
 the API has been down for `channel_liveness` seconds. A rejected token is configuration.
 
 platform_id `slack:<channel id>`; thread_id a thread's root `ts`; message ids are `ts`.
-Slack shows no typing indicator to bots, so there is no `set_typing`.
+Slack shows no typing indicator to bots, so there is no `set_typing`. Agent Markdown
+goes out as mrkdwn (`markdown.slack_mrkdwn`): 40,000 characters per message, 3,000 per
+block.
 """
 
 from __future__ import annotations
@@ -28,12 +30,14 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from nanoclaw.channels.base import (Channel, OutboundMessage, RetryAfter, SendError,
                                     Unavailable)
+from nanoclaw.channels.markdown import slack_mrkdwn
 from nanoclaw.channels.text import (attachment, card_links, decode_choice, encode_choice,
-                                    load_files, parse_question, plain_text, split_text)
+                                    load_files, parse_question, plain_text)
 from nanoclaw.log import logger
 from nanoclaw.worker import ConfigError
 
 LIMIT = 40_000
+BLOCK_LIMIT = 3000
 MAX_DOWNLOAD = 25 << 20
 FATAL = {"invalid_auth", "not_authed", "account_inactive", "token_revoked", "token_expired"}
 PERMANENT = {"channel_not_found", "not_in_channel", "is_archived", "msg_too_long",
@@ -205,7 +209,7 @@ class SlackChannel(Channel):
             if ts:
                 done = f"{card.text()}\n\n✓ {card.selected_label(index)}"
                 try:
-                    await self.web.chat_update(channel=channel, ts=ts, text=done,
+                    await self.web.chat_update(channel=channel, ts=ts, text=_first(done, LIMIT),
                                                blocks=[_section(done)])
                 except Exception as e:
                     logger.debug("slack card update failed: {!r}", e)
@@ -236,7 +240,7 @@ class SlackChannel(Channel):
         if op == "edit":
             ts = str(c.get("messageId"))
             await self.web.chat_update(channel=channel, ts=ts,
-                                       text=split_text(str(c.get("text") or "…"), LIMIT)[0])
+                                       text=_first(str(c.get("text") or ""), LIMIT))
             return ts
         if op == "reaction":
             ts = str(c.get("messageId"))
@@ -248,7 +252,7 @@ class SlackChannel(Channel):
             raise SendError(f"unknown operation {op!r}", permanent=True)
         files = load_files(c)  # a bad file is a permanent SendError
         text = plain_text(c)
-        chunks = split_text(text, LIMIT) if text else []
+        chunks = slack_mrkdwn(text, LIMIT)
         blocks = None
         q = parse_question(c)
         if q:
@@ -289,5 +293,10 @@ class SlackChannel(Channel):
         return f"slack:{r['channel']['id']}"
 
 
-def _section(text: str) -> dict[str, Any]:
-    return {"type": "section", "text": {"type": "mrkdwn", "text": text[:3000] or " "}}
+def _first(markdown: str, limit: int) -> str:
+    """The first `limit` characters' worth of a Markdown text as mrkdwn."""
+    return (slack_mrkdwn(markdown, limit) or ["…"])[0]
+
+
+def _section(markdown: str) -> dict[str, Any]:
+    return {"type": "section", "text": {"type": "mrkdwn", "text": _first(markdown, BLOCK_LIMIT)}}

@@ -12,6 +12,15 @@ Errors are sorted by what to do next (PTB's own networkloop): wait out `retry_af
 retry a timeout at once, back off other network errors up to 30 s, and treat a rejected
 token as configuration (not restart-looped).
 
+Agent Markdown goes out as Telegram HTML (`markdown.telegram_html`, split within 4096
+UTF-16 units of markup); a chunk Telegram cannot parse ("can't parse entities") is sent
+again as its plain text rather than failing the send.
+
+An edited message (`edited_message`) reaches the agent as a new message: its text
+prefixed `[edited] `, `edit_of` naming the original, and the id `edit<update id>:<message
+id>`, so it is neither deduplicated against the original nor stored twice when Telegram
+delivers the update again (attachments are not fetched again).
+
 platform_id `telegram:<chat id>`; thread_id is a forum topic id. Malformed updates are
 logged and skipped, never fatal.
 """
@@ -25,19 +34,21 @@ from typing import Any
 from telegram import (Bot, InlineKeyboardButton, InlineKeyboardMarkup, InputFile,
                       ReactionTypeEmoji, ReplyParameters)
 from telegram import error as tg
+from telegram.constants import ParseMode
 from telegram.request import HTTPXRequest
 
 from nanoclaw.channels.base import (Channel, OutboundMessage, RetryAfter, SendError,
                                     Unavailable)
+from nanoclaw.channels.markdown import Chunk, telegram_html
 from nanoclaw.channels.text import (attachment, card_links, decode_choice, encode_choice,
-                                    load_files, parse_question, plain_text, reply_target,
-                                    split_text)
+                                    load_files, parse_question, plain_text, reply_target)
 from nanoclaw.log import logger
 from nanoclaw.worker import ConfigError
 
 LIMIT = 4096
 MAX_DOWNLOAD = 20 << 20  # the Bot API serves files up to 20 MB
-ALLOWED = ["message", "callback_query"]
+ALLOWED = ["message", "edited_message", "callback_query"]
+EDITED = "[edited] "
 
 
 def _seconds(e: tg.RetryAfter) -> float:
@@ -160,9 +171,11 @@ class TelegramChannel(Channel):
         try:
             if isinstance(u.get("callback_query"), dict):
                 return await self._click(u["callback_query"])
-            m = u.get("message")
+            m, edited = u.get("message"), isinstance(u.get("edited_message"), dict)
+            if edited:
+                m = u["edited_message"]
             if not isinstance(m, dict):
-                return  # edits, channel posts and others are not chat input
+                return  # channel posts and others are not chat input
             ev = self._parse(m)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             logger.warning("malformed telegram update {} skipped: {!r}", u.get("update_id"), e)
@@ -170,7 +183,12 @@ class TelegramChannel(Channel):
         if ev is None:
             return
         pid, mid, payload, thread = ev
-        payload["attachments"] = await self._download(m)
+        if edited:  # a new message for the agent, unique per edit, stable on redelivery
+            payload.update(text=EDITED + payload["text"], edited=True, edit_of=mid,
+                           attachments=[])
+            mid = f"edit{u['update_id']}:{mid}"
+        else:
+            payload["attachments"] = await self._download(m)
         await self.host.inbound(pid, mid, payload, thread)
 
     def _parse(self, m: dict[str, Any]) -> tuple[str, str, dict[str, Any], str | None] | None:
@@ -254,9 +272,8 @@ class TelegramChannel(Channel):
             None, kind="action")
         await self._best_effort(self.bot.answer_callback_query(cq["id"]))
         if isinstance(msg.get("message_id"), int):
-            await self._best_effort(self.bot.edit_message_text(
-                f"{card.text()}\n\n✓ {card.selected_label(index)}", chat_id=chat_id,
-                message_id=msg["message_id"]))
+            await self._best_effort(self._edit(
+                chat_id, msg["message_id"], f"{card.text()}\n\n✓ {card.selected_label(index)}"))
 
     async def _best_effort(self, coro: Any) -> None:
         try:
@@ -291,8 +308,7 @@ class TelegramChannel(Channel):
         op = c.get("operation")
         if op == "edit":
             mid = _int(c.get("messageId"))
-            text = split_text(str(c.get("text") or ""), LIMIT)[0] or "…"
-            await self.bot.edit_message_text(text, chat_id=chat_id, message_id=mid)
+            await self._edit(chat_id, mid, str(c.get("text") or ""))
             return str(mid)
         if op == "reaction":
             mid = _int(c.get("messageId"))
@@ -314,15 +330,14 @@ class TelegramChannel(Channel):
             markup = InlineKeyboardMarkup([[InlineKeyboardButton(label[:64], url=url)]
                                            for label, url in card_links(c)])
         files = load_files(c)  # a bad file is a permanent SendError
-        text = plain_text(c)
-        chunks = split_text(text, LIMIT) if text else []
+        chunks = telegram_html(plain_text(c), LIMIT)
         done = self.parts.setdefault(message.idem_key, [])  # resume a half-sent split
         target = _int_or_none(reply_target(message.in_reply_to))
         for i, chunk in enumerate(chunks):
             if i < len(done):
                 continue
             last = i == len(chunks) - 1
-            sent = await self.bot.send_message(
+            sent = await self._send(
                 chat_id, chunk, message_thread_id=thread,
                 reply_parameters=ReplyParameters(target, allow_sending_without_reply=True)
                 if target and i == 0 else None,
@@ -338,6 +353,28 @@ class TelegramChannel(Channel):
         if not done:
             raise SendError("empty message", permanent=True)
         return str(done[0])
+
+    async def _send(self, chat_id: int, chunk: Chunk, **kwargs: Any) -> Any:
+        """One chunk as HTML; as plain text if Telegram cannot parse the HTML."""
+        try:
+            return await self.bot.send_message(chat_id, chunk.markup, parse_mode=ParseMode.HTML,
+                                               **kwargs)
+        except tg.BadRequest as e:
+            if not _unparsable(e):
+                raise
+            logger.warning("telegram could not parse our HTML ({}); sending plain text", e)
+            return await self.bot.send_message(chat_id, chunk.plain, **kwargs)
+
+    async def _edit(self, chat_id: int, message_id: int, text: str) -> None:
+        chunk = (telegram_html(text, LIMIT) or [Chunk("…", "…")])[0]
+        try:
+            await self.bot.edit_message_text(chunk.markup, chat_id=chat_id,
+                                             message_id=message_id, parse_mode=ParseMode.HTML)
+        except tg.BadRequest as e:
+            if not _unparsable(e):
+                raise
+            logger.warning("telegram could not parse our HTML ({}); editing as plain text", e)
+            await self.bot.edit_message_text(chunk.plain, chat_id=chat_id, message_id=message_id)
 
     async def set_typing(self, platform_id: str, thread_id: str | None) -> None:
         thread = int(thread_id) if thread_id and thread_id.lstrip("-").isdigit() else None
@@ -367,4 +404,10 @@ def _int(v: Any) -> int:
 
 
 def _int_or_none(v: str | None) -> int | None:
+    """A message id to reply to; an edit's id (`edit<n>:<id>`) answers the original."""
+    v = v.rsplit(":", 1)[-1] if v else v
     return int(v) if v and v.lstrip("-").isdigit() else None
+
+
+def _unparsable(e: tg.BadRequest) -> bool:
+    return "can't parse entities" in str(e).lower()

@@ -1,7 +1,8 @@
 """What every fake platform shares: an aiohttp app on 127.0.0.1 in its own thread and
 event loop, a record of every call, and scripted misbehaviour (`inject`): an HTTP
 status (with `retry_after` for 429s), a stall (the request hangs until released), or a
-dropped connection, for the next `count` calls of a method that match some parameters."""
+dropped connection, for the next `count` calls of a method that match some parameters;
+an error may carry the platform's own `description`."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ class Rule:
     drop: bool = False
     match: dict[str, Any] = field(default_factory=dict)
     hits: int = 0
+    description: str | None = None
 
 
 @dataclass
@@ -92,8 +94,9 @@ class FakeServer:
     # ---- misbehaviour -----------------------------------------------------------------
     def inject(self, method: str, count: int = 1, status: int | None = None,
                retry_after: float | None = None, stall: bool = False, drop: bool = False,
-               **match: Any) -> Rule:
-        rule = Rule(method, count, status, retry_after, stall, drop, match)
+               description: str | None = None, **match: Any) -> Rule:
+        rule = Rule(method, count, status, retry_after, stall, drop, match,
+                    description=description)
         with self.lock:
             self.rules.append(rule)
         return rule
@@ -128,7 +131,7 @@ class FakeServer:
         return c
 
     async def misbehave(self, request: web.Request, method: str, params: dict[str, Any],
-                        error: Callable[[int, float | None], web.Response]) -> web.StreamResponse | None:
+                        error: Callable[..., web.Response]) -> web.StreamResponse | None:
         """Apply an injected rule, if one matches: returns the response to send, or None."""
         rule = self.take(method, params)
         if rule is None:
@@ -148,6 +151,8 @@ class FakeServer:
                 request.transport.abort()
             return web.Response(status=500)  # never reaches the client
         self.record(method, params, f"injected:{rule.status}")
+        if rule.description is not None:
+            return error(rule.status or 500, rule.retry_after, description=rule.description)
         return error(rule.status or 500, rule.retry_after)
 
     # ---- queries ----------------------------------------------------------------------

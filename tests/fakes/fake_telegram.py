@@ -4,14 +4,22 @@
 getUpdates (long polling with offsets: an update stays until a later offset confirms
 it), sendMessage, editMessageText, sendChatAction, answerCallbackQuery,
 setMessageReaction, sendDocument, getFile; `/file/bot<token>/<path>` serves files.
-Tests queue user messages and button clicks, read what the bot sent, and inject 429s,
-5xx, stalls and dropped connections per method (see `FakeServer.inject`).
+Tests queue user messages, their edits and button clicks, read what the bot sent, and
+inject 429s, 5xx, stalls and dropped connections per method (see `FakeServer.inject`).
+
+`parse_mode=HTML` is parsed as Telegram does (supported tags only, properly nested,
+entities `&lt; &gt; &amp; &quot; &#N;`; stricter than Telegram in refusing a bare `&`):
+what fails answers 400 "can't parse entities", what parses is stored as plain `text`
+plus `entities`, and the 4096 limit applies to the parsed text. `redeliver(update_id)`
+sends an update again after it was confirmed, as an at-least-once platform may.
 """
 
 from __future__ import annotations
 
 import asyncio
+import html
 import json
+import re
 import time
 from typing import Any
 
@@ -23,6 +31,73 @@ BOT = {"id": 777000, "is_bot": True, "first_name": "Andy", "username": "andy_tes
        "can_join_groups": True, "can_read_all_group_messages": False,
        "supports_inline_queries": False}
 RAW_FIELDS = ("text", "caption", "callback_query_id", "file_id", "action")
+HTML_TAGS = {"b": "bold", "strong": "bold", "i": "italic", "em": "italic", "u": "underline",
+             "ins": "underline", "s": "strikethrough", "strike": "strikethrough",
+             "del": "strikethrough", "code": "code", "pre": "pre", "a": "text_link",
+             "tg-spoiler": "spoiler", "span": "spoiler", "blockquote": "blockquote",
+             "tg-emoji": "custom_emoji"}
+TAG = re.compile(r'<(/?)([a-zA-Z][a-zA-Z0-9-]*)((?:\s+[a-zA-Z-]+(?:="[^"<>]*")?)*)\s*>')
+ATTR = re.compile(r'([a-zA-Z-]+)="([^"<>]*)"')
+ENTITY = re.compile(r"&(lt|gt|amp|quot|#[0-9]{1,7}|#x[0-9a-fA-F]{1,6});")
+
+
+def parse_html(text: str) -> tuple[str, list[dict[str, Any]]]:
+    """Telegram's parse_mode HTML: (plain text, entities); ValueError says what is wrong."""
+    plain: list[str] = []
+    stack: list[tuple[str, int, dict[str, str]]] = []
+    entities: list[dict[str, Any]] = []
+    at = 0
+
+    def where() -> str:
+        return f"byte offset {len(text[:at].encode())}"
+
+    def offset() -> int:
+        return len("".join(plain).encode("utf-16-le")) // 2
+
+    while at < len(text):
+        ch = text[at]
+        if ch == "<":
+            m = TAG.match(text, at)
+            if m is None:
+                raise ValueError(f"Unclosed start tag at {where()}")
+            name = m.group(2).lower()
+            if m.group(1):
+                if not stack or stack[-1][0] != name:
+                    want = f'"</{stack[-1][0]}>"' if stack else "nothing"
+                    raise ValueError(f'Unmatched end tag at {where()}, expected {want}, '
+                                     f'found "</{name}>"')
+                tag, start, attrs = stack.pop()
+                ent: dict[str, Any] = {"type": HTML_TAGS[tag], "offset": start,
+                                       "length": offset() - start}
+                if tag == "a":
+                    ent["url"] = attrs["href"]
+                if ent["length"]:
+                    entities.append(ent)
+            else:
+                if name not in HTML_TAGS:
+                    raise ValueError(f'Unsupported start tag "{name}" at {where()}')
+                if stack and stack[-1][0] in ("code", "pre") and not (
+                        stack[-1][0] == "pre" and name == "code"):
+                    raise ValueError(f'Entities can\'t be nested in "{stack[-1][0]}" at {where()}')
+                attrs = dict(ATTR.findall(m.group(3)))
+                if name == "a" and not attrs.get("href"):
+                    raise ValueError(f"Can't find href of a link at {where()}")
+                stack.append((name, offset(), {k: html.unescape(v) for k, v in attrs.items()}))
+            at = m.end()
+        elif ch == "&":
+            m = ENTITY.match(text, at)
+            if m is None:
+                raise ValueError(f"Character entity expected at {where()}")
+            plain.append(html.unescape(m.group()))
+            at = m.end()
+        elif ch == ">":
+            raise ValueError(f"Unexpected end tag at {where()}")
+        else:
+            plain.append(ch)
+            at += 1
+    if stack:
+        raise ValueError(f'Can\'t find end tag corresponding to start tag "{stack[-1][0]}"')
+    return "".join(plain), entities
 
 
 def _value(key: str, v: str) -> Any:
@@ -42,6 +117,8 @@ class FakeTelegram(FakeServer):
         self.next_update = 1
         self.next_message = 1000
         self.messages: dict[int, dict[str, Any]] = {}  # every message, by id
+        self.delivered: dict[int, dict[str, Any]] = {}  # every update, by id
+        self.replays: list[dict[str, Any]] = []  # confirmed updates to send again
         self.files: dict[str, tuple[str, bytes]] = {}  # file_id → (path, data)
         self.changed: asyncio.Condition | None = None
 
@@ -92,6 +169,23 @@ class FakeTelegram(FakeServer):
         self.push({"message": m})
         return mid
 
+    def edit_message(self, message_id: int, text: str) -> int:
+        """The user edits a message they sent; returns the `edited_message` update id."""
+        with self.lock:
+            m = dict(self.messages[message_id], edit_date=int(time.time()))
+            m["caption" if "document" in m else "text"] = text
+            self.messages[message_id] = m
+        return self.push({"edited_message": m})
+
+    def redeliver(self, update_id: int) -> None:
+        """Send an update again on the next poll, even though it was confirmed."""
+        async def _replay() -> None:
+            assert self.changed is not None
+            async with self.changed:
+                self.replays.append(self.delivered[update_id])
+                self.changed.notify_all()
+        self.run(_replay())
+
     def click(self, chat_id: int, message_id: int, data: str, user_id: int | None = None) -> str:
         """Queue a button click on a message the bot sent; returns the callback query id."""
         cqid = f"cq{self._mid()}"
@@ -114,6 +208,7 @@ class FakeTelegram(FakeServer):
         assert self.changed is not None
         async with self.changed:
             self.updates.append(update)
+            self.delivered[update["update_id"]] = update
             self.changed.notify_all()
 
     def sent(self, chat_id: int) -> list[dict[str, Any]]:
@@ -186,13 +281,14 @@ class FakeTelegram(FakeServer):
         async with self.changed:
             if isinstance(offset, int):
                 self.updates = [u for u in self.updates if u["update_id"] >= offset]
-            if not self.updates and timeout > 0:
+            if not self.updates and not self.replays and timeout > 0:
                 try:
-                    await asyncio.wait_for(self.changed.wait_for(lambda: bool(self.updates)),
-                                           timeout)
+                    await asyncio.wait_for(self.changed.wait_for(
+                        lambda: bool(self.updates or self.replays)), timeout)
                 except asyncio.TimeoutError:
                     pass
-            batch = list(self.updates[: int(p.get("limit") or 100)])
+            batch = self.replays + list(self.updates[: int(p.get("limit") or 100)])
+            self.replays = []
         self.record("getUpdates", {**p, "returned": [u["update_id"] for u in batch]})
         return self._ok(batch)
 
@@ -211,13 +307,29 @@ class FakeTelegram(FakeServer):
             self.messages[mid] = m
         return m
 
-    async def _m_sendMessage(self, p: dict, f: dict) -> web.Response:
-        text = str(p.get("text") or "")
+    def _text(self, p: dict) -> tuple[str, dict[str, Any]] | web.Response:
+        """The text to store (parsed if HTML) and its entities, or the 400 to answer."""
+        text, extra = str(p.get("text") or ""), {}
+        if p.get("parse_mode") == "HTML":
+            try:
+                text, ents = parse_html(text)
+            except ValueError as e:
+                return self._error(400, description=f"Bad Request: can't parse entities: {e}")
+            extra = {"entities": ents} if ents else {}
+        elif p.get("parse_mode"):
+            return self._error(400, description="Bad Request: unsupported parse_mode")
         if not text.strip():
             return self._error(400, description="Bad Request: message text is empty")
-        if len(text) > 4096:
+        if len(text.encode("utf-16-le")) // 2 > 4096:
             return self._error(400, description="Bad Request: message is too long")
-        return self._ok(self._bot_message(p, text=text))
+        return text, extra
+
+    async def _m_sendMessage(self, p: dict, f: dict) -> web.Response:
+        parsed = self._text(p)
+        if isinstance(parsed, web.Response):
+            return parsed
+        text, extra = parsed
+        return self._ok(self._bot_message(p, text=text, **extra))
 
     async def _m_sendDocument(self, p: dict, f: dict) -> web.Response:
         data = f.get("document", b"")
@@ -231,10 +343,16 @@ class FakeTelegram(FakeServer):
         m = self.messages.get(int(p.get("message_id") or 0))
         if m is None:
             return self._error(400, description="Bad Request: message to edit not found")
-        if m.get("text") == p.get("text") and "reply_markup" not in p:
+        parsed = self._text(p)
+        if isinstance(parsed, web.Response):
+            return parsed
+        text, extra = parsed
+        if m.get("text") == text and "reply_markup" not in p:
             return self._error(400, description="Bad Request: message is not modified")
         with self.lock:
-            m["text"] = p.get("text")
+            m["text"] = text
+            m.pop("entities", None)
+            m.update(extra)
             m["edit_date"] = int(time.time())
             if p.get("reply_markup"):
                 m["reply_markup"] = p["reply_markup"]
