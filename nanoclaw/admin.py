@@ -88,9 +88,11 @@ def _budget_text(own: int | None, default: int) -> str:
 # ---- verbs ------------------------------------------------------------------------------
 def groups(a: argparse.Namespace, store, settings) -> None:
     if a.op == "list":
+        only = (_group(store, a.group)["id"],) if getattr(a, "group", None) else ()
         rows = store.q("SELECT g.id, g.name, g.folder, c.provider, c.model, c.daily_token_budget"
                        " FROM agent_groups g LEFT JOIN container_configs c ON"
-                       " c.agent_group_id=g.id ORDER BY g.created_at")
+                       f" c.agent_group_id=g.id {'WHERE g.id=?' if only else ''}"
+                       " ORDER BY g.created_at", only)
         for r in rows:
             own, default = r.pop("daily_token_budget"), settings.daily_token_budget
             r["daily_budget"] = (own if own is not None else default) or None
@@ -118,7 +120,8 @@ def groups(a: argparse.Namespace, store, settings) -> None:
             if a.name:
                 store.conn.execute("UPDATE agent_groups SET name=? WHERE id=?",
                                    (a.name, g["id"]))
-            for col, v in (("provider", a.provider), ("model", a.model)):
+            for col, v in (("provider", a.provider), ("model", a.model),
+                           ("cli_scope", getattr(a, "cli_scope", None))):
                 if v:
                     store.conn.execute(f"UPDATE container_configs SET {col}=?, updated_at=?"
                                        " WHERE agent_group_id=?", (v, utcnow(), g["id"]))
@@ -335,7 +338,7 @@ def add_parsers(sub: Any) -> None:
         return x
 
     g = p("groups", "agent groups").add_subparsers(dest="op", required=True)
-    g.add_parser("list")
+    g.add_parser("list").add_argument("--group", help="only this agent group")
     x = g.add_parser("add")
     x.add_argument("name")
     x.add_argument("--folder")
@@ -350,6 +353,8 @@ def add_parsers(sub: Any) -> None:
     x.add_argument("--daily-token-budget", metavar="N|none",
                    help="tokens a day for this group (0: no limit; none: the default,"
                         " NANOCLAW_DAILY_TOKEN_BUDGET)")
+    x.add_argument("--cli-scope", choices=["disabled", "group", "global"],
+                   help="what the agent's in-sandbox `ncl` may reach (see README)")
 
     w = p("wire", "which chats talk to which agents").add_subparsers(dest="op", required=True)
     w.add_parser("list")

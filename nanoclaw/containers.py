@@ -285,7 +285,9 @@ class Containers:
                 "agent_group_id": ag["id"], "effort": cfg.get("effort"),
                 "max_messages_per_prompt": cfg.get("max_messages_per_prompt") or 10,
                 # JSON text in the table; the runner parses and checks both
-                "mcp_servers": cfg.get("mcp_servers") or {}, "skills": cfg.get("skills") or "all"}
+                "mcp_servers": cfg.get("mcp_servers") or {}, "skills": cfg.get("skills") or "all",
+                # what the agent is shown; the host enforces it (agent_cli.py) either way
+                "cli_scope": cfg.get("cli_scope") or "group"}
         tmp = group_dir / "container.json.tmp"
         tmp.write_text(json.dumps(data, indent=2))
         tmp.replace(group_dir / "container.json")

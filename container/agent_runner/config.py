@@ -19,6 +19,7 @@ log = logging.getLogger("agent_runner")
 
 DEFAULT_PROVIDER = "claude"
 DEFAULT_MODEL = "claude-sonnet-4-5"
+CLI_SCOPES = ("disabled", "group", "global")
 EFFORTS = ("low", "medium", "high", "xhigh", "max")
 # container/ (in docker /app): the shared base prompt CLAUDE.md and skills/ live here
 RUNNER_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,6 +40,7 @@ class Config:
     effort: str | None = None
     mcp_servers: dict[str, dict[str, Any]] = field(default_factory=dict)
     skills: list[str] | str = "all"
+    cli_scope: str = "group"  # `disabled`: the agent is not offered `ncl`
     runner_root: str = RUNNER_ROOT
 
     @property
@@ -107,6 +109,7 @@ def load(env: Mapping[str, str] = os.environ) -> Config:
         effort=data.get("effort") if data.get("effort") in EFFORTS else None,
         mcp_servers=_mcp_servers(data.get("mcp_servers")),
         skills=_skills(data.get("skills")),
+        cli_scope=data.get("cli_scope") if data.get("cli_scope") in CLI_SCOPES else "group",
         runner_root=env.get("NANOCLAW_RUNNER_ROOT") or RUNNER_ROOT,
     )
 

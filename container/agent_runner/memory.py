@@ -56,7 +56,7 @@ def compose_text(config: Config) -> str:
         parts.append("## Shared memory (read-only; the same for every agent)\n\n" + shared)
     for name, text in _skills(config):
         parts.append(f"## Skill: {name}\n\n{text}")
-    parts.append(tools.instructions())
+    parts.append(tools.instructions(config))
     for name, spec in config.mcp_servers.items():
         if isinstance(spec.get("instructions"), str) and spec["instructions"].strip():
             parts.append(f"## MCP server: {name}\n\n{spec['instructions'].strip()}")

@@ -16,7 +16,7 @@ from agent_runner.batch import Batch
 from agent_runner.config import Config
 from agent_runner.db import Inbound, Outbound
 from agent_runner.providers import ToolOutcome
-from agent_runner.tools import admin, local, messaging, tasks
+from agent_runner.tools import admin, local, messaging, ncl, tasks
 from agent_runner.tools.base import Tool, ToolContext, ToolError, validate
 
 log = logging.getLogger("agent_runner")
@@ -40,7 +40,8 @@ class Registry:
 
 
 # The installed tools, in the order the model sees them.
-REGISTRY = Registry(messaging.TOOLS + tasks.TOOLS + admin.TOOLS + local.TOOLS)
+REGISTRY = Registry(messaging.TOOLS + tasks.TOOLS + admin.TOOLS + ncl.TOOLS
+                    + local.TOOLS)
 
 
 class Toolbox:
@@ -49,6 +50,7 @@ class Toolbox:
                  heartbeat: Callable[[], None] = lambda: None,
                  registry: Registry = REGISTRY) -> None:
         self.registry = registry
+        self.hidden = hidden(config)
         self.ctx = ToolContext(config, inbound, outbound, should_stop, heartbeat)
 
     # -- the batch being answered
@@ -65,7 +67,8 @@ class Toolbox:
 
     # -- what providers call
     def tools(self, local: bool = True) -> list[Tool]:
-        return [t for t in self.registry.tools.values() if local or not t.local]
+        return [t for t in self.registry.tools.values()
+                if (local or not t.local) and t.name not in self.hidden]
 
     def specs(self, local: bool = True) -> list[dict[str, Any]]:
         return [t.spec() for t in self.tools(local)]
@@ -82,7 +85,7 @@ class Toolbox:
 
     def run(self, name: str, args: Any) -> ToolOutcome:
         tool = self.registry.get(name)
-        if tool is None:
+        if tool is None or tool.name in self.hidden:
             return ToolOutcome(f"Error: there is no tool called {name!r}", True)
         try:
             text = tool.run(self.ctx, validate(tool.schema, args))
@@ -96,9 +99,27 @@ class Toolbox:
         return ToolOutcome(text)
 
 
-def instructions() -> str:
+def hidden(config: Config) -> set[str]:
+    """Tools this agent is not offered: `ncl` when its group's cli_scope is disabled."""
+    return {"ncl"} if config.cli_scope == "disabled" else set()
+
+
+def instructions(config: Config | None = None) -> str:
+    """The tools' instructions; a bullet about a hidden tool is left out."""
     with open(INSTRUCTIONS, encoding="utf-8") as fh:
-        return fh.read().strip()
+        text = fh.read().strip()
+    gone = hidden(config) if config is not None else set()
+    if not gone:
+        return text
+    out, skipping = [], False
+    for line in text.splitlines():
+        if line.startswith("- "):
+            skipping = any(line.startswith(f"- `{name}`") for name in gone)
+        elif not line.startswith("  "):
+            skipping = False
+        if not skipping:
+            out.append(line)
+    return "\n".join(out)
 
 
 __all__ = ["MCP_PREFIX", "REGISTRY", "Tool", "ToolError", "Toolbox", "instructions"]
