@@ -81,9 +81,11 @@ class Settings(BaseSettings):
     channel_liveness: float = Field(default=120.0, gt=0, le=3600)
     channel_ping: float = Field(default=30.0, gt=0, le=600)  # cheap liveness call interval
 
-    # Timing (seconds). Polls back off from the short interval to the long one when idle.
+    # Timing (seconds). Polls back off from the short interval to the long one when idle;
+    # a worker that writers can nudge (nanoclaw/nudge.py) backs off to poll_idle instead.
     poll_min: float = Field(default=0.004, gt=0, le=1)
     poll_max: float = Field(default=0.1, gt=0, le=5)
+    poll_idle: float = Field(default=1.0, gt=0, le=60)
     sweep_interval: float = Field(default=5.0, gt=0)
     stop_grace: float = Field(default=5.0, gt=0, le=60)
     idle_ceiling: float = Field(default=1800.0, gt=0)

@@ -4,7 +4,9 @@ Each pass: for every watched session whose `outbound.db` moved (a `stat`), queue
 `messages_out` rows in the central `channel_outbox` (idempotency key
 `<session>:<message id>`, so a crash between the two writes duplicates nothing); then
 record the channels' results in the session's `delivered` table. A send that finally
-failed is told to the agent (a row in its inbound, which wakes it) and logged.
+failed is told to the agent (a row in its inbound, which wakes it) and logged. Each
+watched session folder gets a link to this worker's nudge socket, so its agent wakes us
+as soon as it writes (`nudge.advertise`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import json
 import os
 from typing import Any
 
-from nanoclaw import sessiondb
+from nanoclaw import nudge, sessiondb
 from nanoclaw.config import Settings
 from nanoclaw.log import logger
 from nanoclaw.store import Store
@@ -64,6 +66,9 @@ class Delivery:
                 "status='active' AND (container_status='running' OR last_active >= ?)",
                 (iso(now - WATCH_RECENT),))
         keep = {r["id"]: r for r in rows}
+        for sid, s in keep.items():
+            if full or sid not in self.sessions:
+                nudge.advertise(self.settings, self.paths(s).root)
         if not full:  # keep watching what we watched until the next full scan drops it
             for sid, s in self.sessions.items():
                 keep.setdefault(sid, s)
@@ -149,6 +154,7 @@ class Delivery:
             t = self.store.session(target)
             if t is not None:
                 self.sessions[target] = t
+                nudge.advertise(self.settings, self.paths(t).root)
 
     def _system(self, s: dict[str, Any], paths: sessiondb.SessionPaths, row: dict[str, Any],
                 content: dict[str, Any]) -> None:

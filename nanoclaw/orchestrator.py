@@ -4,6 +4,9 @@ Start-up: scrub secrets from our own environment (re-exec, secrets passed on a p
 take the data-dir lock, apply the host breaker, open and migrate the DB, create the
 default agent on a fresh `data/`, then supervise. SIGTERM/SIGINT stop every worker
 (TERM, grace, KILL, reap), reset the breaker counts and exit 0.
+
+Between ticks it sleeps until the supervisor's next due time, a worker's exit (SIGCHLD),
+a stop signal or a nudge from `nanoclaw workers …` (`nudge.send(…, "host")`).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import sys
 import time
 from typing import Any
 
-from nanoclaw import config, log
+from nanoclaw import config, log, nudge
 from nanoclaw.breaker import HostBreaker
 from nanoclaw.config import SECRET_ENV, Settings
 from nanoclaw.db import DataError
@@ -87,6 +90,7 @@ def _child_main(name: str, settings: Settings) -> None:
         os._exit(1)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     secrets = dict(_SECRETS)
     _SECRETS.clear()
     if name == "broker":
@@ -148,6 +152,10 @@ def run_host(settings: Settings, *, tick: float = 0.1) -> int:
     sup = Supervisor(names, lambda n: ForkedProc(n, settings), time.time, store,
                      grace=settings.stop_grace)
     logger.info("host started (pid {}): workers {}", os.getpid(), ", ".join(names))
+    listener = nudge.listen(settings, "host")
+    waiter = nudge.Waiter(listener)
+    signal.signal(signal.SIGCHLD, lambda *_: None)  # only so a worker's exit wakes the waiter
+    idle = max(tick, settings.poll_idle) if listener is not None else tick
     version = store.version()
     while not stop["flag"]:
         sup.tick()
@@ -160,7 +168,11 @@ def run_host(settings: Settings, *, tick: float = 0.1) -> int:
                     logger.warning("worker request ignored: {}", err)
                 else:
                     logger.info("worker {}: {} requested", req["worker"], req["action"])
-        time.sleep(tick)
+        due = sup.next_due()
+        now = time.time()
+        waiter.wait(idle if due is None else min(idle, max(0.0, due - now) + 0.001))
+    waiter.close()
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     logger.info("stopping")
     sup.stop_all()
     deadline = time.time() + settings.stop_grace + 1

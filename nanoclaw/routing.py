@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from nanoclaw import approvals, permissions, registration, sessiondb
+from nanoclaw import approvals, nudge, permissions, registration, sessiondb
 from nanoclaw.config import Settings
 from nanoclaw.log import logger
 from nanoclaw.store import Store
@@ -224,6 +224,7 @@ class Router:
                                       else mg["id"], ev.thread_id if mode == "per-thread" else None,
                                       None)
         paths = sessiondb.create(sessiondb.of(self.settings, s).root)
+        nudge.advertise(self.settings, paths.root)  # its agent can wake delivery at once
         routing = (None, None, None) if mode == "agent-shared" else (
             ev.channel_type, ev.platform_id, ev.thread_id)
         sessiondb.write_routing(paths, routing, self.store.destinations(w["agent_group_id"]))

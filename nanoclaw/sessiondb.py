@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+from nanoclaw import nudge
 from nanoclaw.util import utcnow
 
 INBOUND_DDL = """
@@ -216,6 +217,7 @@ def insert_message(
     """Insert one `messages_in` row; returns False when a row with this id exists.
 
     The id is the idempotency key: routing the same platform event twice is harmless.
+    A running agent is nudged once the row is committed.
     """
     out_max = _max_out_seq(paths)
     with _write(paths.inbound) as conn:
@@ -234,6 +236,7 @@ def insert_message(
                 json.dumps(content), source_session_id, 1 if on_wake else 0,
             ),
         )
+    nudge.agent(paths.root)
     return True
 
 
@@ -416,6 +419,7 @@ def write_outbound_direct(
             (mid, seq, in_reply_to, utcnow(), kind, platform_id, channel_type, thread_id,
              json.dumps(content)),
         )
+    nudge.host(paths.root)
     return mid
 
 

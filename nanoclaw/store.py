@@ -3,6 +3,7 @@
 Workers hold one `Store` each (opened after fork). Entity reads used by routing, the
 inter-worker queues (inbound events, channel outbox, container and worker requests) and
 the small host_state key/value table all live here, so SQL does not leak into loops.
+A method that queues work for another worker nudges it after its commit (`nudge`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+from nanoclaw import nudge
 from nanoclaw.db import atomic, data_version, open_central
 from nanoclaw.util import new_id, utcnow
 
@@ -21,12 +23,18 @@ def _d(row: sqlite3.Row | None) -> dict[str, Any] | None:
 
 
 class Store:
-    def __init__(self, conn: sqlite3.Connection):
+    def __init__(self, conn: sqlite3.Connection, data_dir: Path | None = None):
         self.conn = conn
+        self.data_dir = data_dir  # where the workers' nudge sockets are; None: no nudges
 
     @classmethod
     def open(cls, data_dir: Path, create: bool = True) -> "Store":
-        return cls(open_central(data_dir, create=create))
+        return cls(open_central(data_dir, create=create), data_dir)
+
+    def nudge(self, *workers: str) -> None:
+        """Wake workers now rather than at their next poll (after a commit; best effort)."""
+        if self.data_dir is not None:
+            nudge.send(self.data_dir, *workers)
 
     def close(self) -> None:
         self.conn.close()
@@ -249,12 +257,13 @@ class Store:
                 " message_id, kind, payload, received_at) VALUES (?,?,?,?,?,?,?)",
                 (channel_type, platform_id, thread_id, message_id, kind, json.dumps(payload),
                  utcnow()))
-            if cur.rowcount:
-                return cur.lastrowid, True  # type: ignore[return-value]
-            row = self.conn.execute(
+            new = bool(cur.rowcount)
+            row_id = cur.lastrowid if new else self.conn.execute(
                 "SELECT id FROM inbound_events WHERE channel_type=? AND platform_id=?"
-                " AND message_id=?", (channel_type, platform_id, message_id)).fetchone()
-            return row[0], False
+                " AND message_id=?", (channel_type, platform_id, message_id)).fetchone()[0]
+        if new:
+            self.nudge("router")
+        return row_id, new  # type: ignore[return-value]
 
     def pending_inbound(self, limit: int = 100) -> list[dict[str, Any]]:
         return self.q("SELECT * FROM inbound_events WHERE status='pending' ORDER BY id LIMIT ?",
@@ -283,7 +292,9 @@ class Store:
                 " VALUES (?,?,?,?,?,?,?,?,?,?)",
                 (idem_key, session_id, message_out_id, channel_type, platform_id, thread_id,
                  in_reply_to, kind, json.dumps(content), utcnow()))
-            return bool(cur.rowcount)
+        if cur.rowcount:
+            self.nudge(f"channel:{channel_type}")
+        return bool(cur.rowcount)
 
     def due_sends(self, channel_type: str, limit: int = 100) -> list[dict[str, Any]]:
         return self.q(
@@ -302,6 +313,7 @@ class Store:
             self.conn.execute(
                 "UPDATE channel_outbox SET status='sent', platform_message_id=?, sent_at=?,"
                 " attempts=attempts+1 WHERE id=?", (platform_message_id, utcnow(), send_id))
+        self.nudge("delivery")  # it records the result in the session
 
     def mark_send_error(self, send_id: int, error: str, next_attempt_at: str | None) -> None:
         """Retry at next_attempt_at, or fail for good when it is None."""
@@ -310,6 +322,8 @@ class Store:
                 "UPDATE channel_outbox SET attempts=attempts+1, error=?, next_attempt_at=?,"
                 " status=? WHERE id=?",
                 (error, next_attempt_at, "pending" if next_attempt_at else "failed", send_id))
+        if next_attempt_at is None:
+            self.nudge("delivery")  # it tells the agent
 
     def unrecorded_sends(self, limit: int = 200) -> list[dict[str, Any]]:
         return self.q("SELECT * FROM channel_outbox WHERE recorded=0 AND status IN"
@@ -330,6 +344,7 @@ class Store:
                 " id=(SELECT MAX(id) FROM container_requests WHERE session_id=? AND"
                 " handled_at IS NULL) AND action=?)",
                 (session_id, action, reason, utcnow(), session_id, action))
+        self.nudge("containers")
 
     def open_container_requests(self) -> list[dict[str, Any]]:
         return self.q("SELECT * FROM container_requests WHERE handled_at IS NULL ORDER BY id")
@@ -357,6 +372,7 @@ class Store:
         with atomic(self.conn):
             self.conn.execute("INSERT INTO worker_requests (worker, action, created_at)"
                               " VALUES (?,?,?)", (name, action, utcnow()))
+        self.nudge("host")
 
     def take_worker_requests(self) -> list[dict[str, Any]]:
         with atomic(self.conn):

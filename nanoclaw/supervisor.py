@@ -79,6 +79,20 @@ class Supervisor:
                 s.proc.signal(signal.SIGKILL)
                 s.stop_deadline = None
 
+    def next_due(self) -> float | None:
+        """When a tick next has something to do on its own (a restart, a STARTING worker
+        turning RUNNING, a stop deadline); None: only an exit or a request can change
+        anything."""
+        times = []
+        for s in self.slots.values():
+            if s.proc is None and s.wanted and s.state == "BACKOFF":
+                times.append(s.next_start)
+            if s.state == "STARTING" and s.last_start is not None:
+                times.append(s.last_start + RUNNING_AFTER)
+            if s.stop_deadline is not None and s.proc is not None:
+                times.append(s.stop_deadline)
+        return min(times, default=None)
+
     def _start(self, s: Slot, now: float) -> None:
         s.attempt = next_attempt(s.attempt, s.last_start, now)
         s.last_start = now

@@ -2,7 +2,9 @@
 
 Per pass: sync finished acks into inbound statuses; wake sessions with due rows and no
 agent; kill agents that are stuck (a claim older than the tolerance with no heartbeat
-since) or idle past the ceiling. `decide_stuck` is pure; the I/O is at the edge.
+since) or idle past the ceiling. `decide_stuck` is pure; the I/O is at the edge. A
+running agent whose files have not moved since the last pass costs only a few `stat`s:
+its claims are remembered (re-read at least every `RECHECK` seconds).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from nanoclaw.config import Settings
 from nanoclaw.log import logger
 from nanoclaw.store import Store
 from nanoclaw.util import iso, parse_iso
+
+RECHECK = 60.0  # seconds: re-read a quiet running agent's files at least this often
 
 
 def decide_stuck(now: float, heartbeat: float | None, claims: list[float], ceiling: float,
@@ -57,13 +61,17 @@ class Sweep:
         # session id → (files' signature, next due time) of a session found quiet: with
         # no agent, unchanged files and nothing due, a pass has nothing to do there.
         self.quiet: dict[str, tuple[Any, float | None]] = {}
+        # session id → (files' signature, read at, claim times, declared tool timeout) of
+        # a running agent: while the signature holds, its acks need no new read.
+        self.seen: dict[str, tuple[Any, float, list[float], float]] = {}
 
     def pass_once(self, now: float) -> None:
         from nanoclaw import approvals
 
         if approvals.expire(self.store, self.settings, now):
             logger.info("expired approvals told to their agents")
-        for s in self.store.sessions_where("status='active'"):
+        active = self.store.sessions_where("status='active'")
+        for s in active:
             try:
                 self._session(s, now)
                 self.errors.pop(s["id"], None)
@@ -71,6 +79,10 @@ class Sweep:
                 if self.errors.get(s["id"]) != str(e):
                     self.errors[s["id"]] = str(e)
                     logger.error("sweep of session {} failed: {}", s["id"], e)
+        ids = {s["id"] for s in active}
+        for memo in (self.seen, self.quiet):
+            for sid in [k for k in memo if k not in ids]:
+                del memo[sid]
 
     def _session(self, s: dict[str, Any], now: float) -> None:
         paths = sessiondb.of(self.settings, s)
@@ -81,6 +93,11 @@ class Sweep:
         quiet = self.quiet.pop(s["id"], None)
         if not running and quiet and quiet[0] == sig and (quiet[1] is None or quiet[1] > now):
             self.quiet[s["id"]] = quiet
+            return
+        seen = self.seen.pop(s["id"], None)
+        if running and seen and seen[0] == sig and now - seen[1] < RECHECK:
+            self.seen[s["id"]] = seen
+            self._check_stuck(s, paths, now, seen[2], seen[3])
             return
         sessiondb.sync_acks(paths)
         if scheduling.recur(paths, self.settings.tz, now):
@@ -93,13 +110,19 @@ class Sweep:
                 sig = (sessiondb.file_signal(paths.inbound), sessiondb.change_signal(paths))
                 self.quiet[s["id"]] = (sig, parse_iso(nxt) if nxt else None)
             return
+        claims = [parse_iso(t) for st, t in sessiondb.acks(paths).values() if st == "processing"]
+        tool = declared_tool_timeout(paths)
+        self.seen[s["id"]] = (sig, now, claims, tool)  # the signature from before the reads
+        self._check_stuck(s, paths, now, claims, tool)
+
+    def _check_stuck(self, s: dict[str, Any], paths: sessiondb.SessionPaths, now: float,
+                     claims: list[float], tool: float) -> None:
         try:
             hb: float | None = os.stat(paths.heartbeat).st_mtime
         except FileNotFoundError:
             hb = None
-        claims = [parse_iso(t) for st, t in sessiondb.acks(paths).values() if st == "processing"]
         verdict = decide_stuck(now, hb, claims, self.settings.idle_ceiling,
-                               self.settings.claim_tolerance, declared_tool_timeout(paths))
+                               self.settings.claim_tolerance, tool)
         if verdict:
             logger.warning("session {}: agent {} ({}); killing it", s["id"],
                            "idle past the ceiling" if verdict == "ceiling" else "stuck on a claim",

@@ -5,6 +5,10 @@ True when it did something) and `shutdown()`; or, for workers built on asyncio (
 the broker), `async main(stop)`. The runner owns the stop flag, the adaptive poll
 interval, signal handling (handlers only record) and crash logging, and turns the
 outcome into an exit code the orchestrator understands.
+
+Between passes a worker sleeps on its nudge socket (`nanoclaw.nudge`): writers wake it at
+once, so while idle it polls only every `poll_idle` seconds; without a socket it falls
+back to backing off to `poll_max`.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import time
 import traceback
 from typing import Any
 
+from nanoclaw import nudge
 from nanoclaw.config import Settings
 from nanoclaw.log import logger
 
@@ -24,6 +29,7 @@ from nanoclaw.log import logger
 EXIT_OK = 0
 EXIT_CRASH = 1
 EXIT_CONFIG = 78  # bad configuration: not restarted until asked (EX_CONFIG)
+NUDGED_LINGER = 0.25  # with a nudge socket, poll fast only this long after work
 
 
 class ConfigError(Exception):
@@ -33,6 +39,8 @@ class ConfigError(Exception):
 class Worker:
     name = "worker"
     asynchronous = False
+    nudged = True          # binds data/run/nudge/<name>.sock: writers wake it at once
+    nudge_mode = 0o600     # the socket file's mode (delivery's is reachable from sandboxes)
 
     def __init__(self, settings: Settings, name: str | None = None):
         self.settings = settings
@@ -57,6 +65,15 @@ class Worker:
 class Poller:
     """Short interval right after activity, growing to `slow` after `linger` seconds of
     nothing: fast turns when busy, near-zero CPU when idle."""
+
+    @classmethod
+    def for_settings(cls, settings: Settings, nudged: bool) -> "Poller":
+        """Nudged, a worker can sleep long when idle (a writer wakes it); else it backs
+        off only to `poll_max`, the latency a write may wait."""
+        if nudged:
+            return cls(settings.poll_min, max(settings.poll_idle, settings.poll_max),
+                       NUDGED_LINGER)
+        return cls(settings.poll_min, settings.poll_max)
 
     def __init__(self, fast: float, slow: float, linger: float = 2.0):
         self.fast, self.slow, self.linger = fast, slow, linger
@@ -102,19 +119,25 @@ def run(worker: Worker) -> int:
     try:
         if worker.asynchronous:
             return _run_async(worker, stop)
-        worker.initialize()
-        logger.info("worker started (pid {})", os.getpid())
-        poll = Poller(worker.settings.poll_min, worker.settings.poll_max)
+        s = worker.settings
+        listener = nudge.listen(s, worker.name, worker.nudge_mode) if worker.nudged else None
+        waiter = nudge.Waiter(listener)
         try:
-            while not stop["flag"]:
-                now = time.time()
-                did = worker.loop_once(now)
-                if isinstance(did, float):
-                    _sleep_until(stop, now + did)
-                else:
-                    time.sleep(poll.next(did, now))
+            worker.initialize()
+            logger.info("worker started (pid {})", os.getpid())
+            poll = Poller.for_settings(s, listener is not None)
+            try:
+                while not stop["flag"]:
+                    now = time.time()
+                    did = worker.loop_once(now)
+                    if isinstance(did, float):  # seconds to its next due time
+                        waiter.wait(did)
+                    else:
+                        waiter.wait(poll.next(did, now))
+            finally:
+                worker.shutdown()
         finally:
-            worker.shutdown()
+            waiter.close()
         logger.info("worker stopped")
         return EXIT_OK
     except ConfigError as e:
@@ -123,15 +146,6 @@ def run(worker: Worker) -> int:
     except Exception:
         logger.error("worker crashed:\n{}", traceback.format_exc())
         return EXIT_CRASH
-
-
-def _sleep_until(stop: dict, deadline: float, step: float = 0.5) -> None:
-    """Sleep to a deadline, waking at least every `step` s to notice a stop."""
-    while not stop["flag"]:
-        left = deadline - time.time()
-        if left <= 0:
-            return
-        time.sleep(min(left, step))
 
 
 def _run_async(worker: Worker, stop_flag: dict) -> int:

@@ -10,6 +10,8 @@ from nanoclaw.worker import Worker
 
 class DeliveryWorker(Worker):
     name = "delivery"
+    nudge_mode = 0o666  # agents nudge it through `.nudge-host.sock` in their session folder,
+    # as whatever uid their sandbox gives them
 
     def initialize(self) -> None:
         self.store = Store.open(self.settings.data_dir)

@@ -11,6 +11,7 @@ from nanoclaw.worker import Worker
 
 class SweepWorker(Worker):
     name = "sweep"
+    nudged = False  # time-driven: it sleeps to its next pass (a signal still wakes it)
 
     def initialize(self) -> None:
         self.store = Store.open(self.settings.data_dir)

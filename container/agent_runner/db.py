@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterable, Iterator
 
+from agent_runner import nudge
+
 _B36 = "0123456789abcdefghijklmnopqrstuvwxyz"
 
 
@@ -204,6 +206,18 @@ class Inbound:
                 return row
         return None
 
+    def cli_response(self, request_id: str) -> InboundRow | None:
+        """The pending `cli_response` system row answering an `ncl` request, if any."""
+        with _read(self.path) as conn:
+            rows = conn.execute(
+                "SELECT * FROM messages_in WHERE kind='system' AND status='pending'"
+                " AND trigger=0 AND content LIKE ? ORDER BY seq", (f"%{request_id}%",)).fetchall()
+        for row in map(_row, rows):
+            if (row.content.get("type") == "cli_response"
+                    and row.content.get("requestId") == request_id):
+                return row
+        return None
+
     def tasks(self) -> list[InboundRow]:
         with _read(self.path) as conn:
             rows = conn.execute("SELECT * FROM messages_in WHERE kind='task' ORDER BY seq")
@@ -280,6 +294,7 @@ class Outbound:
                 (out_id, seq, in_reply_to, utcnow(), kind, to.platform_id, to.channel_type,
                  to.thread_id, json.dumps(content)),
             )
+        nudge.send_host(os.path.dirname(self.path))  # committed: the host may look now
         return out_id, seq
 
     def by_seq(self, seq: int) -> dict[str, Any] | None:

@@ -1,9 +1,11 @@
 """Process entry: logging, signals, and the forever loop around `PollLoop.loop_once`.
 
 The loop polls fast (5 ms) while messages are flowing, so a warm turn is not spent
-sleeping, and backs off to 100 ms after about 2 s of quiet, so an idle agent costs
-almost nothing. Signal handlers only record; the loop notices and exits 0. A second
-signal interrupts whatever is blocking (e.g. a model call that has not started streaming).
+sleeping, and backs off after about 2 s of quiet, so an idle agent costs almost nothing:
+to 1 s when the host can nudge it (`nudge.py`: the sleep ends as soon as the host writes
+`inbound.db`), else to 100 ms. Signal handlers only record; the loop notices (a signal
+also ends the sleep) and exits 0. A second signal interrupts whatever is blocking (e.g. a
+model call that has not started streaming).
 """
 
 from __future__ import annotations
@@ -16,22 +18,24 @@ import time
 from typing import Any, Callable
 
 from agent_runner import config as config_mod
+from agent_runner.nudge import Waiter
 from agent_runner.poll_loop import PollLoop, Shutdown
 
 log = logging.getLogger("agent_runner")
 
 FAST_S = 0.005
 SLOW_S = 0.1
+SLOW_NUDGED_S = 1.0  # the host wakes us for new rows; due-time rows: SAFETY_NET_S anyway
 FAST_FOR_S = 0.25
 RAMP_S = 1.75
 SAFETY_SLEEP_S = 1.0  # after a failed poll
 
 
-def poll_interval(idle_s: float) -> float:
-    """5 ms while recently active, rising linearly to 100 ms after ~2 s of nothing."""
+def poll_interval(idle_s: float, slow: float = SLOW_S) -> float:
+    """5 ms while recently active, rising linearly to `slow` after ~2 s of nothing."""
     if idle_s <= FAST_FOR_S:
         return FAST_S
-    return min(SLOW_S, FAST_S + (SLOW_S - FAST_S) * (idle_s - FAST_FOR_S) / RAMP_S)
+    return min(slow, FAST_S + (slow - FAST_S) * (idle_s - FAST_FOR_S) / RAMP_S)
 
 
 class StopFlag:
@@ -49,7 +53,7 @@ class StopFlag:
 
 def run(loop: PollLoop, stop: Callable[[], bool],
         clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep) -> None:
+        sleep: Callable[[float], object] = time.sleep, slow: float = SLOW_S) -> None:
     last_active = clock()
     last_error = None
     while not stop():
@@ -66,7 +70,7 @@ def run(loop: PollLoop, stop: Callable[[], bool],
                 last_error = str(exc)
             sleep(SAFETY_SLEEP_S)
             continue
-        sleep(poll_interval(clock() - last_active))
+        sleep(poll_interval(clock() - last_active, slow))
 
 
 def ensure_tmpdir(session_dir: str) -> None:
@@ -92,9 +96,10 @@ def main() -> int:
     cfg = config_mod.load()
     ensure_tmpdir(cfg.session_dir)
     loop = PollLoop(cfg, stop)
+    waiter = Waiter(cfg.session_dir)
     try:
         loop.initialize()
-        run(loop, stop)
+        run(loop, stop, sleep=waiter.wait, slow=SLOW_NUDGED_S if waiter.nudged else SLOW_S)
     except Shutdown:
         pass
     except Exception:
@@ -102,6 +107,7 @@ def main() -> int:
         return 1
     finally:
         loop.shutdown()
+        waiter.close()
     if stop.signum is not None:
         log.info("exit on signal signum=%d", stop.signum)
     return 0

@@ -1,7 +1,9 @@
 """What the generic `channel:<name>` worker does around an adapter: store inbound
 messages durably before acknowledging them, and send this channel's rows of
 `channel_outbox`, honouring `retry_after`, backing off transient errors and failing a
-row for good (recorded, so delivery tells the agent) after `send_attempts` tries."""
+row for good (recorded, so delivery tells the agent) after `send_attempts` tries.
+Between passes it waits on its nudge socket (`data/run/nudge/channel:<name>.sock`), which
+delivery pokes after queueing a send, so an idle channel polls only every `poll_idle`."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import json
 import time
 from typing import Any
 
+from nanoclaw import nudge
 from nanoclaw.channels.base import (Channel, ChannelDead, OutboundMessage, RetryAfter,
                                     SendError, Unavailable)
 from nanoclaw.config import Settings
@@ -150,11 +153,24 @@ class ChannelRunner:
             logger.warning("send {} to {}:{} failed (attempt {}): {}; retry in {:.1f}s",
                            row["id"], self.channel_type, row["platform_id"], attempt, error, delay)
 
+    async def _wake_on(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+        self.wakeup.set()
+
+    def _nudged(self, listener: nudge.Listener) -> None:
+        listener.drain()
+        self.wakeup.set()
+
     async def run(self, adapter: Channel, stop: asyncio.Event) -> None:
         self.adapter = adapter
+        loop = asyncio.get_running_loop()
+        listener = nudge.listen(self.settings, f"channel:{self.channel_type}")
+        if listener is not None:
+            loop.add_reader(listener.fileno(), self._nudged, listener)
+        relay = asyncio.create_task(self._wake_on(stop))  # a stop ends the idle wait too
         try:
             await adapter.setup()
-            poll = Poller(self.settings.poll_min, self.settings.poll_max)
+            poll = Poller.for_settings(self.settings, listener is not None)
             while not stop.is_set():
                 if adapter.dead:
                     raise ChannelDead(adapter.dead)
@@ -165,12 +181,18 @@ class ChannelRunner:
                 wait = poll.next(did, now)
                 if self.typing:
                     wait = min(wait, 1.0)
+                if self.next_due is not None:  # a retry's time: not a whole idle poll late
+                    wait = min(wait, max(self.settings.poll_min, self.next_due - now))
                 try:  # asyncio.timeout: no task per tick, unlike wait_for
                     async with asyncio.timeout(wait):
                         await self.wakeup.wait()
                 except TimeoutError:
                     pass
         finally:
+            relay.cancel()
+            if listener is not None:
+                loop.remove_reader(listener.fileno())
+                listener.close()
             try:
                 await asyncio.wait_for(adapter.teardown(), TEARDOWN_GRACE)
             except Exception as e:  # a dead connection may not close cleanly

@@ -35,7 +35,8 @@ GLOBAL = "/workspace/global"
 EXTRA = "/workspace/extra"
 APP = "/app"
 BROKER_DIR = "/run/nanoclaw"
-HOST_OWNED = {"inbound.db", "inbound.db-journal", "container.json", "container.json.tmp"}
+HOST_OWNED = {"inbound.db", "inbound.db-journal", "container.json", "container.json.tmp",
+              ".nudge-host.sock"}  # a link to the delivery worker's socket (nudge.py)
 LABEL = "nanoclaw.install"
 
 
