@@ -149,18 +149,9 @@ def _create_agent(ctx: Ctx) -> str | None:
     if ctx.store.q1("SELECT 1 AS x FROM agent_destinations WHERE agent_group_id=? AND"
                     " local_name=?", (ag, name)):
         raise ActionError(f"you already have a destination named {name!r}")
-    folder, n = name, 1
-    while not FOLDER_NAME.match(folder) or ctx.store.q1(
-            "SELECT 1 AS x FROM agent_groups WHERE folder=?", (folder,)):
-        n += 1
-        folder = f"{name}-{n}"[:64]
     parent_cfg = ctx.store.container_config(ag)
-    child = ctx.store.create_agent_group(name, folder, parent_cfg.get("provider")
-                                         or ctx.settings.provider,
-                                         parent_cfg.get("model") or ctx.settings.model, name)
-    from nanoclaw.bootstrap import ensure_group_folder
-
-    ensure_group_folder(ctx.settings, folder, name)
+    child, folder = new_agent_group(ctx.store, ctx.settings, name, parent_cfg.get("provider"),
+                                    parent_cfg.get("model"))
     instructions = ctx.content.get("instructions")
     if isinstance(instructions, str) and instructions.strip():
         (ctx.settings.group_dir(folder) / "CLAUDE.md").write_text(f"# {name}\n\n{instructions}\n")
@@ -169,6 +160,24 @@ def _create_agent(ctx: Ctx) -> str | None:
     refresh_destinations(ctx.store, ctx.settings, ag)
     logger.info("agent group {} created {} ({})", ag, child, name)
     return f"Agent {name!r} created; send it messages with to=\"{name}\"."
+
+
+def new_agent_group(store: Store, settings: Settings, name: str, provider: str | None = None,
+                    model: str | None = None) -> tuple[str, str]:
+    """A new agent group called `name` (normalised) with a folder of its own; returns
+    (id, folder)."""
+    from nanoclaw.bootstrap import ensure_group_folder
+
+    name = normalise_name(name)
+    folder, n = name, 1
+    while not FOLDER_NAME.match(folder) or store.q1(
+            "SELECT 1 AS x FROM agent_groups WHERE folder=?", (folder,)):
+        n += 1
+        folder = f"{name}-{n}"[:64]
+    ag = store.create_agent_group(name, folder, provider or settings.provider,
+                                  model or settings.model, name)
+    ensure_group_folder(settings, folder, name)
+    return ag, folder
 
 
 def refresh_destinations(store: Store, settings: Settings, agent_group_id: str) -> None:

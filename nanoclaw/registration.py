@@ -3,22 +3,28 @@
 an approver. Allow/connect adds the member (and the wiring) and replays the original
 message through the router; deny/reject forgets the request (a rejected chat is
 marked `denied_at` and stays quiet). Only the chosen approver or an admin may decide.
+
+"Connect new agent" asks the one who clicked for a name: their next direct message is
+taken as it (`take_name`, which the router runs before anything else) and never reaches
+an agent; the new agent group is created and the chat connected to it.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from nanoclaw import approvals
 from nanoclaw.config import Settings
 from nanoclaw.log import logger
 from nanoclaw.store import Store
-from nanoclaw.util import new_id, utcnow
+from nanoclaw.util import new_id, parse_iso, utcnow
 
 ALLOW = [{"label": "Allow", "selectedLabel": "Allowed", "value": "allow"},
          {"label": "Deny", "selectedLabel": "Denied", "value": "deny"}]
 CHANNEL_PREFIX = "chan-"
+NAMING_TTL = 3600.0  # a "Connect new agent" click waits this long for the name
 
 
 def ask_sender(store: Store, ev_row: dict[str, Any], mg: dict[str, Any], agent_group_id: str,
@@ -58,6 +64,8 @@ def ask_channel(store: Store, ev_row: dict[str, Any], mg: dict[str, Any]) -> boo
     approver, addr = pick
     options = [{"label": f"Connect to {a['name']}", "selectedLabel": f"Connected to {a['name']}",
                 "value": f"connect:{a['id']}"} for a in agents]
+    options.append({"label": "Connect new agent", "selectedLabel": "Naming a new agent",
+                    "value": "new"})
     options.append({"label": "Reject", "selectedLabel": "Rejected", "value": "reject"})
     store.conn.execute(
         "INSERT OR IGNORE INTO pending_channel_approvals (messaging_group_id, agent_group_id,"
@@ -99,15 +107,74 @@ def _decide_channel(store: Store, settings: Settings, mg_id: str, option: str,
     if not approvals.may_decide(store, clicker, row["approver_user_id"], None):
         logger.warning("{} may not decide channel approval {}; ignored", clicker, mg_id)
         raise PermissionError(f"{clicker} may not decide this approval")
+    mg = store.q1("SELECT * FROM messaging_groups WHERE id=?", (mg_id,))
+    if option == "new" and mg is not None and clicker:
+        return _ask_name(store, row, mg, clicker)
     store.conn.execute("DELETE FROM pending_channel_approvals WHERE messaging_group_id=?",
                        (mg_id,))
-    mg = store.q1("SELECT * FROM messaging_groups WHERE id=?", (mg_id,))
     if not option.startswith("connect:") or mg is None:
         store.conn.execute("UPDATE messaging_groups SET denied_at=? WHERE id=?", (utcnow(), mg_id))
         return "rejected"
     ag = option.split(":", 1)[1]
     if store.agent_group(ag) is None:
         raise LookupError(f"unknown agent group {ag!r}")
+    _connect(store, settings, row, mg, ag, clicker)
+    return "connected"
+
+
+def _ask_name(store: Store, row: dict[str, Any], mg: dict[str, Any], clicker: str) -> str:
+    """Remember who names the new agent; ask them in their direct chat."""
+    store.conn.execute("UPDATE pending_channel_approvals SET naming_by=?, naming_at=? WHERE"
+                       " messaging_group_id=?", (clicker, utcnow(), mg["id"]))
+    addr = approvals.dm_address(store, clicker)
+    if addr is not None:
+        store.enqueue_send(f"name-ask:{mg['id']}:{new_id('n')}", addr[0], addr[1], None, "chat",
+                           {"text": f"What should the new agent for {mg['name'] or mg['platform_id']}"
+                                    " be called? Send me its name here."})
+    return "naming"
+
+
+def take_name(store: Store, settings: Settings, uid: str, mg: dict[str, Any],
+              text: str) -> bool:
+    """A direct message from someone naming a new agent: create it, connect the waiting
+    chat, replay its message. True when the message was taken (it goes no further)."""
+    if mg["is_group"]:
+        return False
+    row = store.q1("SELECT * FROM pending_channel_approvals WHERE naming_by=? ORDER BY"
+                   " naming_at LIMIT 1", (uid,))
+    if row is None:
+        return False
+    if time.time() - parse_iso(row["naming_at"]) > NAMING_TTL:  # asked too long ago: forget
+        store.conn.execute("UPDATE pending_channel_approvals SET naming_by=NULL, naming_at=NULL"
+                           " WHERE messaging_group_id=?", (row["messaging_group_id"],))
+        return False
+    from nanoclaw.actions import new_agent_group, normalise_name
+
+    reply = (mg["channel_type"], mg["platform_id"])
+    name = normalise_name(text) if text.strip() else ""
+    if not name or (name == "agent" and text.strip().lower() != "agent"):
+        store.enqueue_send(f"name-bad:{new_id('n')}", *reply, None, "chat",
+                           {"text": "That is not a usable name: use letters, digits, - or _."})
+        return True
+    chat = store.q1("SELECT * FROM messaging_groups WHERE id=?", (row["messaging_group_id"],))
+    store.conn.execute("DELETE FROM pending_channel_approvals WHERE messaging_group_id=?",
+                       (row["messaging_group_id"],))
+    if chat is None:
+        return True
+    ag, folder = new_agent_group(store, settings, name)
+    logger.info("agent group {} ({}) created by {} for chat {}", ag, name, uid, chat["id"])
+    store.enqueue_send(f"name-done:{chat['id']}:{ag}", *reply, None, "chat",
+                       {"text": f"Agent {name!r} created (groups/{folder}) and connected to"
+                                f" {chat['name'] or chat['platform_id']}."})
+    _connect(store, settings, row, chat, ag, uid)
+    return True
+
+
+def _connect(store: Store, settings: Settings, row: dict[str, Any], mg: dict[str, Any],
+             ag: str, clicker: str | None) -> None:
+    """Wire the chat to the agent with the registration defaults, admit the sender of the
+    original message, and replay it."""
+    mg_id = mg["id"]
     group = bool(mg["is_group"])
     store.wire(mg_id, ag, destination=(mg["name"] or mg["platform_id"]).lower()[:40],
                engage_mode="mention-sticky" if group else "pattern",
@@ -121,7 +188,6 @@ def _decide_channel(store: Store, settings: Settings, mg_id: str, option: str,
         store.conn.execute("INSERT OR IGNORE INTO agent_group_members (user_id, agent_group_id,"
                            " added_by, added_at) VALUES (?,?,?,?)", (uid, ag, clicker, utcnow()))
     _replay(store, settings, row["original_message"])
-    return "connected"
 
 
 def _replay(store: Store, settings: Settings, original: str) -> None:

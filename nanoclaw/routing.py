@@ -106,6 +106,8 @@ class Router:
         uid = user_id_for(ev)
         if uid:
             self.store.ensure_user(uid, ev.channel_type, ev.sender_name)
+            if registration.take_name(self.store, self.settings, uid, mg, ev.text):
+                return []  # the name of a new agent, asked for by a channel approval
         wirings = self.store.wirings(mg["id"])
         if not wirings:
             if ev.is_mention and not mg["denied_at"]:

@@ -267,4 +267,7 @@ MIGRATIONS: list[tuple[str, str]] = [
     ("inter-worker-queues", QUEUES),
     ("approvals-approver", "ALTER TABLE pending_approvals ADD COLUMN approver_user_id TEXT;"),
     ("token-usage", TOKEN_USAGE),
+    ("channel-approval-naming",  # "Connect new agent": who names it, since when
+     "ALTER TABLE pending_channel_approvals ADD COLUMN naming_by TEXT;\n"
+     "ALTER TABLE pending_channel_approvals ADD COLUMN naming_at TEXT;\n"),
 ]

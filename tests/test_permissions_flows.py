@@ -134,7 +134,7 @@ def test_unknown_channel_approval_connects_and_replays(env):
     assert r.route(ev) == []
     card = store.q1("SELECT * FROM channel_outbox WHERE idem_key LIKE 'card:chan-%'")
     content = json.loads(card["content"])
-    assert [o["value"] for o in content["options"]] == [f"connect:{ag}", "reject"]
+    assert [o["value"] for o in content["options"]] == [f"connect:{ag}", "new", "reject"]
     r.route(Event("cli", "local", "k1", kind="action",
                   payload={"question_id": content["questionId"], "option": f"connect:{ag}",
                            "user_id": OWNER.split(":", 1)[1]}))
@@ -144,6 +144,41 @@ def test_unknown_channel_approval_connects_and_replays(env):
         ("mention-sticky", "known", "accumulate")
     assert store.q1("SELECT 1 AS x FROM agent_group_members WHERE user_id='telegram:9'")
     assert len(store.q("SELECT * FROM sessions")) == 1  # the replay created the session
+
+
+def test_connect_new_agent_takes_the_next_direct_message_as_its_name(env):
+    store, s, r, ag = env
+    owner = OWNER.split(":", 1)[1]
+    r.route(Event("telegram", "telegram:-300", "n1", text="@bot hello team", sender_id="9",
+                  is_mention=True, is_group=True))
+    card = json.loads(store.q1("SELECT * FROM channel_outbox WHERE idem_key LIKE"
+                               " 'card:chan-%'")["content"])
+    r.route(Event("cli", "local", "k1", kind="action",  # a stranger's click changes nothing
+                  payload={"question_id": card["questionId"], "option": "new", "user_id": "x"}))
+    assert store.q1("SELECT naming_by FROM pending_channel_approvals")["naming_by"] is None
+    r.route(Event("cli", "local", "k2", kind="action",
+                  payload={"question_id": card["questionId"], "option": "new",
+                           "user_id": owner}))
+    ask = store.q1("SELECT * FROM channel_outbox WHERE idem_key LIKE 'name-ask:%'")
+    assert (ask["channel_type"], ask["platform_id"]) == ("cli", "local")
+    groups = len(store.q("SELECT * FROM agent_groups"))
+    sessions = len(store.q("SELECT * FROM sessions"))
+    # a symbol-only name is refused and asked again; the message reaches no agent
+    assert r.route(Event("cli", "local", "d1", text="!!!", sender_id=owner)) == []
+    assert store.q1("SELECT 1 AS x FROM channel_outbox WHERE idem_key LIKE 'name-bad:%'")
+    assert r.route(Event("cli", "local", "d2", text="Team Helper", sender_id=owner)) == []
+    assert len(store.q("SELECT * FROM sessions")) == sessions + 1  # only the replay's
+    new = store.q1("SELECT * FROM agent_groups WHERE name='team-helper'")
+    assert new and len(store.q("SELECT * FROM agent_groups")) == groups + 1
+    assert (s.groups_dir / new["folder"]).is_dir()
+    w = store.q1("SELECT * FROM messaging_group_agents WHERE messaging_group_id=(SELECT id"
+                 " FROM messaging_groups WHERE platform_id='telegram:-300')")
+    assert w["agent_group_id"] == new["id"]
+    (sess,) = store.q("SELECT * FROM sessions WHERE agent_group_id=?", (new["id"],))
+    assert any("hello team" in x["content"] for x in _inbound(_paths(store, s, sess["id"])))
+    assert store.q("SELECT * FROM pending_channel_approvals") == []
+    # the owner's next direct message goes to their own agent again
+    assert r.route(Event("cli", "local", "d3", text="back to normal", sender_id=owner))
 
 
 def test_question_click_answers_only_for_allowed_users(env):
