@@ -194,27 +194,15 @@ class Inbound:
             r = conn.execute("SELECT * FROM messages_in WHERE seq=?", (seq,)).fetchone()
         return _row(r) if r else None
 
-    def question_response(self, question_id: str) -> InboundRow | None:
-        """The pending `question_response` system row answering `question_id`, if any."""
+    def system_reply(self, type_: str, key: str, value: str) -> InboundRow | None:
+        """The pending system row of `type_` whose `key` is `value` (the answer to a
+        question, to an `ncl` request), if any."""
         with _read(self.path) as conn:
             rows = conn.execute(
                 "SELECT * FROM messages_in WHERE kind='system' AND status='pending'"
-                " AND content LIKE ? ORDER BY seq", (f"%{question_id}%",)).fetchall()
+                " AND content LIKE ? ORDER BY seq", (f"%{value}%",)).fetchall()
         for row in map(_row, rows):
-            if (row.content.get("type") == "question_response"
-                    and row.content.get("questionId") == question_id):
-                return row
-        return None
-
-    def cli_response(self, request_id: str) -> InboundRow | None:
-        """The pending `cli_response` system row answering an `ncl` request, if any."""
-        with _read(self.path) as conn:
-            rows = conn.execute(
-                "SELECT * FROM messages_in WHERE kind='system' AND status='pending'"
-                " AND trigger=0 AND content LIKE ? ORDER BY seq", (f"%{request_id}%",)).fetchall()
-        for row in map(_row, rows):
-            if (row.content.get("type") == "cli_response"
-                    and row.content.get("requestId") == request_id):
+            if row.content.get("type") == type_ and row.content.get(key) == value:
                 return row
         return None
 

@@ -163,7 +163,7 @@ def _ask_user_question(ctx: ToolContext, args: dict[str, Any]) -> str:
     deadline = time.monotonic() + timeout
     last_beat = 0.0
     while True:
-        answer = ctx.inbound.question_response(qid)
+        answer = ctx.inbound.system_reply("question_response", "questionId", qid)
         if answer is not None:
             ctx.outbound.complete([answer.id])
             value = str(answer.content.get("selectedOption") or "")

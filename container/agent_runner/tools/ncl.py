@@ -43,7 +43,7 @@ def request(ctx: ToolContext, args: list[str], timeout: float = NCL_TIMEOUT_S) -
         signal = ctx.inbound.change_signal()
         if signal != seen or now - last_read >= NCL_RECHECK_S:
             seen, last_read = signal, now
-            answer = ctx.inbound.cli_response(rid)
+            answer = ctx.inbound.system_reply("cli_response", "requestId", rid)
             if answer is not None:
                 ctx.outbound.complete([answer.id])
                 return (str(answer.content.get("status") or "error"),
