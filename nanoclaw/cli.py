@@ -311,6 +311,8 @@ def runtime_report(settings: Settings) -> list[tuple[bool | None, str]]:
     else:
         out.append((True, f"runtime {chosen} (NANOCLAW_RUNTIME; auto would pick {auto})" + (
             ": agents run WITHOUT isolation" if chosen == "process" else "")))
+    if chosen == "docker":
+        out.append(image_freshness(settings))
     n = settings.warm_pool
     if n <= 0:
         out.append((None, "warm pool off (NANOCLAW_WARM_POOL=0): every agent starts cold"))
@@ -324,6 +326,23 @@ def runtime_report(settings: Settings) -> list[tuple[bool | None, str]]:
         out.append((True, f"warm pool on: {n} {chosen} agent(s) started ahead"
                     " (NANOCLAW_WARM_POOL)"))
     return out
+
+
+def image_freshness(settings: Settings) -> tuple[bool | None, str]:
+    """Whether the agent image was built from the recipe in container/ as it is now."""
+    from nanoclaw.containers import RUNNER_DIR
+    from nanoclaw.runtime import docker as docker_rt, sandbox
+
+    want = sandbox.image_hash(RUNNER_DIR)
+    try:
+        labels = docker_rt.client(timeout=5).images.get(settings.image).labels or {}
+    except Exception as e:  # noqa: BLE001 - the report says what it could not see
+        return None, f"image {settings.image}: cannot inspect it ({e})"
+    have = labels.get("nanoclaw.image-hash")
+    if have == want:
+        return True, f"image {settings.image} is up to date ({want})"
+    return None, (f"image {settings.image} was built from another recipe ({have or 'unknown'},"
+                  f" container/ is now {want}): run make image")
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
