@@ -270,7 +270,8 @@ def test_doctor_runtime_and_warm_pool_decisions(tmp_path, monkeypatch):
     _fake(monkeypatch, docker=True, bwrap=True, root=True)
     rep = _report(tmp_path, runtime="auto")
     assert rep[0] == (True, "runtime auto picks docker here")
-    assert "warm pool not used by docker" in rep[1][1]
+    assert rep[1][1].startswith("image ")  # whether it was built from container/ as it is
+    assert "warm pool not used by docker" in rep[2][1]
     assert "off (NANOCLAW_WARM_POOL=0)" in _report(tmp_path, warm_pool=0)[-1][1]
 
     _fake(monkeypatch, docker=False, bwrap=True, root=True)
