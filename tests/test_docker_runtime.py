@@ -180,3 +180,24 @@ def test_explicit_docker_without_the_image_is_a_clear_config_error(docker_client
     settings = Settings(data_dir=tmp_path, image="nanoclaw-agent:no-such-tag")
     with pytest.raises(ValueError, match="nanoclaw-agent:no-such-tag is missing"):
         runtime.select("docker", settings)
+
+
+def test_doctor_knows_whether_the_image_matches_its_recipe(docker_client, agent_image,
+                                                         tmp_path):
+    import io
+
+    from nanoclaw.cli import image_freshness
+
+    ok, line = image_freshness(Settings(data_dir=tmp_path / "data", image=agent_image))
+    assert ok is True and "up to date" in line  # built by `make image` from container/
+    stale = "nanoclaw-agent:doctor-stale-test"  # the same image, labelled by another recipe
+    docker_client.images.build(fileobj=io.BytesIO(
+        f"FROM {agent_image}\nLABEL nanoclaw.image-hash=0123456789abcdef\n".encode()),
+        tag=stale, rm=True)
+    try:
+        ok, line = image_freshness(Settings(data_dir=tmp_path / "data", image=stale))
+        assert ok is None and "0123456789abcdef" in line and "make image" in line
+    finally:
+        docker_client.images.remove(stale)
+    ok, line = image_freshness(Settings(data_dir=tmp_path / "data", image="nanoclaw-agent:none"))
+    assert ok is None and "cannot inspect" in line
