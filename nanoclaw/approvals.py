@@ -70,9 +70,20 @@ def choose(store: Store, agent_group_id: str | None, prefer_channel: str | None
 
 def send_card(store: Store, card_id: str, address: tuple[str, str], title: str, question: str,
               options: list[dict[str, str]]) -> None:
-    store.enqueue_send(f"card:{card_id}", address[0], address[1], None, "chat-sdk",
-                       {"type": "ask_question", "questionId": card_id, "title": title,
-                        "question": question, "options": options})
+    for n, (channel, platform_id) in enumerate(mirrors(store, address)):
+        store.enqueue_send(f"card:{card_id}" + (f":{channel}" if n else ""), channel,
+                           platform_id, None, "chat-sdk",
+                           {"type": "ask_question", "questionId": card_id, "title": title,
+                            "question": question, "options": options})
+
+
+def mirrors(store: Store, address: tuple[str, str]) -> list[tuple[str, str]]:
+    """Where a message to this DM goes: the local owner's terminal chat also reaches their
+    web chat once they have used it (the page is the same person; the first answer wins)."""
+    out = [address]
+    if address == ("cli", "local") and store.messaging_group("web", "local") is not None:
+        out.append(("web", "local"))
+    return out
 
 
 def may_decide(store: Store, clicker: str | None, approver: str | None,

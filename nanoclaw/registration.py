@@ -127,10 +127,11 @@ def _ask_name(store: Store, row: dict[str, Any], mg: dict[str, Any], clicker: st
     store.conn.execute("UPDATE pending_channel_approvals SET naming_by=?, naming_at=? WHERE"
                        " messaging_group_id=?", (clicker, utcnow(), mg["id"]))
     addr = approvals.dm_address(store, clicker)
-    if addr is not None:
-        store.enqueue_send(f"name-ask:{mg['id']}:{new_id('n')}", addr[0], addr[1], None, "chat",
-                           {"text": f"What should the new agent for {mg['name'] or mg['platform_id']}"
-                                    " be called? Send me its name here."})
+    for channel, platform_id in approvals.mirrors(store, addr) if addr else []:
+        store.enqueue_send(f"name-ask:{mg['id']}:{channel}:{new_id('n')}", channel, platform_id,
+                           None, "chat", {"text": "What should the new agent for"
+                                          f" {mg['name'] or mg['platform_id']} be called?"
+                                          " Send me its name here."})
     return "naming"
 
 

@@ -143,6 +143,7 @@ class Router:
                 self._notice(ev, "Only the approver or an admin can decide this.")
             except LookupError:
                 logger.info("click on unknown or closed card {} ignored", qid)
+                self._notice(ev, "This was already decided (or has expired).")
             return []
         s = self.store.session(q["session_id"])
         if s is None:

@@ -181,6 +181,37 @@ def test_connect_new_agent_takes_the_next_direct_message_as_its_name(env):
     assert r.route(Event("cli", "local", "d3", text="back to normal", sender_id=owner))
 
 
+def test_the_owners_cards_reach_the_web_chat_too_once_it_is_used(env):
+    store, s, r, ag = env
+    owner = OWNER.split(":", 1)[1]
+    r.route(Event("telegram", "telegram:-400", "n1", text="@bot hi", sender_id="9",
+                  is_mention=True, is_group=True))
+    assert [c["channel_type"] for c in store.q("SELECT * FROM channel_outbox WHERE idem_key"
+                                               " LIKE 'card:%'")] == ["cli"]  # no web chat yet
+    store.conn.execute("DELETE FROM pending_channel_approvals")
+    store.conn.execute("DELETE FROM channel_outbox")
+    from nanoclaw.channels.web import ensure_web_chat
+
+    ensure_web_chat(store, "local")  # what the page does when it is first used
+    r.route(Event("telegram", "telegram:-401", "n2", text="@bot hi", sender_id="9",
+                  is_mention=True, is_group=True))
+    cards = store.q("SELECT * FROM channel_outbox WHERE idem_key LIKE 'card:%' ORDER BY id")
+    assert [(c["channel_type"], c["platform_id"]) for c in cards] == \
+        [("cli", "local"), ("web", "local")]
+    qid = json.loads(cards[1]["content"])["questionId"]
+    assert qid == json.loads(cards[0]["content"])["questionId"]
+    r.route(Event("web", "local", "c1", kind="action",  # answered on the page
+                  payload={"question_id": qid, "option": f"connect:{ag}", "user_id": OWNER}))
+    assert store.q1("SELECT 1 AS x FROM messaging_group_agents WHERE messaging_group_id=(SELECT"
+                    " id FROM messaging_groups WHERE platform_id='telegram:-401')")
+    r.route(Event("cli", "local", "c2", kind="action",  # then late in the terminal
+                  payload={"question_id": qid, "option": "reject", "user_id": owner}))
+    notice = store.q1("SELECT * FROM channel_outbox WHERE idem_key='notice:cli:c2'")
+    assert "already decided" in json.loads(notice["content"])["text"]
+    assert store.q1("SELECT denied_at FROM messaging_groups WHERE platform_id='telegram:-401'"
+                    )["denied_at"] is None
+
+
 def test_question_click_answers_only_for_allowed_users(env):
     store, s, r, ag = env
     (sid,) = r.route(Event("cli", "local", "q0", text="ask me", sender_id=OWNER.split(":")[1],
