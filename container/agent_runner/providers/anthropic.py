@@ -187,7 +187,9 @@ class AnthropicProvider:
         path = self._path(cid)
         tmp = f"{path}.tmp"
         with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump({"version": 1, "id": cid, "model": self.model, "messages": messages}, fh)
+            # dumps, not dump: json.dump streams through the pure-Python encoder (~10x slower)
+            fh.write(json.dumps({"version": 1, "id": cid, "model": self.model,
+                                 "messages": messages}))
         os.replace(tmp, path)
 
     def resume(self, cid: str | None) -> tuple[str, list[dict[str, Any]]]:
