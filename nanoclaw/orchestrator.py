@@ -122,6 +122,21 @@ def lock_data_dir(settings: Settings) -> Any:
     return f
 
 
+def preload(names: list[str]) -> None:
+    """Import the large library two workers share (aiohttp: the broker and the web chat)
+    before forking, then freeze what is loaded out of the garbage collector, so the
+    workers share those pages with the host instead of each holding its own copy
+    (host PSS 123 → 100 MB)."""
+    import gc
+
+    if "broker" in names or "channel:web" in names:
+        try:
+            import aiohttp.web  # noqa: F401
+        except ImportError as e:  # the worker itself reports it properly
+            logger.warning("preloading aiohttp failed: {}", e)
+    gc.freeze()
+
+
 def run_host(settings: Settings, *, tick: float = 0.1) -> int:
     log.setup("host", settings.logs_dir, settings.log_level)
     try:
@@ -149,6 +164,7 @@ def run_host(settings: Settings, *, tick: float = 0.1) -> int:
         logger.error("cannot start: {}", e)
         return 2
     names = worker_names(settings)
+    preload(names)
     sup = Supervisor(names, lambda n: ForkedProc(n, settings), time.time, store,
                      grace=settings.stop_grace)
     logger.info("host started (pid {}): workers {}", os.getpid(), ", ".join(names))
