@@ -86,9 +86,9 @@ def preload(providers: list[str]) -> None:
             print(f"warm: preloading provider {name!r} failed: {exc}", file=sys.stderr)
 
 
-def wait_for_session(stream=None) -> bool:
+def wait_for_session() -> bool:
     """Block until the host hands this sandbox a session; False when it never will."""
-    line = (stream or sys.stdin).readline()
+    line = sys.stdin.readline()
     if not line.strip():
         return False
     job = json.loads(line)

@@ -206,7 +206,7 @@ class BwrapRuntime(ProcessRuntime):
         stage = Path(tempfile.mkdtemp(dir=self.stage_root))
         s = stage / "s"
         s.mkdir(mode=0o755)
-        w = None
+        w, fd = None, None
         try:
             mountns.mount(str(s), str(s), mountns.MS_BIND)
             mountns.mount(None, str(s), mountns.MS_SHARED)  # what is bound here shows inside
@@ -233,6 +233,8 @@ class BwrapRuntime(ProcessRuntime):
             return w
         finally:
             if w is None:
+                if fd is not None:
+                    os.close(fd)
                 mountns.detach_all(stage)
                 shutil.rmtree(stage, ignore_errors=True)
 

@@ -15,6 +15,7 @@ with the containers worker (their pipe closes, or bwrap's `--die-with-parent`).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -107,8 +108,6 @@ class WarmPool:
 
 def hand_over(w: Warm, env: dict[str, str], cwd: str, log_path: Path) -> None:
     """Send the session to a warm agent; its output file becomes the spawn's log."""
-    import json
-
     log_path.parent.mkdir(parents=True, exist_ok=True)
     assert w.proc.stdin is not None
     w.proc.stdin.write((json.dumps({"env": env, "cwd": cwd}) + "\n").encode())
