@@ -182,6 +182,12 @@ def users(a: argparse.Namespace, store, settings) -> None:
         print(f"removed {a.id}")
 
 
+def _actor(a: argparse.Namespace) -> str:
+    """Who is recorded as making a change: the local user at the terminal, or the admin
+    who approved an agent's `ncl` command (set by `agent_cli.execute`)."""
+    return getattr(a, "actor", None) or local_user_id()
+
+
 def roles(a: argparse.Namespace, store, settings) -> None:
     if a.op == "list":
         _table(store.q("SELECT user_id, role, agent_group_id, granted_by, granted_at FROM"
@@ -193,7 +199,7 @@ def roles(a: argparse.Namespace, store, settings) -> None:
     if a.role == "owner" and ag:
         raise CliError("an owner role is global: drop --group", 2)
     if a.op == "grant":
-        store.grant_role(a.user, a.role, ag, granted_by=local_user_id())
+        store.grant_role(a.user, a.role, ag, granted_by=_actor(a))
     else:
         n = store.conn.execute("DELETE FROM user_roles WHERE user_id=? AND role=? AND"
                                " agent_group_id IS ?", (a.user, a.role, ag)).rowcount
@@ -214,7 +220,7 @@ def members(a: argparse.Namespace, store, settings) -> None:
     ag = _group(store, a.group)["id"]
     if a.op == "add":
         store.conn.execute("INSERT OR IGNORE INTO agent_group_members VALUES (?,?,?,?)",
-                           (a.user, ag, local_user_id(), utcnow()))
+                           (a.user, ag, _actor(a), utcnow()))
     else:
         if not store.conn.execute("DELETE FROM agent_group_members WHERE user_id=? AND"
                                   " agent_group_id=?", (a.user, ag)).rowcount:

@@ -13,8 +13,9 @@ says about its group or its rights is trusted.
   are never reachable.
 - Reads answer at once. Every other command becomes a `cli_command` approval: the
   agent hears `approval-pending`; on approval the command is checked again (the scope
-  may have changed meanwhile) and run as the host, and its output reaches the agent as
-  a note; on rejection the agent is told.
+  may have changed meanwhile) and run as the host, recorded as made by the approving
+  admin (`granted_by`, `added_by`), and its output reaches the agent as a note; on
+  rejection the agent is told.
 - Arguments are a list, never a shell line, parsed by the terminal's own argparse
   parser, and the verb runs in process with its output captured. Anything wrong is one
   line back to the agent, and nothing is written.
@@ -267,12 +268,14 @@ def _parse(args: list[str], name: str) -> tuple[argparse.Namespace | None, str]:
 
 
 # ---- running ------------------------------------------------------------------------------
-def execute(store: Store, settings: Settings, cmd: Command) -> str:
-    """Run a parsed command as the terminal would, output captured; Refused on an error."""
+def execute(store: Store, settings: Settings, cmd: Command, actor: str | None = None) -> str:
+    """Run a parsed command as the terminal would, output captured; Refused on an error.
+    `actor` (the approving admin) is recorded as the one who made the change."""
     from nanoclaw import admin, admin_limits
 
     ns = cmd.ns
     assert ns is not None
+    ns.actor = actor
     fn = admin.VERBS.get(ns.verb) or admin_limits.VERBS[ns.verb]
     out = io.StringIO()
     try:
@@ -354,10 +357,10 @@ def _approved(store: Store, settings: Settings, row: dict[str, Any],
         cmd = parse(store, ag, scope_of(store, ag), payload.get("args"))
         if cmd.ns is None or cmd.spec.read:
             raise Refused("not a command that needs approval")
-        output = execute(store, settings, cmd)
+        output = execute(store, settings, cmd, actor=row.get("decided_by"))
     except Refused as e:
         raise RuntimeError(str(e)) from None
-    logger.info("agent group {}: approved `{}` ran", ag, cmd.line)
+    logger.info("agent group {}: `{}` approved by {} ran", ag, cmd.line, row.get("decided_by"))
     return f"Your command `{cmd.line}` was approved and ran:\n{output}"
 
 

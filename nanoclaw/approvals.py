@@ -99,6 +99,7 @@ def may_decide(store: Store, clicker: str | None, approver: str | None,
 
 # ---- agent requests ---------------------------------------------------------------------
 # Handlers run on approval: (store, settings, approval row, payload) -> note for the agent.
+# The row's `decided_by` names who approved.
 ON_APPROVE: dict[str, Callable[[Store, Settings, dict[str, Any], dict[str, Any]], str]] = {}
 
 
@@ -158,8 +159,10 @@ def _decide_request(store: Store, settings: Settings, row: dict[str, Any], optio
         raise PermissionError(f"{clicker} may not decide this approval")
     payload = json.loads(row["payload"] or "{}")
     approved = option == "approve"
-    store.conn.execute("UPDATE pending_approvals SET status=? WHERE approval_id=?",
-                       ("approved" if approved else "rejected", row["approval_id"]))
+    store.conn.execute("UPDATE pending_approvals SET status=?, decided_by=?, decided_at=?"
+                       " WHERE approval_id=?", ("approved" if approved else "rejected",
+                                                clicker, utcnow(), row["approval_id"]))
+    row = {**row, "decided_by": clicker}
     if not approved:
         tell_agent(store, settings, row["session_id"], f"Your request {row['action']!r} was"
                    " rejected by an admin.")

@@ -270,4 +270,7 @@ MIGRATIONS: list[tuple[str, str]] = [
     ("channel-approval-naming",  # "Connect new agent": who names it, since when
      "ALTER TABLE pending_channel_approvals ADD COLUMN naming_by TEXT;\n"
      "ALTER TABLE pending_channel_approvals ADD COLUMN naming_at TEXT;\n"),
+    ("approvals-decided-by",  # who clicked: approved agent commands run as them
+     "ALTER TABLE pending_approvals ADD COLUMN decided_by TEXT;\n"
+     "ALTER TABLE pending_approvals ADD COLUMN decided_at TEXT;\n"),
 ]

@@ -272,6 +272,21 @@ def test_members_add_with_the_own_group_filled_in(w):
     assert "was approved and ran" in w.notes()[-1]
 
 
+def test_an_approved_change_is_recorded_as_made_by_the_admin_who_approved_it(w):
+    w.store.ensure_user("telegram:42", "telegram")
+    w.store.ensure_user("telegram:7", "telegram")
+    w.store.grant_role("telegram:7", "admin", w.ag, granted_by=OWNER)  # a group admin
+    w.ok("members", "add", "telegram:42")
+    (appr,) = w.store.q("SELECT * FROM pending_approvals")
+    assert approvals.decide(w.store, w.settings, appr["approval_id"], "approve",
+                            "telegram:7") == "approved"
+    member = w.store.q1("SELECT * FROM agent_group_members WHERE user_id='telegram:42'")
+    assert member["added_by"] == "telegram:7"  # not the terminal's user
+    decided = w.store.q1("SELECT * FROM pending_approvals")
+    assert decided["status"] == "approved" and decided["decided_by"] == "telegram:7"
+    assert decided["decided_at"]
+
+
 def test_a_rejected_change_is_told_and_not_applied(w):
     w.ok("groups", "update", "--name", "Helper")
     (appr,) = w.store.q("SELECT * FROM pending_approvals")
