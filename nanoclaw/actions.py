@@ -54,7 +54,7 @@ class Ctx:
         src = self.source()
         if src is not None and src["channel_type"] not in (None, "agent"):
             return (src["channel_type"], src["platform_id"], src["thread_id"])
-        with sessiondb._open(self.paths.inbound, readonly=True) as conn:
+        with sessiondb.opened(self.paths.inbound, readonly=True) as conn:
             r = conn.execute("SELECT channel_type, platform_id, thread_id FROM session_routing"
                              " WHERE id=1").fetchone()
         return (r[0], r[1], r[2]) if r else (None, None, None)
@@ -186,7 +186,7 @@ def refresh_destinations(store: Store, settings: Settings, agent_group_id: str) 
     for s in store.sessions_where("agent_group_id=? AND status='active'", (agent_group_id,)):
         p = sessiondb.of(settings, s)
         try:
-            with sessiondb._open(p.inbound, readonly=True) as conn:
+            with sessiondb.opened(p.inbound, readonly=True) as conn:
                 r = conn.execute("SELECT channel_type, platform_id, thread_id FROM"
                                  " session_routing WHERE id=1").fetchone()
             sessiondb.write_routing(p, (r[0], r[1], r[2]) if r else (None, None, None), dests)

@@ -114,7 +114,7 @@ class AgentRouter:
             src_row = sessiondb.message(paths, row["in_reply_to"])
             if src_row and src_row["source_session_id"]:
                 cands.append(src_row["source_session_id"])
-        with sessiondb._open(paths.inbound, readonly=True) as conn:
+        with sessiondb.opened(paths.inbound, readonly=True) as conn:
             r = conn.execute("SELECT source_session_id FROM messages_in WHERE channel_type="
                              "'agent' AND platform_id=? AND source_session_id IS NOT NULL"
                              " ORDER BY seq DESC LIMIT 1", (dst,)).fetchone()

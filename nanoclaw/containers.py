@@ -236,7 +236,7 @@ class Containers:
 
     def _fail_pending(self, s: dict[str, Any]) -> list[str]:
         paths = self._paths(s)
-        with sessiondb._write(paths.inbound) as conn:
+        with sessiondb.transaction(paths.inbound) as conn:
             ids = [r[0] for r in conn.execute(
                 "SELECT id FROM messages_in WHERE status='pending' AND trigger=1")]
             conn.execute("UPDATE messages_in SET status='failed' WHERE status='pending'"

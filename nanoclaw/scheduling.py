@@ -77,7 +77,7 @@ def _live(conn, task_id: str) -> list[Any]:
 
 
 def _act(paths: sessiondb.SessionPaths, task_id: str, sql: str, args: tuple = ()) -> int:
-    with sessiondb._write(paths.inbound) as conn:
+    with sessiondb.transaction(paths.inbound) as conn:
         rows = _live(conn, task_id)
         for r in rows:
             conn.execute(sql, (*args, r["id"]))
@@ -107,7 +107,7 @@ def update(paths: sessiondb.SessionPaths, task_id: str, *, tz: str, prompt: str 
     """Merge prompt/script into the content; `''` clears script or recurrence."""
     cron = None if recurrence in (None, "") else check_cron(recurrence)
     when = parse_when(process_after, tz) if process_after else None
-    with sessiondb._write(paths.inbound) as conn:
+    with sessiondb.transaction(paths.inbound) as conn:
         rows = _live(conn, task_id)
         for r in rows:
             content = json.loads(r["content"])
@@ -130,7 +130,7 @@ def update(paths: sessiondb.SessionPaths, task_id: str, *, tz: str, prompt: str 
 
 def list_tasks(paths: sessiondb.SessionPaths, status: str | None = None) -> list[dict[str, Any]]:
     """One row per series: its newest occurrence."""
-    with sessiondb._open(paths.inbound, readonly=True) as conn:
+    with sessiondb.opened(paths.inbound, readonly=True) as conn:
         rows = conn.execute(
             "SELECT * FROM messages_in WHERE kind='task' ORDER BY seq").fetchall()
     latest: dict[str, dict[str, Any]] = {}
@@ -145,17 +145,17 @@ def list_tasks(paths: sessiondb.SessionPaths, status: str | None = None) -> list
 def recur(paths: sessiondb.SessionPaths, tz: str, now: float) -> list[str]:
     """Clone each completed row that still has a cron into its next occurrence."""
     made: list[str] = []
-    with sessiondb._open(paths.inbound, readonly=True) as conn:  # cheap check first
+    with sessiondb.opened(paths.inbound, readonly=True) as conn:  # cheap check first
         if not conn.execute("SELECT 1 FROM messages_in WHERE status IN ('completed','failed')"
                             " AND recurrence IS NOT NULL LIMIT 1").fetchone():
             return made
-    with sessiondb._write(paths.inbound) as conn:
+    with sessiondb.transaction(paths.inbound) as conn:
         done = conn.execute("SELECT * FROM messages_in WHERE status IN ('completed','failed')"
                             " AND recurrence IS NOT NULL").fetchall()
         for r in done:
             nid = new_id("task")
             top = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM messages_in").fetchone()[0]
-            top = max(top, sessiondb._max_out_seq(paths))
+            top = max(top, sessiondb.max_out_seq(paths))
             seq = top + 2 if top % 2 == 0 else top + 1
             conn.execute(
                 "INSERT INTO messages_in (id, seq, kind, timestamp, status, process_after,"

@@ -148,7 +148,8 @@ def _connect(path: str, readonly: bool = False) -> sqlite3.Connection:
 
 
 @contextmanager
-def _open(path: str, readonly: bool = False) -> Iterator[sqlite3.Connection]:
+def opened(path: str, readonly: bool = False) -> Iterator[sqlite3.Connection]:
+    """A connection to a session DB (read-only if asked), closed on leaving."""
     conn = _connect(path, readonly)
     try:
         yield conn
@@ -157,9 +158,9 @@ def _open(path: str, readonly: bool = False) -> Iterator[sqlite3.Connection]:
 
 
 @contextmanager
-def _write(path: str) -> Iterator[sqlite3.Connection]:
+def transaction(path: str) -> Iterator[sqlite3.Connection]:
     """BEGIN IMMEDIATE … COMMIT, rolled back on any exception."""
-    with _open(path) as conn:
+    with opened(path) as conn:
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
@@ -176,23 +177,23 @@ def create(root: str) -> SessionPaths:
     os.makedirs(paths.outbox, exist_ok=True)
     for path, ddl in ((paths.inbound, INBOUND_DDL), (paths.outbound, OUTBOUND_DDL)):
         if os.path.exists(path):
-            with _open(path) as conn:
+            with opened(path) as conn:
                 conn.executescript(ddl)
             continue
         tmp = path + ".new"  # readers never see a file without its tables
-        with _open(tmp) as conn:
+        with opened(tmp) as conn:
             conn.executescript(ddl)
         os.replace(tmp, path)
     return paths
 
 
-def _max_out_seq(paths: SessionPaths) -> int:
+def max_out_seq(paths: SessionPaths) -> int:
     """Highest agent seq, or 0 when outbound.db is missing or unreadable: the host's own
     rows must never be blocked by the agent's file (parity alone keeps seqs unique)."""
     if not os.path.exists(paths.outbound):
         return 0
     try:
-        with _open(paths.outbound, readonly=True) as out:
+        with opened(paths.outbound, readonly=True) as out:
             return out.execute("SELECT COALESCE(MAX(seq), 0) FROM messages_out").fetchone()[0]
     except sqlite3.DatabaseError:
         return 0
@@ -219,8 +220,8 @@ def insert_message(
     The id is the idempotency key: routing the same platform event twice is harmless.
     A running agent is nudged once the row is committed.
     """
-    out_max = _max_out_seq(paths)
-    with _write(paths.inbound) as conn:
+    out_max = max_out_seq(paths)
+    with transaction(paths.inbound) as conn:
         if conn.execute("SELECT 1 FROM messages_in WHERE id=?", (id,)).fetchone():
             return False
         in_max = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM messages_in").fetchone()[0]
@@ -260,7 +261,7 @@ def write_routing(
     destinations: list[dict[str, Any]],
 ) -> None:
     """Rewrite the default reply address and the destination projection in one go."""
-    with _write(paths.inbound) as conn:
+    with transaction(paths.inbound) as conn:
         conn.execute(
             "INSERT OR REPLACE INTO session_routing (id, channel_type, platform_id, thread_id)"
             " VALUES (1, ?, ?, ?)",
@@ -279,9 +280,9 @@ def undelivered(paths: SessionPaths) -> list[dict[str, Any]]:
     """Agent output not yet recorded in `delivered`, oldest first (by seq)."""
     if not os.path.exists(paths.outbound):
         return []
-    with _open(paths.inbound, readonly=True) as inb:
+    with opened(paths.inbound, readonly=True) as inb:
         done = {r[0] for r in inb.execute("SELECT message_out_id FROM delivered")}
-    with _open(paths.outbound, readonly=True) as out:
+    with opened(paths.outbound, readonly=True) as out:
         rows = out.execute(
             "SELECT * FROM messages_out WHERE deliver_after IS NULL OR deliver_after <= ?"
             " ORDER BY seq",
@@ -297,7 +298,7 @@ def mark_delivered(
     status: str = "delivered",
     error: str | None = None,
 ) -> None:
-    with _write(paths.inbound) as conn:
+    with transaction(paths.inbound) as conn:
         conn.execute(
             "INSERT OR IGNORE INTO delivered (message_out_id, platform_message_id, status, error,"
             " delivered_at) VALUES (?,?,?,?,?)",
@@ -309,7 +310,7 @@ def acks(paths: SessionPaths) -> dict[str, tuple[str, str]]:
     """message_id → (status, status_changed) from the agent's `processing_ack`."""
     if not os.path.exists(paths.outbound):
         return {}
-    with _open(paths.outbound, readonly=True) as out:
+    with opened(paths.outbound, readonly=True) as out:
         return {r[0]: (r[1], r[2]) for r in out.execute("SELECT * FROM processing_ack")}
 
 
@@ -318,7 +319,7 @@ def sync_acks(paths: SessionPaths) -> int:
     finished = [mid for mid, (st, _) in acks(paths).items() if st in ("completed", "failed")]
     if not finished:
         return 0
-    with _write(paths.inbound) as conn:
+    with transaction(paths.inbound) as conn:
         n = 0
         for mid in finished:
             n += conn.execute(
@@ -329,7 +330,7 @@ def sync_acks(paths: SessionPaths) -> int:
 
 def due_count(paths: SessionPaths, now_iso: str) -> int:
     """Pending rows that should wake an agent now (trigger=1, due)."""
-    with _open(paths.inbound, readonly=True) as conn:
+    with opened(paths.inbound, readonly=True) as conn:
         return conn.execute(
             "SELECT COUNT(*) FROM messages_in WHERE status='pending' AND trigger=1"
             " AND (process_after IS NULL OR process_after <= ?)",
@@ -339,7 +340,7 @@ def due_count(paths: SessionPaths, now_iso: str) -> int:
 
 def next_due(paths: SessionPaths) -> str | None:
     """The earliest process_after among pending trigger rows (None if none is scheduled)."""
-    with _open(paths.inbound, readonly=True) as conn:
+    with opened(paths.inbound, readonly=True) as conn:
         return conn.execute(
             "SELECT MIN(process_after) FROM messages_in WHERE status='pending' AND trigger=1"
             " AND process_after IS NOT NULL"
@@ -359,7 +360,7 @@ def reset_stuck(paths: SessionPaths, now: float,
     result: list[tuple[str, str]] = []
     if claimed:
         now_iso = iso(now)
-        with _write(paths.inbound) as conn:
+        with transaction(paths.inbound) as conn:
             for mid in claimed:
                 row = conn.execute(
                     "SELECT tries, process_after FROM messages_in WHERE id=? AND status='pending'",
@@ -388,12 +389,12 @@ def delete_processing_acks(paths: SessionPaths) -> None:
     """Host-side exception to one-writer: only while no agent runs for this session."""
     if not os.path.exists(paths.outbound):
         return
-    with _write(paths.outbound) as conn:
+    with transaction(paths.outbound) as conn:
         conn.execute("DELETE FROM processing_ack WHERE status='processing'")
 
 
 def message(paths: SessionPaths, id: str) -> dict[str, Any] | None:
-    with _open(paths.inbound, readonly=True) as conn:
+    with opened(paths.inbound, readonly=True) as conn:
         row = conn.execute("SELECT * FROM messages_in WHERE id=?", (id,)).fetchone()
         return dict(row) if row else None
 
@@ -407,9 +408,9 @@ def write_outbound_direct(
     from nanoclaw.util import new_id
 
     mid = new_id("host")
-    with _open(paths.inbound, readonly=True) as inb:
+    with opened(paths.inbound, readonly=True) as inb:
         in_max = inb.execute("SELECT COALESCE(MAX(seq), 0) FROM messages_in").fetchone()[0]
-    with _write(paths.outbound) as conn:
+    with transaction(paths.outbound) as conn:
         out_max = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM messages_out").fetchone()[0]
         top = max(in_max, out_max)
         seq = top + 1 if top % 2 == 0 else top + 2

@@ -44,7 +44,7 @@ def decide_stuck(now: float, heartbeat: float | None, claims: list[float], ceili
 def declared_tool_timeout(paths: sessiondb.SessionPaths) -> float:
     """Seconds a running tool declared it may take (e.g. a long Bash), else 0."""
     try:
-        with sessiondb._open(paths.outbound, readonly=True) as conn:
+        with sessiondb.opened(paths.outbound, readonly=True) as conn:
             row = conn.execute("SELECT current_tool, tool_declared_timeout_ms FROM"
                                " container_state WHERE id=1").fetchone()
     except Exception:

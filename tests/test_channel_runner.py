@@ -104,7 +104,7 @@ def test_send_that_keeps_failing_is_told_to_the_agent(env, monkeypatch):
            == "failed")
     assert len(adapter.calls) == 3
     Delivery(store, s).pass_once(time.time())
-    with sessiondb._open(p.inbound, readonly=True) as c:
+    with sessiondb.opened(p.inbound, readonly=True) as c:
         d = c.execute("SELECT status, error FROM delivered WHERE message_out_id='out-1'").fetchone()
         notes = [json.loads(x[0])["text"] for x in c.execute(
             "SELECT content FROM messages_in WHERE channel_type='agent'")]

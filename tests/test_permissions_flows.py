@@ -302,7 +302,7 @@ def test_recurrence_clones_once_and_skips_missed_runs(env):
     tid = scheduling.schedule(p, prompt="tick", process_after="2020-01-01T00:00:00Z",
                               recurrence="0 * * * *", script=None, tz="UTC", now=now,
                               routing=("cli", "local", None))
-    with sessiondb._write(p.inbound) as c:
+    with sessiondb.transaction(p.inbound) as c:
         c.execute("UPDATE messages_in SET status='completed' WHERE id=?", (tid,))
     made = scheduling.recur(p, "UTC", now)
     assert len(made) == 1 and scheduling.recur(p, "UTC", now) == []

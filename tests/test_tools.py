@@ -116,7 +116,7 @@ def test_send_file_copies_into_the_outbox(box):
 
 
 def _deliver(box: Box, out_id: str, platform_id: str | None, status: str = "delivered") -> None:
-    with sessiondb._write(box.s.paths.inbound) as conn:
+    with sessiondb.transaction(box.s.paths.inbound) as conn:
         conn.execute("INSERT INTO delivered (message_out_id, platform_message_id, status,"
                      " delivered_at) VALUES (?,?,?, 'now')", (out_id, platform_id, status))
 
@@ -232,7 +232,7 @@ def _task(box: Box, tid: str, status: str = "pending", **kw) -> None:
                              content={"prompt": f"do {tid}", "script": None},
                              process_after="2030-01-01T10:00:00.000Z", **kw)
     if status != "pending":
-        with sessiondb._write(box.s.paths.inbound) as conn:
+        with sessiondb.transaction(box.s.paths.inbound) as conn:
             conn.execute("UPDATE messages_in SET status=? WHERE id=?", (status, tid))
 
 
