@@ -34,6 +34,7 @@ def fake(model):
     model.clear()
     yield model
     model.clear()
+    model.context_tokens = None
 
 
 @pytest.fixture
@@ -259,6 +260,49 @@ def test_clear_command(session, fake, start):
     after = session.chat("fresh start")
     session.reply_to(after)
     assert len(model_calls(fake)[0]["body"]["messages"]) == 1
+
+
+def test_a_full_context_sets_older_turns_aside_and_says_so(session, fake, start):
+    start()
+    for i in range(6):
+        mid = session.chat(f"turn {i} " + "x" * 400)
+        session.reply_to(mid)
+    session.completed(mid)
+    last = model_calls(fake)[-1]["body"]["messages"]
+    fake.context_tokens = len(json.dumps(last)) // 4 + 1  # the next turn no longer fits
+    fake.clear()
+    mid = session.chat("turn 6 " + "x" * 400)
+    wait_for(lambda: len([r for r in session.out() if r["in_reply_to"] == mid]) == 2,
+             "a notice and the answer")
+    notice, answer = [r["text"] for r in session.out() if r["in_reply_to"] == mid]
+    assert notice.startswith("(My context was full, so I set aside the oldest 6 messages")
+    assert answer.startswith("echo: ") and "turn 6" in answer
+    rejected, accepted = model_calls(fake)
+    assert len(rejected["body"]["messages"]) == 13 and len(accepted["body"]["messages"]) == 7
+    first = accepted["body"]["messages"][0]
+    assert first["role"] == "user" and "turn 3" in first["content"]
+    (kept,) = (session.group / "conversations").glob("*.md")
+    assert kept.name in notice
+    text = kept.read_text()
+    assert "turn 0" in text and "turn 2" in text and "turn 3" not in text
+    # saved trimmed: a restart resumes from the shorter history
+    cont = session.state("continuation:anthropic")
+    saved = json.loads((Path(session.paths.root) / ".provider" / f"anthropic-{cont}.json")
+                       .read_text())["messages"]
+    assert len(saved) == 8 and "turn 3" in saved[0]["content"]
+
+
+def test_a_prompt_too_long_on_its_own_is_a_clear_error(session, fake, start):
+    start()
+    fake.context_tokens = 200
+    mid = session.chat("y" * 2000)
+    text = session.reply_to(mid)["text"]
+    assert text.startswith("Error: the conversation no longer fits the model's context")
+    assert "/clear starts afresh" in text
+    session.completed(mid)
+    fake.context_tokens = None
+    again = session.chat("short")
+    assert "short" in session.reply_to(again)["text"]
 
 
 def test_continuation_resumed_after_restart(session, fake, start):

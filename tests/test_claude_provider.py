@@ -177,6 +177,29 @@ def test_compact_archives_and_clear_starts_afresh(session, fake, start):
     assert runner.text().count("claude cli starting") == 2  # /clear dropped the old CLI
 
 
+def test_the_user_is_told_when_the_cli_compacts_on_its_own(session, fake, start):
+    start(session)
+    first = session.chat("a detail from long ago")
+    session.reply_to(first, SLOW)
+    fake.extra_input_tokens = 170_000  # replies now say the context is nearly full
+    try:
+        second = session.chat("and another thing")
+        session.reply_to(second, SLOW)
+        fake.extra_input_tokens = 0
+        third = session.chat("still there?")
+        wait_for(lambda: any("summarising the older part" in (r["text"] or "")
+                             for r in session.out()), "the compaction notice", SLOW)
+    finally:
+        fake.extra_input_tokens = 0
+    notice = next(r for r in session.out() if "summarising the older part" in (r["text"] or ""))
+    assert (notice["channel_type"], notice["platform_id"]) == ("telegram", "tg:1")
+    (kept,) = (session.group / "conversations").glob("*.md")
+    assert kept.name in notice["text"] and "a detail from long ago" in kept.read_text()
+    wait_for(lambda: any(r["in_reply_to"] == third and r["text"].startswith("echo: ")
+                         and "still there?" in r["text"] for r in session.out()),
+             "the answer after compaction", SLOW)
+
+
 def test_missing_sdk_is_a_visible_error(tmp_path, fake):
     """Without claude-agent-sdk the agent still answers: with a clear error."""
     sess = Session(tmp_path, provider="claude")

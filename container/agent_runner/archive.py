@@ -1,5 +1,6 @@
-"""Before the CLI compacts a conversation, keep it readable: the transcript (JSON lines)
-becomes `<group>/conversations/<date>-<session>.md`, each message capped at 2,000
+"""Before older context goes, keep it readable: the CLI's transcript (JSON lines) before
+it compacts, or the messages the `anthropic` provider sets aside when the context is
+full, become `<group>/conversations/<date>-<session>.md`, each message capped at 2,000
 characters, so what was said survives the summary."""
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ def _text(content: Any) -> str:
             parts.append(str(block.get("text", "")))
         elif block.get("type") == "tool_use":
             parts.append(f"[tool {block.get('name')}: {json.dumps(block.get('input'))[:300]}]")
+        elif block.get("type") == "tool_result":
+            parts.append(f"[tool result: {_text(block.get('content'))[:300]}]")
     return "\n".join(p for p in parts if p.strip())
 
 
-def render(lines: list[str], session_id: str) -> str:
+def render(lines: list[str], session_id: str, why: str = "before compaction") -> str:
     out = [f"# Conversation {session_id}", "",
-           f"Archived before compaction, {time.strftime('%Y-%m-%d %H:%M:%S %Z')}.", ""]
+           f"Archived {why}, {time.strftime('%Y-%m-%d %H:%M:%S %Z')}.", ""]
     for line in lines:
         try:
             entry = json.loads(line)
@@ -54,8 +57,23 @@ def archive(transcript_path: str, folder: str, session_id: str) -> str | None:
             lines = fh.readlines()
     except OSError:
         return None
+    return _write(folder, session_id, render(lines, session_id))
+
+
+def archive_messages(messages: list[dict[str, Any]], folder: str, session_id: str,
+                     why: str) -> str:
+    """Write Messages API turns (`{"role", "content"}`) the same way; returns the path."""
+    lines = [json.dumps({"type": m.get("role"), "message": m}) for m in messages]
+    return _write(folder, session_id, render(lines, session_id, why))
+
+
+def _write(folder: str, session_id: str, text: str) -> str:
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"{time.strftime('%Y-%m-%d-%H%M%S')}-{session_id[:8]}.md")
+    stem = os.path.join(folder, f"{time.strftime('%Y-%m-%d-%H%M%S')}-{session_id[:8]}")
+    path, n = f"{stem}.md", 1
+    while os.path.exists(path):  # two in one second: never overwrite an archive
+        n += 1
+        path = f"{stem}-{n}.md"
     with open(path, "w", encoding="utf-8") as fh:
-        fh.write(render(lines, session_id))
+        fh.write(text)
     return path

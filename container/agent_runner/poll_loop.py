@@ -25,8 +25,8 @@ from agent_runner.config import Config
 from agent_runner.db import Address, Inbound, InboundRow, Outbound, utcnow
 from agent_runner.formatter import format_batch, system_prompt
 from agent_runner.providers import (
-    REGISTRY, Error, Idle, Init, Provider, ProviderError, ProviderUnavailable, QueryInput,
-    Result, Retrying, ToolEnd, ToolStart,
+    REGISTRY, Error, Idle, Init, Notice, Provider, ProviderError, ProviderUnavailable,
+    QueryInput, Result, Retrying, ToolEnd, ToolStart,
 )
 from agent_runner.replies import NUDGE, correction, parse_reply
 from agent_runner.scripts import run_script
@@ -273,6 +273,9 @@ class PollLoop:
                     self.outbound.set_current_tool(None)
                 elif isinstance(ev, Retrying):
                     self.retrying(state, ev)
+                elif isinstance(ev, Notice):
+                    log.info("notice for the user text=%s", ev.text[:200])
+                    self.notify(state, ev.text)
                 elif isinstance(ev, Error):
                     return ev.error
                 elif isinstance(ev, Result):

@@ -5,6 +5,9 @@ API (facts it honours: shared/reference/anthropic-api-fake.md): SSE for streamin
 JSON errors with the right status, both auth headers, Nagle off so a round trip costs a
 few ms. Replies are scripted and deterministic, every request is recorded, and errors,
 delays and dropped connections can be injected in-process or over HTTP (`/_fake/*`).
+Token counts are estimated (4 characters a token); in-process, `context_tokens` makes a
+longer request fail as the real API does ("prompt is too long", HTTP 400), and
+`extra_input_tokens` inflates the usage a reply reports (a conversation that looks long).
 
 Run standalone: `python -m nanoclaw.devtools.fake_model --port 0 [--delay-ms D]`.
 """
@@ -118,21 +121,22 @@ def script_reply(body: dict[str, Any], next_tool_id: Any, reply: str | None = No
     return [{"type": "text", "text": _echo(text, reply)}]
 
 
-def _usage(body: dict[str, Any], blocks: list[dict]) -> dict[str, int]:
+def _usage(body: dict[str, Any], blocks: list[dict], extra_input: int = 0) -> dict[str, int]:
     return {
-        "input_tokens": len(json.dumps(body.get("messages", ""))) // 4 + 1,
+        "input_tokens": len(json.dumps(body.get("messages", ""))) // 4 + 1 + extra_input,
         "output_tokens": len(json.dumps(blocks)) // 4 + 1,
         "cache_creation_input_tokens": 0,
         "cache_read_input_tokens": 0,
     }
 
 
-def _message(body: dict[str, Any], blocks: list[dict], msg_id: str) -> dict[str, Any]:
+def _message(body: dict[str, Any], blocks: list[dict], msg_id: str,
+             extra_input: int = 0) -> dict[str, Any]:
     stop = "tool_use" if any(b["type"] == "tool_use" for b in blocks) else "end_turn"
     return {
         "id": msg_id, "type": "message", "role": "assistant", "model": body.get("model") or MODEL,
         "content": blocks, "stop_reason": stop, "stop_sequence": None,
-        "usage": _usage(body, blocks),
+        "usage": _usage(body, blocks, extra_input),
     }
 
 
@@ -176,6 +180,8 @@ class FakeModel:
         self.port = port
         self.delay_ms = delay_ms
         self.reply = reply
+        self.context_tokens: int | None = None  # longer requests fail: "prompt is too long"
+        self.extra_input_tokens = 0             # added to the input usage replies report
         self.requests: list[dict[str, Any]] = []
         self._injections: list[Injection] = []
         self._lock = threading.RLock()  # re-entrant: handlers call helpers that lock too
@@ -323,6 +329,15 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send_error(404, f"not found: {path}")
 
+    def _too_long(self, body: dict[str, Any]) -> bool:
+        """Over `context_tokens`: answered with the real API's error."""
+        limit = self.fake.context_tokens
+        used = _usage(body, [])["input_tokens"]
+        if limit is None or used <= limit:
+            return False
+        self._send_error(400, f"prompt is too long: {used} tokens > {limit} maximum")
+        return True
+
     def _api(self, path: str, raw: bytes) -> None:
         try:
             body: Any = json.loads(raw) if raw else {}
@@ -358,9 +373,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_error(400, "messages: field required (a list)")
         elif path == "/v1/messages/count_tokens":
             self._send_json(200, {"input_tokens": _usage(body, [])["input_tokens"]})
+        elif path == "/v1/messages" and self._too_long(body):
+            return
         elif path == "/v1/messages":
             blocks = script_reply(body, self.fake.next_id, self.fake.reply)
-            message = _message(body, blocks, f"msg_fake_{self.fake.next_id()}")
+            message = _message(body, blocks, f"msg_fake_{self.fake.next_id()}",
+                               self.fake.extra_input_tokens)
             if body.get("stream"):
                 self._send_sse(sse_events(message))
             else:

@@ -2,7 +2,7 @@
 
 A provider turns a prompt into a `Query`, whose `events()` yields what happened (`Init`
 with the continuation to persist, tool activity, `Retrying` while the model is busy, a
-`Result` per finished turn, or an `Error`, which ends the query). The poll loop may
+`Result` per finished turn, a `Notice` for the user, or an `Error`, which ends the query). The poll loop may
 `push()` more user input at any time (new messages, a nudge, a correction); a query
 keeps going while pushed input is unanswered (`Result.more`) and ends after a result
 that leaves nothing outstanding. `abort()` stops it on shutdown. A provider that works
@@ -83,11 +83,19 @@ class Result:
 
 
 @dataclass(frozen=True)
+class Notice:
+    """Something the user should hear while the query goes on (e.g. older context was
+    set aside or summarised): sent to the batch's origin as is."""
+
+    text: str
+
+
+@dataclass(frozen=True)
 class Error:
     error: ProviderError
 
 
-Event = Union[Init, Activity, Idle, ToolStart, ToolEnd, Retrying, Result, Error]
+Event = Union[Init, Activity, Idle, ToolStart, ToolEnd, Retrying, Notice, Result, Error]
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,11 @@ import time
 import uuid
 from typing import Any, Generator, Iterator
 
+from agent_runner import archive
 from agent_runner.config import Config
 from agent_runner.providers import (
-    Activity, Error, Event, Init, ProviderError, QueryInput, Result, Retrying, StaleSession,
-    ToolEnd, ToolOutcome, ToolStart,
+    Activity, Error, Event, Init, Notice, ProviderError, QueryInput, Result, Retrying,
+    StaleSession, ToolEnd, ToolOutcome, ToolStart,
 )
 from agent_runner.providers.lazy_import import import_anthropic
 
@@ -34,6 +35,9 @@ MAX_TOKENS = 8192
 MAX_TOOL_STEPS = 50
 MAX_HISTORY = 400  # messages kept; older turns are dropped from the front
 SAFE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# what the API says when the request is larger than the model's context window
+CONTEXT_FULL = re.compile(r"prompt is too long|exceeds? (the )?context|context (window|limit)",
+                          re.IGNORECASE)
 
 
 def retries() -> int:
@@ -60,6 +64,10 @@ def classify(exc: Exception) -> ProviderError:
         if status in (401, 403):
             return ProviderError(f"model access denied (HTTP {status}) {detail}".strip(),
                                  classification="auth")
+        if status in (400, 413) and CONTEXT_FULL.search(detail or str(exc)):
+            return ProviderError(f"the conversation no longer fits the model's context"
+                                 f" (HTTP {status}) {detail}; /clear starts afresh".strip(),
+                                 classification="context_full")
         return ProviderError(f"model request rejected (HTTP {status}) {detail}".strip(),
                              classification="bad_request")
     if isinstance(exc, anthropic.APIConnectionError):
@@ -87,6 +95,24 @@ def _block(b: Any) -> dict[str, Any] | None:
     if kind == "tool_use":
         return {"type": "tool_use", "id": b.id, "name": b.name, "input": b.input}
     return None  # thinking and server blocks are not requested
+
+
+def _prompt_at(messages: list[dict[str, Any]], i: int) -> bool:
+    """A plain user prompt: a place where a history may start (no dangling tool result)."""
+    return messages[i]["role"] == "user" and isinstance(messages[i]["content"], str)
+
+
+def shed(messages: list[dict[str, Any]], keep_from: int) -> list[dict[str, Any]]:
+    """Set aside the older half of `messages[:keep_from]` (the turns before the current
+    one), cut at a plain user prompt; returns what was removed (also from `messages`)."""
+    if keep_from <= 0:
+        return []
+    cut = keep_from // 2 or keep_from
+    while cut < keep_from and not _prompt_at(messages, cut):
+        cut += 1
+    removed = messages[:cut]
+    del messages[:cut]
+    return removed
 
 
 def _trim(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -158,6 +184,7 @@ class AnthropicProvider:
         self.model = config.model
         self.effort = config.effort
         self.dir = config.provider_dir
+        self.archive_dir = os.path.join(config.group_dir, "conversations")
         self.client = anthropic.Anthropic(max_retries=0)
         self._id: str | None = None
         self._history: list[dict[str, Any]] = []
@@ -249,12 +276,19 @@ class AnthropicQuery:
             return
         yield Init(cid)
         messages.append({"role": "user", "content": self.q.prompt})
+        turn = len(messages) - 1  # where the unanswered input starts
         texts: list[str] = []
         steps = 0
         while not self._aborted:
             try:
                 final = yield from self._call(messages)
             except ProviderError as exc:
+                if exc.classification == "context_full":
+                    removed = shed(messages, turn)
+                    if removed:
+                        turn -= len(removed)
+                        yield Notice(self._set_aside(cid, removed))
+                        continue
                 yield Error(exc)
                 return
             content = [b for b in map(_block, final.content) if b is not None]
@@ -272,8 +306,22 @@ class AnthropicQuery:
             texts, steps = [], 0
             if not self._pushed or self._aborted:
                 return
+            turn = len(messages)
             messages.append({"role": "user", "content": "\n\n".join(self._pushed)})
             self._pushed.clear()
+
+    def _set_aside(self, cid: str, removed: list[dict[str, Any]]) -> str:
+        """Archive what no longer fits; returns what the user is told."""
+        where = ""
+        try:
+            path = archive.archive_messages(removed, self.p.archive_dir, cid,
+                                            "when the context was full")
+            where = f" They are kept in conversations/{os.path.basename(path)}."
+        except OSError as exc:
+            log.warning("cannot archive set-aside messages error=%s", exc)
+        log.warning("context full: set aside messages=%d", len(removed))
+        return (f"(My context was full, so I set aside the oldest {len(removed)} messages of"
+                f" our conversation and no longer see them.{where})")
 
     def _call(self, messages: list[dict[str, Any]]) -> Generator[Event, None, Any]:
         kwargs: dict[str, Any] = {"model": self.p.model, "max_tokens": MAX_TOKENS,

@@ -10,7 +10,8 @@ answered, so pushed messages the CLI folds into a running turn are not waited fo
 The nanoclaw tools run in this process as the SDK MCP server `nanoclaw`; the CLI keeps
 its own shell and file tools, with the cron, plan, worktree and question tools blocked
 (the host owns scheduling and questions). Permissions are bypassed: the sandbox is the
-boundary. A PreCompact hook archives the transcript to `conversations/`. The CLI gets
+boundary. A PreCompact hook archives the transcript to `conversations/` and, when the
+CLI compacts on its own, tells the user (a `Notice`). The CLI gets
 the non-secret environment it needs to run offline and quietly; the credential and
 the broker's address come from the runner's own environment.
 """
@@ -31,7 +32,7 @@ from typing import Any, AsyncIterator, Iterator
 from agent_runner import archive
 from agent_runner.config import Config
 from agent_runner.providers import (
-    Activity, Error, Event, Idle, Init, ProviderError, ProviderUnavailable, QueryInput,
+    Activity, Error, Event, Idle, Init, Notice, ProviderError, ProviderUnavailable, QueryInput,
     Result, Retrying, StaleSession, ToolEnd, ToolStart,
 )
 
@@ -234,6 +235,7 @@ class ClaudeProvider:
         log.debug("claude cli: %s", line.rstrip())
 
     async def _pre_compact(self, data: Any, tool_use_id: Any, context: Any) -> dict[str, Any]:
+        path = None
         try:
             path = archive.archive(str(data.get("transcript_path") or ""),
                                    os.path.join(self.config.group_dir, "conversations"),
@@ -241,6 +243,12 @@ class ClaudeProvider:
             log.info("conversation archived before compaction path=%s", path)
         except Exception:  # archiving must never block compaction
             log.exception("conversation archive failed")
+        live = self._live
+        if data.get("trigger") == "auto" and live is not None:  # (/compact is answered anyway)
+            where = f" The full text is kept in conversations/{os.path.basename(path)}." \
+                if path else ""
+            live.events.put(("notice", "(Our conversation got long, so I am summarising the"
+                                       f" older part; details may be lost.{where})"))
         # the CLI hands a PreCompact hook's message to the summary as its instructions
         return {"systemMessage": KEEP_ON_COMPACT}
 
@@ -316,6 +324,9 @@ class ClaudeQuery:
                 kind, item = live.events.get(timeout=IDLE_TICK_S)
             except queue.Empty:
                 yield Idle()
+                continue
+            if kind == "notice":
+                yield Notice(item)
                 continue
             if kind != "message":
                 self.p.drop(live)
