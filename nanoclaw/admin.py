@@ -1,6 +1,6 @@
-"""Admin verbs of `nanoclaw`: agent groups (and their token budgets), wiring, users,
-roles, members, destinations, approvals and tasks (extra mounts and token usage:
-`admin_limits.py`). They write the central DB directly (safe while the host runs: WAL,
+"""Admin verbs of `nanoclaw`: agent groups (and their token budgets and skills), skills,
+wiring, users, roles, members, destinations, approvals and tasks (extra mounts and token
+usage: `admin_limits.py`). They write the central DB directly (safe while the host runs: WAL,
 one transaction each) and re-project destinations into live sessions. An unknown id is
 one clear line and exit 2; nothing is written half."""
 
@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sqlite3
+from pathlib import Path
 from typing import Any, Callable
 
 from nanoclaw import actions, approvals, scheduling, sessiondb
@@ -19,6 +21,9 @@ from nanoclaw.util import FOLDER_NAME, utcnow
 
 ENGAGE = ["pattern", "mention", "mention-sticky"]
 SESSION = ["shared", "per-thread", "agent-shared"]
+# what the runner mounts at /app/skills; the same name rule as container/agent_runner/skills.py
+SKILLS_DIR = Path(__file__).resolve().parent.parent / "container" / "skills"
+SKILL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
 def _table(rows: list[dict[str, Any]], cols: list[str]) -> None:
@@ -85,6 +90,56 @@ def _budget_text(own: int | None, default: int) -> str:
     return str(own) if own else "none (this group is unlimited)"
 
 
+def _skills_available() -> dict[str, str]:
+    """Every skill folder in container/skills, with its SKILL.md description."""
+    try:
+        names = sorted(p.name for p in SKILLS_DIR.iterdir()
+                       if SKILL_NAME.match(p.name) and p.is_dir())
+    except OSError:
+        return {}
+    return {n: _skill_description(SKILLS_DIR / n / "SKILL.md") for n in names}
+
+
+def _skill_description(path: Path) -> str:
+    try:
+        lines = path.read_text(encoding="utf-8")[:16_384].splitlines()
+    except (OSError, UnicodeDecodeError):
+        return ""
+    if not lines or lines[0].strip() != "---":
+        return ""
+    for line in lines[1:]:
+        if line.strip() == "---":
+            break
+        if line.startswith("description:"):
+            return line.partition(":")[2].strip().strip("'\"")
+    return ""
+
+
+def _skills_arg(text: str) -> str:
+    """`--skills all|none|a,b` → the JSON stored in container_configs.skills."""
+    value = text.strip()
+    if value.lower() in ("all", "none"):
+        return json.dumps("all") if value.lower() == "all" else "[]"
+    names = list(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))
+    known = _skills_available()
+    for n in names:
+        if not SKILL_NAME.match(n) or n not in known:
+            raise CliError(f"unknown skill {n!r} (available: {', '.join(known) or 'none'};"
+                           " or all, none)", 2)
+    return json.dumps(names) if names else "[]"
+
+
+def _skills_of(raw: Any) -> list[str] | None:
+    """A group's stored `skills` as a list of names; None means all."""
+    try:
+        value = json.loads(raw) if isinstance(raw, str) else raw
+    except ValueError:
+        return None
+    if value == "none":
+        return []
+    return [str(v) for v in value] if isinstance(value, list) else None
+
+
 # ---- verbs ------------------------------------------------------------------------------
 def groups(a: argparse.Namespace, store, settings) -> None:
     if a.op == "list":
@@ -115,13 +170,14 @@ def groups(a: argparse.Namespace, store, settings) -> None:
         g = _group(store, a.id)
         budget = a.daily_token_budget is not None
         limit = _budget_arg(a.daily_token_budget) if budget else None
+        chosen = _skills_arg(a.skills) if getattr(a, "skills", None) is not None else None
         with atomic(store.conn):
             _config_row(store, g["id"])
             if a.name:
                 store.conn.execute("UPDATE agent_groups SET name=? WHERE id=?",
                                    (a.name, g["id"]))
             for col, v in (("provider", a.provider), ("model", a.model),
-                           ("cli_scope", getattr(a, "cli_scope", None))):
+                           ("cli_scope", getattr(a, "cli_scope", None)), ("skills", chosen)):
                 if v:
                     store.conn.execute(f"UPDATE container_configs SET {col}=?, updated_at=?"
                                        " WHERE agent_group_id=?", (v, utcnow(), g["id"]))
@@ -132,6 +188,24 @@ def groups(a: argparse.Namespace, store, settings) -> None:
         note = f" (daily token budget: {_budget_text(limit, settings.daily_token_budget)})" \
             if budget else ""
         print(f"updated {g['id']}{note}")
+
+
+def skills(a: argparse.Namespace, store, settings) -> None:
+    """The skills in container/skills and the groups that enable them (at their next
+    start; `groups update GROUP --skills`)."""
+    available = _skills_available()
+    enabled: dict[str, list[str]] = {n: [] for n in available}
+    for g in store.q("SELECT g.folder, c.skills FROM agent_groups g LEFT JOIN"
+                     " container_configs c ON c.agent_group_id=g.id ORDER BY g.folder"):
+        names = _skills_of(g["skills"])
+        for n in available if names is None else names:
+            enabled.setdefault(n, []).append(g["folder"])
+    rows = []
+    for n, folders in enabled.items():
+        text = available[n] if n in available else "(missing from container/skills)"
+        rows.append({"name": n, "groups": ",".join(folders) or None,
+                     "description": text if len(text) <= 70 else text[:69] + "…"})
+    _table(rows, ["name", "groups", "description"])
 
 
 def wire(a: argparse.Namespace, store, settings) -> None:
@@ -317,8 +391,8 @@ def init_first_agent(a: argparse.Namespace, store, settings) -> None:
     print(f"agent {ag} ({folder}) wired to {a.channel} {a.chat}; owner {user}")
 
 
-VERBS: dict[str, Callable] = {"groups": groups, "wire": wire, "users": users, "roles": roles,
-                              "members": members, "destinations": destinations,
+VERBS: dict[str, Callable] = {"groups": groups, "skills": skills, "wire": wire, "users": users,
+                              "roles": roles, "members": members, "destinations": destinations,
                               "approvals": approvals_cmd, "tasks": tasks,
                               "init-first-agent": init_first_agent}
 
@@ -361,6 +435,12 @@ def add_parsers(sub: Any) -> None:
                         " NANOCLAW_DAILY_TOKEN_BUDGET)")
     x.add_argument("--cli-scope", choices=["disabled", "group", "global"],
                    help="what the agent's in-sandbox `ncl` may reach (see README)")
+    x.add_argument("--skills", metavar="all|none|A,B",
+                   help="which skills of container/skills the agent gets (`nanoclaw skills`"
+                        " lists them); from its next start")
+
+    k = p("skills", "the agent skills in container/skills and which groups enable them")
+    k.add_subparsers(dest="op").add_parser("list")
 
     w = p("wire", "which chats talk to which agents").add_subparsers(dest="op", required=True)
     w.add_parser("list")

@@ -90,6 +90,8 @@ def test_container_settings_labels_and_mounts(dhost, docker_client):
         "/workspace/global": (str(h.base / "groups" / "global"), False),
         "/app/agent_runner": (str(ROOT / "container" / "agent_runner"), False),
         "/app/sandbox_entry.py": (str(ROOT / "container" / "sandbox_entry.py"), False),
+        "/app/CLAUDE.md": (str(ROOT / "container" / "CLAUDE.md"), False),
+        "/app/skills": (str(ROOT / "container" / "skills"), False),
         "/run/nanoclaw": (str(h.data / "broker"), False),
     }
 

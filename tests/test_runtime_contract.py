@@ -6,6 +6,7 @@ it; a restarted containers worker re-attaches (or, for bwrap, retries)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
@@ -72,6 +73,11 @@ def test_answers_through_the_broker(rt, fake_model):
     keys = {req["headers"].get("x-api-key") or req["headers"].get("authorization")
             for req in fake_model.requests}
     assert keys == {"sk-ant-test-secret-do-not-leak"}  # the broker swapped the token
+    system = json.dumps([r["body"].get("system") for r in fake_model.requests
+                         if r["path"] == "/v1/messages"])
+    assert "people reach through chat apps" in system  # the base prompt, container/CLAUDE.md
+    assert "scheduling" in system  # a skill, with the path of its SKILL.md in the sandbox
+    assert rt.name == "process" or "/app/skills/scheduling/SKILL.md" in system
     usage = h.q("SELECT * FROM token_usage")
     assert len(usage) == 1 and usage[0]["requests"] >= 1 and usage[0]["output_tokens"] > 0
 

@@ -135,11 +135,15 @@ def _mcp_servers(value: Any) -> dict[str, dict[str, Any]]:
 
 
 def _skills(value: Any) -> list[str] | str:
+    """`"all"` (the default) or a list of skill names; `"none"` is the empty list.
+    `skills.py` checks the names."""
     if isinstance(value, str):
         try:
             value = json.loads(value)
         except ValueError:
             pass
+    if value == "none":
+        return []
     if isinstance(value, list):
         return [str(v) for v in value]
     return "all"

@@ -3,9 +3,10 @@
 At every start the runner composes `<group>/.claude/CLAUDE.md` from the shared base
 prompt (`container/CLAUDE.md`), the host-wide memory (`groups/global/CLAUDE.md`,
 read-only), each enabled skill's `instructions.md`, the nanoclaw tool instructions and
-each extra MCP server's `instructions`. The Claude Code CLI loads that file and the
-group's own `CLAUDE.md` (the agent's memory, which it edits) by itself; the `anthropic`
-provider gets the same text in its system prompt from `memory()`.
+each extra MCP server's `instructions`, and links the enabled skills where the CLI finds
+them (`skills.sync`). The Claude Code CLI loads that file, the group's own `CLAUDE.md`
+(the agent's memory, which it edits) and the skills by itself; the `anthropic` provider
+gets the same text in its system prompt from `memory()`, with the list of skills.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 
-from agent_runner import tools
+from agent_runner import skills, tools
 from agent_runner.config import Config
 
 log = logging.getLogger("agent_runner")
@@ -31,18 +32,11 @@ def _read(path: str) -> str:
 
 
 def _skills(config: Config) -> list[tuple[str, str]]:
-    root = os.path.join(config.runner_root, "skills")
-    try:
-        names = sorted(os.listdir(root))
-    except OSError:
-        return []
-    wanted = None if config.skills == "all" else set(config.skills)
     found = []
-    for name in names:
-        if wanted is None or name in wanted:
-            text = _read(os.path.join(root, name, "instructions.md"))
-            if text:
-                found.append((name, text))
+    for skill in skills.enabled(config):
+        text = _read(os.path.join(skill.path, "instructions.md"))
+        if text:
+            found.append((skill.name, text))
     return found
 
 
@@ -64,7 +58,9 @@ def compose_text(config: Config) -> str:
 
 
 def compose(config: Config) -> str:
-    """Write the composed file (only when it changed); returns its text."""
+    """Link the skills and write the composed file (only when it changed); returns its
+    text."""
+    skills.sync(config)
     text = compose_text(config)
     path = os.path.join(config.group_dir, ".claude", "CLAUDE.md")
     if _read(path) + "\n" == text:
@@ -81,6 +77,9 @@ def compose(config: Config) -> str:
 
 
 def memory(config: Config, composed: str) -> str:
-    """Everything the CLI would load: the composed file, then the agent's own memory."""
+    """Everything the CLI would load: the composed file, the skills, then the agent's own
+    memory."""
     own = _read(os.path.join(config.group_dir, "CLAUDE.md"))
-    return composed.strip() + (f"\n\n## Your memory (CLAUDE.md)\n\n{own}" if own else "")
+    listing = skills.listing(config)
+    return (composed.strip() + (f"\n\n{listing}" if listing else "")
+            + (f"\n\n## Your memory (CLAUDE.md)\n\n{own}" if own else ""))

@@ -11,6 +11,8 @@ Inside every sandbox:
 | `/workspace/global` | `groups/global` | ro |
 | `/workspace/extra/<name>` | allow-listed extra mounts (`nanoclaw/mounts.py`) | per allowlist |
 | `/app/agent_runner`, `/app/sandbox_entry.py` | the runner source, live from `container/` | ro |
+| `/app/CLAUDE.md` | `container/CLAUDE.md`, the base prompt of every agent's memory | ro |
+| `/app/skills` | `container/skills` (the runner links the enabled ones for the CLI) | ro |
 | `/run/nanoclaw` | the broker's socket folder (network `none` only) | ro |
 
 Nothing else of the host is visible, so nothing else can leak: no `.env`, no central
@@ -68,6 +70,10 @@ def shared_mounts(runner_dir: Path, broker_dir: Path | None) -> list[Mount]:
         Mount(runner_dir / "agent_runner", f"{APP}/agent_runner", False),
         Mount(runner_dir / "sandbox_entry.py", f"{APP}/sandbox_entry.py", False),
     ]
+    if (runner_dir / "CLAUDE.md").is_file():  # the base prompt every agent's memory starts with
+        mounts.append(Mount(runner_dir / "CLAUDE.md", f"{APP}/CLAUDE.md", False))
+    if (runner_dir / "skills").is_dir():
+        mounts.append(Mount(runner_dir / "skills", f"{APP}/skills", False))
     if broker_dir is not None:
         broker_dir.mkdir(parents=True, exist_ok=True)  # the broker binds its socket here
         mounts.append(Mount(broker_dir, BROKER_DIR, False))

@@ -181,7 +181,8 @@ class ToolContext:
     def roots(self, writable: bool) -> list[str]:
         c = self.config
         roots = [c.group_dir, c.session_dir, "/tmp"]
-        return roots if writable else roots + [c.global_dir, *c.extra_dirs]
+        return roots if writable else roots + [c.global_dir, *c.extra_dirs,
+                                               os.path.join(c.runner_root, "skills")]
 
     def path(self, path: str, writable: bool = False) -> str:
         """An absolute, symlink-resolved path inside the folders the agent may use."""

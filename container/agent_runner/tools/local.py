@@ -2,9 +2,9 @@
 web_fetch. (The `claude` provider has the CLI's own.)
 
 File tools stay inside the folders the agent may use (its group folder, the session
-folder, /tmp; read also the global and extra folders); the runner's own files cannot be
-written. Output is clipped so one tool call cannot flood the context. Commands run in a
-new process group and are killed whole on timeout or shutdown.
+folder, /tmp; read also the global and extra folders and the skills); the runner's own
+files cannot be written. Output is clipped so one tool call cannot flood the context.
+Commands run in a new process group and are killed whole on timeout or shutdown.
 """
 
 from __future__ import annotations
