@@ -413,3 +413,40 @@ class Store:
             "SELECT daily_token_budget FROM container_configs WHERE agent_group_id=?",
             (agent_group_id,)).fetchone()
         return row[0] if row and row[0] is not None else None
+
+    # ---- a channel's chats and the agents they talk to (the web page's list) ----------
+    def agent_groups(self) -> list[dict[str, Any]]:
+        """Every agent group, oldest first: id, name, folder."""
+        return self.q("SELECT id, name, folder FROM agent_groups ORDER BY created_at, id")
+
+    def channel_chats(self, channel_type: str) -> list[dict[str, Any]]:
+        """A channel's messaging groups, oldest first: id, platform_id, name, created_at,
+        `last_activity` (the newest of its creation, its inbound events and its sent
+        messages; a stored timestamp) and `agents` (the wired agent groups by priority,
+        each id, name, folder)."""
+        chats = self.q(
+            "SELECT m.id, m.platform_id, m.name, m.created_at, MAX(m.created_at,"
+            " COALESCE((SELECT MAX(i.received_at) FROM inbound_events i WHERE"
+            " i.channel_type=m.channel_type AND i.platform_id=m.platform_id), ''),"
+            " COALESCE((SELECT MAX(COALESCE(o.sent_at, o.created_at)) FROM channel_outbox o"
+            " WHERE o.channel_type=m.channel_type AND o.platform_id=m.platform_id"
+            " AND o.status='sent'), '')) AS last_activity"
+            " FROM messaging_groups m WHERE m.channel_type=? ORDER BY m.created_at, m.id",
+            (channel_type,))
+        wired: dict[str, list[dict[str, Any]]] = {}
+        for r in self.q(
+                "SELECT w.messaging_group_id AS mg, a.id, a.name, a.folder"
+                " FROM messaging_group_agents w JOIN agent_groups a ON a.id=w.agent_group_id"
+                " JOIN messaging_groups m ON m.id=w.messaging_group_id WHERE m.channel_type=?"
+                " ORDER BY w.priority DESC, w.created_at", (channel_type,)):
+            wired.setdefault(r.pop("mg"), []).append(r)
+        for c in chats:
+            c["agents"] = wired.get(c["id"], [])
+        return chats
+
+    def delete_messaging_group(self, messaging_group_id: str) -> None:
+        """Remove a chat, its wirings and the destination names that point at it."""
+        with atomic(self.conn):
+            self.conn.execute("DELETE FROM agent_destinations WHERE target_type='channel'"
+                              " AND target_id=?", (messaging_group_id,))
+            self.conn.execute("DELETE FROM messaging_groups WHERE id=?", (messaging_group_id,))

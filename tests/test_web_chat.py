@@ -1,11 +1,13 @@
 """The local web chat, end to end: a real host, the page in real headless Chromium
 (Debian's `chromium`, driven by Playwright; no browser is ever downloaded), plus the
-API's guards (token, Host header, malformed bodies)."""
+API's guards (token, Host header, malformed bodies) and its chats: listing, making one
+wired to a chosen agent group, one long poll for all of them."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import urllib.error
 import urllib.request
@@ -33,6 +35,28 @@ def host(tmp_path_factory):
     yield h
     h.cleanup()
     model.stop()
+
+
+def chat_log(page, chat: str):
+    """The part of the page that shows one chat's conversation."""
+    return page.locator(f"main.log[data-chat='{chat}']")
+
+
+def web_chat(host, name: str) -> dict | None:
+    rows = host.q("SELECT * FROM messaging_groups WHERE channel_type='web' AND platform_id=?",
+                  (name,))
+    return rows[0] if rows else None
+
+
+def wired_agents(host, name: str) -> list[str]:
+    return sorted(r["agent_group_id"] for r in host.q(
+        "SELECT w.agent_group_id FROM messaging_group_agents w JOIN messaging_groups m"
+        " ON m.id=w.messaging_group_id WHERE m.channel_type=? AND m.platform_id=?",
+        ("web" if name != "cli:local" else "cli", name.split(":")[-1])))
+
+
+def main_agent(host) -> str:
+    return host.q("SELECT id FROM agent_groups WHERE folder='main'")[0]["id"]
 
 
 def address(host) -> tuple[str, str]:
@@ -83,6 +107,122 @@ def test_malformed_requests_are_refused_and_crash_nothing(host):
     assert worker(host, "channel:web")["restarts"] == 0
 
 
+def test_chats_and_agents_need_the_token_and_the_host(host):
+    url, token = address(host)
+    for path, body in (("/api/chats", None), ("/api/agents", None),
+                       ("/api/chats", {"name": "guarded", "agent": main_agent(host)})):
+        assert call(url, path, body)[0] == 401
+        assert call(url, path, body, token="wrong" * 8)[0] == 401
+        assert call(url, path, body, token=token, headers={"Host": "evil.example"})[0] == 421
+    assert web_chat(host, "guarded") is None
+
+
+def test_new_chat_is_wired_to_the_agent_picked(host):
+    url, token = address(host)
+    main = main_agent(host)
+    code, agents = call(url, "/api/agents", token=token)
+    assert code == 200
+    assert {"id": main, "folder": "main"}.items() <= next(
+        a for a in agents["agents"] if a["folder"] == "main").items()
+    assert all(set(a) == {"id", "name", "folder"} for a in agents["agents"])
+
+    code, made = call(url, "/api/chats", {"name": "api-main", "agent": main}, token)
+    assert code == 201, made
+    assert made["ok"] and made["chat"]["name"] == "api-main"
+    assert [a["id"] for a in made["chat"]["agents"]] == [main]
+    assert wired_agents(host, "api-main") == [main]
+    mg = web_chat(host, "api-main")["id"]
+    assert [r["local_name"] for r in host.q(
+        "SELECT local_name FROM agent_destinations WHERE target_id=?", (mg,))] == ["web-api-main"]
+
+    # without an agent: wired like the terminal chat, as today
+    code, made = call(url, "/api/chats", {"name": "api-default"}, token)
+    assert code == 201, made
+    assert wired_agents(host, "api-default") == wired_agents(host, "cli:local") != []
+
+    # the list: every web chat with its agents' names; `local` even before its first use
+    code, listed = call(url, "/api/chats", token=token)
+    assert code == 200
+    chats = {c["name"]: c for c in listed["chats"]}
+    assert {"local", "api-main", "api-default"} <= set(chats)
+    assert [a["id"] for a in chats["api-main"]["agents"]] == [main]
+    assert all(a["name"] for c in chats.values() for a in c["agents"])
+    before = chats["api-main"]["last_activity"]
+    assert isinstance(before, float)
+
+    # the chat works; its reply comes through the one poll that follows every chat
+    assert call(url, "/api/send", {"chat": "api-main", "text": "hi there", "id": "api-1"},
+                token)[0] == 200
+    reply = wait_for(lambda: [e for e in call(url, "/api/events?wait=0", token=token)[1]["events"]
+                              if e["type"] == "reply" and e.get("in_reply_to") == "api-1"], 60,
+                     what="reply in api-main")[0]
+    assert reply["chat"] == "api-main" and reply["text"] == "echo: hi there"
+    code, only = call(url, "/api/events?wait=0&chat=api-main", token=token)
+    assert code == 200 and only["boot"] and {e["chat"] for e in only["events"]} == {"api-main"}
+    code, listed = call(url, "/api/chats", token=token)
+    after = {c["name"]: c for c in listed["chats"]}["api-main"]["last_activity"]
+    assert after > before
+    assert host.q("SELECT s.agent_group_id FROM sessions s JOIN messaging_groups m ON"
+                  " m.id=s.messaging_group_id WHERE m.id=?", (mg,))[0]["agent_group_id"] == main
+
+
+def test_new_chat_refusals_leave_nothing_behind(host):
+    url, token = address(host)
+    main = main_agent(host)
+
+    def state() -> tuple:
+        return (host.q("SELECT platform_id FROM messaging_groups ORDER BY platform_id"),
+                host.q("SELECT id FROM messaging_group_agents ORDER BY id"),
+                host.q("SELECT * FROM agent_destinations ORDER BY agent_group_id, local_name"))
+
+    assert call(url, "/api/chats", {"name": "taken", "agent": main}, token)[0] == 201
+    before = state()
+
+    for name in ("", "bad name", "../x", "-x", "x" * 65, "é", 5, None, ["x"]):
+        code, resp = call(url, "/api/chats", {"name": name, "agent": main}, token)
+        assert code == 400, (name, code)
+        assert "1-64 letters, digits" in resp["error"]
+    for body in (b"{not json", b"[1]", {"agent": main}, {"name": "fine", "agent": 5},
+                 {"name": "fine", "agent": ""}):
+        code, resp = call(url, "/api/chats", body, token)
+        assert code == 400 and isinstance(resp.get("error", resp.get("raw")), str), body
+
+    code, resp = call(url, "/api/chats", {"name": "ghost", "agent": "ag-nope"}, token)
+    assert code == 404
+    assert "unknown agent group 'ag-nope'" in resp["error"] and "\n" not in resp["error"]
+
+    for body in ({"name": "taken", "agent": main}, {"name": "taken"}, {"name": "local"}):
+        code, resp = call(url, "/api/chats", body, token)
+        assert code == 409 and resp["error"] == f"a chat named {body['name']!r} exists already"
+
+    assert state() == before
+    assert wired_agents(host, "taken") == [main]
+    assert worker(host, "channel:web")["restarts"] == 0
+
+
+def test_a_wiring_that_fails_undoes_the_chat(tmp_path):
+    """create_web_chat on a real DB: a wiring to an agent group that is not there fails
+    (foreign key), and the chat it had made is removed with it."""
+    import sqlite3
+
+    from nanoclaw.channels.web import create_web_chat
+    from nanoclaw.store import Store
+
+    store = Store.open(tmp_path)
+    try:
+        ag = store.create_agent_group("A", "a", "anthropic", "m", "A")
+        with pytest.raises(sqlite3.IntegrityError):
+            create_web_chat(store, "half", [ag, "ag-missing"])
+        assert store.messaging_group("web", "half") is None
+        assert store.q("SELECT * FROM messaging_group_agents") == []
+        assert store.q("SELECT * FROM agent_destinations") == []
+        create_web_chat(store, "whole", [ag])
+        assert [c["agents"] for c in store.channel_chats("web")] == [
+            [{"id": ag, "name": "A", "folder": "a"}]]
+    finally:
+        store.close()
+
+
 @pytest.mark.skipif(not shutil.which(CHROMIUM) and not os.path.exists(CHROMIUM),
                     reason="Debian's chromium is not installed (apt-get install chromium)")
 def test_chat_in_a_real_browser(host):
@@ -101,8 +241,9 @@ def test_chat_in_a_real_browser(host):
             assert "token" not in page.url  # the fragment is dropped once read
             page.fill("#text", "hello from the browser")
             page.press("#text", "Enter")
-            expect(page.locator(".msg.me").last).to_have_text("hello from the browser")
-            expect(page.locator(".msg.agent").last).to_have_text("echo: hello from the browser")
+            local = chat_log(page, "local")
+            expect(local.locator(".msg.me").last).to_have_text("hello from the browser")
+            expect(local.locator(".msg.agent").last).to_have_text("echo: hello from the browser")
 
             # a question card: shown with its buttons; a click becomes an action event
             card = {"type": "ask_question", "questionId": "q-web-1", "title": "Deploy?",
@@ -121,8 +262,114 @@ def test_chat_in_a_real_browser(host):
 
             # a reload shows the conversation so far
             page.reload()
-            expect(page.locator(".msg.agent").first).to_have_text("echo: hello from the browser")
+            expect(chat_log(page, "local").locator(".msg.agent").first).to_have_text(
+                "echo: hello from the browser")
             page.screenshot(path=str(host.base / "web-chat.png"))
+        finally:
+            browser.close()
+    assert worker(host, "channel:web")["restarts"] == 0
+
+
+@pytest.mark.skipif(not shutil.which(CHROMIUM) and not os.path.exists(CHROMIUM),
+                    reason="Debian's chromium is not installed (apt-get install chromium)")
+def test_two_chats_with_two_agents_in_a_real_browser(host):
+    """A second chat bound to a second agent group, made in the page: each message is
+    answered in its own chat by its own agent, a reply in the chat that is not open marks
+    it unread, and a reload returns to the open chat."""
+    from playwright.sync_api import expect, sync_playwright
+
+    expect.set_options(timeout=60_000)
+
+    url, token = address(host)
+    made = host.cli("groups", "add", "Helper", "--folder", "helper")
+    assert made.returncode == 0, made.stderr
+    helper, main = made.stdout.strip(), main_agent(host)
+    unread = re.compile(r"\bunread\b")
+
+    def item(chat: str):
+        return page.locator(f"button.chat[data-chat='{chat}']")
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(60_000)
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(f"{url}#token={token}")
+            expect(page.locator("#status")).to_contain_text("connected")
+            expect(item("local")).to_be_visible()
+            assert page.url.endswith("#chat=local")
+
+            # "New chat": a bad name gets the server's one line and makes nothing
+            page.click("#new-chat")
+            expect(page.locator(f"#new-agent option[value='{helper}']")).to_have_text(
+                "Helper (helper)")
+            page.fill("#new-name", "no good")
+            page.select_option("#new-agent", helper)
+            page.click("#new-create")
+            expect(page.locator("#new-error")).to_contain_text("1-64 letters, digits")
+            assert web_chat(host, "no good") is None
+            page.fill("#new-name", "work")
+            page.click("#new-create")
+            expect(page.locator("#new-chat-dialog")).to_be_hidden()
+            expect(page.locator("#chat-title")).to_have_text("work")
+            expect(page.locator("#chat-agents")).to_have_text("with Helper")
+            expect(item("work").locator(".agents")).to_have_text("Helper")
+            assert page.url.endswith("#chat=work")
+            assert wired_agents(host, "work") == [helper]
+
+            # one message in each chat, each answered in its own chat
+            page.fill("#text", "hello work")
+            page.press("#text", "Enter")
+            expect(chat_log(page, "work").locator(".msg.agent")).to_have_text(["echo: hello work"])
+            item("local").click()
+            expect(chat_log(page, "local")).to_be_visible()
+            expect(chat_log(page, "work")).to_be_hidden()
+            page.fill("#text", "hello local")
+            page.press("#text", "Enter")
+            expect(chat_log(page, "local").locator(".msg.agent").last).to_have_text(
+                "echo: hello local")
+            expect(chat_log(page, "local")).not_to_contain_text("hello work")
+            expect(chat_log(page, "work")).not_to_contain_text("hello local")
+            served = {(r["platform_id"], r["agent_group_id"]) for r in host.q(
+                "SELECT m.platform_id, s.agent_group_id FROM sessions s JOIN messaging_groups m"
+                " ON m.id=s.messaging_group_id WHERE m.channel_type='web'")}
+            assert {("work", helper), ("local", main)} <= served
+            assert ("work", main) not in served
+
+            # a reply arrives in work while local is open: work is marked unread
+            expect(item("work")).not_to_have_class(unread)
+            code, _ = call(url, "/api/send", {"chat": "work", "text": "while away",
+                                              "id": "away-1"}, token)
+            assert code == 200
+            expect(item("work")).to_have_class(unread)
+            expect(item("work").locator(".badge")).to_be_visible()
+            expect(item("local")).not_to_have_class(unread)
+            expect(chat_log(page, "work").locator(".msg.agent").last).to_have_text(
+                "echo: while away")
+            expect(page).to_have_title("(1) NanoClaw")
+
+            # opening it shows the reply and clears the marker
+            item("work").click()
+            expect(chat_log(page, "work")).to_be_visible()
+            expect(item("work")).not_to_have_class(unread)
+            expect(page).to_have_title("NanoClaw")
+
+            # a reload returns to the open chat with its own history and no token in sight
+            page.reload()
+            expect(page.locator("#status")).to_contain_text("connected")
+            expect(page.locator("#chat-title")).to_have_text("work")
+            expect(chat_log(page, "work")).to_be_visible()
+            expect(chat_log(page, "local")).to_be_hidden()
+            expect(chat_log(page, "work").locator(".msg.agent")).to_have_text(
+                ["echo: hello work", "echo: while away"])
+            expect(chat_log(page, "work").locator(".msg.me")).to_have_text(
+                ["hello work", "while away"])
+            expect(page.locator("button.chat.unread")).to_have_count(0)
+            assert "token" not in page.url and page.url.endswith("#chat=work")
+            page.screenshot(path=str(host.base / "web-chats.png"))
+            assert errors == []
         finally:
             browser.close()
     assert worker(host, "channel:web")["restarts"] == 0

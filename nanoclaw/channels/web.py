@@ -1,18 +1,39 @@
-"""The local web chat: a small page on 127.0.0.1 where the owner talks to their agents,
-sees replies arrive, and answers question cards and approvals.
+"""The local web chat: a small page on 127.0.0.1 where the owner talks to their agents
+in as many chats as they like, sees replies arrive, and answers question cards and
+approvals.
 
 Who may use it: whoever has the token printed at start-up (kept in `data/web-token`,
 mode 0600). The address carries it in the URL fragment (`/#token=…`), which browsers
-never send to a server; the page sends it as `Authorization: Bearer`, so there are no
-cookies to forge (no CSRF) and no token in any URL a log could keep. Requests whose
-`Host` is not this server's loopback address are refused (no DNS rebinding). The page
-user is the local owner, the same identity as the terminal's.
+never send to a server; the page moves it to its localStorage, drops it from the address
+(which keeps only `#chat=<name>`, the open chat, so a reload returns to it) and sends it
+as `Authorization: Bearer`, so there are no cookies to forge (no CSRF) and no token in any
+URL a log could keep. Requests whose `Host` is not this server's loopback address are
+refused (no DNS rebinding). Every /api call is checked for both, whatever its method. The
+page user is the local owner, the same identity as the terminal's.
+
+Chats: each chat `<name>` (CHAT_NAME) is the messaging group `web:<name>`. `local` always
+exists for the page (its group is made on first use); any other is made by
+`POST /api/chats`, wired to the one agent group picked, or, without one, like the
+terminal chat `cli:local` (as a send to a chat not made yet does: `ensure_web_chat`).
 
 API (JSON; every /api call needs the token):
-  GET  /api/events?chat=local&after=N  long poll: {events: [...], next: N'}; events are
-       {seq, type: message|reply|card|answered|edit|reaction|typing, ...}
+  GET  /api/events?after=N[&chat=c][&wait=S]
+       long poll: {events: [...], next: N', user, boot}; events are {seq, at, chat,
+       type: message|reply|card|answered|edit|reaction|typing, ...}. One poll follows
+       every chat: `seq` is one counter across chats and each event names its `chat`
+       (`chat=c` narrows to one), so the page keeps a single request open (answered
+       at once when something happens, else after `wait` ≤ 25 s), however many chats.
+       `boot` changes when the worker restarts (seqs start again): start over at 0.
+  GET  /api/chats   → {chats: [{name, agents: [{id, name, folder}], last_activity}]},
+       newest activity first; `last_activity` in seconds since the epoch (as `at`), or
+       null.
+  GET  /api/agents  → {agents: [{id, name, folder}]}: the agent groups a chat may use.
+  POST /api/chats   {name, agent?} → 201 {ok, chat}; `agent` is an agent group's id (or
+       folder). 400 for a bad name, 404 for an unknown agent, 409 when the chat exists;
+       a refused or failed create leaves nothing behind.
   POST /api/send    {chat?, text, id?}           → {ok, id}
   POST /api/answer  {chat?, question_id, index}  → {ok, option}
+  (`chat` defaults to `local`.)
 
 Each chat's recent history is rebuilt from the central DB at start-up, so a restart
 of the worker (or a reload of the page) shows the conversation so far.
@@ -27,6 +48,7 @@ import os
 import re
 import secrets
 import socket
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -38,7 +60,7 @@ from nanoclaw.channels.base import Channel, OutboundMessage, SendError
 from nanoclaw.channels.text import card_links, parse_question, plain_text, reply_target
 from nanoclaw.log import logger
 from nanoclaw.store import Store
-from nanoclaw.util import new_id
+from nanoclaw.util import new_id, parse_iso
 
 STATIC = Path(__file__).with_name("web_static")
 CHAT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -54,11 +76,25 @@ def ensure_web_chat(store: Store, chat: str) -> None:
     wired to the same agents as the default terminal chat (`cli:local`)."""
     if store.messaging_group("web", chat) is not None:
         return
-    base = store.messaging_group("cli", "local")
-    mg = store.create_messaging_group("web", chat, f"web {chat}", is_group=False)
-    for w in store.wirings(base["id"]) if base else []:
-        store.wire(mg, w["agent_group_id"], destination="web" if chat == "local" else f"web-{chat}")
+    create_web_chat(store, chat)
     logger.info("web chat {} wired like the terminal", chat)
+
+
+def create_web_chat(store: Store, chat: str, agents: list[str] | None = None) -> str:
+    """Make `web:<chat>` wired to `agents` (agent group ids), or, given None, to the
+    same agents as `cli:local`. Undone when a wiring fails: nothing is left half-made.
+    Raises sqlite3.IntegrityError when the chat exists."""
+    if agents is None:
+        base = store.messaging_group("cli", "local")
+        agents = [w["agent_group_id"] for w in store.wirings(base["id"])] if base else []
+    mg = store.create_messaging_group("web", chat, f"web {chat}", is_group=False)
+    try:
+        for ag in agents:
+            store.wire(mg, ag, destination="web" if chat == "local" else f"web-{chat}")
+    except Exception:
+        store.delete_messaging_group(mg)
+        raise
+    return mg
 
 
 class WebChannel(Channel):
@@ -74,6 +110,7 @@ class WebChannel(Channel):
         self.owner = local_user_id()
         self.user = self.owner.split(":", 1)[1]
         self.seq = 0
+        self.boot = secrets.token_hex(6)  # tells the page that seqs started again
         self.events: dict[str, list[dict[str, Any]]] = {}
         self.changed = asyncio.Condition()
         self._history()
@@ -81,6 +118,9 @@ class WebChannel(Channel):
         app.router.add_get("/", self._page)
         app.router.add_static("/static/", STATIC)
         app.router.add_get("/api/events", self._events)
+        app.router.add_get("/api/chats", self._chats)
+        app.router.add_post("/api/chats", self._create_chat)
+        app.router.add_get("/api/agents", self._agents)
         app.router.add_post("/api/send", self._send)
         app.router.add_post("/api/answer", self._answer)
         self.runner = web.AppRunner(app, handle_signals=False, access_log=None)
@@ -133,7 +173,7 @@ class WebChannel(Channel):
     # ---- events -----------------------------------------------------------------------
     def _push(self, chat: str, event: dict[str, Any]) -> dict[str, Any]:
         self.seq += 1
-        event = {"seq": self.seq, "at": time.time(), **event}
+        event = {"seq": self.seq, "at": time.time(), "chat": chat, **event}
         buf = self.events.setdefault(chat, [])
         buf.append(event)
         del buf[:-KEEP]
@@ -154,18 +194,19 @@ class WebChannel(Channel):
         for r in reversed(rows):
             try:
                 body = json.loads(r["body"])
+                at = parse_iso(r["at"])
             except ValueError:
                 continue
             if r["dir"] == "in" and r["kind"] == "chat":
-                self._push(r["platform_id"], {"type": "message", "id": r["id"],
+                self._push(r["platform_id"], {"type": "message", "id": r["id"], "at": at,
                                               "text": body.get("text", "")})
             elif r["dir"] == "in" and r["kind"] == "action" and isinstance(body, dict):
                 self._push(r["platform_id"], {"type": "answered", "label": body.get("option"),
-                                              "question_id": body.get("question_id")})
+                                              "question_id": body.get("question_id"), "at": at})
             elif r["dir"] == "out" and isinstance(body, dict):
                 ev = self._render(r["id"], body, None)
                 if ev:
-                    self._push(r["platform_id"], ev)
+                    self._push(r["platform_id"], {**ev, "at": at})
         for buf in self.events.values():
             del buf[:-HISTORY]
 
@@ -229,7 +270,8 @@ class WebChannel(Channel):
         return chat
 
     async def _events(self, request: web.Request) -> web.Response:
-        chat = self._chat(request.query.get("chat"))
+        chat = request.query.get("chat")
+        chat = None if chat is None else self._chat(chat)
         try:
             after = int(request.query.get("after", "0"))
             wait = min(LONG_POLL, max(0.0, float(request.query.get("wait", LONG_POLL))))
@@ -238,7 +280,9 @@ class WebChannel(Channel):
         self.host.kick(chat)
 
         def fresh() -> list[dict[str, Any]]:
-            return [e for e in self.events.get(chat, []) if e["seq"] > after]
+            bufs = [self.events.get(chat, [])] if chat else list(self.events.values())
+            out = [e for buf in bufs for e in _since(buf, after)]
+            return sorted(out, key=lambda e: e["seq"]) if len(bufs) > 1 else out
 
         async with self.changed:
             if not fresh() and wait:
@@ -248,7 +292,63 @@ class WebChannel(Channel):
                     pass
             out = fresh()
         return web.json_response({"events": out, "next": out[-1]["seq"] if out else after,
-                                  "user": self.user})
+                                  "user": self.user, "boot": self.boot})
+
+    def _chat_list(self) -> list[dict[str, Any]]:
+        """The web chats: those in the DB, `local` (made on first use, wired like the
+        terminal) and any a reply reached by name; newest activity first."""
+        out: dict[str, dict[str, Any]] = {}
+        for c in self.store.channel_chats("web"):
+            out[c["platform_id"]] = {"name": c["platform_id"], "agents": c["agents"],
+                                     "last_activity": _epoch(c["last_activity"])}
+        if "local" not in out:
+            base = self.store.messaging_group("cli", "local")
+            out["local"] = {"name": "local", "last_activity": None, "agents": [
+                {"id": w["agent_group_id"], "name": w["agent_name"], "folder": w["folder"]}
+                for w in (self.store.wirings(base["id"]) if base else [])]}
+        for chat, buf in self.events.items():
+            c = out.setdefault(chat, {"name": chat, "agents": [], "last_activity": None})
+            last = max((e["at"] for e in buf if e["type"] != "typing"), default=None)
+            if last is not None and last > (c["last_activity"] or 0):
+                c["last_activity"] = last
+        return sorted(out.values(), key=lambda c: (-(c["last_activity"] or 0), c["name"]))
+
+    async def _chats(self, request: web.Request) -> web.Response:
+        return web.json_response({"chats": self._chat_list()})
+
+    async def _agents(self, request: web.Request) -> web.Response:
+        return web.json_response({"agents": self.store.agent_groups()})
+
+    async def _create_chat(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        name, agent = body.get("name"), body.get("agent")
+        if not isinstance(name, str) or not CHAT_NAME.match(name):
+            raise _bad("a chat name is 1-64 letters, digits, '-' or '_', starting with a"
+                       " letter or digit")
+        if agent is not None and (not isinstance(agent, str) or not agent):
+            raise _bad("agent must be an agent group's id (GET /api/agents lists them)")
+        ag = None
+        if agent is not None:
+            ag = next((g for g in self.store.agent_groups() if agent in (g["id"], g["folder"])),
+                      None)
+            if ag is None:
+                return web.json_response(
+                    {"error": f"unknown agent group {agent!r} (GET /api/agents lists them)"},
+                    status=404)
+        conflict = web.json_response({"error": f"a chat named {name!r} exists already"},
+                                     status=409)
+        if name == "local" or self.store.messaging_group("web", name) is not None:
+            return conflict
+        try:
+            create_web_chat(self.store, name, [ag["id"]] if ag else None)
+        except sqlite3.IntegrityError:
+            if self.store.messaging_group("web", name) is not None:
+                return conflict  # made meanwhile by someone else (the admin CLI)
+            raise  # a wiring failed (e.g. its agent group was removed meanwhile): undone
+        logger.info("web chat {} made, wired to {}", name,
+                    ag["folder"] if ag else "the terminal's agents")
+        chat = next(c for c in self._chat_list() if c["name"] == name)
+        return web.json_response({"ok": True, "chat": chat}, status=201)
 
     async def _send(self, request: web.Request) -> web.Response:
         body = await self._body(request)
@@ -307,6 +407,21 @@ class WebChannel(Channel):
 
     async def open_dm(self, handle: str) -> str:
         return "local"  # the page has one user: the owner
+
+
+def _since(buf: list[dict[str, Any]], after: int) -> list[dict[str, Any]]:
+    """The events of one chat's buffer (in seq order) after seq `after`."""
+    i = len(buf)
+    while i and buf[i - 1]["seq"] > after:
+        i -= 1
+    return buf[i:]
+
+
+def _epoch(stamp: str | None) -> float | None:
+    try:
+        return parse_iso(stamp) if stamp else None
+    except ValueError:
+        return None
 
 
 def _bad(msg: str) -> web.HTTPBadRequest:

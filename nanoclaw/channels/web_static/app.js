@@ -1,22 +1,33 @@
-// The local chat page: long-polls /api/events, posts messages and card answers.
-// The token comes from the URL fragment (never sent to the server) or the prompt,
-// and is kept in this browser's localStorage.
+// The local chat page: a list of chats, one long poll of /api/events for all of them,
+// posts messages, card answers and new chats.
+// The token comes from the URL fragment (never sent to the server) or the prompt, and
+// is kept in this browser's localStorage; the address keeps only `#chat=<open chat>`.
+// A chat is unread while an agent's reply or card in it is newer than what was on
+// screen when it was last open (kept per chat in localStorage, in server time).
 "use strict";
 (() => {
-  const chat = "local";
+  const CHAT_NAME = /^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$/;
   const $ = (id) => document.getElementById(id);
-  const log = $("log"), status = $("status"), typing = $("typing");
-  let token = null, next = 0, typingTimer = null, first = true;
-  const nodes = new Map();   // message id → element (for edits and reactions)
-  const cards = new Map();   // question id → card element
+  const status = $("status"), typing = $("typing"), logs = $("logs"), list = $("chats");
+  const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+  let token = null, next = 0, boot = null, first = true, typingTimer = null;
+  let initial = true;        // the page's first batch of events (the chats' history)
+  let needChats = true;      // fetch /api/chats before the next poll
+  const chats = new Map();   // name → {name, agents, last, lastAgent, log, nodes, cards}
+  const seenKey = "nanoclaw-seen";
+  const firstVisit = localStorage.getItem(seenKey) === null;
+  const seen = JSON.parse(localStorage.getItem(seenKey) || "{}");  // chat → server time
+  let open = readFragment() || "local";
 
-  function readToken() {
-    const m = location.hash.match(/token=([^&]+)/);
-    if (m) {
-      localStorage.setItem("nanoclaw-token", decodeURIComponent(m[1]));
-      history.replaceState(null, "", location.pathname);
-    }
-    return localStorage.getItem("nanoclaw-token");
+  function readFragment() {
+    const params = new URLSearchParams(location.hash.slice(1));
+    if (params.get("token")) localStorage.setItem("nanoclaw-token", params.get("token"));
+    const c = params.get("chat");
+    return c && CHAT_NAME.test(c) ? c : null;
+  }
+
+  function writeFragment() {   // the token never stays in the address
+    history.replaceState(null, "", location.pathname + "#chat=" + encodeURIComponent(open));
   }
 
   function askToken() {
@@ -26,6 +37,7 @@
     $("login-form").onsubmit = () => {
       token = $("token").value.trim();
       localStorage.setItem("nanoclaw-token", token);
+      needChats = true;
     };
   }
 
@@ -43,32 +55,132 @@
     return data;
   }
 
-  function scroll() { log.scrollTop = log.scrollHeight; }
+  // ---- chats --------------------------------------------------------------------------
+  function chatOf(name) {
+    let c = chats.get(name);
+    if (c) return c;
+    const log = document.createElement("main");
+    log.className = "log";
+    log.dataset.chat = name;
+    log.hidden = name !== open;
+    logs.appendChild(log);
+    c = { name, agents: null, last: 0, lastAgent: 0, log, nodes: new Map(), cards: new Map() };
+    chats.set(name, c);
+    return c;
+  }
 
-  function bubble(cls, text, id) {
+  function isUnread(c) { return c.name !== open && c.lastAgent > (seen[c.name] || 0); }
+
+  function markSeen(c) {
+    if (c.lastAgent > (seen[c.name] || 0)) {
+      seen[c.name] = c.lastAgent;
+      localStorage.setItem(seenKey, JSON.stringify(seen));
+    }
+  }
+
+  function agentNames(c) {
+    if (c.agents === null) return "";
+    return c.agents.length ? c.agents.map((a) => a.name).join(", ") : "no agent";
+  }
+
+  function when(at) {
+    if (!at) return "";
+    const d = new Date(at * 1000), now = new Date();
+    return d.toDateString() === now.toDateString()
+      ? d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" })
+      : d.toLocaleDateString([], { month: "short", day: "numeric" });
+  }
+
+  function drawList() {
+    const sorted = [...chats.values()].sort((a, b) => (b.last - a.last) || a.name.localeCompare(b.name));
+    list.replaceChildren(...sorted.map((c) => {
+      const li = document.createElement("li");
+      const b = document.createElement("button");
+      b.type = "button";
+      b.className = "chat" + (c.name === open ? " open" : "") + (isUnread(c) ? " unread" : "");
+      b.dataset.chat = c.name;
+      if (c.name === open) b.setAttribute("aria-current", "true");
+      const top = document.createElement("span"); top.className = "top";
+      const n = document.createElement("span"); n.className = "name"; n.textContent = c.name;
+      const t = document.createElement("span"); t.className = "when"; t.textContent = when(c.last);
+      top.append(n, t);
+      const ag = document.createElement("span"); ag.className = "agents"; ag.textContent = agentNames(c);
+      b.append(top, ag);
+      if (isUnread(c)) {
+        const dot = document.createElement("span");
+        dot.className = "badge"; dot.textContent = "new"; dot.setAttribute("aria-label", "unread");
+        b.appendChild(dot);
+      }
+      b.onclick = () => switchTo(c.name);
+      li.appendChild(b);
+      return li;
+    }));
+    const c = chatOf(open);
+    $("chat-title").textContent = c.name;
+    const names = agentNames(c);
+    $("chat-agents").textContent = names ? "with " + names : "";
+    const unread = [...chats.values()].filter(isUnread).length;
+    document.title = unread ? `(${unread}) NanoClaw` : "NanoClaw";
+  }
+
+  function switchTo(name) {
+    open = name;
+    const c = chatOf(name);
+    for (const x of chats.values()) x.log.hidden = x !== c;
+    markSeen(c);
+    typing.hidden = true;
+    writeFragment();
+    drawList();
+    scroll(c);
+    $("text").focus();
+  }
+
+  async function loadChats() {
+    const data = await api("/api/chats");
+    for (const x of data.chats) {
+      const c = chatOf(x.name);
+      c.agents = x.agents;
+      c.last = Math.max(c.last, x.last_activity || 0);
+    }
+    drawList();
+  }
+
+  // ---- events -------------------------------------------------------------------------
+  function scroll(c) { c.log.scrollTop = c.log.scrollHeight; }
+
+  function bubble(c, cls, text, id) {
     const el = document.createElement("div");
     el.className = "msg " + cls;
     const body = document.createElement("div");
     body.className = "body";
     body.textContent = text;
     el.appendChild(body);
-    if (id) { el.dataset.id = id; nodes.set(id, el); }
-    log.appendChild(el);
+    if (id) { el.dataset.id = id; c.nodes.set(id, el); }
+    c.log.appendChild(el);
     return el;
   }
 
   function render(ev) {
+    const c = chatOf(ev.chat || "local");
+    if (c.agents === null) needChats = true;   // a chat this page has not listed yet
+    const here = c.name === open;
     if (ev.type === "typing") {
+      if (!here) return;
       typing.hidden = false;
       clearTimeout(typingTimer);
       typingTimer = setTimeout(() => { typing.hidden = true; }, 8000);
       return;
     }
+    c.last = Math.max(c.last, ev.at || 0);
+    if (ev.type === "reply" || ev.type === "card") {
+      c.lastAgent = Math.max(c.lastAgent, ev.at || 0);
+      if (here) typing.hidden = true;
+      if (here || (firstVisit && initial)) markSeen(c);   // a first visit starts all read
+    }
     if (ev.type === "message") {
-      if (!nodes.has(ev.id)) bubble("me", ev.text, ev.id);
+      if (!c.nodes.has(ev.id)) bubble(c, "me", ev.text, ev.id);
     } else if (ev.type === "reply") {
-      typing.hidden = true;
-      const el = bubble("agent", ev.text, ev.id);
+      const el = bubble(c, "agent", ev.text, ev.id);
       for (const l of ev.links || []) {
         const a = document.createElement("a");
         a.href = l.url; a.textContent = l.label; a.target = "_blank"; a.rel = "noopener";
@@ -81,7 +193,6 @@
         el.appendChild(document.createElement("br")); el.appendChild(a);
       }
     } else if (ev.type === "card") {
-      typing.hidden = true;
       const el = document.createElement("div");
       el.className = "card";
       el.dataset.question = ev.question_id;
@@ -90,27 +201,27 @@
       ev.options.forEach((label, i) => {
         const b = document.createElement("button");
         b.type = "button"; b.textContent = label;
-        b.onclick = () => answer(ev.question_id, i, el);
+        b.onclick = () => answer(c.name, ev.question_id, i, el);
         el.appendChild(b);
       });
-      cards.set(ev.question_id, el);
-      nodes.set(ev.id, el);
-      log.appendChild(el);
+      c.cards.set(ev.question_id, el);
+      c.nodes.set(ev.id, el);
+      c.log.appendChild(el);
     } else if (ev.type === "answered") {
-      const el = cards.get(ev.question_id);
+      const el = c.cards.get(ev.question_id);
       if (el) settle(el, ev.label);
     } else if (ev.type === "edit") {
-      const el = nodes.get(ev.id);
+      const el = c.nodes.get(ev.id);
       if (el) el.querySelector(".body").textContent = ev.text;
     } else if (ev.type === "reaction") {
-      const el = nodes.get(ev.id);
+      const el = c.nodes.get(ev.id);
       if (el) {
         let r = el.querySelector(".reactions");
         if (!r) { r = document.createElement("div"); r.className = "reactions"; el.appendChild(r); }
         r.textContent += ev.emoji;
       }
     }
-    scroll();
+    if (here) scroll(c);
   }
 
   function settle(el, label) {
@@ -122,7 +233,7 @@
     }
   }
 
-  async function answer(qid, index, el) {
+  async function answer(chat, qid, index, el) {
     el.querySelectorAll("button").forEach((b) => { b.disabled = true; });
     try {
       await api("/api/answer", { chat, question_id: qid, index });
@@ -132,18 +243,31 @@
     }
   }
 
-  async function poll() {
+  function restart() {   // the worker restarted: its seqs start again, so redraw from 0
+    for (const c of chats.values()) {
+      c.log.replaceChildren(); c.nodes.clear(); c.cards.clear(); c.lastAgent = 0;
+    }
+    next = 0; first = true; needChats = true;
+  }
+
+  async function poll() {   // one long poll for every chat
     for (;;) {
-      if (!token) { await new Promise((r) => setTimeout(r, 500)); token = localStorage.getItem("nanoclaw-token"); continue; }
+      if (!token) { await sleep(500); token = localStorage.getItem("nanoclaw-token"); continue; }
       try {
-        const data = await api(`/api/events?chat=${chat}&after=${next}&wait=${first ? 0 : 25}`);
-        first = false;
+        if (needChats) { needChats = false; await loadChats(); }
+        const data = await api(`/api/events?after=${next}&wait=${first ? 0 : 25}`);
         status.textContent = "connected as " + data.user; status.classList.remove("bad");
+        if (boot !== null && data.boot !== boot) { boot = data.boot; restart(); continue; }
+        boot = data.boot;
         for (const ev of data.events) render(ev);
+        if (initial) localStorage.setItem(seenKey, JSON.stringify(seen));
+        first = initial = false;
         next = data.next;
+        drawList();
       } catch (e) {
+        needChats = true;
         status.textContent = "reconnecting…"; status.classList.add("bad");
-        await new Promise((r) => setTimeout(r, 1000));
+        await sleep(1000);
       }
     }
   }
@@ -151,24 +275,76 @@
   async function send(ev) {
     ev.preventDefault();
     const box = $("text");
-    const text = box.value;
+    const text = box.value, c = chatOf(open);
     if (!text.trim()) return;
     const id = "web-" + Date.now() + "-" + Math.random().toString(36).slice(2, 8);
-    bubble("me", text, id);
+    bubble(c, "me", text, id);
     box.value = "";
-    scroll();
+    scroll(c);
     for (let i = 0; i < 5; i++) {   // at least once; the id makes a resend harmless
-      try { await api("/api/send", { chat, text, id }); return; }
+      try { await api("/api/send", { chat: c.name, text, id }); return; }
       catch (e) { status.textContent = "send failed, retrying…"; status.classList.add("bad");
-                  await new Promise((r) => setTimeout(r, 1000)); }
+                  await sleep(1000); }
     }
   }
 
+  // ---- a new chat ---------------------------------------------------------------------
+  function newError(msg) {
+    const p = $("new-error");
+    p.textContent = msg || ""; p.hidden = !msg;
+  }
+
+  async function openNewChat() {
+    const dlg = $("new-chat-dialog"), sel = $("new-agent");
+    $("new-name").value = ""; newError("");
+    dlg.showModal();
+    $("new-name").focus();
+    try {
+      const data = await api("/api/agents");
+      sel.replaceChildren(...data.agents.map((a) =>
+        new Option(a.name === a.folder ? a.name : `${a.name} (${a.folder})`, a.id)));
+      if (!data.agents.length) newError("there is no agent group yet");
+    } catch (e) { newError("cannot list the agents: " + e.message); }
+  }
+
+  async function createChat(ev) {
+    ev.preventDefault();
+    const name = $("new-name").value.trim(), agent = $("new-agent").value;
+    newError("");
+    $("new-create").disabled = true;
+    try {
+      const data = await api("/api/chats", agent ? { name, agent } : { name });
+      const c = chatOf(data.chat.name);
+      c.agents = data.chat.agents;
+      c.last = Math.max(c.last, data.chat.last_activity || 0);
+      $("new-chat-dialog").close();
+      switchTo(c.name);
+    } catch (e) {
+      newError(e.message);
+    } finally {
+      $("new-create").disabled = false;
+    }
+  }
+
+  $("new-chat").addEventListener("click", openNewChat);
+  $("new-chat-form").addEventListener("submit", createChat);
+  $("new-cancel").addEventListener("click", () => $("new-chat-dialog").close());
   $("composer").addEventListener("submit", send);
   $("text").addEventListener("keydown", (e) => {
     if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("composer").requestSubmit(); }
   });
-  token = readToken();
+  window.addEventListener("hashchange", () => {
+    const c = readFragment();
+    token = localStorage.getItem("nanoclaw-token");
+    switchTo(c || open);
+  });
+  document.addEventListener("visibilitychange", () => {
+    if (!document.hidden && token) loadChats().catch(() => { needChats = true; });
+  });
+  token = localStorage.getItem("nanoclaw-token");
   if (!token) askToken();
+  writeFragment();
+  chatOf(open);
+  drawList();
   poll();
 })();
