@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nanoclaw import approvals, nudge, permissions, registration, sessiondb
+from nanoclaw.channels.text import EDITED
 from nanoclaw.config import Settings
 from nanoclaw.log import logger
 from nanoclaw.store import Store
@@ -72,14 +73,19 @@ def user_id_for(ev: Event) -> str | None:
     return ev.sender_id if ":" in ev.sender_id else f"{ev.channel_type}:{ev.sender_id}"
 
 
+
+
 def engages(wiring: dict[str, Any], ev: Event, sticky_session: bool) -> bool:
     mode = wiring["engage_mode"]
     if mode == "pattern":
         pat = wiring["engage_pattern"] or "."
         if pat == ".":
             return True
+        text = ev.text  # an edit is matched on what the user wrote: `^@andy` still engages
+        if ev.payload.get("edited") and text.startswith(EDITED):
+            text = text[len(EDITED):]
         try:
-            return re.search(pat, ev.text) is not None
+            return re.search(pat, text) is not None
         except re.error:
             return True  # an invalid pattern counts as a match (reference §4)
     if mode == "mention":

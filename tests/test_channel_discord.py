@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -179,12 +180,77 @@ def test_malformed_gateway_frames_never_crash_the_worker(host, dc):
     wire_chat(host, "discord", "discord:209")
     for raw in ("{not json", "[]", '{"op": 0, "t": "MESSAGE_CREATE", "s": 1, "d": {"id": "x"}}',
                 '{"op": 0, "t": "INTERACTION_CREATE", "s": 2, "d": {"type": 3}}',
-                '{"op": 0, "t": "MESSAGE_CREATE", "s": 3, "d": null}', '{"op": 77}'):
+                '{"op": 0, "t": "MESSAGE_CREATE", "s": 3, "d": null}', '{"op": 77}',
+                '{"op": 0, "t": "MESSAGE_UPDATE", "s": 4, "d": {"id": "1", "channel_id": "209",'
+                ' "embeds": []}}'):
         dc.send_raw(raw)
     dc.dispatch("MESSAGE_CREATE", {"id": "1", "channel_id": "209", "content": 5, "author": {}})
     mid = dc.user_message("209", "still alive?")
     assert reply_to(dc, "209", mid)["content"] == "echo: still alive?"
     assert worker(host, "channel:discord")["restarts"] == 0
+
+
+
+def edit_key(data: dict) -> str:
+    """The inbound id of an edit: `edit<edited_timestamp in µs>:<message id>`."""
+    at = datetime.fromisoformat(data["edited_timestamp"])
+    micros = (at - datetime(1970, 1, 1, tzinfo=timezone.utc)) // timedelta(microseconds=1)
+    return f"edit{micros}:{data['id']}"
+
+
+def test_edited_message_reaches_the_agent_once(host, dc):
+    wire_chat(host, "discord", "discord:210")
+    mid = dc.user_message("210", "meet at 5")
+    first = reply_to(dc, "210", mid)
+    assert first["content"] == "echo: meet at 5"
+    link = {"embeds": [{"type": "link", "url": "https://example.com", "title": "Example"}]}
+    dc.edit_message(mid, "meet at 5", edited=False, raw=link)  # an unfurl: not an edit
+    data = dc.edit_message(mid, "meet at 6")
+    key = edit_key(data)
+    ev = wait_for(lambda: next((e for e in inbound_events(host, "discord")
+                                if e["message_id"] == key), None), 30, what="edit stored")
+    assert ev["payload"]["text"] == "[edited] meet at 6"
+    assert ev["payload"]["edited"] is True and ev["payload"]["edit_of"] == mid
+    assert ev["platform_id"] == "discord:210" and ev["thread_id"] is None
+    wait_for(lambda: [m for m in dc.sent("210") if m["content"] == "echo: [edited] meet at 6"
+                      and str(m["message_reference"]["message_id"]) == mid], 60,
+             what="reply to the edit, answering the original")
+    dc.dispatch("MESSAGE_UPDATE", data)  # the gateway sends the same update again
+    dc.edit_message(mid, "meet at 6", edited=False, raw=link)  # unfurl after the edit
+    enqueue(host, "own-210", "discord", "discord:210",  # our own edit: MESSAGE_UPDATE too
+            {"operation": "edit", "messageId": first["id"], "text": "echo: changed"})
+    wait_for(lambda: dc.messages[first["id"]]["content"] == "echo: changed", 30, what="own edit")
+    after = dc.user_message("210", "and one more")
+    reply_to(dc, "210", after)  # gateway events are handled in order: the replays came first
+    evs = [e for e in inbound_events(host, "discord") if e["platform_id"] == "discord:210"]
+    assert [e["message_id"] for e in evs] == [mid, key, after]
+    rows = session_inbound(host, "discord", "discord:210")
+    assert sum("[edited] meet at 6" in (m["content"] or "") for m in rows) == 1
+    assert [m["content"] for m in dc.sent("210")].count("echo: [edited] meet at 6") == 1
+
+
+def test_thread_messages_belong_to_the_parent_and_replies_go_to_the_thread(host, dc):
+    wire_chat(host, "discord", "discord:211", is_group=True)
+    old = dc.snowflake()  # a thread that was already active when the bot joined
+    dc.guild("78", ["211"], threads=[(old, "211")])
+    new = dc.start_thread("78", "211")
+    asked = {t: dc.user_message(t, f"hello from {t}", guild_id="78") for t in (old, new)}
+    for t, mid in asked.items():
+        assert reply_to(dc, t, mid)["content"] == f"echo: hello from {t}"
+    evs = {e["message_id"]: e for e in inbound_events(host, "discord")}
+    for t, mid in asked.items():
+        assert (evs[mid]["platform_id"], evs[mid]["thread_id"]) == ("discord:211", t)
+        assert evs[mid]["payload"]["is_group"] is True
+    posts = {c.params["channel_id"] for c in dc.calls_of("POST /channels/{id}/messages")}
+    assert {old, new} <= posts and "211" not in posts  # sent to the threads, not the parent
+    assert dc.sent("211") == []
+    key = edit_key(dc.edit_message(asked[new], "edited in the thread"))
+    ev = wait_for(lambda: next((e for e in inbound_events(host, "discord")
+                                if e["message_id"] == key), None), 30, what="edit stored")
+    assert (ev["platform_id"], ev["thread_id"]) == ("discord:211", new)
+    wait_for(lambda: [m for m in dc.sent(new)
+                      if m["content"] == "echo: [edited] edited in the thread"], 60,
+             what="reply to the edit in the thread")
 
 
 # ---- the crash loop ---------------------------------------------------------------------

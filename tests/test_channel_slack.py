@@ -197,3 +197,65 @@ def test_malformed_envelopes_never_crash_the_worker(host, sl):
     sl.user_message("C309", "still alive?")
     assert first_reply(sl, "C309")["text"] == "echo: still alive?"
     assert worker(host, "channel:slack")["restarts"] == 0
+
+
+def test_edited_message_reaches_the_agent_once(host, sl):
+    wire_chat(host, "slack", "slack:C313")
+    ts = sl.user_message("C313", "meet at 5")
+    assert first_reply(sl, "C313")["text"] == "echo: meet at 5"
+    unfurl = sl.edit_message(ts, "meet at 5", edited=False,  # Slack's change, not the user's
+                             raw={"attachments": [{"title": "a link preview"}]})
+    eid = sl.edit_message(ts, "meet at 6")
+    key = f"edit{sl.messages[ts]['edited']['ts']}:{ts}"
+    ev = wait_for(lambda: next((e for e in inbound_events(host, "slack")
+                                if e["message_id"] == key), None), 30, what="edit stored")
+    assert ev["payload"]["text"] == "[edited] meet at 6"
+    assert ev["payload"]["edited"] is True and ev["payload"]["edit_of"] == ts
+    assert ev["thread_id"] is None and ev["payload"]["sender_name"] == "Ann"
+    wait_for(lambda: [m for m in replies(sl, "C313") if m["text"] == "echo: [edited] meet at 6"],
+             60, what="reply to the edit")
+    again = sl.redeliver(eid)  # Slack retries the same event under a new envelope
+    unfurl2 = sl.edit_message(ts, "meet at 6", edited=False,  # keeps the earlier `edited`
+                              raw={"attachments": [{"title": "another preview"}]})
+    gone = sl.delete_message(ts)
+    wait_for(lambda: {unfurl, again, unfurl2, gone} <= set(sl.acked), 30,
+             what="all acknowledged")
+    after = sl.user_message("C313", "and one more")
+    wait_for(lambda: [m for m in replies(sl, "C313") if m["text"] == "echo: and one more"], 60,
+             what="reply to the next message")
+    evs = [e for e in inbound_events(host, "slack") if e["platform_id"] == "slack:C313"]
+    assert [e["message_id"] for e in evs] == [ts, key, after]  # no unfurl, replay, delete
+    rows = session_inbound(host, "slack", "slack:C313")
+    assert sum("[edited] meet at 6" in (m["content"] or "") for m in rows) == 1
+    assert [m["text"] for m in replies(sl, "C313")].count("echo: [edited] meet at 6") == 1
+
+
+def test_an_edit_that_adds_a_mention_engages_in_its_thread(host, sl):
+    wire_chat(host, "slack", "slack:C314", is_group=True, engage_mode="mention")
+    root = sl.user_message("C314", "a thread root")
+    ts = sl.user_message("C314", "what do you think?", thread_ts=root)
+    sl.edit_message(ts, f"<@{BOT_USER}> what do you think?")
+    r = first_reply(sl, "C314")
+    assert r["text"] == "echo: [edited] @bot what do you think?" and r.get("thread_ts") == root
+    evs = {e["message_id"]: e for e in inbound_events(host, "slack")
+           if e["platform_id"] == "slack:C314"}
+    assert evs[ts]["payload"]["is_mention"] is False
+    (edit,) = [e for e in evs.values() if e["payload"].get("edit_of") == ts]
+    assert edit["payload"]["is_mention"] is True and edit["thread_id"] == root
+
+
+def test_the_bots_own_edits_are_not_input(host, sl):
+    enqueue(host, "own-315", "slack", "slack:C315", {"text": "draft"})
+    wait_for(lambda: (outbox(host, "own-315") or {}).get("status") == "sent", 30)
+    ts = outbox(host, "own-315")["platform_message_id"]
+    enqueue(host, "own-edit-315", "slack", "slack:C315",
+            {"operation": "edit", "messageId": ts, "text": "final"})
+    def changes():
+        evs = {eid: env["payload"].get("event") or {} for eid, env in list(sl.envelopes.items())}
+        return [eid for eid, ev in evs.items() if ev.get("subtype") == "message_changed"
+                and ev["message"]["ts"] == ts]
+
+    changed = wait_for(changes, 30, what="Slack's message_changed for our own edit")
+    assert sl.envelopes[changed[0]]["payload"]["event"]["message"]["bot_id"]
+    wait_for(lambda: changed[0] in sl.acked, 30, what="acknowledged")
+    assert not [e for e in inbound_events(host, "slack") if e["platform_id"] == "slack:C315"]

@@ -192,3 +192,20 @@ def test_fan_out_by_priority_one_session_per_agent(env):
     store.wire(mg, other, destination="grp", priority=5)
     sids = r.route(_ev("1", channel="flat"))
     assert [store.session(x)["agent_group_id"] for x in sids] == [other, ag]
+
+
+def test_an_edit_engages_a_start_anchored_pattern(env):
+    store, s, r = env
+    ag = store.q1("SELECT id FROM agent_groups")["id"]
+    _group_chat(store, ag, channel="flat", pattern="^@andy")
+
+    def edit(mid, text, flagged=True):
+        return Event("flat", "flat:g1", mid, text=f"[edited] {text}", sender_id="u1",
+                     is_group=True, payload={"edited": True} if flagged else {})
+
+    assert r.route(edit("edit1:1", "just chatting")) == []
+    assert r.route(edit("edit2:2", "@andy what now?", flagged=False)) == []  # not an edit
+    (sid,) = r.route(edit("edit3:3", "@andy what now?"))
+    rows, _ = _rows(store, s, sid)
+    assert [(x["id"].split(":")[:2], x["trigger"]) for x in rows] == [(["edit3", "3"], 1)]
+    assert json.loads(rows[0]["content"])["text"] == "[edited] @andy what now?"  # as sent

@@ -15,6 +15,15 @@ Liveness, in three parts (DESIGN §6):
 A rejected token is a configuration error (not restart-looped). Garbage from the gateway
 (bad JSON, a parser that chokes on a field) is logged and dropped, never fatal.
 
+An edited message (MESSAGE_UPDATE, `on_raw_message_edit`) reaches the agent as a new
+message, as Telegram's do: its text prefixed `[edited] `, `edit_of` naming the original,
+and the id `edit<edited_timestamp in µs>:<message id>`, so it is neither deduplicated
+against the original nor stored twice when the gateway replays the update (attachments
+are not fetched again). MESSAGE_UPDATE also fires for changes that are not edits (an
+embed unfurling, a pin): without an `edited_timestamp` it is ignored, and an unfurl of an
+already edited message carries the same timestamp, so it is dropped as a duplicate. The
+bot's and other bots' edits are ignored.
+
 platform_id `discord:<channel id>` (a thread's parent); thread_id the thread's id.
 Discord renders Markdown itself: agent text passes through, split at 2000 characters
 without leaving a fenced code block open across messages (`markdown.discord_markdown`).
@@ -26,6 +35,7 @@ import asyncio
 import io
 import time
 from collections import deque
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import discord
@@ -36,7 +46,7 @@ from discord.http import Route
 from nanoclaw.channels.base import (Channel, ChannelDead, OutboundMessage, RetryAfter,
                                     SendError, Unavailable)
 from nanoclaw.channels.markdown import discord_markdown
-from nanoclaw.channels.text import (attachment, card_links, decode_choice, encode_choice,
+from nanoclaw.channels.text import (EDITED, attachment, card_links, decode_choice, encode_choice,
                                     load_files, parse_question, plain_text, reply_target)
 from nanoclaw.log import logger
 from nanoclaw.worker import ConfigError
@@ -47,6 +57,7 @@ READY_TIMEOUT = 30.0
 MAX_DOWNLOAD = 25 << 20
 _PATCHED = False
 _DEAD = {"flag": False}  # one adapter per worker process: once dead, never IDENTIFY again
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 def _harden() -> None:
@@ -117,6 +128,7 @@ class DiscordChannel(Channel):
         c.event(self.on_resumed)
         c.event(self.on_disconnect)
         c.event(self.on_message)
+        c.event(self.on_raw_message_edit)
         c.event(self.on_interaction)
         try:
             await asyncio.wait_for(c.login(s.discord_bot_token), READY_TIMEOUT)  # GET /users/@me
@@ -216,11 +228,38 @@ class DiscordChannel(Channel):
         return f"discord:{channel.id}", None
 
     async def on_message(self, m: discord.Message) -> None:
+        parsed = self._parse(m)
+        if parsed is None:
+            return
+        pid, thread, payload = parsed
+        payload["attachments"] = await self._download(m)
+        await self.host.inbound(pid, str(m.id), payload, thread)
+
+    async def on_raw_message_edit(self, ev: discord.RawMessageUpdateEvent) -> None:
+        """MESSAGE_UPDATE: a new message for the agent if the author edited it (see the
+        module docstring); unique per edit, stable when the gateway replays it."""
+        m, data = ev.message, ev.data
+        if not data.get("edited_timestamp") or "content" not in data or m.edited_at is None:
+            return  # an embed unfurling, a pin, a partial update: not an edit
+        if ev.cached_message is not None and ev.cached_message.content == m.content:
+            return
+        parsed = self._parse(m)
+        if parsed is None:
+            return
+        pid, thread, payload = parsed
+        payload.update(text=EDITED + payload["text"], edited=True, edit_of=str(m.id),
+                       attachments=[])
+        stamp = (m.edited_at - _EPOCH) // timedelta(microseconds=1)
+        await self.host.inbound(pid, f"edit{stamp}:{m.id}", payload, thread)
+
+    def _parse(self, m: discord.Message) -> tuple[str, str | None, dict[str, Any]] | None:
+        """A user's message as (platform id, thread, payload without attachments); None
+        for bots (us included) and for system messages (joins, pins, …)."""
         me = self.client.user
         if m.author.bot or (me and m.author.id == me.id):
-            return
+            return None
         if m.type not in (discord.MessageType.default, discord.MessageType.reply):
-            return
+            return None
         self.last_ok = time.monotonic()
         pid, thread = self._where(m.channel)
         dm = isinstance(m.channel, discord.DMChannel)
@@ -231,15 +270,15 @@ class DiscordChannel(Channel):
         text = m.content
         if me:
             text = text.replace(f"<@{me.id}>", f"@{me.name}").replace(f"<@!{me.id}>", f"@{me.name}")
-        payload = {
+        payload: dict[str, Any] = {
             "text": text, "sender_id": str(m.author.id), "sender_name": m.author.display_name,
             "is_mention": dm or bool(me and me.mentioned_in(m)) or bool(
                 isinstance(ref, discord.Message) and me and ref.author.id == me.id),
-            "is_group": not dm, "attachments": await self._download(m),
+            "is_group": not dm,
         }
         if reply_to:
             payload["reply_to"] = reply_to
-        await self.host.inbound(pid, str(m.id), payload, thread)
+        return pid, thread, payload
 
     async def _download(self, m: discord.Message) -> list[dict[str, Any]]:
         out = []
@@ -338,7 +377,8 @@ class DiscordChannel(Channel):
         steps: list[tuple[str | None, bool]] = [(t, False) for t in chunks] or [(None, True)]
         steps[-1] = (steps[-1][0], True)  # the last message carries buttons and files
         done = self.parts.setdefault(message.idem_key, [])
-        target = reply_target(message.in_reply_to)
+        target = reply_target(message.in_reply_to)  # an edit (`edit<n>:<id>`) answers <id>
+        target = target.rsplit(":", 1)[-1] if target else None
         for i, (text, last) in enumerate(steps):
             if i < len(done):
                 continue

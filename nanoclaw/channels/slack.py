@@ -8,6 +8,14 @@ the socket and reconnects by itself; on top of that we call `auth.test` every
 `channel_ping` seconds and exit non-zero (restart under the breaker) when the socket or
 the API has been down for `channel_liveness` seconds. A rejected token is configuration.
 
+An edited message (a `message_changed` event whose message carries `edited`) reaches
+the agent as a new message, as Telegram's do: its text prefixed `[edited] `, `edit_of`
+naming the original `ts`, and the id `edit<edited.ts>:<ts>`, so it is neither
+deduplicated against the original nor stored twice when Slack redelivers the envelope
+(files are not fetched again). Changes that are not edits (link unfurls, reply counts:
+no `edited`, or the same text), `message_deleted`, and the bot's own messages are
+ignored.
+
 platform_id `slack:<channel id>`; thread_id a thread's root `ts`; message ids are `ts`.
 Slack shows no typing indicator to bots, so there is no `set_typing`. Agent Markdown
 goes out as mrkdwn (`markdown.slack_mrkdwn`): 40,000 characters per message, 3,000 per
@@ -31,7 +39,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from nanoclaw.channels.base import (Channel, OutboundMessage, RetryAfter, SendError,
                                     Unavailable)
 from nanoclaw.channels.markdown import slack_mrkdwn
-from nanoclaw.channels.text import (attachment, card_links, decode_choice, encode_choice,
+from nanoclaw.channels.text import (EDITED, attachment, card_links, decode_choice, encode_choice,
                                     load_files, parse_question, plain_text)
 from nanoclaw.log import logger
 from nanoclaw.worker import ConfigError
@@ -135,22 +143,52 @@ class SlackChannel(Channel):
     async def _event(self, ev: dict[str, Any]) -> None:
         if ev.get("type") != "message" or not isinstance(ev.get("channel"), str):
             return  # app_mention duplicates a message event; others are not chat input
+        if ev.get("subtype") == "message_changed":
+            return await self._edited(ev)
         if ev.get("subtype") not in (None, "file_share", "thread_broadcast"):
+            return  # message_deleted, joins, bot messages, …
+        parsed = await self._parse(ev, ev)
+        if parsed is None:
             return
-        if ev.get("bot_id") or ev.get("user") in (None, self.bot_user):
+        ts, payload, thread = parsed
+        payload["attachments"] = await self._download(ev.get("files") or [])
+        await self.host.inbound(f"slack:{ev['channel']}", ts, payload, thread)
+
+    async def _edited(self, ev: dict[str, Any]) -> None:
+        """A `message_changed` event: a new message for the agent if the text was edited,
+        unique per edit (`edited.ts`) and stable when Slack redelivers the envelope."""
+        m, before = ev.get("message"), ev.get("previous_message")
+        if not isinstance(m, dict):
+            raise ValueError("message_changed without a message")
+        edited = m.get("edited")
+        stamp = edited.get("ts") if isinstance(edited, dict) else None
+        if not stamp:
+            return  # an unfurl, a reply count, a pin: Slack changed it, the user did not
+        if isinstance(before, dict) and before.get("text") == m.get("text"):
+            return  # an unfurl of an already edited message: the text is the same
+        parsed = await self._parse(m, ev)
+        if parsed is None:
             return
-        ts, text = str(ev["ts"]), ev.get("text") or ""
+        ts, payload, thread = parsed
+        payload.update(text=EDITED + payload["text"], edited=True, edit_of=ts, attachments=[])
+        await self.host.inbound(f"slack:{ev['channel']}", f"edit{stamp}:{ts}", payload, thread)
+
+    async def _parse(self, m: dict[str, Any], ev: dict[str, Any]
+                     ) -> tuple[str, dict[str, Any], str | None] | None:
+        """A user's message `m` (the event itself, or an edit's new version) as (ts,
+        payload without attachments, thread); None for the bot's own messages."""
+        if m.get("bot_id") or m.get("user") in (None, self.bot_user):
+            return None
+        ts, text = str(m["ts"]), m.get("text") or ""
         if not isinstance(text, str):
             raise ValueError("text is not a string")
         dm = ev.get("channel_type") == "im" or ev["channel"].startswith("D")
         mention = f"<@{self.bot_user}>" in text
-        thread = ev.get("thread_ts") if ev.get("thread_ts") != ts else None
+        thread = m.get("thread_ts") if m.get("thread_ts") != ts else None
         payload = {"text": re.sub(rf"<@{re.escape(self.bot_user)}>", "@bot", text),
-                   "sender_id": str(ev["user"]), "sender_name": await self._name(str(ev["user"])),
-                   "is_mention": dm or mention, "is_group": not dm,
-                   "attachments": await self._download(ev.get("files") or [])}
-        await self.host.inbound(f"slack:{ev['channel']}", ts, payload,
-                                None if thread is None else str(thread))
+                   "sender_id": str(m["user"]), "sender_name": await self._name(str(m["user"])),
+                   "is_mention": dm or mention, "is_group": not dm}
+        return ts, payload, None if thread is None else str(thread)
 
     async def _name(self, user: str) -> str:
         """A user's display name (users.info, cached); the id if Slack will not say."""

@@ -40,7 +40,7 @@ from telegram.request import HTTPXRequest
 from nanoclaw.channels.base import (Channel, OutboundMessage, RetryAfter, SendError,
                                     Unavailable)
 from nanoclaw.channels.markdown import Chunk, telegram_html
-from nanoclaw.channels.text import (attachment, card_links, decode_choice, encode_choice,
+from nanoclaw.channels.text import (EDITED, attachment, card_links, decode_choice, encode_choice,
                                     load_files, parse_question, plain_text, reply_target)
 from nanoclaw.log import logger
 from nanoclaw.worker import ConfigError
@@ -48,7 +48,6 @@ from nanoclaw.worker import ConfigError
 LIMIT = 4096
 MAX_DOWNLOAD = 20 << 20  # the Bot API serves files up to 20 MB
 ALLOWED = ["message", "edited_message", "callback_query"]
-EDITED = "[edited] "
 
 
 def _seconds(e: tg.RetryAfter) -> float:

@@ -15,6 +15,10 @@ from typing import Any
 
 from nanoclaw.channels.base import SendError
 
+# An edited message reaches the agent as a new one, its text prefixed with this (payload
+# `edited`); routing matches engage patterns on the text after it.
+EDITED = "[edited] "
+
 CALLBACK_PREFIX = "ncq"
 CALLBACK_LIMIT = 64  # bytes (Telegram's callback_data limit)
 MAX_FILE = 50 << 20

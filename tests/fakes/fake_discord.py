@@ -3,8 +3,11 @@ driven by the real discord.py client.
 
 Gateway: HELLO (a short heartbeat interval), IDENTIFY → READY (counted: `identifies`),
 RESUME → replay of missed events then RESUMED (or INVALID_SESSION for an unknown
-session), heartbeats ACKed unless `ack = False`, dispatches MESSAGE_CREATE and
-INTERACTION_CREATE. `close_after_identify = <code>` closes every connection right after
+session), heartbeats ACKed unless `ack = False`, dispatches MESSAGE_CREATE,
+MESSAGE_UPDATE (a user's edit, or a change that is not an edit such as an embed
+unfurling; the bot's own edits too, as Discord does), INTERACTION_CREATE, and
+GUILD_CREATE / THREAD_CREATE to announce a guild's channels and threads (type 11, with
+`parent_id`). `close_after_identify = <code>` closes every connection right after
 IDENTIFY (a crash loop); `drop()` closes the live connections (4000).
 REST: users/@me, gateway/bot (with session_start_limit), messages (JSON or multipart)
 with edits and reactions, typing, DM channels, interaction callbacks, attachments.
@@ -15,6 +18,7 @@ breaks discord.py's login). 429s carry `Via` and `retry_after` as Discord's do.
 from __future__ import annotations
 
 import json
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -25,6 +29,7 @@ BOT = {"id": "900000000000000001", "username": "andy", "discriminator": "0",
        "global_name": "Andy", "avatar": None, "bot": True, "flags": 0, "mfa_enabled": False,
        "verified": True, "email": None, "locale": "en-US", "public_flags": 0}
 APP_ID = "900000000000000002"
+EPOCH = datetime(2026, 1, 1, tzinfo=timezone.utc)  # message timestamps; edits count up
 
 
 def _json(data: Any, status: int = 200, headers: dict | None = None) -> web.Response:
@@ -57,6 +62,7 @@ class FakeDiscord(FakeServer):
         self.callbacks: list[dict[str, Any]] = []
         self.attachments: dict[str, bytes] = {}
         self.clicked: dict[str, str] = {}  # interaction id → message id
+        self.edits = 0
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 << 20)
@@ -109,6 +115,63 @@ class FakeDiscord(FakeServer):
         self.messages[mid] = m
         self.dispatch("MESSAGE_CREATE", m)
         return mid
+
+    def edit_message(self, message_id: str, content: str, *, edited: bool = True,
+                     raw: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The author changes a message (MESSAGE_UPDATE with the whole message, as the
+        v10 gateway sends it). `edited=False` is a change that is not an edit, such as an
+        embed unfurling: `edited_timestamp` stays as it was. Returns the dispatched data
+        (dispatch it again to replay the update)."""
+        stamp = self._stamp()
+        with self.lock:
+            m = self.messages[message_id]
+            m.update(content=content, **(raw or {}))
+            if edited:
+                m["edited_timestamp"] = stamp
+            data = json.loads(json.dumps(m))
+        self.dispatch("MESSAGE_UPDATE", data)
+        return data
+
+    def guild(self, guild_id: str, channels: list[str],
+              threads: list[tuple[str, str]] | None = None) -> None:
+        """GUILD_CREATE: the bot joins a guild with these text channels and active
+        threads, given as (thread id, parent channel id)."""
+        self.dispatch("GUILD_CREATE", {
+            "id": guild_id, "name": f"guild {guild_id}", "icon": None, "owner_id": "555",
+            "features": [], "roles": [{"id": guild_id, "name": "@everyone", "permissions": "0",
+                                       "position": 0, "color": 0, "hoist": False,
+                                       "managed": False, "mentionable": False, "flags": 0}],
+            "emojis": [], "stickers": [], "member_count": 2, "large": False,
+            "unavailable": False, "joined_at": "2026-01-01T00:00:00.000000+00:00",
+            "members": [], "voice_states": [], "presences": [], "stage_instances": [],
+            "guild_scheduled_events": [], "soundboard_sounds": [],
+            "channels": [{"id": c, "type": 0, "guild_id": guild_id, "name": f"chan-{c}",
+                          "position": i, "permission_overwrites": [], "parent_id": None,
+                          "nsfw": False, "topic": None, "last_message_id": None}
+                         for i, c in enumerate(channels)],
+            "threads": [self._thread(t, parent, guild_id) for t, parent in threads or []]})
+
+    def start_thread(self, guild_id: str, parent_id: str) -> str:
+        """THREAD_CREATE: a user starts a public thread under a channel; its id."""
+        tid = self.snowflake()
+        self.dispatch("THREAD_CREATE", {**self._thread(tid, parent_id, guild_id),
+                                        "newly_created": True})
+        return tid
+
+    @staticmethod
+    def _thread(tid: str, parent_id: str, guild_id: str) -> dict[str, Any]:
+        return {"id": tid, "type": 11, "guild_id": guild_id, "parent_id": parent_id,
+                "owner_id": "555", "name": f"thread-{tid}", "last_message_id": None,
+                "rate_limit_per_user": 0, "message_count": 0, "member_count": 1, "flags": 0,
+                "thread_metadata": {"archived": False, "auto_archive_duration": 1440,
+                                    "archive_timestamp": "2026-01-01T00:00:00.000000+00:00",
+                                    "locked": False}}
+
+    def _stamp(self) -> str:
+        with self.lock:
+            self.edits += 1
+            n = self.edits
+        return (EPOCH + timedelta(seconds=n)).isoformat(timespec="microseconds")
 
     def click(self, message_id: str, custom_id: str, user_id: str = "555") -> str:
         m = self.messages[message_id]
@@ -308,12 +371,15 @@ class FakeDiscord(FakeServer):
             m = self.messages.get(p[3])
             if m is None:
                 return self._error(404)
+            stamp = self._stamp()
             with self.lock:
                 if "content" in body:
                     m["content"] = body["content"]
                 if "components" in body:
                     m["components"] = body["components"]
-                m["edited_timestamp"] = "2026-01-01T00:00:01.000000+00:00"
+                m["edited_timestamp"] = stamp
+                data = json.loads(json.dumps(m))
+            await self._dispatch("MESSAGE_UPDATE", data)  # Discord tells us of our own edits
             return _json(m)
         if len(p) >= 6 and p[0] == "channels" and p[4] == "reactions" and verb == "PUT":
             m = self.messages.get(p[3])
@@ -326,10 +392,14 @@ class FakeDiscord(FakeServer):
             data = body.get("data") or {}
             m = self.messages.get(self.clicked.get(p[1], ""))
             if body.get("type") == 7 and m is not None:  # UPDATE_MESSAGE: edit the card
+                stamp = self._stamp()
                 with self.lock:
                     if data.get("content") is not None:
                         m["content"] = data["content"]
                     m["components"] = data.get("components") or []
+                    m["edited_timestamp"] = stamp
+                    update = json.loads(json.dumps(m))
+                await self._dispatch("MESSAGE_UPDATE", update)
             return web.Response(status=204)
         return _json({"message": "404: Not Found", "code": 0}, 404)
 

@@ -3,7 +3,11 @@
 
 Socket Mode: `hello` on connect; events and block_actions arrive as envelopes that the
 app must acknowledge (`{"envelope_id"}`); an unacknowledged envelope is sent again on
-the next connection. Web API: auth.test, chat.postMessage, chat.update, reactions.add,
+the next connection, and `redeliver` sends one again as Slack's retries do (a new
+envelope id, the same event). A user's edit (`edit_message`), a change that is not an
+edit (`edited=False`: an unfurl, no new `edited` stamp) and a deletion arrive as
+`message_changed` / `message_deleted` events; so does the bot's own chat.update, as in
+Slack. Web API: auth.test, chat.postMessage, chat.update, reactions.add,
 conversations.open, the files_upload_v2 trio (getUploadURLExternal, the upload URL,
 completeUploadExternal) and files.info, plus private file downloads. 429s carry
 `Retry-After` and `{"ok": false, "error": "ratelimited"}` as Slack's do.
@@ -34,6 +38,7 @@ class FakeSlack(FakeServer):
         self.sockets: list[web.WebSocketResponse] = []
         self.unacked: dict[str, dict[str, Any]] = {}
         self.acked: list[str] = []
+        self.envelopes: dict[str, dict[str, Any]] = {}  # every envelope ever sent
         self.connections = 0
         self.clock = 1_700_000_000.0
         self.messages: dict[str, dict[str, Any]] = {}  # ts → message (bot and users)
@@ -81,6 +86,53 @@ class FakeSlack(FakeServer):
                                      "event_time": int(time.time()), "event": ev})
         return ts
 
+    def edit_message(self, ts: str, text: str, *, edited: bool = True,
+                     raw: dict[str, Any] | None = None) -> str:
+        """The author changes a message they sent (a `message_changed` event); with
+        `edited=False` it is a change that is not an edit (an unfurl adds attachments,
+        the text stays). Returns the envelope id."""
+        stamp = self.ts()
+        with self.lock:
+            before = self.messages[ts]
+            after = {**before, "text": text, **(raw or {})}
+            if edited:
+                after["edited"] = {"user": before.get("user"), "ts": stamp}
+            self.messages[ts] = after
+        return self.envelope("events_api", self._callback(self._changed(before, after, stamp)))
+
+    def delete_message(self, ts: str) -> str:
+        """The author deletes a message (a `message_deleted` event); the envelope id."""
+        stamp = self.ts()
+        with self.lock:
+            before = self.messages.pop(ts)
+        ev = {"type": "message", "subtype": "message_deleted", "hidden": True,
+              "channel": before["channel"], "channel_type": before.get("channel_type", "channel"),
+              "ts": stamp, "event_ts": stamp, "deleted_ts": ts,
+              "previous_message": _inner(before)}
+        return self.envelope("events_api", self._callback(ev))
+
+    def redeliver(self, envelope_id: str) -> str:
+        """Slack retries an envelope (as after a missed ack): the same event under a new
+        envelope id, even if it was acknowledged. Returns the new envelope id."""
+        old = self.envelopes[envelope_id]
+        eid = uuid.uuid4().hex
+        env = {**old, "envelope_id": eid, "retry_attempt": old["retry_attempt"] + 1,
+               "retry_reason": "timeout"}
+        self.unacked[eid] = self.envelopes[eid] = env
+        self.send_raw(json.dumps(env))
+        return eid
+
+    def _changed(self, before: dict[str, Any], after: dict[str, Any], stamp: str) -> dict:
+        return {"type": "message", "subtype": "message_changed", "hidden": True,
+                "channel": before["channel"], "channel_type": before.get("channel_type", "channel"),
+                "ts": stamp, "event_ts": stamp, "message": _inner(after),
+                "previous_message": _inner(before)}
+
+    @staticmethod
+    def _callback(ev: dict[str, Any]) -> dict[str, Any]:
+        return {"token": "t", "team_id": "T1", "api_app_id": "A1", "type": "event_callback",
+                "event_id": f"Ev{ev['event_ts']}", "event_time": int(time.time()), "event": ev}
+
     def click(self, channel: str, ts: str, action_id: str, user: str = "UANN0001") -> None:
         self.envelope("interactive", {
             "type": "block_actions", "user": {"id": user, "username": "ann"},
@@ -94,7 +146,7 @@ class FakeSlack(FakeServer):
         eid = envelope_id or uuid.uuid4().hex
         env = {"envelope_id": eid, "type": kind, "payload": payload,
                "accepts_response_payload": False, "retry_attempt": 0, "retry_reason": ""}
-        self.unacked[eid] = env
+        self.unacked[eid] = self.envelopes[eid] = env
         self.send_raw(json.dumps(env))
         return eid
 
@@ -202,11 +254,23 @@ class FakeSlack(FakeServer):
         m = self.messages.get(str(p.get("ts")))
         if m is None:
             return web.json_response({"ok": False, "error": "message_not_found"})
+        stamp = self.ts()
         with self.lock:
+            before = dict(m)
             m["text"] = p.get("text")
             blocks = p.get("blocks")
             m["blocks"] = json.loads(blocks) if isinstance(blocks, str) else blocks
-            m["edited"] = True
+            m["edited"] = {"user": m.get("user"), "ts": stamp}
+            after = dict(m)
+        # Slack tells the app about its own edits too (a message_changed with bot_id)
+        eid = uuid.uuid4().hex
+        env = {"envelope_id": eid, "type": "events_api", "accepts_response_payload": False,
+               "payload": self._callback(self._changed(before, after, stamp)),
+               "retry_attempt": 0, "retry_reason": ""}
+        self.unacked[eid] = self.envelopes[eid] = env
+        for ws in list(self.sockets):
+            if not ws.closed:
+                await ws.send_str(json.dumps(env))
         return _ok(channel=p["channel"], ts=m["ts"], text=m["text"])
 
     async def _m_reactions_add(self, p: dict) -> web.Response:
@@ -266,3 +330,8 @@ class FakeSlack(FakeServer):
         if f is None or "data" not in f:
             return web.Response(status=404)
         return web.Response(body=f["data"], content_type="application/octet-stream")
+
+
+def _inner(m: dict[str, Any]) -> dict[str, Any]:
+    """A message as Slack nests it in message_changed/deleted (no channel fields)."""
+    return {k: v for k, v in m.items() if k not in ("channel", "channel_type", "event_ts")}
