@@ -1,9 +1,10 @@
 """Process entry: logging, signals, and the forever loop around `PollLoop.loop_once`.
 
-The loop polls fast (5 ms) while messages are flowing, so a warm turn is not spent
-sleeping, and backs off after about 2 s of quiet, so an idle agent costs almost nothing:
-to 1 s when the host can nudge it (`nudge.py`: the sleep ends as soon as the host writes
-`inbound.db`), else to 100 ms. Signal handlers only record; the loop notices (a signal
+The loop polls fast while messages are flowing, so a warm turn is not spent sleeping,
+and backs off after about 2 s of quiet, so an idle agent costs almost nothing. When the
+host can nudge it (`nudge.py`: the sleep ends as soon as the host writes `inbound.db`),
+polling is only the safety net for a lost nudge: 50 ms when busy, 1 s when idle, so
+twenty busy agents do not wake 4,000 times a second. Without nudges: 5 ms, then 100 ms. Signal handlers only record; the loop notices (a signal
 also ends the sleep) and exits 0. A second signal interrupts whatever is blocking (e.g. a
 model call that has not started streaming).
 """
@@ -24,6 +25,7 @@ from agent_runner.poll_loop import PollLoop, Shutdown
 log = logging.getLogger("agent_runner")
 
 FAST_S = 0.005
+FAST_NUDGED_S = 0.05
 SLOW_S = 0.1
 SLOW_NUDGED_S = 1.0  # the host wakes us for new rows; due-time rows: SAFETY_NET_S anyway
 FAST_FOR_S = 0.25
@@ -31,11 +33,11 @@ RAMP_S = 1.75
 SAFETY_SLEEP_S = 1.0  # after a failed poll
 
 
-def poll_interval(idle_s: float, slow: float = SLOW_S) -> float:
-    """5 ms while recently active, rising linearly to `slow` after ~2 s of nothing."""
+def poll_interval(idle_s: float, slow: float = SLOW_S, fast: float = FAST_S) -> float:
+    """`fast` while recently active, rising linearly to `slow` after ~2 s of nothing."""
     if idle_s <= FAST_FOR_S:
-        return FAST_S
-    return min(slow, FAST_S + (slow - FAST_S) * (idle_s - FAST_FOR_S) / RAMP_S)
+        return fast
+    return min(slow, fast + (slow - fast) * (idle_s - FAST_FOR_S) / RAMP_S)
 
 
 class StopFlag:
@@ -53,7 +55,8 @@ class StopFlag:
 
 def run(loop: PollLoop, stop: Callable[[], bool],
         clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], object] = time.sleep, slow: float = SLOW_S) -> None:
+        sleep: Callable[[float], object] = time.sleep, slow: float = SLOW_S,
+        fast: float = FAST_S) -> None:
     last_active = clock()
     last_error = None
     while not stop():
@@ -70,7 +73,7 @@ def run(loop: PollLoop, stop: Callable[[], bool],
                 last_error = str(exc)
             sleep(SAFETY_SLEEP_S)
             continue
-        sleep(poll_interval(clock() - last_active, slow))
+        sleep(poll_interval(clock() - last_active, slow, fast))
 
 
 def ensure_tmpdir(session_dir: str) -> None:
@@ -99,7 +102,9 @@ def main() -> int:
     waiter = Waiter(cfg.session_dir)
     try:
         loop.initialize()
-        run(loop, stop, sleep=waiter.wait, slow=SLOW_NUDGED_S if waiter.nudged else SLOW_S)
+        nudged = waiter.nudged
+        run(loop, stop, sleep=waiter.wait, slow=SLOW_NUDGED_S if nudged else SLOW_S,
+            fast=FAST_NUDGED_S if nudged else FAST_S)
     except Shutdown:
         pass
     except Exception:
