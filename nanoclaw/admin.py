@@ -144,14 +144,15 @@ def _skills_of(raw: Any) -> list[str] | None:
 def groups(a: argparse.Namespace, store, settings) -> None:
     if a.op == "list":
         only = (_group(store, a.group)["id"],) if getattr(a, "group", None) else ()
-        rows = store.q("SELECT g.id, g.name, g.folder, c.provider, c.model, c.daily_token_budget"
-                       " FROM agent_groups g LEFT JOIN container_configs c ON"
-                       f" c.agent_group_id=g.id {'WHERE g.id=?' if only else ''}"
-                       " ORDER BY g.created_at", only)
+        rows = store.q("SELECT g.id, g.name, g.folder, c.provider, c.model,"
+                       " c.fallback_model AS fallback, c.daily_token_budget FROM agent_groups g"
+                       " LEFT JOIN container_configs c ON c.agent_group_id=g.id"
+                       f" {'WHERE g.id=?' if only else ''} ORDER BY g.created_at", only)
         for r in rows:
             own, default = r.pop("daily_token_budget"), settings.daily_token_budget
             r["daily_budget"] = (own if own is not None else default) or None
-        _table(rows, ["id", "name", "folder", "provider", "model", "daily_budget"])
+            r["fallback"] = r["fallback"] or settings.fallback_model or None
+        _table(rows, ["id", "name", "folder", "provider", "model", "fallback", "daily_budget"])
     elif a.op == "add":
         folder = a.folder or actions.normalise_name(a.name)
         if not FOLDER_NAME.match(folder):
@@ -176,11 +177,15 @@ def groups(a: argparse.Namespace, store, settings) -> None:
             if a.name:
                 store.conn.execute("UPDATE agent_groups SET name=? WHERE id=?",
                                    (a.name, g["id"]))
+            fallback = getattr(a, "fallback_model", None)
             for col, v in (("provider", a.provider), ("model", a.model),
-                           ("cli_scope", getattr(a, "cli_scope", None)), ("skills", chosen)):
+                           ("cli_scope", getattr(a, "cli_scope", None)), ("skills", chosen),
+                           ("fallback_model", fallback)):
                 if v:
                     store.conn.execute(f"UPDATE container_configs SET {col}=?, updated_at=?"
-                                       " WHERE agent_group_id=?", (v, utcnow(), g["id"]))
+                                       " WHERE agent_group_id=?",
+                                       (None if (col, v) == ("fallback_model", "none") else v,
+                                        utcnow(), g["id"]))
             if budget:
                 store.conn.execute("UPDATE container_configs SET daily_token_budget=?,"
                                    " updated_at=? WHERE agent_group_id=?",
@@ -433,6 +438,9 @@ def add_parsers(sub: Any) -> None:
     x.add_argument("--daily-token-budget", metavar="N|none",
                    help="tokens a day for this group (0: no limit; none: the default,"
                         " NANOCLAW_DAILY_TOKEN_BUDGET)")
+    x.add_argument("--fallback-model", metavar="MODEL|none",
+                   help="answer with this model while the group's own stays overloaded"
+                        " (none: back to NANOCLAW_FALLBACK_MODEL)")
     x.add_argument("--cli-scope", choices=["disabled", "group", "global"],
                    help="what the agent's in-sandbox `ncl` may reach (see README)")
     x.add_argument("--skills", metavar="all|none|A,B",

@@ -34,6 +34,7 @@ class Settings(BaseSettings):
     runtime: Literal["auto", "docker", "bwrap", "process"] = "auto"
     provider: Literal["claude", "anthropic"] = "claude"
     model: str = "claude-sonnet-4-5"
+    fallback_model: str = ""  # for groups without their own: used while `model` is overloaded
     assistant_name: str = "Andy"
     timezone: str = Field(default="", validation_alias=AliasChoices("NANOCLAW_TIMEZONE", "TZ"))
     log_level: Literal["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

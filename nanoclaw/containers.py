@@ -281,6 +281,8 @@ class Containers:
         provider = (s["agent_provider"] or cfg.get("provider") or ag["agent_provider"]
                     or "claude").strip().lower() or "claude"
         data = {"provider": provider, "model": cfg.get("model") or self.settings.model,
+                "fallback_model": cfg.get("fallback_model") or self.settings.fallback_model
+                or None,
                 "assistant_name": cfg.get("assistant_name") or self.settings.assistant_name,
                 "agent_group_id": ag["id"], "effort": cfg.get("effort"),
                 "max_messages_per_prompt": cfg.get("max_messages_per_prompt") or 10,

@@ -270,6 +270,8 @@ MIGRATIONS: list[tuple[str, str]] = [
     ("channel-approval-naming",  # "Connect new agent": who names it, since when
      "ALTER TABLE pending_channel_approvals ADD COLUMN naming_by TEXT;\n"
      "ALTER TABLE pending_channel_approvals ADD COLUMN naming_at TEXT;\n"),
+    ("fallback-model",  # answered by another model when the chosen one stays overloaded
+     "ALTER TABLE container_configs ADD COLUMN fallback_model TEXT;\n"),
     ("approvals-decided-by",  # who clicked: approved agent commands run as them
      "ALTER TABLE pending_approvals ADD COLUMN decided_by TEXT;\n"
      "ALTER TABLE pending_approvals ADD COLUMN decided_at TEXT;\n"),

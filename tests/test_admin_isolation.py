@@ -72,6 +72,33 @@ def test_budget_set_and_cleared(db):
     assert config(store, ag)["daily_token_budget"] is None
 
 
+def test_fallback_model_set_listed_written_for_the_agent_and_cleared(db, tmp_path):
+    base, store, ag = db
+    r = run_cli(base, "groups", "update", "main", "--fallback-model", "claude-backup-9")
+    assert r.returncode == 0, r.stderr
+    assert config(store, ag)["fallback_model"] == "claude-backup-9"
+    listing = run_cli(base, "groups", "list").stdout
+    assert "FALLBACK" in listing and "claude-backup-9" in listing
+
+    from nanoclaw.containers import Containers  # what a spawn writes into container.json
+    settings = Settings(data_dir=base / "data", groups_dir=base / "groups")
+    group_dir = tmp_path / "g"
+    group_dir.mkdir()
+    session = {"agent_provider": None}
+    Containers(store, settings, RUNTIMES["process"](settings))._write_config(
+        session, store.agent_group(ag), group_dir)
+    assert json.loads((group_dir / "container.json").read_text())["fallback_model"] == \
+        "claude-backup-9"
+
+    assert run_cli(base, "groups", "update", "main", "--fallback-model", "none").returncode == 0
+    assert config(store, ag)["fallback_model"] is None
+    Containers(store, Settings(data_dir=base / "data", fallback_model="claude-site-wide"),
+               RUNTIMES["process"](settings))._write_config(session, store.agent_group(ag),
+                                                           group_dir)
+    assert json.loads((group_dir / "container.json").read_text())["fallback_model"] == \
+        "claude-site-wide"  # NANOCLAW_FALLBACK_MODEL, for groups without their own
+
+
 def test_bad_budget_writes_nothing(db):
     base, store, ag = db
     run_cli(base, "groups", "update", "main", "--daily-token-budget", "100")

@@ -227,6 +227,25 @@ def test_overloaded_model_retries_visibly_then_fails_visibly(session, fake, star
     assert session.reply_to(mid2)["text"] == "echo: again"
 
 
+def test_a_busy_model_falls_back_to_the_fallback_model_and_says_so(session, fake, start):
+    session.configure(fallback_model="claude-fake-backup")
+    fake.inject(status=529, count=2, retry_after=0.01)  # the first call and the one retry
+    start()
+    mid = session.chat("are you there")
+    wait_for(lambda: len([r for r in session.out() if r["in_reply_to"] == mid]) == 3,
+             "the retry notice, the fallback notice and the answer")
+    texts = [r["text"] for r in session.out()]
+    assert texts[0].startswith("The model is busy (HTTP 529, overloaded); retrying")
+    assert texts[1] == ("(claude-fake-1 is still busy (overloaded), so claude-fake-backup"
+                        " answers for now.)")
+    assert texts[2] == "echo: are you there"
+    assert [c["body"]["model"] for c in model_calls(fake)] == [
+        "claude-fake-1", "claude-fake-1", "claude-fake-backup"]
+    mid2 = session.chat("again")  # it stays on the fallback for a while, without a word
+    assert session.reply_to(mid2)["text"] == "echo: again"
+    assert model_calls(fake)[-1]["body"]["model"] == "claude-fake-backup"
+
+
 def test_rate_limit_is_retried_after_retry_after(session, fake, start):
     fake.inject(status=429, retry_after=0.05)
     start()

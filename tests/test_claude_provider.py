@@ -200,6 +200,23 @@ def test_the_user_is_told_when_the_cli_compacts_on_its_own(session, fake, start)
              "the answer after compaction", SLOW)
 
 
+def test_the_cli_falls_back_to_the_fallback_model_and_the_user_is_told(tmp_path, fake):
+    sess = Session(tmp_path, provider="claude", fallback_model="claude-fake-backup")
+    runner = Runner(sess, fake.url)  # the CLI's own retries: it falls back after three 529s
+    try:
+        fake.inject(status=529, count=3, retry_after=0.01)
+        mid = sess.chat("hello")
+        wait_for(lambda: any(r["text"] == "echo: hello" for r in sess.out()), "the answer",
+                 SLOW)
+        texts = [r["text"] for r in sess.out() if r["in_reply_to"] == mid]
+        assert ("(claude-fake-1 is still busy (overloaded), so claude-fake-backup answers"
+                " for now.)") in texts
+        models = [c["body"]["model"] for c in model_calls(fake)]
+        assert models[:3] == ["claude-fake-1"] * 3 and models[3] == "claude-fake-backup"
+    finally:
+        assert runner.stop() == 0
+
+
 def test_missing_sdk_is_a_visible_error(tmp_path, fake):
     """Without claude-agent-sdk the agent still answers: with a clear error."""
     sess = Session(tmp_path, provider="claude")

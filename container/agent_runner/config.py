@@ -34,6 +34,7 @@ class Config:
     tz: str
     provider: str = DEFAULT_PROVIDER
     model: str = DEFAULT_MODEL
+    fallback_model: str | None = None  # while `model` stays overloaded (429/529/5xx)
     assistant_name: str = "Andy"
     agent_group_id: str = ""
     max_messages_per_prompt: int = 10
@@ -103,6 +104,7 @@ def load(env: Mapping[str, str] = os.environ) -> Config:
         tz=env.get("TZ") or "UTC",
         provider=str(data.get("provider") or DEFAULT_PROVIDER),
         model=str(data.get("model") or DEFAULT_MODEL),
+        fallback_model=str(data["fallback_model"]) if data.get("fallback_model") else None,
         assistant_name=str(data.get("assistant_name") or "Andy"),
         agent_group_id=str(data.get("agent_group_id") or ""),
         max_messages_per_prompt=limit,

@@ -2,7 +2,11 @@
 
 The client reads ANTHROPIC_BASE_URL / ANTHROPIC_API_KEY (the host's broker and a
 per-session token). Retries are ours, not the SDK's, so each one is a visible `Retrying`
-event (honouring `retry-after`) and a final failure an `Error`. The conversation lives in memory and is saved after every finished
+event (honouring `retry-after`) and a final failure an `Error`. When the model is still
+rate limited or overloaded after them and the group has a `fallback_model`, that model
+answers instead, for `FALLBACK_FOR_S`, and the user is told (a `Notice`). When the
+context is full, the oldest turns are set aside, archived, and the user is told.
+The conversation lives in memory and is saved after every finished
 turn as `<session>/.provider/anthropic-<id>.json`; the id is the continuation the poll
 loop stores in `session_state`. A missing or corrupt file is a `StaleSession`: the loop
 clears it and starts afresh instead of failing every turn. A failed turn is rolled back
@@ -45,6 +49,7 @@ def retries() -> int:
     environment arrives."""
     return int(os.environ.get("NANOCLAW_MODEL_RETRIES") or 3)
 MAX_DELAY_S = 60.0
+FALLBACK_FOR_S = 600.0  # after falling back, stay on the fallback model this long
 
 
 def busy_reason(status: int) -> str:
@@ -182,12 +187,20 @@ class AnthropicProvider:
 
     def __init__(self, config: Config) -> None:
         self.model = config.model
+        self.fallback = config.fallback_model if config.fallback_model != config.model else None
+        self.fallback_until = 0.0
         self.effort = config.effort
         self.dir = config.provider_dir
         self.archive_dir = os.path.join(config.group_dir, "conversations")
         self.client = anthropic.Anthropic(max_retries=0)
         self._id: str | None = None
         self._history: list[dict[str, Any]] = []
+
+    def current_model(self) -> str:
+        """The group's model, or its fallback for a while after the model stayed busy."""
+        if self.fallback and time.monotonic() < self.fallback_until:
+            return self.fallback
+        return self.model
 
     # -- continuation files
     def _path(self, cid: str) -> str:
@@ -324,7 +337,7 @@ class AnthropicQuery:
                 f" our conversation and no longer see them.{where})")
 
     def _call(self, messages: list[dict[str, Any]]) -> Generator[Event, None, Any]:
-        kwargs: dict[str, Any] = {"model": self.p.model, "max_tokens": MAX_TOKENS,
+        kwargs: dict[str, Any] = {"model": self.p.current_model(), "max_tokens": MAX_TOKENS,
                                   "system": self.q.system, "messages": messages}
         if self.q.tools is not None:
             kwargs["tools"] = self.q.tools.specs(local=True)
@@ -345,6 +358,17 @@ class AnthropicQuery:
                 err = classify(exc)
                 log.warning("model call failed error_type=%s attempt=%d", type(exc).__name__,
                             attempt)
+                fallback = self.p.fallback
+                if (attempt > retries() and fallback and kwargs["model"] != fallback
+                        and err.classification in ("quota", "overloaded")):
+                    self.p.fallback_until = time.monotonic() + FALLBACK_FOR_S
+                    log.warning("model %s stayed busy; falling back to %s", kwargs["model"],
+                                fallback)
+                    yield Notice(f"({kwargs['model']} is still busy"
+                                 f" ({busy_reason(getattr(exc, 'status_code', 0))}), so"
+                                 f" {fallback} answers for now.)")
+                    kwargs["model"], attempt = fallback, 0
+                    continue
                 if not err.retryable or attempt > retries():
                     if err.retryable and attempt > 1:
                         err = ProviderError(f"{err} (gave up after {attempt} attempts)",

@@ -183,6 +183,7 @@ class ClaudeProvider:
         self.config = config
         self.stderr: deque[str] = deque(maxlen=40)
         self._live: _Live | None = None
+        self.on_fallback = False  # the CLI answers with the fallback model (told once)
 
     # -- the live CLI session
     def live_for(self, q: QueryInput) -> _Live:
@@ -214,6 +215,8 @@ class ClaudeProvider:
             env["IS_SANDBOX"] = "1"
         return sdk.ClaudeAgentOptions(
             model=c.model, effort=c.effort, cwd=q.cwd,
+            # the CLI refuses a fallback equal to the model
+            fallback_model=c.fallback_model if c.fallback_model != c.model else None,
             system_prompt={"type": "preset", "preset": "claude_code", "append": q.system},
             permission_mode="bypassPermissions", setting_sources=["project", "user"],
             mcp_servers=servers, allowed_tools=ALLOWED_TOOLS + [f"mcp__{n}__*" for n in servers],
@@ -348,6 +351,15 @@ class ClaudeQuery:
 
     def _map(self, msg: Any, texts: list[str]) -> Iterator[Event]:
         if isinstance(msg, sdk.AssistantMessage):
+            model, c = getattr(msg, "model", None), self.p.config
+            if model and model == c.fallback_model and model != c.model:
+                if not self.p.on_fallback:  # the CLI switched after repeated 529s
+                    self.p.on_fallback = True
+                    log.warning("the CLI fell back to model %s", model)
+                    yield Notice(f"({c.model} is still busy (overloaded), so {model} answers"
+                                 " for now.)")
+            elif model:
+                self.p.on_fallback = False
             if msg.parent_tool_use_id is None and not msg.error:
                 texts += [b.text for b in msg.content if isinstance(b, sdk.TextBlock)]
             for block in msg.content:
