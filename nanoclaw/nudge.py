@@ -24,8 +24,9 @@ import socket
 import stat
 import time
 import weakref
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from nanoclaw.log import logger
 
@@ -78,17 +79,25 @@ def _sock() -> socket.socket:
     return _sender[1]
 
 
+@contextmanager
+def _addressable(addr: str) -> Iterator[str]:
+    """`addr`, or the same socket through its folder's fd when the path is too long for
+    sun_path."""
+    if len(os.fsencode(addr)) <= SUN_PATH_MAX:
+        yield addr
+        return
+    folder, name = os.path.split(addr)
+    fd = os.open(folder, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{fd}/{name}"
+    finally:
+        os.close(fd)
+
+
 def _send(addr: str) -> None:
     try:
-        if len(os.fsencode(addr)) <= SUN_PATH_MAX:
-            _sock().sendto(NUDGE, addr)
-            return
-        folder, name = os.path.split(addr)  # too long for sun_path: go through the folder
-        fd = os.open(folder, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            _sock().sendto(NUDGE, f"/proc/self/fd/{fd}/{name}")
-        finally:
-            os.close(fd)
+        with _addressable(addr) as a:
+            _sock().sendto(NUDGE, a)
     except OSError as e:
         _quiet(e)
 
@@ -189,15 +198,8 @@ def listen(where: Any, name: str, mode: int = 0o600) -> Listener | None:
             os.unlink(p)
         except FileNotFoundError:
             pass
-        addr = os.fspath(p)
-        if len(os.fsencode(addr)) <= SUN_PATH_MAX:
-            s.bind(addr)
-        else:
-            fd = os.open(p.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                s.bind(f"/proc/self/fd/{fd}/{p.name}")
-            finally:
-                os.close(fd)
+        with _addressable(os.fspath(p)) as a:
+            s.bind(a)
         os.chmod(p, mode)
         return Listener(s, p, os.stat(p).st_ino)
     except OSError as e:
@@ -254,17 +256,17 @@ class Waiter:
         return True
 
     def close(self) -> None:
+        self._release()
+        if self.listener is not None:
+            self.listener.close()
+
+    def _release(self) -> None:
+        """Undo the signal wake-up fd and close the pipe (also in a forked child)."""
         if self._pipe is not None:
             try:
                 signal.set_wakeup_fd(-1)
             except ValueError:
                 pass
-        self._close_fds()
-        if self.listener is not None:
-            self.listener.close()
-
-    def _close_fds(self) -> None:
-        if self._pipe is not None:
             for fd in self._pipe:
                 try:
                     os.close(fd)
@@ -285,12 +287,7 @@ def _after_fork_in_child() -> None:
     """A forked worker must not keep its parent's sockets, pipe or signal wake-up fd."""
     for obj in list(_live):
         if isinstance(obj, Waiter):
-            if obj._pipe is not None:
-                try:
-                    signal.set_wakeup_fd(-1)
-                except ValueError:
-                    pass
-            obj._close_fds()
+            obj._release()
         else:
             obj._close_fd()
     _live.clear()
