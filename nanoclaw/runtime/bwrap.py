@@ -216,12 +216,8 @@ class BwrapRuntime(ProcessRuntime):
             broker = self.settings.broker_socket.parent if via_socket else None
             mounts = [*sandbox.shared_mounts(ws.runner_dir, broker),
                       Mount(s, sandbox.SESSION, True)]
-            env = {"PATH": self._path(), "LANG": "C.UTF-8", "PYTHONPATH": sandbox.APP,
-                   "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1",
-                   "NANOCLAW_WARM": "1", "NANOCLAW_WARM_PRELOAD": ",".join(ws.preload),
-                   MARK: ws.install_id}
-            if via_socket:
-                env["NANOCLAW_BROKER_SOCKET"] = f"{sandbox.BROKER_DIR}/broker.sock"
+            env = {**sandbox.base_environment(self._path(), via_socket), "NANOCLAW_WARM": "1",
+                   "NANOCLAW_WARM_PRELOAD": ",".join(ws.preload), MARK: ws.install_id}
             argv = self._argv(mounts, "/", via_socket, uid, gid,
                               [sys.executable, "-m", "sandbox_entry"])
             log = warm.warm_log(ws.logs_dir)

@@ -40,6 +40,17 @@ def _state(pid: int) -> str | None:
         return None
 
 
+def _base_env(runner_dir: Path, install_id: str) -> dict[str, str]:
+    """An agent's environment before any session is known (a warm start's too)."""
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "LANG": os.environ.get("LANG", "C.UTF-8"),
+        "PYTHONPATH": str(runner_dir),
+        "PYTHONDONTWRITEBYTECODE": "1",
+        MARK: install_id,
+    }
+
+
 class ProcessRuntime:
     name = "process"
 
@@ -74,9 +85,7 @@ class ProcessRuntime:
     def _start_warm(self) -> warm.Warm:
         ws = self.warm_spec
         assert ws is not None
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-               "LANG": os.environ.get("LANG", "C.UTF-8"), "PYTHONPATH": str(ws.runner_dir),
-               "PYTHONDONTWRITEBYTECODE": "1", MARK: ws.install_id, "NANOCLAW_WARM": "1",
+        env = {**_base_env(ws.runner_dir, ws.install_id), "NANOCLAW_WARM": "1",
                "NANOCLAW_WARM_PRELOAD": ",".join(ws.preload)}
         log = warm.warm_log(ws.logs_dir)
         with open(log, "ab") as out:
@@ -118,15 +127,11 @@ class ProcessRuntime:
 
     def _env(self, spec: SpawnSpec) -> dict[str, str]:
         return {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "LANG": os.environ.get("LANG", "C.UTF-8"),
+            **_base_env(spec.runner_dir, spec.install_id),
             "HOME": str(spec.session_dir),
-            "PYTHONPATH": str(spec.runner_dir),
-            "PYTHONDONTWRITEBYTECODE": "1",
             "NANOCLAW_SESSION_DIR": str(spec.session_dir),
             "NANOCLAW_GROUP_DIR": str(spec.group_dir),
             "NANOCLAW_GLOBAL_DIR": str(spec.global_dir),
-            MARK: spec.install_id,
             **spec.env,
         }
 

@@ -80,22 +80,29 @@ def shared_mounts(runner_dir: Path, broker_dir: Path | None) -> list[Mount]:
     return mounts
 
 
-def environment(spec: SpawnSpec, path: str, via_socket: bool) -> dict[str, str]:
+def base_environment(path: str, via_socket: bool) -> dict[str, str]:
+    """What the sandbox's Python needs before any session is known (a warm start's too)."""
     env = {
         "PATH": path,
-        "HOME": SESSION,
         "LANG": "C.UTF-8",
         "PYTHONPATH": APP,
         "PYTHONDONTWRITEBYTECODE": "1",
         "PYTHONUNBUFFERED": "1",
+    }
+    if via_socket:  # sandbox_entry relays 127.0.0.1 inside to this socket
+        env["NANOCLAW_BROKER_SOCKET"] = f"{BROKER_DIR}/broker.sock"
+    return env
+
+
+def environment(spec: SpawnSpec, path: str, via_socket: bool) -> dict[str, str]:
+    return {
+        **base_environment(path, via_socket),
+        "HOME": SESSION,
         "NANOCLAW_SESSION_DIR": SESSION,
         "NANOCLAW_GROUP_DIR": GROUP,
         "NANOCLAW_GLOBAL_DIR": GLOBAL,
         **spec.env,
     }
-    if via_socket:  # sandbox_entry relays 127.0.0.1 inside to this socket
-        env["NANOCLAW_BROKER_SOCKET"] = f"{BROKER_DIR}/broker.sock"
-    return env
 
 
 def user(agent_uid: int) -> tuple[int, int]:
