@@ -287,14 +287,14 @@ def runtime_report(settings: Settings) -> list[tuple[bool | None, str]]:
     """Which runtime agents get here and why not the others; whether the warm pool is in
     effect. (ok, line) pairs; ok None is a plain note."""
     from nanoclaw.log import logger
-    from nanoclaw.runtime import RUNTIMES, WHY_NOT, mountns
+    from nanoclaw.runtime import AUTO_ORDER, RUNTIMES, WHY_NOT, mountns
 
     logger.disable("nanoclaw.runtime")  # the probes' debug lines are not for this screen
     try:
-        usable = {n: bool(RUNTIMES[n].available(settings)) for n in ("docker", "bwrap")}
+        usable = {n: bool(RUNTIMES[n].available(settings)) for n in AUTO_ORDER}
     finally:
         logger.enable("nanoclaw.runtime")
-    auto = next((n for n in ("docker", "bwrap") if usable[n]), "process")
+    auto = next((n for n in AUTO_ORDER if usable[n]), "process")
     out: list[tuple[bool | None, str]] = []
     for n, ok in usable.items():
         if not ok:

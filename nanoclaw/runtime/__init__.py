@@ -11,6 +11,7 @@ from nanoclaw.runtime.process import ProcessRuntime
 
 RUNTIMES: dict[str, type] = {"docker": DockerRuntime, "bwrap": BwrapRuntime,
                              "process": ProcessRuntime}
+AUTO_ORDER = ("docker", "bwrap")  # what `auto` tries, best first; else `process`
 WHY_NOT = {
     "docker": "no Docker engine answers (DOCKER_HOST) or the agent image {image} is missing"
               " (build it: nanoclaw image build)",
@@ -26,7 +27,7 @@ def select(name: str, settings: Settings | None = None) -> Runtime:
 
         settings = config.get()
     if name == "auto":
-        for candidate in ("docker", "bwrap"):
+        for candidate in AUTO_ORDER:
             if RUNTIMES[candidate].available(settings):
                 logger.info("runtime {} selected", candidate)
                 return RUNTIMES[candidate](settings)
@@ -45,4 +46,4 @@ def select(name: str, settings: Settings | None = None) -> Runtime:
     return cls(settings)
 
 
-__all__ = ["Mount", "Runtime", "SpawnSpec", "select", "RUNTIMES"]
+__all__ = ["AUTO_ORDER", "Mount", "Runtime", "SpawnSpec", "select", "RUNTIMES"]
