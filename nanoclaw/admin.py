@@ -180,12 +180,13 @@ def groups(a: argparse.Namespace, store, settings) -> None:
             fallback = getattr(a, "fallback_model", None)
             for col, v in (("provider", a.provider), ("model", a.model),
                            ("cli_scope", getattr(a, "cli_scope", None)), ("skills", chosen),
-                           ("fallback_model", fallback)):
+                           ("fallback_model", None if fallback == "none" else fallback)):
                 if v:
                     store.conn.execute(f"UPDATE container_configs SET {col}=?, updated_at=?"
-                                       " WHERE agent_group_id=?",
-                                       (None if (col, v) == ("fallback_model", "none") else v,
-                                        utcnow(), g["id"]))
+                                       " WHERE agent_group_id=?", (v, utcnow(), g["id"]))
+            if fallback == "none":  # back to NANOCLAW_FALLBACK_MODEL
+                store.conn.execute("UPDATE container_configs SET fallback_model=NULL,"
+                                   " updated_at=? WHERE agent_group_id=?", (utcnow(), g["id"]))
             if budget:
                 store.conn.execute("UPDATE container_configs SET daily_token_budget=?,"
                                    " updated_at=? WHERE agent_group_id=?",
