@@ -43,6 +43,26 @@ def fake_model():
     fake.stop()
 
 
+@pytest.fixture(scope="module")
+def model_server():
+    """One fake model per test module (the runner and provider tests share it)."""
+    from nanoclaw.devtools.fake_model import FakeModel
+
+    fake = FakeModel(port=0).start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def fake(model_server):
+    """The module's fake model with no requests, injections or context knobs left over."""
+    model_server.clear()
+    yield model_server
+    model_server.clear()
+    model_server.context_tokens = None
+    model_server.extra_input_tokens = 0
+
+
 class Client:
     """A terminal-channel client: one connection per chat, reconnecting on loss."""
 

@@ -16,25 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from nanoclaw.devtools.fake_model import FakeModel
 from nanoclaw.devtools.runner_harness import (
     DEADLINE_S, Runner, Session, last_user_text, model_calls, wait_for,
 )
-
-
-@pytest.fixture(scope="module")
-def model():
-    fake = FakeModel(port=0).start()
-    yield fake
-    fake.stop()
-
-
-@pytest.fixture
-def fake(model):
-    model.clear()
-    yield model
-    model.clear()
-    model.context_tokens = None
 
 
 @pytest.fixture

@@ -12,26 +12,11 @@ import uuid
 
 import pytest
 
-from nanoclaw.devtools.fake_model import FakeModel
 from nanoclaw.devtools.runner_harness import ROOT, Runner, Session, model_calls, wait_for
 
 pytest.importorskip("claude_agent_sdk")
 
 SLOW = 30.0  # deadline for anything that waits on the CLI
-
-
-@pytest.fixture(scope="module")
-def model():
-    fake = FakeModel(port=0).start()
-    yield fake
-    fake.stop()
-
-
-@pytest.fixture
-def fake(model):
-    model.clear()
-    yield model
-    model.clear()
 
 
 @pytest.fixture

@@ -13,20 +13,6 @@ import pytest
 from nanoclaw.devtools.fake_model import FakeModel
 
 
-@pytest.fixture(scope="module")
-def server():
-    fake = FakeModel(port=0).start()
-    yield fake
-    fake.stop()
-
-
-@pytest.fixture
-def fake(server):
-    server.clear()
-    yield server
-    server.clear()
-
-
 @pytest.fixture
 def client(fake):
     return anthropic.Anthropic(base_url=fake.url, api_key="test-key", max_retries=2)

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import pytest
 
-from nanoclaw.devtools.fake_model import FakeModel
 from nanoclaw.devtools.runner_harness import ROOT, Runner, Session, model_calls, wait_for
 from nanoclaw.store import Store
 
@@ -198,20 +197,6 @@ def test_the_shipped_skills_are_valid_claude_code_skills():
 
 
 # --- the providers see them -----------------------------------------------------------------
-@pytest.fixture(scope="module")
-def model():
-    fake = FakeModel(port=0).start()
-    yield fake
-    fake.stop()
-
-
-@pytest.fixture
-def fake(model):
-    model.clear()
-    yield model
-    model.clear()
-
-
 def _messages_text(request: dict) -> str:
     return json.dumps(request["body"]["messages"])
 
