@@ -5,19 +5,32 @@ looks the token up (hashed) among running sessions, refuses anything else with 4
 swaps in the real credential and forwards to the upstream, streaming the answer back
 chunk by chunk (SSE passes through unbuffered).
 
+It forwards only what it meters (`ROUTES`): `POST /v1/messages`, the one call the
+`anthropic` provider and the Claude Code CLI (`?beta=true`) make, and
+`POST /v1/messages/count_tokens`, which the CLI may make and the API does not bill.
+Everything else, with the owner's key, could spend unmetered (batches, files), so it is
+refused with a JSON error and never reaches the upstream. The check is on the request
+target exactly as it arrived: a path with dot or empty segments, percent-escapes or
+backslashes is refused, because a client or proxy on the way may normalise it into an
+allowed one (`/v1/./messages` is `/v1/messages` upstream), and the upstream URL is built
+from the checked text without re-normalising it. A query string is passed along.
+
 It listens on 127.0.0.1 (the process runtime, sandboxes on the host network) and on a
 unix socket in `data/broker/`, the only way out of a sandbox with network `none`. Token
 usage is read off each model answer as it streams by (`nanoclaw/usage.py`) and counted
 per agent group and day (the host's timezone); a group over its daily token budget
 (`container_configs.daily_token_budget`, else `NANOCLAW_DAILY_TOKEN_BUDGET`; 0 = none)
-gets a JSON error whose message the runner shows the user as "Error: …".
+gets a JSON error whose message the runner shows the user as "Error: …", for every
+route: nothing is forwarded past the budget.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -25,6 +38,7 @@ from zoneinfo import ZoneInfo
 
 import aiohttp
 from aiohttp import web
+from yarl import URL
 
 from nanoclaw.config import Settings
 from nanoclaw.containers import token_hash
@@ -81,9 +95,48 @@ def bind_unix(path: Path) -> socket.socket:
     return sock
 
 
-def metered(request: web.Request) -> bool:
-    """Model calls count against budgets; token counting and listings do not."""
-    return request.method == "POST" and request.path.rstrip("/") == "/v1/messages"
+@dataclass(frozen=True)
+class Route:
+    metered: bool  # usage is read off the answer and counted; else the call costs no tokens
+
+
+# What the broker forwards, by exact (method, path); both are refused over the budget.
+# POST /v1/messages: every model call of the `anthropic` provider and of the Claude Code
+# CLI (which adds `?beta=true`). count_tokens: the CLI may count a prompt before sending
+# it; the API does not bill it, so there is no usage to read. Not here, so refused:
+# batches and files (real spend or storage outside the meter), models, anything else.
+ROUTES: dict[tuple[str, str], Route] = {
+    ("POST", "/v1/messages"): Route(metered=True),
+    ("POST", "/v1/messages/count_tokens"): Route(metered=False),
+}
+
+# The characters a query may hold (RFC 3986's query, less `#`): it is forwarded as it came.
+QUERY = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/?%]*")
+
+
+def route(method: str, target: str) -> tuple[Route | None, str]:
+    """The route for a raw request target (path and query as they arrived, before any
+    normalisation), or None and why it is refused. Only an exact allowlisted path
+    passes; the shapes a normaliser would rewrite get their own reason in the refusal."""
+    path, _, query = target.partition("?")
+    found = ROUTES.get((method, path))
+    if found is not None and QUERY.fullmatch(query):
+        return found, ""
+    if found is not None:
+        return None, "the query string holds characters the broker does not forward"
+    if not path.startswith("/"):
+        why = "the path must start with /"
+    elif any(s in (".", "..") for s in path.split("/")):
+        why = "dot segments (. or ..) are not forwarded"
+    elif "//" in path:
+        why = "empty path segments (//) are not forwarded"
+    elif "%" in path:
+        why = "percent-encoded bytes in the path are not forwarded"
+    elif "\\" in path:
+        why = "backslashes in the path are not forwarded"
+    else:
+        why = "only POST /v1/messages and POST /v1/messages/count_tokens are forwarded"
+    return None, why
 
 
 class Broker:
@@ -110,18 +163,29 @@ class Broker:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         session = self.authenticate(request)
         if session is None:
-            logger.warning("refused a request with an unknown token ({} {})", request.method,
-                           request.path)
+            logger.warning("refused a request with an unknown token ({} {!r})", request.method,
+                           request.raw_path[:200])  # raw and repr'd: no forged log lines
             return _error(401, "authentication_error", "invalid session token")
         group = session["agent_group_id"]
         meter = None
-        if metered(request):
-            refusal = self.over_budget(group)
-            if refusal is not None:
-                return refusal
+        target = request.raw_path  # as it arrived: aiohttp neither decodes nor normalises it
+        found, why = route(request.method, target)
+        if found is None:
+            logger.warning("refused {} {!r} of agent group {}: {}", request.method,
+                           target[:200], group, why)
+            return _error(404, "not_found_error",
+                          f"NanoClaw's broker does not forward {request.method} {target[:200]}:"
+                          f" {why}.", **{"x-should-retry": "false"})
+        refusal = self.over_budget(group)  # every route: nothing passes past the budget
+        if refusal is not None:
+            return refusal
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP}
         headers.update(self.credential_headers())
-        url = self.settings.anthropic_base_url + request.path_qs
+        # encoded=True: yarl sends exactly the checked path and query, not a normalised
+        # form (it would drop a bare `?`, so that is dropped here, where it is seen)
+        path, _, query = target.partition("?")
+        url = URL(str(URL(self.settings.anthropic_base_url)).rstrip("/") + path
+                  + (f"?{query}" if query else ""), encoded=True)
         body = await request.read()
         assert self.session is not None
         try:
@@ -131,7 +195,7 @@ class Broker:
                     k: v for k, v in up.headers.items() if k.lower() not in HOP
                     and k.lower() != "content-encoding"})
                 await resp.prepare(request)
-                if metered(request) and up.status == 200:
+                if found.metered and up.status == 200:
                     meter = Meter(up.headers.get("content-type", ""))
                 async for chunk in up.content.iter_any():
                     if meter is not None:
