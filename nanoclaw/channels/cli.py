@@ -18,13 +18,14 @@ import os
 import re
 from typing import Any
 
+from nanoclaw import jsonin
 from nanoclaw.channels import REGISTRY
 from nanoclaw.channels.base import Channel, OutboundMessage, Unavailable
 from nanoclaw.log import logger
 from nanoclaw.util import new_id
 
-CHAT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-MSG_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+CHAT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
+MSG_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 MAX_LINE = 1 << 20
 
 
@@ -39,9 +40,9 @@ class BadFrame(ValueError):
 def parse_frame(line: bytes) -> dict[str, Any]:
     """Validate one client frame; raises BadFrame with a one-line reason."""
     try:
-        obj = json.loads(line)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BadFrame(f"malformed JSON: {e}") from None
+        obj = jsonin.loads(line)
+    except jsonin.BadJSON as e:  # malformed, not UTF-8, or nested too deep
+        raise BadFrame(str(e)) from None
     if not isinstance(obj, dict):
         raise BadFrame("a frame must be a JSON object")
     kind = obj.get("type", "message")
