@@ -27,14 +27,13 @@ import argparse
 import functools
 import hashlib
 import io
-import shlex
 import sqlite3
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from typing import Any
 
 from nanoclaw import approvals, sessiondb
-from nanoclaw.actions import Ctx, action
+from nanoclaw.actions import Ctx, action, card_problem, code, shown, shown_line
 from nanoclaw.cli import CliError
 from nanoclaw.config import Settings
 from nanoclaw.log import logger
@@ -46,6 +45,7 @@ MAX_ARG_CHARS = 1000
 MAX_TOTAL_CHARS = 8000
 MAX_OUTPUT_CHARS = 12000
 APPROVAL = "cli_command"
+TITLE = "Agent command"
 
 
 class Refused(Exception):
@@ -105,7 +105,9 @@ class Command:
 
     @property
     def line(self) -> str:
-        return "ncl " + shlex.join(self.args)
+        """The command as an approver sees it and as it runs: every argument, each in
+        its visible form (`actions.shown`), on one line."""
+        return "ncl " + shown_line(self.args)
 
 
 # ---- checking -----------------------------------------------------------------------------
@@ -331,10 +333,15 @@ def _answer(ctx: Ctx, ag: str) -> tuple[str, str]:
     done = ctx.store.q1("SELECT approval_id FROM pending_approvals WHERE request_id=? AND"
                         " action=?", (ctx.row["id"], APPROVAL))
     if done is None:  # (a re-run of the same row after a crash asks only once)
+        question = _question(ctx, cmd)
+        problem = card_problem(TITLE, question)
+        if problem:  # an admin could not read it whole: refused, nothing is queued
+            raise Refused(f"ncl {' '.join(cmd.args[:2])}: refused, {problem}; nothing was"
+                          " asked (shorten the arguments)")
         try:
             aid = approvals.request(ctx.store, ctx.settings, ctx.session, APPROVAL,
                                     {"args": cmd.args, "requestId": ctx.row["id"]},
-                                    "Agent command", _question(ctx, cmd))
+                                    TITLE, question)
         except LookupError as e:
             raise Refused(f"{cmd.line}: {e}") from None
     else:
@@ -344,9 +351,12 @@ def _answer(ctx: Ctx, ag: str) -> tuple[str, str]:
 
 
 def _question(ctx: Ctx, cmd: Command) -> str:
+    """The whole command, never cut: what the admin approves is exactly what runs. It is
+    a code block of visible forms, so padding, newlines or Markdown in an argument (or in
+    the group's own name) cannot hide or fake any part of it."""
     g = ctx.store.agent_group(ctx.session["agent_group_id"]) or {}
-    line = cmd.line if len(cmd.line) <= 600 else cmd.line[:600] + "…"
-    return f"Agent {g.get('name') or g.get('folder') or '?'} asks to run:\n{line}"
+    who = shown(str(g.get("name") or g.get("folder") or "?"))
+    return f"Agent {who} asks to run:\n{code(cmd.line)}"
 
 
 def _approved(store: Store, settings: Settings, row: dict[str, Any],

@@ -12,8 +12,13 @@ allowlist kept outside every sandbox (`NANOCLAW_MOUNT_ALLOWLIST`, default
 Always refused, whatever the allowlist says: a path (as asked, or after resolving
 symlinks) with a part containing a blocked pattern (reference §7: `.ssh`, `.aws`,
 `.env`, credentials, keys, …), a home directory or any folder holding one, and
-anything overlapping NanoClaw's own data, logs, groups or `.env`. No allowlist file
-means no extra mounts. A mount under a root without `allowReadWrite` is read-only.
+anything that is, holds or lies inside NanoClaw's own data, logs, groups, `.env`, the
+allowlist, or its installation: the checkout (the runner source `container/`, the
+`nanoclaw/` package) and the Python that runs it (the venv, `sys.prefix`, and the
+interpreter's own install, `sys.base_prefix`). An agent that could write there would
+change the host's code or every agent's runner. The same rules are applied again at
+every spawn, on the resolved path. No allowlist file means no extra mounts. A mount
+under a root without `allowReadWrite` is read-only.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import json
 import os
 import pwd
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,7 +40,7 @@ if TYPE_CHECKING:
 BLOCKED = (".ssh", ".gnupg", ".gpg", ".aws", ".azure", ".gcloud", ".kube", ".docker",
            "credentials", ".env", ".netrc", ".npmrc", ".pypirc", "id_rsa", "id_ed25519",
            "private_key", ".secret")
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # fullmatch: `$` allows "x\n"
 EXTRA = "/workspace/extra"
 
 
@@ -107,15 +113,19 @@ def check(request: dict[str, Any], allow: Allowlist, protected: list[Path]) -> M
         raise MountError(f"extra mount {raw} refused: {'it is' if home == real else 'it holds'}"
                          f" the home directory {home}")
     for p in protected:
-        if _overlaps(real, Path(os.path.realpath(p))):
-            raise MountError(f"extra mount {raw} refused: it overlaps NanoClaw's own {p}")
+        own = Path(os.path.realpath(p))
+        if _overlaps(real, own):
+            how = ("the same folder" if real == own else "it holds that folder"
+                   if own.is_relative_to(real) else "it lies inside that folder")
+            raise MountError(f"extra mount {raw} refused: it overlaps NanoClaw's own {own}"
+                             f" ({how})")
     root = next((r for r in allow.roots if real == r.path or real.is_relative_to(r.path)), None)
     if root is None:
         raise MountError(f"extra mount {raw} refused: not under an allowed root of the mount"
                          f" allowlist {allow.source}")
     name = request.get("containerPath", request.get("container_path")) or real.name
     name = str(name).removeprefix(EXTRA + "/")
-    if not NAME.match(name):
+    if not NAME.fullmatch(name):
         raise MountError(f"extra mount {raw} refused: bad containerPath {name!r} (one plain"
                          " name; it appears at /workspace/extra/<name>)")
     readonly = request.get("readonly", request.get("read_only", True)) is not False
@@ -123,9 +133,26 @@ def check(request: dict[str, Any], allow: Allowlist, protected: list[Path]) -> M
 
 
 def protected(settings: "Settings") -> list[Path]:
-    """What no extra mount may overlap: NanoClaw's own state, its secrets, the allowlist."""
+    """What no extra mount may overlap: NanoClaw's own state, its secrets, the allowlist,
+    and its installation (`installation()`)."""
     return [settings.data_dir, settings.logs_dir, settings.groups_dir, Path(".env").resolve(),
-            settings.mount_allowlist.expanduser()]
+            settings.mount_allowlist.expanduser(), *installation()]
+
+
+def installation() -> list[Path]:
+    """The code the host and every agent run: the runner source (`container/`), the
+    `nanoclaw` package, the checkout holding both, the venv and the interpreter's own
+    install. A writable mount of any of them (or of a folder holding one) would let an
+    agent rewrite the host; a read-only one would show it the host's code and config."""
+    import nanoclaw
+    from nanoclaw.containers import RUNNER_DIR
+
+    package = Path(nanoclaw.__file__).resolve().parent
+    paths = [RUNNER_DIR, package, package.parent]
+    for prefix in (sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix):
+        if prefix and Path(prefix) not in paths:
+            paths.append(Path(prefix))
+    return paths
 
 
 def requests_of(raw: Any) -> list[dict[str, Any]]:
