@@ -7,6 +7,14 @@ approval id): agent requests (`pending_approvals`: install_packages, add_mcp_ser
 unknown senders (`pending_sender_approvals`) and unknown chats
 (`pending_channel_approvals`). The terminal answers them too:
 `nanoclaw approvals list|approve|reject`.
+
+Card ids are the host's (security review H3). An approval card's id is its approval id,
+`appr-…`, `snd-…` or `chan-…` (`CARD_PREFIXES`); an agent's question card goes out under
+a host-made `q-…` id (delivery, `Store.open_question_card`), whatever `questionId` the
+agent wrote. So no card an agent can make carries an approval's id, a click carrying
+one is only ever a decision (`click`: the option must be one of that card's, and the
+clicker its approver or an admin), and a click on a question card only ever answers
+its agent.
 """
 
 from __future__ import annotations
@@ -24,6 +32,13 @@ from nanoclaw.util import iso, new_id, utcnow
 APPROVE = [{"label": "Approve", "selectedLabel": "Approved", "value": "approve"},
            {"label": "Reject", "selectedLabel": "Rejected", "value": "reject"}]
 EXPIRY = 24 * 3600.0
+CARD_PREFIXES = ("appr-", "snd-", "chan-")  # approval cards; everything else is a question
+
+
+def is_approval_card(card_id: str) -> bool:
+    """Whether a card id names an approval. Only the host makes such cards: an agent's
+    question card never goes out under the id the agent chose."""
+    return card_id.startswith(CARD_PREFIXES)
 
 
 def pick_approvers(store: Store, agent_group_id: str | None) -> list[str]:
@@ -137,6 +152,41 @@ def tell_agent(store: Store, settings: Settings, session_id: str, text: str) -> 
     store.request_container(s["id"], "wake", "host note")
 
 
+def click(store: Store, settings: Settings, card_id: str, option: str,
+          clicker: str | None) -> str:
+    """A click on an approval card: `decide`, once the option is one the card offered
+    (a forged click cannot pick, say, a `connect:` to an agent the card did not name).
+
+    Raises ValueError for an option not on the card, as well as `decide`'s errors."""
+    offered = card_options(store, card_id)
+    if offered is not None and option not in offered:
+        logger.warning("click on approval {} with option {!r} not on its card; ignored",
+                       card_id, option)
+        raise ValueError(f"{option!r} is not an option of this card")
+    return decide(store, settings, card_id, option, clicker)
+
+
+def card_options(store: Store, card_id: str) -> list[str] | None:
+    """The option values an open approval's card offered; None when unknown (no such
+    open approval, or a card recorded without its options)."""
+    if card_id.startswith("chan-"):
+        row = store.q1("SELECT options_json FROM pending_channel_approvals WHERE"
+                       " messaging_group_id=?", (card_id[len("chan-"):],))
+    elif card_id.startswith("snd-"):
+        row = store.q1("SELECT options_json FROM pending_sender_approvals WHERE id=?",
+                       (card_id,))
+    else:
+        row = store.q1("SELECT options_json FROM pending_approvals WHERE approval_id=? AND"
+                       " status='pending'", (card_id,))
+    try:
+        opts = json.loads(row["options_json"]) if row and row["options_json"] else None
+    except ValueError:
+        return None
+    if not isinstance(opts, list):
+        return None
+    return [str(o.get("value")) for o in opts if isinstance(o, dict)]
+
+
 def decide(store: Store, settings: Settings, approval_id: str, option: str,
            clicker: str | None) -> str:
     """Apply a decision on any kind of approval; returns what happened (one line).
@@ -193,8 +243,9 @@ def expire(store: Store, settings: Settings, now: float) -> int:
 
 
 def pending(store: Store) -> list[dict[str, Any]]:
-    """Every open approval of every kind, for `nanoclaw approvals list`."""
-    out = [{"id": r["approval_id"], "kind": r["action"], "about": r["payload"][:80],
+    """Every open approval of every kind, for `nanoclaw approvals list`: the request
+    whole (what the approver sees is what runs), as its one-line JSON."""
+    out = [{"id": r["approval_id"], "kind": r["action"], "about": r["payload"],
             "created_at": r["created_at"]}
            for r in store.q("SELECT * FROM pending_approvals WHERE status='pending'")]
     out += [{"id": r["id"], "kind": "sender", "about": f"{r['sender_identity']} →"

@@ -262,6 +262,32 @@ CREATE TABLE token_usage (
 ALTER TABLE container_configs ADD COLUMN daily_token_budget INTEGER;
 """
 
+# H3: a question card is named by the host (`card_id`), never by the agent: the agent's
+# own `questionId` is kept beside it and only ever handed back with the answer. Cards
+# sent before this keep their old id as their card id (it is what their buttons carry).
+QUESTION_CARDS = """
+CREATE TABLE pending_questions_by_card (
+  card_id TEXT PRIMARY KEY,
+  question_id TEXT NOT NULL,
+  session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+  message_out_id TEXT,
+  platform_id TEXT,
+  channel_type TEXT,
+  thread_id TEXT,
+  title TEXT,
+  options_json TEXT,
+  created_at TEXT NOT NULL,
+  UNIQUE (session_id, message_out_id)
+);
+INSERT OR IGNORE INTO pending_questions_by_card (card_id, question_id, session_id,
+  message_out_id, platform_id, channel_type, thread_id, title, options_json, created_at)
+  SELECT question_id, question_id, session_id, message_out_id, platform_id, channel_type,
+         thread_id, title, options_json, created_at FROM pending_questions;
+DROP TABLE pending_questions;
+ALTER TABLE pending_questions_by_card RENAME TO pending_questions;
+CREATE INDEX pending_questions_asked ON pending_questions(channel_type, platform_id, question_id);
+"""
+
 MIGRATIONS: list[tuple[str, str]] = [
     ("initial-entities", ENTITIES),
     ("inter-worker-queues", QUEUES),
@@ -275,4 +301,5 @@ MIGRATIONS: list[tuple[str, str]] = [
     ("approvals-decided-by",  # who clicked: approved agent commands run as them
      "ALTER TABLE pending_approvals ADD COLUMN decided_by TEXT;\n"
      "ALTER TABLE pending_approvals ADD COLUMN decided_at TEXT;\n"),
+    ("question-card-ids", QUESTION_CARDS),
 ]

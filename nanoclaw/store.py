@@ -246,6 +246,45 @@ class Store:
         return self.q1("SELECT * FROM sessions WHERE token_hash=? AND container_status='running'",
                        (token_hash,))
 
+    # ---- agents' question cards (H3) ---------------------------------------------------
+    def open_question_card(self, session_id: str, message_out_id: str, question_id: Any,
+                           channel_type: str, platform_id: str, thread_id: str | None,
+                           title: Any, options: Any, created_at: str) -> str:
+        """Name an agent's question card with a host id (`q-…`) and remember whose it is;
+        the same message asks once (a redelivery gets the same card id). The agent's own
+        `questionId` is kept only to hand back with the answer: a card id is never
+        something the agent chose, so it cannot name an approval or another card."""
+        with atomic(self.conn):
+            row = self.conn.execute(
+                "SELECT card_id FROM pending_questions WHERE session_id=? AND message_out_id=?",
+                (session_id, message_out_id)).fetchone()
+            if row is not None:
+                return row[0]
+            card_id = new_id("q")
+            self.conn.execute(
+                "INSERT INTO pending_questions (card_id, question_id, session_id,"
+                " message_out_id, platform_id, channel_type, thread_id, title, options_json,"
+                " created_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (card_id, str(question_id or card_id), session_id, message_out_id, platform_id,
+                 channel_type, thread_id, None if title is None else str(title),
+                 json.dumps(options if isinstance(options, list) else []), created_at))
+        return card_id
+
+    def question_card(self, card_id: str) -> dict[str, Any] | None:
+        """The open question card with this host card id."""
+        return self.q1("SELECT * FROM pending_questions WHERE card_id=?", (card_id,))
+
+    def question_cards_asking(self, channel_type: str, platform_id: str,
+                              question_id: str) -> list[dict[str, Any]]:
+        """Open cards sent to one chat under an agent's own question id (for a click that
+        names that id instead of the card's)."""
+        return self.q("SELECT * FROM pending_questions WHERE channel_type=? AND platform_id=?"
+                      " AND question_id=?", (channel_type, platform_id, question_id))
+
+    def close_question_card(self, card_id: str) -> None:
+        with atomic(self.conn):
+            self.conn.execute("DELETE FROM pending_questions WHERE card_id=?", (card_id,))
+
     # ---- inbound events (channel → router) --------------------------------------------
     def enqueue_inbound(self, channel_type: str, platform_id: str, message_id: str,
                         payload: dict[str, Any], thread_id: str | None = None,

@@ -51,8 +51,9 @@ class ChannelHost(Protocol):
         kind `action` (a button click): payload {question_id, option, user_id} where
         user_id is the clicker's platform handle; message_id must be unique per click."""
 
-    def question(self, question_id: str) -> dict[str, Any] | None:
-        """The question card this channel sent with that id (its outbound content)."""
+    def question(self, card_id: str, platform_id: str | None = None) -> dict[str, Any] | None:
+        """The card this channel sent under that host-made id to that chat (its outbound
+        content); never another chat's card, never an agent's card for an approval id."""
 
     def kick(self, platform_id: str | None = None) -> None:
         """Something changed (e.g. a client connected): retry parked sends now."""

@@ -302,16 +302,17 @@ class DiscordChannel(Channel):
         if choice is None:
             return
         qid, index = choice
-        card = parse_question(self.host.question(qid) or {})
+        pid = f"discord:{ix.channel_id}"
+        if isinstance(ix.channel, discord.Thread):
+            pid = f"discord:{ix.channel.parent_id}"
+        # the card sent to the channel clicked in, under the host's card id (H3)
+        card = parse_question(self.host.question(qid, pid) or {})
         option = card.value(index) if card else None
         if card is None or option is None:
             logger.info("discord click on unknown card {} ignored", qid)
             await self._best_effort(ix.response.send_message("This question has expired.",
                                                              ephemeral=True))
             return
-        pid = f"discord:{ix.channel_id}"
-        if isinstance(ix.channel, discord.Thread):
-            pid = f"discord:{ix.channel.parent_id}"
         await self.host.inbound(pid, f"ix:{ix.id}", {
             "question_id": qid, "option": option, "user_id": str(ix.user.id)}, None, kind="action")
         await self._best_effort(ix.response.edit_message(

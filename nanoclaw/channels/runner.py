@@ -49,14 +49,38 @@ class ChannelRunner:
             self.wakeup.set()
         return new
 
-    def question(self, question_id: str) -> dict[str, Any] | None:
-        """The question card this channel sent with that id (to map a button index back
-        to its option value), or None."""
+    def question(self, card_id: str, platform_id: str | None = None) -> dict[str, Any] | None:
+        """The card this channel sent under that host card id (to map a button index back
+        to its option value), or None. Given the chat the click came from, only a card
+        sent to that chat (H3: a click resolves to the card it was made on, never to
+        another card's options). An approval's id resolves only to the host's own card
+        (no session), never to a card an agent wrote."""
+        from nanoclaw.approvals import is_approval_card
+
+        host_only = " AND session_id IS NULL" if is_approval_card(card_id) else ""
+        rows = self.store.q(
+            "SELECT platform_id, content FROM channel_outbox WHERE channel_type=? AND"
+            f" json_extract(content, '$.questionId')=?{host_only} ORDER BY id DESC",
+            (self.channel_type, card_id))
+        for r in rows:
+            if platform_id is None or self._same_chat(r["platform_id"], platform_id):
+                return json.loads(r["content"])
+        return None
+
+    def _same_chat(self, sent_to: str, clicked: str) -> bool:
+        """Whether a card queued for `sent_to` is in chat `clicked`: the same chat, or a
+        cold DM (`@dm:<handle>`) that the send resolved to it (cached in user_dms)."""
+        if sent_to == clicked:
+            return True
+        if not sent_to.startswith("@dm:"):
+            return False
+        handle = sent_to[4:]
+        uid = handle if ":" in handle else f"{self.channel_type}:{handle}"
         row = self.store.q1(
-            "SELECT content FROM channel_outbox WHERE channel_type=? AND"
-            " json_extract(content, '$.questionId')=? ORDER BY id DESC LIMIT 1",
-            (self.channel_type, question_id))
-        return json.loads(row["content"]) if row else None
+            "SELECT m.platform_id FROM user_dms d JOIN messaging_groups m ON"
+            " m.id=d.messaging_group_id WHERE d.user_id=? AND d.channel_type=?",
+            (uid, self.channel_type))
+        return row is not None and row["platform_id"] == clicked
 
     def _wired(self, platform_id: str) -> bool:
         return self.store.q1(

@@ -232,10 +232,12 @@ class SlackChannel(Channel):
             if choice is None:
                 continue
             qid, index = choice
-            card = parse_question(self.host.question(qid) or {})
-            option = card.value(index) if card else None
             channel = (p.get("channel") or {}).get("id") or (p.get("container") or {}).get(
                 "channel_id")
+            # the card sent to the channel clicked in, under the host's card id (H3)
+            card = parse_question(self.host.question(qid, f"slack:{channel}") or {}) \
+                if isinstance(channel, str) else None
+            option = card.value(index) if card else None
             if card is None or option is None or not isinstance(channel, str):
                 logger.info("slack click on unknown card {} ignored", qid)
                 continue

@@ -91,9 +91,11 @@ class TelegramChannel(Channel):
 
     async def teardown(self) -> None:
         poller = getattr(self, "poller", None)
-        if poller:
+        while poller and not poller.done():
+            # again until it ends: Python 3.11's wait_for loses a cancel that lands as
+            # its poll returns, and the loop would poll on
             poller.cancel()
-            await asyncio.gather(poller, return_exceptions=True)
+            await asyncio.wait({poller}, timeout=1)
         if hasattr(self, "bot"):
             await self.bot.shutdown()
 
@@ -259,7 +261,9 @@ class TelegramChannel(Channel):
             logger.info("telegram click with unknown data ignored")
             return
         qid, index = choice
-        card = parse_question(self.host.question(qid) or {})
+        # the card sent to the chat clicked in, under the host's card id (never another
+        # card's options: H3)
+        card = parse_question(self.host.question(qid, f"telegram:{chat_id}") or {})
         option = card.value(index) if card else None
         if card is None or option is None:
             logger.info("telegram click on unknown card {} ignored", qid)
