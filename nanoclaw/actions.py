@@ -154,7 +154,9 @@ def _create_agent(ctx: Ctx) -> str | None:
                                     parent_cfg.get("model"))
     instructions = ctx.content.get("instructions")
     if isinstance(instructions, str) and instructions.strip():
-        (ctx.settings.group_dir(folder) / "CLAUDE.md").write_text(f"# {name}\n\n{instructions}\n")
+        from nanoclaw.bootstrap import ensure_group_folder
+
+        ensure_group_folder(ctx.settings, folder, name, f"# {name}\n\n{instructions}\n")
     ctx.store.add_agent_destination(ag, name, child)
     ctx.store.add_agent_destination(child, "parent", ag)
     refresh_destinations(ctx.store, ctx.settings, ag)
@@ -170,7 +172,7 @@ def new_agent_group(store: Store, settings: Settings, name: str, provider: str |
 
     name = normalise_name(name)
     folder, n = name, 1
-    while not FOLDER_NAME.match(folder) or store.q1(
+    while not FOLDER_NAME.fullmatch(folder) or store.q1(
             "SELECT 1 AS x FROM agent_groups WHERE folder=?", (folder,)):
         n += 1
         folder = f"{name}-{n}"[:64]
@@ -194,16 +196,92 @@ def refresh_destinations(store: Store, settings: Settings, agent_group_id: str) 
             logger.error("cannot refresh destinations of session {}: {}", s["id"], e)
 
 
+# ---- what the approver sees --------------------------------------------------------------
+# An approval card must show the whole request, exactly as it will run, on every platform:
+# nothing cut, nothing hidden by whitespace or formatting. The card (title, a blank line,
+# the question) has to fit in one piece of the tightest place that shows it: a Discord
+# message (channels/discord_channel.LIMIT, 2000 characters), a Slack section block
+# (channels/slack.BLOCK_LIMIT, 3000 characters of mrkdwn; Slack cuts the rest), a
+# Telegram message (channels/telegram.LIMIT, 4096 UTF-16 units of HTML). CARD_ROOM is
+# kept free for the "✓ Approved" line a click adds. A request that does not fit is
+# refused up front, so nothing is queued that an admin could not read whole.
+CARD_LIMITS = {"discord": 2000, "slack": 3000, "telegram": 4096}
+CARD_ROOM = 64
+CARD_CHARS = CARD_LIMITS["discord"] - CARD_ROOM  # the plain-text bound told to the agent
+BARE = re.compile(r"[A-Za-z0-9_@%+=:,./-]+")
+SPACES = re.compile(r" {2,}")
+MARK_OPEN, MARK_CLOSE = "⟨", "⟩"  # only ever our own run-of-spaces marker on a card
+# printable by Python's rules, yet drawn as nothing (fillers, blank braille, joiners)
+BLANK = frozenset("\u034f\u115f\u1160\u17b4\u17b5\u2800\u3164\uffa0")
+
+
+def shown(value: str) -> str:
+    """One value as an approver sees it: bare when it is plainly safe, else quoted with
+    every control, invisible or unusual whitespace character escaped (\\n, \\t,
+    \\u200b, …) and runs of spaces counted (⟨560 spaces⟩). The result is one line with no
+    backquote, so a `\\n\\n` cannot make a card look like prose, padding cannot push the
+    rest out of sight and nothing can close the code block it is shown in; and it is
+    unambiguous: the value can be read back from it exactly."""
+    if BARE.fullmatch(value):
+        return value
+    out = []
+    for ch in value:
+        if ch in "\\'":
+            out.append("\\" + ch)
+        elif ch in "\n\t\r":
+            out.append({"\n": "\\n", "\t": "\\t", "\r": "\\r"}[ch])
+        elif ch == " " or (ch.isprintable() and ch not in BLANK
+                           and ch not in "`" + MARK_OPEN + MARK_CLOSE):
+            out.append(ch)
+        else:
+            o = ord(ch)
+            out.append(f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000
+                       else f"\\U{o:08x}")
+    text = SPACES.sub(lambda m: f"{MARK_OPEN}{len(m.group())} spaces{MARK_CLOSE}", "".join(out))
+    return f"'{text}'"
+
+
+def shown_line(words: list[str]) -> str:
+    return " ".join(shown(w) for w in words)
+
+
+def code(text: str) -> str:
+    """A fenced block: shown literally by every channel (no emphasis, links or quotes).
+    Its lines come from `shown`, which never contains a newline or a backquote."""
+    return f"```\n{text}\n```"
+
+
+def card_problem(title: str, question: str) -> str | None:
+    """Why this card cannot be shown whole on every platform (one line), or None."""
+    from nanoclaw.channels.markdown import discord_markdown, slack_mrkdwn, telegram_html
+
+    text = f"{title}\n\n{question}" if title else question
+    size = len(text)
+    if size > CARD_CHARS:
+        return (f"it is too long to show whole on an approval card ({size} characters as"
+                f" shown, at most {CARD_CHARS})")
+    fits = (len(discord_markdown(text, CARD_LIMITS["discord"] - CARD_ROOM)) == 1
+            and len(slack_mrkdwn(text, CARD_LIMITS["slack"] - CARD_ROOM)) == 1
+            and len(telegram_html(text, CARD_LIMITS["telegram"] - CARD_ROOM)) == 1)
+    if not fits:
+        return (f"it is too long to show whole on an approval card once formatted for chat"
+                f" ({size} characters as shown)")
+    return None
+
+
 # ---- self-modification (admin approval first) -------------------------------------------
-APT_NAME = re.compile(r"^[a-z0-9][a-z0-9.+-]{0,62}$")
-NPM_NAME = re.compile(r"^(@[a-z0-9][a-z0-9._-]*/)?[a-z0-9][a-z0-9._-]{0,213}$")
+# fullmatch, never `^…$`: `$` also matches before a trailing newline ("x\n").
+APT_NAME = re.compile(r"[a-z0-9][a-z0-9.+-]{0,62}")
+NPM_NAME = re.compile(r"(@[a-z0-9][a-z0-9._-]*/)?[a-z0-9][a-z0-9._-]{0,213}")
+MCP_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 MAX_PACKAGES = 20
 
 
-def _list_arg(ctx: Ctx, key: str) -> list[str]:
+def _list_arg(ctx: Ctx, key: str, what: str = "package names") -> list[str]:
     v = ctx.content.get(key) or []
     if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-        raise ActionError(f"{key} must be a list of package names")
+        raise ActionError(f"{key} must be a list of {what}")
     return v
 
 
@@ -214,35 +292,49 @@ def _install_packages(ctx: Ctx) -> str | None:
         raise ActionError("name at least one package")
     if len(apt) + len(npm) > MAX_PACKAGES:
         raise ActionError(f"at most {MAX_PACKAGES} packages per request")
-    bad = [p for p in apt if not APT_NAME.match(p)] + [p for p in npm if not NPM_NAME.match(p)]
+    bad = [p for p in apt if not APT_NAME.fullmatch(p)] + [
+        p for p in npm if not NPM_NAME.fullmatch(p)]
     if bad:
         raise ActionError(f"invalid package names: {', '.join(bad)}")
     reason = str(ctx.content.get("reason") or "")[:500]
     return _ask(ctx, "install_packages", {"apt": apt, "npm": npm, "reason": reason},
                 "Install packages",
-                f"The agent asks to install apt: {', '.join(apt) or '-'}; npm:"
-                f" {', '.join(npm) or '-'}. Reason: {reason or '(none given)'}")
+                "The agent asks to install these packages:\n"
+                + code(f"apt: {shown_line(apt) or '-'}\nnpm: {shown_line(npm) or '-'}")
+                + f"\nIts reason: {shown(reason) if reason else '(none given)'}")
 
 
 @action("add_mcp_server")
 def _add_mcp_server(ctx: Ctx) -> str | None:
     name = ctx.str_arg("name") or ""
-    if not re.match(r"^[A-Za-z0-9_-]{1,64}$", name):
+    if not MCP_NAME.fullmatch(name):
         raise ActionError("name must be 1-64 letters, digits, '-' or '_'")
+    if name == "nanoclaw":
+        raise ActionError("name 'nanoclaw' is the host's own server; choose another")
     command = ctx.str_arg("command") or ""
-    args = _list_arg(ctx, "args")
+    args = _list_arg(ctx, "args", "strings")
     env = ctx.content.get("env") or {}
     if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
         raise ActionError("env must map names to strings")
+    bad = [k for k in env if not ENV_NAME.fullmatch(k)]
+    if bad:
+        raise ActionError(f"env has invalid variable names: {shown_line(bad)}")
+    env_line = " ".join(f"{k}={shown(v)}" for k, v in env.items())
     return _ask(ctx, "add_mcp_server", {"name": name, "command": command, "args": args,
                                         "env": env}, "Add an MCP server",
-                f"The agent asks to add MCP server {name!r}: {command} {' '.join(args)}")
+                f"The agent asks to add MCP server {name}, which runs in its sandbox as:\n"
+                + code(f"command: {shown(command)}\nargs: {shown_line(args) or '(none)'}"
+                       f"\nenv: {env_line or '(none)'}"))
 
 
 def _ask(ctx: Ctx, action_name: str, payload: dict[str, Any], title: str,
          question: str) -> str:
+    """Queue the approval card, unless it could not be shown whole (then nothing is asked)."""
     from nanoclaw import approvals
 
+    problem = card_problem(title, question)
+    if problem:
+        raise ActionError(f"{action_name} refused: {problem}; nothing was asked")
     payload["requestId"] = ctx.row["id"]
     try:
         aid = approvals.request(ctx.store, ctx.settings, ctx.session, action_name, payload,

@@ -23,7 +23,7 @@ ENGAGE = ["pattern", "mention", "mention-sticky"]
 SESSION = ["shared", "per-thread", "agent-shared"]
 # what the runner mounts at /app/skills; the same name rule as container/agent_runner/skills.py
 SKILLS_DIR = Path(__file__).resolve().parent.parent / "container" / "skills"
-SKILL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+SKILL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
 
 
 def _table(rows: list[dict[str, Any]], cols: list[str]) -> None:

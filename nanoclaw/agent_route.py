@@ -6,22 +6,25 @@ agent-shared session, created if needed. The sender needs a destination for the 
 (sending to itself is always allowed). The guard: at most `agent_pair_limit` messages
 from one group to another per minute (the original had none: two agents could
 ping-pong forever, #2063); past it the message is refused, logged and told.
+
+A command in the text (`/clear`) passes the same gate as a platform message, with the
+sending agent's authority (none: agents hold no role), so a child cannot wipe its
+parent's conversation. Files are copied between the two agents' folders through
+`hostile.py`: both folders are the agents' own ground.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
 import time
 from collections import defaultdict, deque
 from typing import Any
 
-from nanoclaw import sessiondb
+from nanoclaw import hostile, permissions, sessiondb
 from nanoclaw.config import Settings
 from nanoclaw.log import logger
 from nanoclaw.store import Store
-from nanoclaw.util import safe_child
+from nanoclaw.util import is_safe_name
 
 WINDOW = 60.0
 
@@ -58,6 +61,11 @@ class AgentRouter:
                 "SELECT 1 AS x FROM agent_destinations WHERE agent_group_id=? AND"
                 " target_type='agent' AND target_id=?", (src, dst)):
             raise RouteError("no destination for that agent")
+        text = content.get("text") or content.get("markdown") or ""
+        denial = permissions.command_gate(self.store, str(text), f"agent:{src}", dst)
+        if denial:
+            raise RouteError("commands are not passed between agents" if denial == "drop"
+                             else denial)
         self.guard(src, dst, time.time())
         target = self._return_session(paths, row, dst) or self._shared_session(dst)
         me = self.store.agent_group(src)
@@ -67,41 +75,40 @@ class AgentRouter:
             tpaths, id=mid, kind="chat", channel_type="agent",
             platform_id=src, source_session_id=s["id"],
             content={"sender": me["name"] if me else src, "senderId": f"agent:{src}",
-                     "text": content.get("text") or content.get("markdown") or "",
+                     "text": text,
                      "attachments": self._forward_files(paths, row["id"], tpaths, mid,
-                                                        content.get("files"))})
+                                                        content.get("files"),
+                                                        self.settings.agent_owner())})
         self.store.touch_session(target["id"])
         self.store.request_container(target["id"], "wake", "agent message")
         return target["id"]
 
     @staticmethod
     def _forward_files(paths: sessiondb.SessionPaths, out_id: str,
-                       tpaths: sessiondb.SessionPaths, mid: str, files: Any) -> list[dict]:
-        """Copy the sender's files (plain names in its outbox/<message>/) into the
-        target's inbox/<message>/; anything else is refused."""
+                       tpaths: sessiondb.SessionPaths, mid: str, files: Any,
+                       owner: tuple[int, int] | None = None) -> list[dict]:
+        """Copy the sender's files (plain names of regular files in its
+        `outbox/<message>/`) into the target's `inbox/<hash of the message>/`; anything
+        else (a link, a FIFO, a hard link, an odd name) is refused."""
         if not files:
             return []
         if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
             raise RouteError("files must be names of files in the message's outbox")
-        try:
-            return AgentRouter._copy(paths, out_id, tpaths, mid, files)
-        except ValueError as e:  # an unsafe name or a path escape
-            raise RouteError(str(e)) from None
-
-    @staticmethod
-    def _copy(paths: sessiondb.SessionPaths, out_id: str, tpaths: sessiondb.SessionPaths,
-              mid: str, files: list[str]) -> list[dict]:
-        src_dir = safe_child(paths.outbox, out_id)
-        dst_dir = os.path.join(tpaths.inbox, hashlib.sha1(mid.encode()).hexdigest()[:16])
-        os.makedirs(dst_dir, exist_ok=True)
+        if not is_safe_name(out_id) or not all(is_safe_name(f) for f in files):
+            raise RouteError("files must be plain names of files in the message's outbox")
+        sub = hashlib.sha1(mid.encode()).hexdigest()[:16]
         out = []
-        for name in files:
-            src = safe_child(src_dir, name)
-            if not os.path.isfile(src):
-                raise RouteError(f"file {name!r} is not in outbox/{out_id}/")
-            shutil.copyfile(src, safe_child(dst_dir, name))
-            out.append({"name": name, "type": "file",
-                        "localPath": os.path.relpath(os.path.join(dst_dir, name), tpaths.root)})
+        try:
+            with paths.work_folder() as src, tpaths.work_folder() as dst:
+                for name in files:
+                    src.copy_to(f"{sessiondb.OUTBOX}/{out_id}/{name}", dst,
+                                f"{sessiondb.INBOX}/{sub}/{name}", owner=owner)
+                    out.append({"name": name, "type": "file",
+                                "localPath": f"{sessiondb.INBOX}/{sub}/{name}"})
+        except hostile.Refused as e:
+            raise RouteError(f"file not sent: {e}") from None
+        except OSError as e:
+            raise RouteError(f"file not sent: {e.strerror}") from None
         return out
 
     def _return_session(self, paths: sessiondb.SessionPaths, row: dict[str, Any],
@@ -132,7 +139,7 @@ class AgentRouter:
                           " ORDER BY created_at DESC LIMIT 1", (ag,))
         if s is None:
             s = self.store.create_session(ag, None, None, None)
-            p = sessiondb.create(sessiondb.of(self.settings, s).root)
+            p = sessiondb.create(sessiondb.of(self.settings, s).root, self.settings.agent_owner())
             sessiondb.write_routing(p, (None, None, None), self.store.destinations(ag))
             logger.info("new agent-shared session {} for agent group {}", s["id"], ag)
         return s

@@ -4,7 +4,9 @@ so `make run` then `nanoclaw send hi` works with no set-up step."""
 from __future__ import annotations
 
 import getpass
+import os
 
+from nanoclaw import hostile, sessiondb
 from nanoclaw.config import Settings
 from nanoclaw.log import logger
 from nanoclaw.store import Store
@@ -30,20 +32,49 @@ def local_user_id() -> str:
     return f"cli:{name}"
 
 
-def ensure_group_folder(settings: Settings, folder: str, name: str) -> None:
-    settings.groups_dir.joinpath("global").mkdir(parents=True, exist_ok=True)
-    glob = settings.groups_dir / "global" / "CLAUDE.md"
-    if not glob.exists():
-        glob.write_text(GLOBAL_CLAUDE_MD)
-    d = settings.group_dir(folder)
-    d.mkdir(parents=True, exist_ok=True)
-    md = d / "CLAUDE.md"
+def ensure_group_folder(settings: Settings, folder: str, name: str,
+                        memory: str | None = None) -> None:
+    """`groups/global` (the host's, readable by every sandbox user) and the group's own
+    folder, made for the sandbox user, with a first CLAUDE.md (`memory`, or the
+    default). The group folder is the agent's: written through `hostile.py`."""
+    glob = settings.groups_dir / "global"
+    glob.mkdir(parents=True, exist_ok=True)
+    for d in (settings.groups_dir, glob):
+        os.chmod(d, 0o755)  # the sandbox user reads global/ through its read-only mount
+    md = glob / "CLAUDE.md"
     if not md.exists():
-        md.write_text(GROUP_CLAUDE_MD.format(name=name))
+        md.write_text(GLOBAL_CLAUDE_MD)
+        os.chmod(md, 0o644)
+    owner = settings.agent_owner()
+    with hostile.Folder.open(settings.group_dir(folder), create=True, owner=owner) as g:
+        if memory is not None or g.stat("CLAUDE.md") is None:
+            text = memory if memory is not None else GROUP_CLAUDE_MD.format(name=name)
+            g.write("CLAUDE.md", text.encode(), owner=owner)
+
+
+def migrate_sessions(settings: Settings) -> int:
+    """Session folders of the older flat layout are moved into the current one at
+    start (`sessiondb.create`), so the sweep sees their due rows."""
+    n = 0
+    owner = settings.agent_owner()
+    if not settings.sessions_dir.is_dir():
+        return 0
+    for group in os.scandir(settings.sessions_dir):
+        if not group.is_dir(follow_symlinks=False):
+            continue
+        for sess in os.scandir(group.path):
+            if sess.is_dir(follow_symlinks=False) and not sess.name.endswith(".flat") \
+                    and not os.path.isdir(os.path.join(sess.path, "db")):
+                sessiondb.create(sess.path, owner)
+                n += 1
+    if n:
+        logger.info("moved {} session folder(s) to the current layout", n)
+    return n
 
 
 def ensure_defaults(store: Store, settings: Settings) -> None:
     settings.sessions_dir.mkdir(parents=True, exist_ok=True)
+    migrate_sessions(settings)
     if store.q1("SELECT id FROM agent_groups LIMIT 1"):
         return
     ag = store.create_agent_group("main", "main", settings.provider, settings.model,

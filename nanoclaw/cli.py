@@ -60,6 +60,10 @@ def host_pid(settings: Settings) -> int | None:
 
 # ---- verbs ------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
+    """Start the host. First of all the umask: everything it and its workers create
+    (DB, logs, sockets, sessions) is the host user's alone unless made readable on
+    purpose (H4); the re-exec in scrub_environment keeps it."""
+    os.umask(0o077)
     from nanoclaw.orchestrator import run_host, scrub_environment
 
     scrub_environment(sys.argv[1:])
@@ -359,6 +363,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     except SettingsError as e:
         say(False, str(e))
         return 1
+    problem = s.agent_uid_problem()
+    say(problem is None, problem or (f"agent uid {s.agent_uid} belongs to no local account"
+                                     if os.geteuid() == 0 else
+                                     "sandboxes run as this user (the host is not root)"))
     for ok, line in runtime_report(s):
         if ok is None:
             print(f"{'-':<3}  {line}")

@@ -55,7 +55,8 @@ class Settings(BaseSettings):
     container_pids: int = Field(default=512, ge=0)
     container_cpus: float = Field(default=2.0, ge=0)
     warm_pool: int = Field(default=1, ge=0, le=16)  # agents started ahead (process, bwrap)
-    agent_uid: int = Field(default=1000, ge=1)  # the sandbox user when the host runs as root
+    # the sandbox user when the host runs as root: a uid no local account has (H5)
+    agent_uid: int = Field(default=61000, ge=1, le=2**31 - 2)
     mount_allowlist: Path = Path("~/.config/nanoclaw/mount-allowlist.json")
 
     # Channels.
@@ -160,6 +161,28 @@ class Settings(BaseSettings):
 
     def group_dir(self, folder: str) -> Path:
         return self.groups_dir / folder
+
+    def agent_uid_problem(self) -> str | None:
+        """Why `agent_uid` must not be used, or None. A uid that belongs to a local
+        account would let that user own every agent folder and read every sandbox's
+        memory (its broker token), so a root host refuses to start with one."""
+        if os.geteuid() != 0:
+            return None  # sandboxes run as the host's own user
+        import pwd
+
+        try:
+            account = pwd.getpwuid(self.agent_uid)
+        except KeyError:
+            return None
+        return (f"agent uid {self.agent_uid} belongs to the local account"
+                f" {account.pw_name!r}, which would own every agent's files; set"
+                f" NANOCLAW_AGENT_UID to a uid no account has (the default is"
+                f" {type(self).model_fields['agent_uid'].default})")
+
+    def agent_owner(self) -> tuple[int, int] | None:
+        """Who the agent's folders belong to: `agent_uid` when the host is root (it
+        runs sandboxes as that user), else None (the host's own user)."""
+        return (self.agent_uid, self.agent_uid) if os.geteuid() == 0 else None
 
 
 def _env_name(loc: str) -> str:

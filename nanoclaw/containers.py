@@ -5,19 +5,25 @@ a fresh per-session broker token, watches running agents, and after an agent end
 resets the rows it had claimed (backoff `5 s·2^tries`, failed after 5 tries; the user is
 told). An agent that keeps dying before it does any work is respawned with the same
 backoff and, after 5 failures, its pending messages fail with a message to the user.
+
+Before a start the session folder is brought to the current layout (`sessiondb.create`),
+an `outbound.db` the host refuses to read is set aside for a fresh one, the group folder
+is made (and handed to the sandbox user) through `hostile.py`, and the agent's settings
+are written to `db/container.json`, which only the host can write.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import secrets
 import sqlite3
 import time
 from pathlib import Path
 from typing import Any
 
-from nanoclaw import mounts, sessiondb
+from nanoclaw import hostile, mounts, permissions, sessiondb
 from nanoclaw.config import Settings
 from nanoclaw.log import logger
 from nanoclaw.runtime import Runtime, SpawnSpec
@@ -120,6 +126,13 @@ class Containers:
         if s is None or sid in self.running:
             return False
         paths = self._paths(s)
+        owner = self.settings.agent_owner()
+        try:
+            sessiondb.create(paths.root, owner)
+        except (OSError, ValueError, sqlite3.DatabaseError) as e:
+            logger.error("session {}: its folder is unusable: {}", sid, e)
+            self._start_failed(s, str(e))
+            return False
         if not sessiondb.due_count(paths, utcnow()):
             return False
         broker = self.store.get_state("broker_url")
@@ -129,10 +142,15 @@ class Containers:
             return False
         ag = self.store.agent_group(s["agent_group_id"])
         group_dir = self.settings.group_dir(ag["folder"])
-        group_dir.mkdir(parents=True, exist_ok=True)
-        self._write_config(s, ag, group_dir)
+        try:
+            self.settings.groups_dir.mkdir(parents=True, exist_ok=True)  # the host's
+            self._prepare_folders(sid, paths, group_dir, owner)
+        except (OSError, ValueError) as e:
+            logger.error("session {}: cannot prepare its folders: {}", sid, e)
+            self._start_failed(s, str(e))
+            return False
+        self._write_config(s, ag, paths)
         sessiondb.write_routing(paths, self._routing(s), self.store.destinations(ag["id"]))
-        Path(paths.heartbeat).unlink(missing_ok=True)
         token = secrets.token_urlsafe(32)
         spawn = f"{int(time.time() * 1000)}"
         cfg = self.store.container_config(ag["id"])
@@ -142,7 +160,8 @@ class Containers:
             logger.error("session {}: {}", sid, why)
         spec = SpawnSpec(
             session_id=sid, agent_group_id=ag["id"], session_dir=Path(paths.root).resolve(),
-            group_dir=group_dir.resolve(), global_dir=(self.settings.groups_dir / "global").resolve(),
+            group_dir=self.settings.groups_dir.resolve() / ag["folder"],
+            global_dir=(self.settings.groups_dir / "global").resolve(),
             runner_dir=RUNNER_DIR, install_id=self.install,
             log_path=self.settings.logs_dir / "containers" / sid / f"{spawn}.log",
             env={"ANTHROPIC_BASE_URL": broker, "ANTHROPIC_API_KEY": token,
@@ -251,6 +270,11 @@ class Containers:
             row = sessiondb.message(paths, mid)
             if row is None or not row["platform_id"] or row["channel_type"] == "agent":
                 continue
+            if not permissions.may_send(self.store, s, row["channel_type"], row["platform_id"]):
+                logger.error("session {}: failure notice for {} not sent: {}:{} is not a chat"
+                             " of this session", s["id"], mid, row["channel_type"],
+                             row["platform_id"])
+                continue
             text = FAIL_TEXT.format(n=max(row["tries"], 1), sid=s["id"])
             self.store.enqueue_send(f"{s['id']}:failed:{mid}", row["channel_type"],
                                     row["platform_id"], row["thread_id"], "chat", {"text": text},
@@ -276,7 +300,27 @@ class Containers:
                            (s["messaging_group_id"],))
         return (mg["channel_type"], mg["platform_id"], s["thread_id"]) if mg else (None, None, None)
 
-    def _write_config(self, s: dict[str, Any], ag: dict[str, Any], group_dir: Path) -> None:
+    @staticmethod
+    def _prepare_folders(sid: str, paths: sessiondb.SessionPaths, group_dir: Path,
+                         owner: tuple[int, int] | None) -> None:
+        """The agent's folders, by descriptor: the group folder made (or handed over
+        whole when it belongs to someone else, e.g. after `agent_uid` changed), the last
+        heartbeat gone, and an outbound.db the host refuses set aside."""
+        with hostile.Folder.open(group_dir, create=True, owner=owner) as g:
+            st = os.fstat(g.fd)
+            if owner is not None and (st.st_uid, st.st_gid) != owner:
+                n = g.adopt(*owner)
+                logger.info("group folder {} handed to uid {} ({} entries)", group_dir.name,
+                            owner[0], n)
+        with paths.work_folder() as work:
+            work.remove(sessiondb.HEARTBEAT)
+        why = sessiondb.reset_outbound(paths, owner)
+        if why:
+            logger.warning("session {}: outbound.db set aside ({}); the agent starts with a"
+                           " fresh one", sid, why)
+
+    def _write_config(self, s: dict[str, Any], ag: dict[str, Any],
+                      paths: sessiondb.SessionPaths) -> None:
         cfg = self.store.container_config(ag["id"])
         provider = (s["agent_provider"] or cfg.get("provider") or ag["agent_provider"]
                     or "claude").strip().lower() or "claude"
@@ -290,6 +334,8 @@ class Containers:
                 "mcp_servers": cfg.get("mcp_servers") or {}, "skills": cfg.get("skills") or "all",
                 # what the agent is shown; the host enforces it (agent_cli.py) either way
                 "cli_scope": cfg.get("cli_scope") or "group"}
-        tmp = group_dir / "container.json.tmp"
-        tmp.write_text(json.dumps(data, indent=2))
-        tmp.replace(group_dir / "container.json")
+        tmp = paths.config + ".tmp"  # db/ is the host's: the agent cannot touch either
+        with open(tmp, "w") as f:
+            f.write(json.dumps(data, indent=2))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, paths.config)

@@ -7,19 +7,27 @@ record the channels' results in the session's `delivered` table. A send that fin
 failed is told to the agent (a row in its inbound, which wakes it) and logged. Each
 watched session folder gets a link to this worker's nudge socket, so its agent wakes us
 as soon as it writes (`nudge.advertise`).
+
+`outbound.db` is the agent's and read as such (`sessiondb.agent_db`): a file with a
+schema not the runner's, or too slow to read, quarantines its session — the agent is
+stopped, its chat is told once, and the containers worker sets the file aside before
+the next start — so one hostile sandbox never stalls delivery for the others. A file
+the agent sends is copied out of its `outbox/` through `hostile.py` into
+`data/outfiles/`, which only the host writes, before any adapter sees it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sqlite3
 from typing import Any
 
-from nanoclaw import nudge, sessiondb
+from nanoclaw import hostile, nudge, permissions, sessiondb
 from nanoclaw.config import Settings
 from nanoclaw.log import logger
 from nanoclaw.store import Store
-from nanoclaw.util import iso
+from nanoclaw.util import iso, utcnow
 
 WATCH_RECENT = 600.0  # seconds: sessions active this recently are watched every tick
 FULL_SCAN = 30.0      # seconds between scans of every active session
@@ -30,6 +38,7 @@ class Delivery:
         self.store, self.settings = store, settings
         self.signals: dict[str, Any] = {}     # session id → last seen outbound signal
         self.errors: dict[str, str] = {}      # session id → last error logged
+        self.quarantined: set[str] = set()    # `<session>:quarantine:<inode>` already told
         self._paths: dict[str, sessiondb.SessionPaths] = {}
         self.sessions: dict[str, dict[str, Any]] = {}
         self.version = -1
@@ -83,6 +92,14 @@ class Delivery:
             rows = sessiondb.undelivered(paths)
             for row in rows:
                 self._route(s, paths, row)
+        except sessiondb.HostileDB as e:
+            self._quarantine(s, sig, e)
+            self.signals[s["id"]] = sig
+            return False
+        except sqlite3.OperationalError as e:
+            if "locked" in str(e):  # the agent is mid-write: look again next pass
+                return False
+            raise
         except Exception as e:  # retried when the file changes again; logged once
             if self.errors.get(s["id"]) != str(e):
                 self.errors[s["id"]] = str(e)
@@ -93,10 +110,33 @@ class Delivery:
         self.signals[s["id"]] = sig
         return bool(rows)
 
+    def _quarantine(self, s: dict[str, Any], sig: Any, why: sessiondb.HostileDB) -> None:
+        """Stop a session whose agent wrote an outbound.db the host refuses to read, and
+        say so once per state of that file, in the session's own chat."""
+        sid = s["id"]
+        key = f"{sid}:quarantine:{sig[2] if sig else 0}"  # once per file (its inode)
+        if key in self.quarantined:
+            return
+        self.quarantined.add(key)
+        failed = sessiondb.fail_due(self.paths(s), utcnow())  # what it was working on
+        logger.error("session {}: quarantined ({} message(s) failed): {}", sid, len(failed), why)
+        self.store.request_container(sid, "kill", "quarantined: outbound.db refused")
+        if not s["messaging_group_id"]:
+            return
+        own = self.store.q1("SELECT channel_type, platform_id FROM messaging_groups WHERE id=?",
+                            (s["messaging_group_id"],))
+        if own:
+            text = (f"This conversation's agent was stopped: its output failed the host's"
+                    f" safety checks ({why.kind}). What it was working on was not delivered;"
+                    f" your next message starts it afresh.")
+            self.store.enqueue_send(key, own["channel_type"], own["platform_id"],
+                                    s["thread_id"], "chat", {"text": text}, session_id=sid,
+                                    message_out_id=key)
+
     def _route(self, s: dict[str, Any], paths: sessiondb.SessionPaths, row: dict[str, Any]) -> None:
         try:
-            content = json.loads(row["content"])
-        except ValueError:
+            content = json.loads(row["content"]) if row["content"] is not None else None
+        except (ValueError, RecursionError):
             content = None
         if not isinstance(content, dict):
             sessiondb.mark_delivered(paths, row["id"], None, "failed", "malformed content")
@@ -109,7 +149,7 @@ class Delivery:
         if ch == "agent":
             self._to_agent(s, paths, row, content)
             return
-        if not ch or not pid or not self._allowed(s, ch, pid):
+        if not permissions.may_send(self.store, s, ch, pid):
             why = f"not an allowed destination: {ch}:{pid}"
             sessiondb.mark_delivered(paths, row["id"], None, "failed", why)
             logger.error("session {}: message {} refused: {}", s["id"], row["id"], why)
@@ -118,19 +158,20 @@ class Delivery:
             return
         if "files" in content:
             try:
-                content = {**content, "files": self._files(paths, row["id"], content["files"])}
+                content = {**content, "files": self._files(s, paths, row["id"],
+                                                           content["files"])}
             except ValueError as e:
                 sessiondb.mark_delivered(paths, row["id"], None, "failed", str(e))
                 logger.error("session {}: message {} refused: {}", s["id"], row["id"], e)
                 self._tell_agent(s, paths, f"Your message {row['id']} was not sent: {e}.")
                 return
-        if content.get("type") == "ask_question" and content.get("questionId"):
-            self.store.conn.execute(
-                "INSERT OR IGNORE INTO pending_questions (question_id, session_id,"
-                " message_out_id, platform_id, channel_type, thread_id, title, options_json,"
-                " created_at) VALUES (?,?,?,?,?,?,?,?,?)",
-                (str(content["questionId"]), s["id"], row["id"], pid, ch, row["thread_id"],
-                 content.get("title"), json.dumps(content.get("options") or []), row["timestamp"]))
+        if content.get("type") == "ask_question":
+            # The card goes out under a host-made id, never the agent's `questionId` (H3):
+            # an agent could name an approval, and that card's clicks would decide it.
+            card_id = self.store.open_question_card(
+                s["id"], row["id"], content.get("questionId"), ch, pid, row["thread_id"],
+                content.get("title"), content.get("options"), row["timestamp"])
+            content = {**content, "questionId": card_id}
         self.store.enqueue_send(f"{s['id']}:{row['id']}", ch, pid, row["thread_id"], row["kind"],
                                 content, session_id=s["id"], message_out_id=row["id"],
                                 in_reply_to=row["in_reply_to"])
@@ -178,16 +219,18 @@ class Delivery:
         if note:
             self._tell_agent(s, paths, note)
 
-    @staticmethod
-    def _files(paths: sessiondb.SessionPaths, message_id: str, files: Any) -> list[dict]:
+    def _files(self, s: dict[str, Any], paths: sessiondb.SessionPaths, message_id: str,
+               files: Any) -> list[dict]:
         """Agent files → adapter files. Only plain names of regular files the agent put in
-        `outbox/<message id>/` (no symlinks, no escapes) or inline base64 data; a host
-        path from the agent would let it mail out any file of the host."""
-        from nanoclaw.util import safe_child
+        `outbox/<message id>/`, copied out through `hostile.py` (no link, FIFO or hard
+        link is followed or read) into `data/outfiles/<session>/<message>/`, or inline
+        base64 data; a host path from the agent would let it mail out any host file."""
+        from nanoclaw.util import is_safe_name
 
         if not isinstance(files, list):
             raise ValueError("files must be a list")
         out = []
+        names = []
         for f in files:
             if isinstance(f, dict) and "path" not in f and isinstance(f.get("data"), str):
                 out.append({"name": str(f.get("name") or "file"), "data": f["data"]})
@@ -195,24 +238,24 @@ class Delivery:
             name = f if isinstance(f, str) else f.get("name") if isinstance(f, dict) else None
             if not isinstance(name, str) or (isinstance(f, dict) and "path" in f):
                 raise ValueError("a file must be the name of a file in the message's outbox")
-            folder = safe_child(paths.outbox, message_id)
-            path = safe_child(folder, name)
-            if not os.path.isfile(path) or os.path.islink(path):
-                raise ValueError(f"file {name!r} is not in outbox/{message_id}/")
-            out.append({"name": name, "path": os.path.realpath(path)})
+            if not is_safe_name(name) or not is_safe_name(message_id):
+                raise ValueError(f"unsafe file name: {name!r}")
+            names.append(name)
+        if not names:
+            return out
+        staged = self.settings.data_dir / "outfiles" / s["id"] / message_id
+        os.makedirs(staged.parent, mode=0o700, exist_ok=True)
+        try:
+            with paths.work_folder() as work, hostile.Folder.open(staged, create=True) as dst:
+                for name in names:
+                    work.copy_to(f"{sessiondb.OUTBOX}/{message_id}/{name}", dst, name,
+                                 mode=0o600)
+                    out.append({"name": name, "path": str(staged / name)})
+        except hostile.Refused as e:
+            raise ValueError(f"file not sent: {e}") from None
+        except OSError as e:
+            raise ValueError(f"file not sent: {e.strerror}") from None
         return out
-
-    def _allowed(self, s: dict[str, Any], ch: str, pid: str) -> bool:
-        """The session's own chat, or a chat the agent has a destination for (the ACL)."""
-        if s["messaging_group_id"]:
-            own = self.store.q1("SELECT channel_type, platform_id FROM messaging_groups WHERE id=?",
-                                (s["messaging_group_id"],))
-            if own and (own["channel_type"], own["platform_id"]) == (ch, pid):
-                return True
-        return self.store.q1(
-            "SELECT 1 AS x FROM agent_destinations d JOIN messaging_groups m ON m.id=d.target_id"
-            " WHERE d.agent_group_id=? AND d.target_type='channel' AND m.channel_type=?"
-            " AND m.platform_id=?", (s["agent_group_id"], ch, pid)) is not None
 
     def _record_results(self) -> bool:
         rows = self.store.unrecorded_sends()

@@ -8,10 +8,11 @@ raises: a lost nudge (no socket yet, a worker restarting, a full queue) costs on
 interval, never a row, so a `kill -9` of anyone still loses nothing.
 
 Agents share only their session folder with the host. The agent runner binds
-`.nudge-agent.sock` there (the host nudges it after writing `inbound.db`), and the
-delivery worker hard-links its own socket in as `.nudge-host.sock` (the agent nudges it
-after writing `outbound.db`; the sandbox sees nothing of `data/run`). That folder is the
-agent's to change, so the host never follows a link in it and sends only to a socket.
+`.nudge-agent.sock` in its `work/` (the host nudges it after writing `inbound.db`), and
+the delivery worker hard-links its own socket in as `.nudge-host.sock` (the agent nudges
+it after writing `outbound.db`; the sandbox sees nothing of `data/run`). That folder is
+the agent's to change, so both go through `hostile.py`: no link is followed and only a
+socket is sent to.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import os
 import select
 import signal
 import socket
-import stat
 import time
 import weakref
 from contextlib import contextmanager
@@ -63,12 +63,13 @@ def send(where: Any, *names: str) -> None:
 
 def agent(session_root: str | os.PathLike) -> None:
     """Nudge the agent of one session: new rows in its `inbound.db`."""
-    _send_in(session_root, AGENT_SOCK)
+    _send_in(os.path.join(session_root, "work"), AGENT_SOCK)
 
 
 def host(session_root: str | os.PathLike) -> None:
-    """Nudge the delivery worker through a session's link: new rows in `outbound.db`."""
-    _send_in(session_root, HOST_LINK)
+    """Nudge the delivery worker the way an agent does, through the session's link
+    (the runner has its own copy of this; tests use this one)."""
+    _send_in(os.path.join(session_root, "work"), HOST_LINK)
 
 
 def _sock() -> socket.socket:
@@ -102,22 +103,18 @@ def _send(addr: str) -> None:
         _quiet(e)
 
 
-def _send_in(root: str | os.PathLike, name: str) -> None:
-    """Send to `name` in a folder someone else controls: no symlink is followed and the
+def _send_in(folder: str | os.PathLike, name: str) -> None:
+    """Send to `name` in a folder the agent controls: no symlink is followed and the
     entry must be a socket (else an agent could aim the host at any socket it likes)."""
+    from nanoclaw import hostile
+
     try:
-        d = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=d)
-        finally:
-            os.close(d)
-        try:
-            if stat.S_ISSOCK(os.fstat(fd).st_mode):
-                _sock().sendto(NUDGE, f"/proc/self/fd/{fd}")
-        finally:
-            os.close(fd)
-    except OSError as e:
-        _quiet(e)
+        with hostile.Folder.open(folder) as f, f.socket_address(name) as addr:
+            if addr is not None:
+                _sock().sendto(NUDGE, addr)
+    except (OSError, ValueError) as e:
+        if isinstance(e, OSError):
+            _quiet(e)
 
 
 def _quiet(e: OSError, what: str = "wake-up nudge not sent") -> None:
@@ -127,20 +124,16 @@ def _quiet(e: OSError, what: str = "wake-up nudge not sent") -> None:
 
 
 def advertise(where: Any, session_root: str | os.PathLike) -> None:
-    """Link the delivery worker's socket into a session folder as `.nudge-host.sock` (a
-    hard link, kept to the live socket's inode). Best effort: without it, delivery polls."""
-    src = path(where, "delivery")
-    dst = os.path.join(session_root, HOST_LINK)
+    """Link the delivery worker's socket into a session's `work/` as `.nudge-host.sock`
+    (a hard link, kept to the live socket's inode). Best effort: without it, delivery
+    polls."""
+    from nanoclaw import hostile
+
     try:
-        want = os.stat(src)
-        try:
-            have = os.lstat(dst)
-            if (have.st_ino, have.st_dev) == (want.st_ino, want.st_dev):
-                return
-            os.unlink(dst)  # never follows a link; a folder there just fails
-        except FileNotFoundError:
-            pass
-        os.link(src, dst, follow_symlinks=False)
+        with hostile.Folder.open(os.path.join(session_root, "work")) as work:
+            work.link(path(where, "delivery"), HOST_LINK)
+    except ValueError:
+        pass  # the agent made the folder something else; polling covers for it
     except OSError as e:  # EXDEV: sessions on another filesystem than data/run
         if e.errno not in (errno.EEXIST, errno.EISDIR):  # those: the agent's own doing
             _quiet(e, "delivery's nudge socket not linked into a session folder")

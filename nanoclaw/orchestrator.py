@@ -107,6 +107,17 @@ def _child_main(name: str, settings: Settings) -> None:
     sys.exit(run_worker(make_worker(name, settings)))
 
 
+def private_dirs(settings: Settings) -> None:
+    """`data/` (every conversation, the web token) and `logs/` are the host user's
+    alone: 0700, made so or, from an older install, changed so at every start, so no
+    other local user reaches anything under them whatever its own mode (H4). Sandboxes
+    are unaffected: their mounts are made by root or by the host's own user."""
+    for d in (settings.data_dir, settings.logs_dir):
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if d.stat().st_mode & 0o777 != 0o700:
+            os.chmod(d, 0o700)
+
+
 def lock_data_dir(settings: Settings) -> Any:
     """One host per data directory: a second `nanoclaw run` stops with a clear line."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -138,7 +149,16 @@ def preload(names: list[str]) -> None:
 
 
 def run_host(settings: Settings, *, tick: float = 0.1) -> int:
+    try:
+        private_dirs(settings)
+    except OSError as e:  # before the log exists: the terminal is all there is
+        print(f"nanoclaw: cannot start: {e}", file=sys.stderr)
+        return 2
     log.setup("host", settings.logs_dir, settings.log_level)
+    problem = settings.agent_uid_problem()
+    if problem:
+        logger.error("cannot start: {}", problem)
+        return 2
     try:
         lock = lock_data_dir(settings)
     except (DataError, OSError) as e:

@@ -8,6 +8,7 @@ space removed) so `/CLEAR`, ` /clear` and full-width look-alikes are judged as `
 from __future__ import annotations
 
 import unicodedata
+from typing import Any
 
 from nanoclaw.store import Store
 
@@ -53,3 +54,21 @@ def command_gate(store: Store, text: str, uid: str | None, agent_group_id: str) 
     if cmd in ADMIN_ONLY and not (uid and is_admin(store, uid, agent_group_id)):
         return f"Permission denied: {cmd} requires admin access."
     return None
+
+
+def may_send(store: Store, session: dict[str, Any], channel_type: str | None,
+             platform_id: str | None) -> bool:
+    """May something be sent to this chat on behalf of this session? Its own chat, or a
+    chat its agent group has a destination for (the ACL). Applies to the agent's output
+    and to every message the host writes for the session alike."""
+    if not channel_type or not platform_id:
+        return False
+    if session["messaging_group_id"]:
+        own = store.q1("SELECT channel_type, platform_id FROM messaging_groups WHERE id=?",
+                       (session["messaging_group_id"],))
+        if own and (own["channel_type"], own["platform_id"]) == (channel_type, platform_id):
+            return True
+    return store.q1(
+        "SELECT 1 AS x FROM agent_destinations d JOIN messaging_groups m ON m.id=d.target_id"
+        " WHERE d.agent_group_id=? AND d.target_type='channel' AND m.channel_type=?"
+        " AND m.platform_id=?", (session["agent_group_id"], channel_type, platform_id)) is not None

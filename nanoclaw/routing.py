@@ -133,23 +133,34 @@ class Router:
         return delivered
 
     def click(self, ev: Event) -> list[str]:
-        """A button click: an approval decision or the answer to an agent's question."""
+        """A button click: an approval decision or the answer to an agent's question.
+
+        Which one is decided by the card id alone (H3): an approval's id (the host's
+        `appr-`/`snd-`/`chan-` namespace) only ever goes to `approvals.click`; any other
+        id only ever to the question card it names, whose answer goes to its agent. An
+        agent never names a card, so neither can be reached through the other."""
         p = ev.payload
-        qid, option = str(p.get("question_id") or ""), str(p.get("option") or "")
+        card_id, option = str(p.get("question_id") or ""), str(p.get("option") or "")
         raw = str(p.get("user_id") or "") or None
         clicker = None if raw is None else raw if ":" in raw else f"{ev.channel_type}:{raw}"
-        if not qid:
+        if not card_id:
             raise ValueError("a click needs a question_id")
-        q = self.store.q1("SELECT * FROM pending_questions WHERE question_id=?", (qid,))
-        if q is None:
+        if approvals.is_approval_card(card_id):
             try:
-                what = approvals.decide(self.store, self.settings, qid, option, clicker)
-                logger.info("approval {}: {} by {}", qid, what, clicker)
+                what = approvals.click(self.store, self.settings, card_id, option, clicker)
+                logger.info("approval {}: {} by {}", card_id, what, clicker)
             except PermissionError:
                 self._notice(ev, "Only the approver or an admin can decide this.")
             except LookupError:
-                logger.info("click on unknown or closed card {} ignored", qid)
+                logger.info("click on unknown or closed card {} ignored", card_id)
                 self._notice(ev, "This was already decided (or has expired).")
+            except ValueError:
+                self._notice(ev, "That is not one of this card's options.")
+            return []
+        q = self._question_card(ev, card_id)
+        if q is None:
+            logger.info("click on unknown or answered question card {} ignored", card_id)
+            self._notice(ev, "This question was already answered (or has expired).")
             return []
         s = self.store.session(q["session_id"])
         if s is None:
@@ -158,17 +169,46 @@ class Router:
                            (s["messaging_group_id"],)) if s["messaging_group_id"] else None
         public = mg is not None and mg["unknown_sender_policy"] == "public"
         if not (public or permissions.can_access(self.store, clicker, s["agent_group_id"])):
-            logger.warning("{} may not answer question {}; ignored", clicker, qid)
+            logger.warning("{} may not answer question card {}; ignored", clicker, card_id)
             self._notice(ev, "You are not allowed to answer this question.")
             return []
+        offered = self._option_values(q["options_json"])
+        if offered and option not in offered:
+            logger.warning("click on question card {} with option {!r} not on it; ignored",
+                           card_id, option)
+            self._notice(ev, "That is not one of this card's options.")
+            return []
+        qid = q["question_id"]  # the agent's own id: what its waiting tool looks for
         sessiondb.insert_message(
-            self._paths(s), id=f"qr-{qid}", kind="system",
+            self._paths(s), id=f"qr-{q['card_id']}", kind="system",
             content={"type": "question_response", "questionId": qid, "selectedOption": option,
                      "userId": clicker}, channel_type=ev.channel_type,
             platform_id=ev.platform_id, thread_id=ev.thread_id)
-        self.store.conn.execute("DELETE FROM pending_questions WHERE question_id=?", (qid,))
+        self.store.close_question_card(q["card_id"])
         self.store.request_container(s["id"], "wake", "question answered")
         return [s["id"]]
+
+    def _question_card(self, ev: Event, card_id: str) -> dict[str, Any] | None:
+        """The open question card a click names: by its host card id; else (a click
+        naming the agent's own id, as older callers send) the one card in the clicked
+        chat asked under that id, and none if several were."""
+        q = self.store.question_card(card_id)
+        if q is not None:
+            return q
+        asked = self.store.question_cards_asking(ev.channel_type, ev.platform_id, card_id)
+        return asked[0] if len(asked) == 1 else None
+
+    @staticmethod
+    def _option_values(options_json: str | None) -> list[str]:
+        """The option values a question card offered (as the adapters normalise them)."""
+        from nanoclaw.channels.text import parse_question
+
+        try:
+            options = json.loads(options_json or "[]")
+        except (ValueError, RecursionError):
+            return []
+        q = parse_question({"type": "ask_question", "questionId": "-", "options": options})
+        return [o["value"] for o in q.options] if q else []
 
     def _notice(self, ev: Event, text: str) -> None:
         self.store.enqueue_send(f"notice:{ev.channel_type}:{ev.message_id}", ev.channel_type,
@@ -232,7 +272,8 @@ class Router:
         s = self.store.create_session(w["agent_group_id"], None if mode == "agent-shared"
                                       else mg["id"], ev.thread_id if mode == "per-thread" else None,
                                       None)
-        paths = sessiondb.create(sessiondb.of(self.settings, s).root)
+        paths = sessiondb.create(sessiondb.of(self.settings, s).root,
+                                 self.settings.agent_owner())
         nudge.advertise(self.settings, paths.root)  # its agent can wake delivery at once
         routing = (None, None, None) if mode == "agent-shared" else (
             ev.channel_type, ev.platform_id, ev.thread_id)
@@ -255,11 +296,13 @@ class Router:
         self.store.touch_session(session["id"])
 
     def _deny(self, session: dict[str, Any], ev: Event, reason: str) -> None:
-        """Answer a refused command without waking the agent (the original's broken path)."""
-        sessiondb.write_outbound_direct(
-            self._paths(session), kind="chat", content={"text": reason},
-            in_reply_to=f"{ev.message_id}:{session['agent_group_id']}",
-            channel_type=ev.channel_type, platform_id=ev.platform_id, thread_id=ev.thread_id)
+        """Answer a refused command without waking the agent (the original's broken path):
+        queued straight to the chat it came from (the host never writes `outbound.db`)."""
+        mid = f"{ev.message_id}:{session['agent_group_id']}"
+        self.store.enqueue_send(f"{session['id']}:denied:{mid}", ev.channel_type,
+                                ev.platform_id, ev.thread_id, "chat", {"text": reason},
+                                session_id=session["id"], message_out_id=f"denied:{mid}",
+                                in_reply_to=mid)
         self.store.touch_session(session["id"])
         logger.info("refused command from {}: {}", ev.sender_id, reason)
 

@@ -2,15 +2,29 @@
 
 `inbound.db` is written by the host and read by the agent; `outbound.db` is written by
 the agent and read by the host. One writer per file across the container boundary, and
-`journal_mode=DELETE` because WAL's shared memory is not coherent across bind mounts.
-Connections are opened per operation and closed again, so no stale snapshot survives.
+no WAL (its shared memory is not coherent across bind mounts). Connections are opened
+per operation and closed again, so no stale snapshot survives.
+
+A session folder `data/sessions/<agent group>/<session>/` is the host's (0700) and holds:
+
+| entry | owner | inside a sandbox |
+|---|---|---|
+| `db/` | host, 0755 | `/workspace/.session`, read-only |
+| `db/inbound.db` | host | read-only: the agent cannot change or replace it |
+| `db/outbound.db`, `db/outbound.db-journal` | the agent | bound read-write one by one |
+| `db/container.json` | host | the agent's settings for this spawn, read-only |
+| `work/` | the agent | `/workspace`: its home, `inbox/`, `outbox/`, `.heartbeat` |
+
+So the agent can write its own output but cannot replace, link or re-create any of the
+files the host reads by name (the runner keeps `outbound.db`'s journal in PERSIST mode:
+it never has to create or delete a file in `db/`). `work/` is hostile ground, touched
+only through `nanoclaw/hostile.py`. `outbound.db`'s *content* is still the agent's, so
+it is read defensively (`agent_db`): its schema must be exactly ours (no views,
+triggers or virtual tables), `trusted_schema` is off and every read has a time bound.
 
 Seq numbers share one space the agent sees: the host takes even numbers above the
 highest seq in *both* files (the original looked only at its own table), the agent odd.
-
-The exceptions to one-writer, both done only while no agent runs for the session or
-for rows the agent has given up on: the host deletes stale `processing` acks after a
-kill, and writes a permission-denied reply straight to `outbound.db`.
+The host never writes `outbound.db`.
 """
 
 from __future__ import annotations
@@ -18,11 +32,14 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import stat
+import time
+import urllib.parse
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from nanoclaw import nudge
+from nanoclaw import hostile, nudge
 from nanoclaw.util import utcnow
 
 INBOUND_DDL = """
@@ -66,6 +83,11 @@ CREATE TABLE IF NOT EXISTS session_routing (
   platform_id TEXT,
   thread_id TEXT
 );
+CREATE TABLE IF NOT EXISTS reset_claims (
+  message_id TEXT NOT NULL,
+  claimed_at TEXT NOT NULL,
+  PRIMARY KEY (message_id, claimed_at)
+);
 """
 
 OUTBOUND_DDL = """
@@ -105,29 +127,51 @@ MAX_TRIES = 5
 RETRY_BASE_SECONDS = 5.0
 
 
+HEARTBEAT = ".heartbeat"  # in work/: the agent touches it while it lives
+INBOX = "inbox"          # in work/: files for the agent, by message
+OUTBOX = "outbox"        # in work/: files the agent sends, by message id
+MAX_OUTBOUND = 1 << 30   # an outbound.db larger than this is refused unread
+READ_BOUND_S = 0.5       # one read of outbound.db taking longer is the agent's doing
+MAX_CONTENT = 1 << 20    # a messages_out row's content larger than this is not loaded
+
+
+class HostileDB(Exception):
+    """The agent's `outbound.db` is not one the host will read: wrong schema, too big,
+    too slow, or not a database. The session is quarantined (delivery.py). `kind` is a
+    fixed phrase for the user (the message may quote names the agent chose)."""
+
+    def __init__(self, message: str, kind: str = "it is not a database the host can read"):
+        super().__init__(message)
+        self.kind = kind
+
+
 @dataclass(frozen=True)
 class SessionPaths:
     root: str
 
     @property
+    def db(self) -> str:
+        return os.path.join(self.root, "db")
+
+    @property
+    def work(self) -> str:
+        return os.path.join(self.root, "work")
+
+    @property
     def inbound(self) -> str:
-        return os.path.join(self.root, "inbound.db")
+        return os.path.join(self.root, "db", "inbound.db")
 
     @property
     def outbound(self) -> str:
-        return os.path.join(self.root, "outbound.db")
+        return os.path.join(self.root, "db", "outbound.db")
 
     @property
-    def heartbeat(self) -> str:
-        return os.path.join(self.root, ".heartbeat")
+    def config(self) -> str:
+        return os.path.join(self.root, "db", "container.json")
 
-    @property
-    def inbox(self) -> str:
-        return os.path.join(self.root, "inbox")
-
-    @property
-    def outbox(self) -> str:
-        return os.path.join(self.root, "outbox")
+    def work_folder(self) -> hostile.Folder:
+        """The agent's side of the session, opened as hostile ground."""
+        return hostile.Folder.open(self.work)
 
 
 def of(settings: Any, session: dict[str, Any]) -> SessionPaths:
@@ -137,7 +181,8 @@ def of(settings: Any, session: dict[str, Any]) -> SessionPaths:
 
 def _connect(path: str, readonly: bool = False) -> sqlite3.Connection:
     if readonly:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=5.0)
+        conn = sqlite3.connect(f"file:{urllib.parse.quote(path)}?mode=ro", uri=True,
+                               isolation_level=None, timeout=5.0)
     else:
         conn = sqlite3.connect(path, isolation_level=None, timeout=5.0)
         conn.execute("PRAGMA journal_mode=DELETE")
@@ -149,7 +194,15 @@ def _connect(path: str, readonly: bool = False) -> sqlite3.Connection:
 
 @contextmanager
 def opened(path: str, readonly: bool = False) -> Iterator[sqlite3.Connection]:
-    """A connection to a session DB (read-only if asked), closed on leaving."""
+    """A connection to a host-written session DB (read-only if asked), closed on leaving.
+    Only a regular file is opened (in the process runtime the agent could put a link or
+    a FIFO there; sandboxes cannot reach `db/` at all)."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+        if not stat.S_ISREG(st.st_mode):
+            raise sqlite3.DatabaseError(f"{os.path.basename(path)} is not a regular file")
+    except FileNotFoundError:
+        pass
     conn = _connect(path, readonly)
     try:
         yield conn
@@ -170,32 +223,192 @@ def transaction(path: str) -> Iterator[sqlite3.Connection]:
         conn.execute("COMMIT")
 
 
-def create(root: str) -> SessionPaths:
-    """Create the session folder, both databases and the inbox/outbox folders."""
+def _expected_schema() -> set[tuple[str, str, str, str | None]]:
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.executescript(OUTBOUND_DDL)
+        return set(conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master"))
+    finally:
+        conn.close()
+
+
+OUTBOUND_SCHEMA = _expected_schema()
+
+
+@contextmanager
+def agent_db(paths: SessionPaths) -> Iterator[sqlite3.Connection | None]:
+    """A read-only connection to the agent's `outbound.db` that cannot hurt the host:
+    a regular file of bounded size, exactly our schema (so no view, trigger, virtual
+    table or odd column default runs), `trusted_schema=OFF`, and a progress handler
+    that interrupts any read taking longer than READ_BOUND_S. None when the file is
+    missing. Raises HostileDB when the file is refused; "database is locked" passes
+    through (the agent is mid-write: try again)."""
+    try:
+        st = os.stat(paths.outbound, follow_symlinks=False)
+    except FileNotFoundError:
+        yield None
+        return
+    if not stat.S_ISREG(st.st_mode):
+        raise HostileDB("outbound.db is not a regular file")
+    if st.st_size > MAX_OUTBOUND:
+        raise HostileDB(f"outbound.db is larger than {MAX_OUTBOUND >> 20} MiB",
+                        "its database grew too large")
+    conn = sqlite3.connect(f"file:{urllib.parse.quote(paths.outbound)}?mode=ro", uri=True,
+                           isolation_level=None, timeout=0.5)
+    deadline = time.monotonic() + READ_BOUND_S
+    conn.set_progress_handler(lambda: 1 if time.monotonic() > deadline else 0, 1000)
+    try:
+        try:
+            conn.execute("PRAGMA trusted_schema=OFF")
+            conn.execute("PRAGMA mmap_size=0")
+            have = set(conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master"))
+        except sqlite3.OperationalError as e:
+            if "locked" in str(e):
+                raise
+            raise HostileDB(f"outbound.db unreadable: {e}") from None
+        except sqlite3.DatabaseError as e:
+            raise HostileDB(f"outbound.db unreadable: {e}") from None
+        if have != OUTBOUND_SCHEMA:
+            odd = sorted(f"{t} {str(n)[:40]!r}" for t, n, _, _ in have - OUTBOUND_SCHEMA)
+            missing = sorted(f"{t} {n}" for t, n, _, _ in OUTBOUND_SCHEMA - have)
+            raise HostileDB("outbound.db schema is not the runner's ("
+                            + "; ".join(filter(None, [
+                                odd and "unexpected: " + ", ".join(odd[:5]),
+                                missing and "changed or missing: " + ", ".join(missing[:5])]))
+                            + ")", "its database schema was changed")
+        conn.row_factory = sqlite3.Row
+        try:
+            yield conn
+        except sqlite3.OperationalError as e:
+            if "interrupted" in str(e):
+                raise HostileDB(f"a read of outbound.db took longer than {READ_BOUND_S}s",
+                                "reading its database took too long") from None
+            if "locked" in str(e):
+                raise
+            raise HostileDB(f"outbound.db unreadable: {e}") from None
+        except sqlite3.DatabaseError as e:
+            raise HostileDB(f"outbound.db unreadable: {e}") from None
+    finally:
+        conn.close()
+
+
+def create(root: str, owner: tuple[int, int] | None = None) -> SessionPaths:
+    """Create (or complete) a session folder: the host's `db/` with both databases and
+    the agent's `work/` with `inbox/` and `outbox/`, handed to `owner` (the sandbox
+    user, when the host is root). Idempotent; a folder of the older flat layout is
+    moved into this one."""
     paths = SessionPaths(root)
-    os.makedirs(paths.inbox, exist_ok=True)
-    os.makedirs(paths.outbox, exist_ok=True)
-    for path, ddl in ((paths.inbound, INBOUND_DDL), (paths.outbound, OUTBOUND_DDL)):
-        if os.path.exists(path):
-            with opened(path) as conn:
-                conn.executescript(ddl)
-            continue
-        tmp = path + ".new"  # readers never see a file without its tables
-        with opened(tmp) as conn:
-            conn.executescript(ddl)
-        os.replace(tmp, path)
+    flat = _set_flat_aside(paths)
+    os.makedirs(paths.root, mode=0o700, exist_ok=True)
+    os.chmod(paths.root, 0o700)
+    os.makedirs(paths.db, mode=0o755, exist_ok=True)
+    os.chmod(paths.db, 0o755)  # the sandbox user reads it (inside, read-only)
+    with hostile.Folder.open(paths.work, create=True, owner=owner) as work:
+        if flat:
+            _move_flat(flat, paths, work)
+        for name in (INBOX, OUTBOX):  # a link or FIFO the agent left there is replaced
+            work.ensure_mount_point(name, True, owner)
+    _create_db(paths.inbound, INBOUND_DDL, None)
+    _create_db(paths.outbound, OUTBOUND_DDL, owner)
+    journal = paths.outbound + "-journal"  # PERSIST mode: the agent never creates it
+    if not os.path.lexists(journal):
+        fd = os.open(journal, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        try:
+            os.fchmod(fd, 0o644)
+            if owner is not None:
+                os.fchown(fd, *owner)
+        finally:
+            os.close(fd)
     return paths
 
 
-def max_out_seq(paths: SessionPaths) -> int:
-    """Highest agent seq, or 0 when outbound.db is missing or unreadable: the host's own
-    rows must never be blocked by the agent's file (parity alone keeps seqs unique)."""
-    if not os.path.exists(paths.outbound):
-        return 0
+def reset_outbound(paths: SessionPaths,
+                   owner: tuple[int, int] | None) -> str | None:
+    """Before an agent starts: an outbound.db the host refuses is renamed aside (kept
+    for a look, never read again) and a fresh one made. Returns why, or None."""
     try:
-        with opened(paths.outbound, readonly=True) as out:
-            return out.execute("SELECT COALESCE(MAX(seq), 0) FROM messages_out").fetchone()[0]
-    except sqlite3.DatabaseError:
+        with agent_db(paths) as conn:
+            if conn is not None:
+                conn.execute("SELECT COUNT(*) FROM processing_ack").fetchone()
+        return None
+    except sqlite3.OperationalError as e:
+        if "locked" in str(e):
+            return None
+        why = str(e)
+    except HostileDB as e:
+        why = str(e)
+    aside = f"{paths.outbound}.refused-{int(time.time() * 1000)}"
+    os.rename(paths.outbound, aside)
+    try:
+        os.unlink(paths.outbound + "-journal")
+    except FileNotFoundError:
+        pass
+    create(paths.root, owner)
+    return why
+
+
+def _create_db(path: str, ddl: str, owner: tuple[int, int] | None) -> None:
+    if os.path.exists(path):
+        if owner is None and path.endswith("inbound.db"):  # ours: bring its tables up to date
+            with opened(path) as conn:
+                conn.executescript(ddl)
+        return
+    tmp = path + ".new"  # readers never see a file without its tables
+    if os.path.lexists(tmp):
+        os.unlink(tmp)
+    with opened(tmp) as conn:
+        conn.executescript(ddl)
+    os.chmod(tmp, 0o644)
+    if owner is not None:
+        os.chown(tmp, *owner)
+    os.replace(tmp, path)
+
+
+def _set_flat_aside(paths: SessionPaths) -> str | None:
+    """A session folder of the older layout (databases beside the agent's files, the
+    whole folder the agent's) is renamed aside to be taken apart; its parent is ours, so
+    the rename cannot be misdirected."""
+    try:
+        st = os.stat(os.path.join(paths.root, "inbound.db"), follow_symlinks=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if not stat.S_ISREG(st.st_mode) or os.path.isdir(paths.db) and not os.path.islink(paths.db):
+        return None
+    aside = paths.root.rstrip("/") + ".flat"
+    os.rename(paths.root, aside)
+    return aside
+
+
+def _move_flat(aside: str, paths: SessionPaths, work: hostile.Folder) -> None:
+    """The old databases go to `db/` (regular files only), the rest into `work/`, all
+    by descriptor; the host's bookkeeping files of that layout are dropped."""
+    with hostile.Folder.open(aside) as old, hostile.Folder.open(paths.db) as db:
+        for name in old.listdir():
+            st = old.stat(name)
+            if name in ("inbound.db", "outbound.db") and st is not None \
+                    and stat.S_ISREG(st.st_mode):
+                old.move_into(name, db)
+            elif name in ("inbound.db", "outbound.db", "inbound.db-journal",
+                          "outbound.db-journal", "container.json", "container.json.tmp"):
+                old.remove(name)
+            else:
+                work.remove(name)
+                old.move_into(name, work)
+    os.rmdir(aside)
+    os.chown(paths.inbound, os.geteuid(), os.getegid())
+    os.chmod(paths.inbound, 0o644)
+
+
+def max_out_seq(paths: SessionPaths) -> int:
+    """Highest agent seq, or 0 when outbound.db is missing or refused: the host's own
+    rows must never be blocked by the agent's file (parity alone keeps seqs unique)."""
+    try:
+        with agent_db(paths) as out:
+            if out is None:
+                return 0
+            top = out.execute("SELECT COALESCE(MAX(seq), 0) FROM messages_out").fetchone()[0]
+            return top if isinstance(top, int) else 0
+    except (HostileDB, sqlite3.DatabaseError):
         return 0
 
 
@@ -276,17 +489,24 @@ def write_routing(
         )
 
 
+OUT_COLUMNS = ("id, seq, in_reply_to, timestamp, deliver_after, recurrence, kind,"
+               " platform_id, channel_type, thread_id")
+
+
 def undelivered(paths: SessionPaths) -> list[dict[str, Any]]:
-    """Agent output not yet recorded in `delivered`, oldest first (by seq)."""
-    if not os.path.exists(paths.outbound):
-        return []
+    """Agent output not yet recorded in `delivered`, oldest first (by seq). A row whose
+    content is over MAX_CONTENT comes with content None (delivery refuses it) rather
+    than loaded. Raises HostileDB for a file the host will not read."""
     with opened(paths.inbound, readonly=True) as inb:
         done = {r[0] for r in inb.execute("SELECT message_out_id FROM delivered")}
-    with opened(paths.outbound, readonly=True) as out:
+    with agent_db(paths) as out:
+        if out is None:
+            return []
         rows = out.execute(
-            "SELECT * FROM messages_out WHERE deliver_after IS NULL OR deliver_after <= ?"
-            " ORDER BY seq",
-            (utcnow(),),
+            f"SELECT {OUT_COLUMNS}, CASE WHEN length(CAST(content AS BLOB)) <= ?"
+            " THEN content END AS content FROM messages_out"
+            " WHERE deliver_after IS NULL OR deliver_after <= ? ORDER BY seq",
+            (MAX_CONTENT, utcnow()),
         ).fetchall()
     return [dict(r) for r in rows if r["id"] not in done]
 
@@ -308,15 +528,20 @@ def mark_delivered(
 
 def acks(paths: SessionPaths) -> dict[str, tuple[str, str]]:
     """message_id → (status, status_changed) from the agent's `processing_ack`."""
-    if not os.path.exists(paths.outbound):
-        return {}
-    with opened(paths.outbound, readonly=True) as out:
-        return {r[0]: (r[1], r[2]) for r in out.execute("SELECT * FROM processing_ack")}
+    with agent_db(paths) as out:
+        if out is None:
+            return {}
+        return {r[0]: (r[1], r[2]) for r in out.execute(
+            "SELECT message_id, status, status_changed FROM processing_ack")}
 
 
 def sync_acks(paths: SessionPaths) -> int:
-    """Completed or failed acks mark their inbound rows completed. Returns rows changed."""
-    finished = [mid for mid, (st, _) in acks(paths).items() if st in ("completed", "failed")]
+    """Completed or failed acks mark their inbound rows completed. Returns rows changed
+    (none from an outbound.db the host refuses: delivery quarantines that session)."""
+    try:
+        finished = [mid for mid, (st, _) in acks(paths).items() if st in ("completed", "failed")]
+    except HostileDB:
+        return 0
     if not finished:
         return 0
     with transaction(paths.inbound) as conn:
@@ -326,6 +551,17 @@ def sync_acks(paths: SessionPaths) -> int:
                 "UPDATE messages_in SET status='completed' WHERE id=? AND status='pending'", (mid,)
             ).rowcount
         return n
+
+
+def fail_due(paths: SessionPaths, now_iso: str) -> list[str]:
+    """Mark every pending trigger row due by `now_iso` failed; returns their ids (a
+    session whose agent was stopped for good: its claims can no longer be trusted)."""
+    with transaction(paths.inbound) as conn:
+        cond = ("status='pending' AND trigger=1 AND (process_after IS NULL OR"
+                " process_after <= ?)")
+        ids = [r[0] for r in conn.execute(f"SELECT id FROM messages_in WHERE {cond}", (now_iso,))]
+        conn.execute(f"UPDATE messages_in SET status='failed' WHERE {cond}", (now_iso,))
+    return ids
 
 
 def due_count(paths: SessionPaths, now_iso: str) -> int:
@@ -349,79 +585,53 @@ def next_due(paths: SessionPaths) -> str | None:
 
 def reset_stuck(paths: SessionPaths, now: float,
                 base: float = RETRY_BASE_SECONDS) -> list[tuple[str, str]]:
-    """After an agent died: back off or fail the rows it had claimed; drop its acks.
+    """After an agent died: back off or fail the rows it had claimed.
 
-    Returns (message_id, 'retry'|'failed') for each row touched. Rows whose
-    `process_after` is already in the future were handled by an earlier pass.
+    Returns (message_id, 'retry'|'failed') for each row touched. Each claim is handled
+    once: it is recorded in `reset_claims` (the next runner deletes its stale claims;
+    the host never writes `outbound.db`). A refused outbound.db counts as no claims.
     """
     from nanoclaw.util import iso
 
-    claimed = [mid for mid, (st, _) in acks(paths).items() if st == "processing"]
+    try:
+        claimed = [(mid, t) for mid, (st, t) in acks(paths).items() if st == "processing"]
+    except HostileDB:
+        claimed = []
     result: list[tuple[str, str]] = []
-    if claimed:
-        now_iso = iso(now)
-        with transaction(paths.inbound) as conn:
-            for mid in claimed:
-                row = conn.execute(
-                    "SELECT tries, process_after FROM messages_in WHERE id=? AND status='pending'",
-                    (mid,),
-                ).fetchone()
-                if row is None or (row["process_after"] and row["process_after"] > now_iso):
-                    continue
-                tries = row["tries"] + 1
-                if tries >= MAX_TRIES:
-                    conn.execute(
-                        "UPDATE messages_in SET status='failed', tries=? WHERE id=?", (tries, mid)
-                    )
-                    result.append((mid, "failed"))
-                else:
-                    after = iso(now + base * 2**tries)
-                    conn.execute(
-                        "UPDATE messages_in SET tries=?, process_after=? WHERE id=?",
-                        (tries, after, mid),
-                    )
-                    result.append((mid, "retry"))
-        delete_processing_acks(paths)
+    if not claimed:
+        return result
+    now_iso = iso(now)
+    with transaction(paths.inbound) as conn:
+        for mid, claimed_at in claimed:
+            if conn.execute("INSERT OR IGNORE INTO reset_claims (message_id, claimed_at)"
+                            " VALUES (?, ?)", (mid, str(claimed_at))).rowcount == 0:
+                continue  # handled by an earlier pass
+            row = conn.execute(
+                "SELECT tries, process_after FROM messages_in WHERE id=? AND status='pending'",
+                (mid,),
+            ).fetchone()
+            if row is None or (row["process_after"] and row["process_after"] > now_iso):
+                continue
+            tries = row["tries"] + 1
+            if tries >= MAX_TRIES:
+                conn.execute(
+                    "UPDATE messages_in SET status='failed', tries=? WHERE id=?", (tries, mid)
+                )
+                result.append((mid, "failed"))
+            else:
+                after = iso(now + base * 2**tries)
+                conn.execute(
+                    "UPDATE messages_in SET tries=?, process_after=? WHERE id=?",
+                    (tries, after, mid),
+                )
+                result.append((mid, "retry"))
     return result
-
-
-def delete_processing_acks(paths: SessionPaths) -> None:
-    """Host-side exception to one-writer: only while no agent runs for this session."""
-    if not os.path.exists(paths.outbound):
-        return
-    with transaction(paths.outbound) as conn:
-        conn.execute("DELETE FROM processing_ack WHERE status='processing'")
 
 
 def message(paths: SessionPaths, id: str) -> dict[str, Any] | None:
     with opened(paths.inbound, readonly=True) as conn:
         row = conn.execute("SELECT * FROM messages_in WHERE id=?", (id,)).fetchone()
         return dict(row) if row else None
-
-
-def write_outbound_direct(
-    paths: SessionPaths, *, kind: str, content: dict[str, Any], in_reply_to: str | None,
-    channel_type: str | None, platform_id: str | None, thread_id: str | None,
-) -> str:
-    """A host reply that needs no agent (e.g. a permission denial): an odd seq, written
-    the way the agent writes, so delivery treats it like any other output."""
-    from nanoclaw.util import new_id
-
-    mid = new_id("host")
-    with opened(paths.inbound, readonly=True) as inb:
-        in_max = inb.execute("SELECT COALESCE(MAX(seq), 0) FROM messages_in").fetchone()[0]
-    with transaction(paths.outbound) as conn:
-        out_max = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM messages_out").fetchone()[0]
-        top = max(in_max, out_max)
-        seq = top + 1 if top % 2 == 0 else top + 2
-        conn.execute(
-            "INSERT INTO messages_out (id, seq, in_reply_to, timestamp, kind, platform_id,"
-            " channel_type, thread_id, content) VALUES (?,?,?,?,?,?,?,?,?)",
-            (mid, seq, in_reply_to, utcnow(), kind, platform_id, channel_type, thread_id,
-             json.dumps(content)),
-        )
-    nudge.host(paths.root)
-    return mid
 
 
 def file_signal(path: str) -> tuple[int, int, int] | None:

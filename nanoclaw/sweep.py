@@ -9,7 +9,6 @@ its claims are remembered (re-read at least every `RECHECK` seconds).
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from nanoclaw import scheduling, sessiondb
@@ -44,14 +43,14 @@ def decide_stuck(now: float, heartbeat: float | None, claims: list[float], ceili
 def declared_tool_timeout(paths: sessiondb.SessionPaths) -> float:
     """Seconds a running tool declared it may take (e.g. a long Bash), else 0."""
     try:
-        with sessiondb.opened(paths.outbound, readonly=True) as conn:
-            row = conn.execute("SELECT current_tool, tool_declared_timeout_ms FROM"
-                               " container_state WHERE id=1").fetchone()
+        with sessiondb.agent_db(paths) as conn:
+            row = conn and conn.execute("SELECT current_tool, tool_declared_timeout_ms FROM"
+                                        " container_state WHERE id=1").fetchone()
     except Exception:
         return 0.0
-    if not row or not row[0] or not row[1]:
+    if not row or not row[0] or not isinstance(row[1], (int, float)) or row[1] <= 0:
         return 0.0
-    return float(row[1]) / 1000.0
+    return min(float(row[1]) / 1000.0, 86400.0)
 
 
 class Sweep:
@@ -110,7 +109,11 @@ class Sweep:
                 sig = (sessiondb.file_signal(paths.inbound), sessiondb.change_signal(paths))
                 self.quiet[s["id"]] = (sig, parse_iso(nxt) if nxt else None)
             return
-        claims = [parse_iso(t) for st, t in sessiondb.acks(paths).values() if st == "processing"]
+        try:
+            claims = [parse_iso(t) for st, t in sessiondb.acks(paths).values()
+                      if st == "processing" and isinstance(t, str)]
+        except (sessiondb.HostileDB, ValueError):
+            claims = []  # delivery quarantines a session whose outbound.db is refused
         tool = declared_tool_timeout(paths)
         self.seen[s["id"]] = (sig, now, claims, tool)  # the signature from before the reads
         self._check_stuck(s, paths, now, claims, tool)
@@ -118,8 +121,10 @@ class Sweep:
     def _check_stuck(self, s: dict[str, Any], paths: sessiondb.SessionPaths, now: float,
                      claims: list[float], tool: float) -> None:
         try:
-            hb: float | None = os.stat(paths.heartbeat).st_mtime
-        except FileNotFoundError:
+            with paths.work_folder() as work:
+                st = work.stat(sessiondb.HEARTBEAT)
+            hb: float | None = st.st_mtime if st is not None else None
+        except (OSError, ValueError):
             hb = None
         verdict = decide_stuck(now, hb, claims, self.settings.idle_ceiling,
                                self.settings.claim_tolerance, tool)

@@ -13,8 +13,8 @@ import time
 from datetime import datetime, timezone
 
 _B36 = "0123456789abcdefghijklmnopqrstuvwxyz"
-SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-FOLDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+FOLDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
 
 
 def iso(ts: float) -> str:
@@ -44,7 +44,7 @@ def new_id(prefix: str) -> str:
 
 
 def is_safe_name(name: str) -> bool:
-    return bool(SAFE_NAME.match(name)) and ".." not in name
+    return bool(SAFE_NAME.fullmatch(name)) and ".." not in name
 
 
 def safe_child(root: str, name: str) -> str:

@@ -82,20 +82,20 @@ def test_fallback_model_set_listed_written_for_the_agent_and_cleared(db, tmp_pat
 
     from nanoclaw.containers import Containers  # what a spawn writes into container.json
     settings = Settings(data_dir=base / "data", groups_dir=base / "groups")
-    group_dir = tmp_path / "g"
-    group_dir.mkdir()
+    from nanoclaw import sessiondb
+    spaths = sessiondb.create(str(tmp_path / "s"))
     session = {"agent_provider": None}
     Containers(store, settings, RUNTIMES["process"](settings))._write_config(
-        session, store.agent_group(ag), group_dir)
-    assert json.loads((group_dir / "container.json").read_text())["fallback_model"] == \
+        session, store.agent_group(ag), spaths)
+    assert json.loads(open(spaths.config).read())["fallback_model"] == \
         "claude-backup-9"
 
     assert run_cli(base, "groups", "update", "main", "--fallback-model", "none").returncode == 0
     assert config(store, ag)["fallback_model"] is None
     Containers(store, Settings(data_dir=base / "data", fallback_model="claude-site-wide"),
                RUNTIMES["process"](settings))._write_config(session, store.agent_group(ag),
-                                                           group_dir)
-    assert json.loads((group_dir / "container.json").read_text())["fallback_model"] == \
+                                                           spaths)
+    assert json.loads(open(spaths.config).read())["fallback_model"] == \
         "claude-site-wide"  # NANOCLAW_FALLBACK_MODEL, for groups without their own
 
 

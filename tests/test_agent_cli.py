@@ -52,13 +52,13 @@ class World:
         sess = self.store.session(self.sid)
         self.paths = sessiondb.of(s, sess)
         self.delivery = Delivery(self.store, s)
-        env = {"NANOCLAW_SESSION_DIR": self.paths.root,
+        env = {"NANOCLAW_SESSION_DIR": self.paths.work, "NANOCLAW_DB_DIR": self.paths.db,
                "NANOCLAW_GROUP_DIR": str(s.group_dir("main")),
                "NANOCLAW_GLOBAL_DIR": str(tmp_path / "groups" / "global"), "TZ": "UTC"}
         self.env = env
         cfg = runner_config.load(env)
         inbound = Inbound(cfg.inbound)
-        self.tools = Toolbox(cfg, inbound, Outbound(cfg.outbound, inbound))
+        self.tools = Toolbox(cfg, inbound, Outbound(cfg.outbound, inbound, cfg.session_dir))
         rows = inbound.pending("9999", include_on_wake=True)[::-1]
         self.tools.begin(Batch(rows, inbound.destinations(), inbound.routing()))
 
@@ -414,7 +414,7 @@ def test_end_to_end_through_a_host(host):
     r = host.cli("approvals", "reject", appr["approval_id"])
     assert r.returncode == 0 and r.stdout.strip() == "rejected", r.stderr
     sess = host.q("SELECT * FROM sessions")[0]
-    inbound = host.data / "sessions" / ag / sess["id"] / "inbound.db"
+    inbound = host.data / "sessions" / ag / sess["id"] / "db" / "inbound.db"
     conn = sqlite3.connect(inbound)
     notes = [json.loads(x[0])["text"] for x in conn.execute(
         "SELECT content FROM messages_in WHERE channel_type='agent'")]

@@ -60,7 +60,7 @@ def test_chat_is_answered_to_origin_with_in_reply_to(session, fake, start):
     names = {t["name"] for t in body["tools"]}
     assert {"bash", "read", "write", "edit", "glob", "grep", "web_fetch", "send_message",
             "ask_user_question", "schedule_task", "install_packages"} <= names
-    assert os.path.exists(session.paths.heartbeat)
+    assert os.path.exists(os.path.join(session.paths.work, ".heartbeat"))
     assert runner.proc.poll() is None
 
 
@@ -254,7 +254,7 @@ def test_clear_command(session, fake, start):
     first = session.chat("remember me")
     session.reply_to(first)
     cont = wait_for(lambda: session.state("continuation:anthropic"), "continuation stored")
-    conv = Path(session.paths.root) / ".provider" / f"anthropic-{cont}.json"
+    conv = Path(session.paths.work) / ".provider" / f"anthropic-{cont}.json"
     assert conv.exists()
     clr = session.chat("/clear")
     assert session.reply_to(clr)["text"] == "Session cleared."
@@ -290,7 +290,7 @@ def test_a_full_context_sets_older_turns_aside_and_says_so(session, fake, start)
     assert "turn 0" in text and "turn 2" in text and "turn 3" not in text
     # saved trimmed: a restart resumes from the shorter history
     cont = session.state("continuation:anthropic")
-    saved = json.loads((Path(session.paths.root) / ".provider" / f"anthropic-{cont}.json")
+    saved = json.loads((Path(session.paths.work) / ".provider" / f"anthropic-{cont}.json")
                        .read_text())["messages"]
     assert len(saved) == 8 and "turn 3" in saved[0]["content"]
 
@@ -323,7 +323,7 @@ def test_continuation_resumed_after_restart(session, fake, start):
 
 
 def test_corrupt_continuation_is_recovered(session, fake, start):
-    provider_dir = Path(session.paths.root) / ".provider"
+    provider_dir = Path(session.paths.work) / ".provider"
     provider_dir.mkdir()
     (provider_dir / "anthropic-broken1.json").write_text("{not json")
     conn = sqlite3.connect(session.paths.outbound)

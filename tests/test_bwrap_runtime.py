@@ -85,9 +85,11 @@ def test_sandbox_dies_with_its_worker_and_orphans_are_found(bhost, tmp_path):
     from nanoclaw.runtime.base import SpawnSpec
     from nanoclaw.runtime.bwrap import BwrapRuntime, _children
 
+    from nanoclaw import sessiondb
+
     settings = Settings(data_dir=tmp_path / "data")
-    for d in ("s", "g"):
-        (tmp_path / d).mkdir()
+    sessiondb.create(str(tmp_path / "s"), settings.agent_owner())
+    (tmp_path / "g").mkdir()
     spec = SpawnSpec(session_id="s1", agent_group_id="ag", session_dir=tmp_path / "s",
                      group_dir=tmp_path / "g", global_dir=tmp_path / "global",
                      runner_dir=Path(__file__).resolve().parent.parent / "container",

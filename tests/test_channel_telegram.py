@@ -302,7 +302,7 @@ def test_agent_question_is_answered_by_a_click_end_to_end(host, tg):
                   " m.id=s.messaging_group_id WHERE m.platform_id='telegram:111'")[0]
     import sqlite3
 
-    out = host.data / "sessions" / sess["agent_group_id"] / sess["id"] / "outbound.db"
+    out = host.data / "sessions" / sess["agent_group_id"] / sess["id"] / "db" / "outbound.db"
 
     def acked():  # the blocked tool found the answer and took it
         c = sqlite3.connect(out)

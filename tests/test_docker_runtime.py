@@ -59,7 +59,7 @@ def test_inside_a_running_agent_container(dhost, docker_client):
         assert seen["proc_hits"] == [] and seen["file_hits"] == []
         assert seen["forbidden_paths"] == [] and seen["forbidden_exist"] == []
         assert not Path(str(other_dir)).is_relative_to("/workspace")
-        assert seen["uid"] == 1000 and seen["cap_eff"] == "0000000000000000"
+        assert seen["uid"] == 61000 and seen["cap_eff"] == "0000000000000000"
         assert seen["net"] == ["lo"]  # network none: the broker socket is the only way out
         assert not seen["root_writable"] and not seen["etc_writable"]
         assert seen["workspace_writable"]
@@ -81,11 +81,18 @@ def test_container_settings_labels_and_mounts(dhost, docker_client):
     assert hc["Memory"] == 512 * 1024 * 1024 and hc["PidsLimit"] == 256
     assert hc["NanoCpus"] == 1_500_000_000 and hc["ReadonlyRootfs"] and hc["CapDrop"] == ["ALL"]
     assert hc["NetworkMode"] == "none" and "no-new-privileges" in hc["SecurityOpt"]
-    assert c.attrs["Config"]["User"] == "1000:1000"
+    assert c.attrs["Config"]["User"] == "61000:61000"
     mounts = {m["Destination"]: (m["Source"], m["RW"]) for m in c.attrs["Mounts"]}
     group = h.q("SELECT folder FROM agent_groups WHERE id=?", (s["agent_group_id"],))[0]
+    folder = h.data / "sessions" / s["agent_group_id"] / s["id"]
     assert mounts == {
-        "/workspace": (str(h.data / "sessions" / s["agent_group_id"] / s["id"]), True),
+        "/workspace": (str(folder / "work"), True),
+        "/workspace/.session": (str(folder / "db"), False),
+        "/workspace/.session/outbound.db": (str(folder / "db" / "outbound.db"), True),
+        "/workspace/.session/outbound.db-journal": (str(folder / "db" / "outbound.db-journal"),
+                                                    True),
+        "/etc/passwd": (str(h.data / "run" / "sandbox-etc" / "passwd"), False),
+        "/etc/group": (str(h.data / "run" / "sandbox-etc" / "group"), False),
         "/workspace/agent": (str(h.base / "groups" / group["folder"]), True),
         "/workspace/global": (str(h.base / "groups" / "global"), False),
         "/app/agent_runner": (str(ROOT / "container" / "agent_runner"), False),
@@ -157,8 +164,10 @@ def test_a_namesake_running_container_is_adopted_not_doubled(docker_client, agen
     from nanoclaw.runtime.base import SpawnSpec
     from nanoclaw.runtime.docker import DockerRuntime
 
+    from nanoclaw import sessiondb
+
     settings = Settings(data_dir=tmp_path / "data", image=agent_image)
-    (tmp_path / "s").mkdir()
+    sessiondb.create(str(tmp_path / "s"), settings.agent_owner())
     (tmp_path / "g").mkdir()
     spec = SpawnSpec(session_id="sess-twice", agent_group_id="ag", session_dir=tmp_path / "s",
                      group_dir=tmp_path / "g", global_dir=tmp_path / "global",

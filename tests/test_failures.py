@@ -84,8 +84,10 @@ def test_agent_that_keeps_failing_is_reported_to_the_user(host_factory):
     sess = h.q("SELECT * FROM sessions")[0]
     assert h.cli("workers", "stop", "containers").returncode == 0
     wait_for(lambda: not agent_pids(h.data), 15, what="agents stopped")
-    outbound = h.data / "sessions" / sess["agent_group_id"] / sess["id"] / "outbound.db"
-    outbound.write_bytes(b"garbage" * 1000)  # every agent start now dies at once
+    group = h.base / "groups" / h.q("SELECT folder FROM agent_groups")[0]["folder"]
+    os.rename(group, h.base / "group-aside")
+    group.write_text("not a folder")  # every agent start now fails at once
+    outbound = h.data / "sessions" / sess["agent_group_id"] / sess["id"] / "db" / "outbound.db"
     assert h.cli("workers", "start", "containers").returncode == 0
     mid = c.send("second")
     reply = c.wait_reply(mid, 90)

@@ -144,24 +144,31 @@ def test_the_host_never_follows_a_link_in_a_session_folder(tmp_path):
     """The session folder is the agent's: a symlink or a file where its socket should be
     gets nothing, so an agent cannot aim the host at another socket."""
     data, session = tmp_path / "data", tmp_path / "session"
-    session.mkdir()
+    work = session / "work"
+    work.mkdir(parents=True)
     victim = nudge.listen(data, "victim")
     assert victim is not None
-    os.symlink(victim.path, session / nudge.AGENT_SOCK)
-    os.symlink(victim.path, session / nudge.HOST_LINK)
+    os.symlink(victim.path, work / nudge.AGENT_SOCK)
+    os.symlink(victim.path, work / nudge.HOST_LINK)
     nudge.agent(session)
     nudge.host(session)
     assert victim.drain() == 0
-    os.unlink(session / nudge.AGENT_SOCK)
-    (session / nudge.AGENT_SOCK).write_text("a plain file")
+    os.unlink(work / nudge.AGENT_SOCK)
+    (work / nudge.AGENT_SOCK).write_text("a plain file")
     nudge.agent(session)
     assert victim.drain() == 0
+    os.rename(work, session / "elsewhere")  # the agent's folder itself a link: refused too
+    os.symlink(victim.path.parent, work)
+    nudge.agent(session)
+    nudge.advertise(data, session)
+    assert victim.drain() == 0 and not (victim.path.parent / nudge.HOST_LINK).exists()
     victim.close()
 
 
 def test_delivery_is_linked_into_a_session_folder(tmp_path):
     data, session = tmp_path / "data", tmp_path / "session"
-    session.mkdir()
+    work = session / "work"
+    work.mkdir(parents=True)
     old = nudge.listen(data, "delivery", 0o666)
     nudge.advertise(data, session)
     old.close()
@@ -171,8 +178,8 @@ def test_delivery_is_linked_into_a_session_folder(tmp_path):
     nudge.advertise(data, session)  # relinked to the live socket
     nudge.host(session)
     assert new.drain() == 1
-    (session / nudge.HOST_LINK).unlink()
-    (session / nudge.HOST_LINK).mkdir()  # an agent's sabotage only costs its own nudges
+    (work / nudge.HOST_LINK).unlink()
+    (work / nudge.HOST_LINK).mkdir()  # an agent's sabotage only costs its own nudges
     nudge.advertise(data, session)
     new.close()
 
@@ -193,16 +200,17 @@ w.close()
 
 def test_host_and_agent_nudge_each_other_through_the_session_folder(tmp_path):
     data, session = tmp_path / "data", tmp_path / "session"
-    session.mkdir()
-    (session / nudge.AGENT_SOCK).write_bytes(b"")  # junk a killed runner might leave
-    os.unlink(session / nudge.AGENT_SOCK)
+    work = session / "work"
+    work.mkdir(parents=True)
+    (work / nudge.AGENT_SOCK).write_bytes(b"")  # junk a killed runner might leave
+    os.unlink(work / nudge.AGENT_SOCK)
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    stale.bind(str(session / nudge.AGENT_SOCK))
+    stale.bind(str(work / nudge.AGENT_SOCK))
     stale.close()  # a stale socket file, as after kill -9
     delivery = nudge.listen(data, "delivery", 0o666)
     waiter = nudge.Waiter(delivery, signals=False)
     nudge.advertise(data, session)
-    p = subprocess.Popen([sys.executable, "-c", AGENT, str(session), str(ROOT / "container")],
+    p = subprocess.Popen([sys.executable, "-c", AGENT, str(work), str(ROOT / "container")],
                          stdout=subprocess.PIPE, text=True)
     try:
         assert p.stdout.readline().strip() == "nudged"
@@ -216,7 +224,7 @@ def test_host_and_agent_nudge_each_other_through_the_session_folder(tmp_path):
         if p.poll() is None:
             p.kill()
         waiter.close()
-    assert not (session / nudge.AGENT_SOCK).exists()  # the runner cleaned up after itself
+    assert not (work / nudge.AGENT_SOCK).exists()  # the runner cleaned up after itself
 
 
 @pytest.mark.parametrize("runtime", ["process", "bwrap"])
@@ -239,7 +247,7 @@ def test_a_host_with_slow_polls_answers_at_once(host_factory, request, runtime):
     assert "after a pause" in reply["text"]
     assert took < 3.0, f"turn took {took:.2f}s: some hop waited for its poll"
     s = h.q("SELECT agent_group_id, id FROM sessions")[0]
-    folder = h.data / "sessions" / s["agent_group_id"] / s["id"]
+    folder = h.data / "sessions" / s["agent_group_id"] / s["id"] / "work"
     for name in (nudge.AGENT_SOCK, nudge.HOST_LINK):  # bound by the agent; linked by the host
         assert stat.S_ISSOCK(os.lstat(folder / name).st_mode), name
     assert os.stat(folder / nudge.HOST_LINK).st_ino == os.stat(

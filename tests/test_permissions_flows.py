@@ -382,14 +382,15 @@ def test_agent_files_come_only_from_its_outbox(env, tmp_path):
                          platform_id="local")
     import os
 
-    os.makedirs(os.path.join(p.outbox, good))
-    with open(os.path.join(p.outbox, good, "report.txt"), "w") as fh:
+    os.makedirs(os.path.join(p.work, "outbox", good))
+    with open(os.path.join(p.work, "outbox", good, "report.txt"), "w") as fh:
         fh.write("ok")
     d.pass_once(time.time())
     sends = store.q("SELECT content FROM channel_outbox")
     assert len(sends) == 1
     (f,) = json.loads(sends[0]["content"])["files"]
-    assert f["name"] == "report.txt" and f["path"].endswith(f"outbox/{good}/report.txt")
+    assert f["name"] == "report.txt" and f["path"].endswith(f"outfiles/{sid}/{good}/report.txt")
+    assert open(f["path"]).read() == "ok"  # a copy the host owns, not the agent's file
     notes = [json.loads(x["content"])["text"] for x in _inbound(p) if x["channel_type"] == "agent"]
     assert len([n for n in notes if "was not sent" in n]) == 3
 
@@ -407,8 +408,8 @@ def test_agent_files_are_forwarded_and_replies_find_their_way_back(env):
     d = Delivery(store, s)
     out = _agent_writes(p, {"text": "see attached", "files": ["data.csv"]},
                         channel_type="agent", platform_id=other)
-    os.makedirs(os.path.join(p.outbox, out))
-    with open(os.path.join(p.outbox, out, "data.csv"), "w") as fh:
+    os.makedirs(os.path.join(p.work, "outbox", out))
+    with open(os.path.join(p.work, "outbox", out, "data.csv"), "w") as fh:
         fh.write("a,b\n")
     _agent_writes(p, {"text": "escape", "files": ["../../../etc/passwd"]},
                   channel_type="agent", platform_id=other)
@@ -417,7 +418,7 @@ def test_agent_files_are_forwarded_and_replies_find_their_way_back(env):
     tp = _paths(store, s, target["id"])
     (got,) = _inbound(tp)
     (att,) = json.loads(got["content"])["attachments"]
-    with open(os.path.join(tp.root, att["localPath"])) as fh:
+    with open(os.path.join(tp.work, att["localPath"])) as fh:
         assert fh.read() == "a,b\n"
     notes = [json.loads(x["content"])["text"] for x in _inbound(p) if x["channel_type"] == "agent"]
     assert any("was not sent" in n for n in notes)

@@ -91,8 +91,10 @@ def test_member_cannot_run_admin_commands(env, text):
     sess = store.q1("SELECT id FROM sessions")
     rows, p = _rows(store, s, sess["id"])
     assert rows == []  # nothing reached the agent
-    out = sessiondb.undelivered(p)
+    assert sessiondb.undelivered(p) == []  # the host never writes the agent's outbound.db
+    out = store.q("SELECT * FROM channel_outbox")  # the denial goes straight to the chat
     assert len(out) == 1 and "Permission denied" in json.loads(out[0]["content"])["text"]
+    assert (out[0]["channel_type"], out[0]["platform_id"]) == ("cli", "local")
 
 
 def test_owner_may_run_admin_commands_and_dropped_commands_vanish(env):

@@ -33,7 +33,7 @@ def test_recurring_task_across_restart(host_factory):
     c = h.client()
     c.wait_reply(c.send("hello"))
     sess = h.q("SELECT * FROM sessions")[0]
-    folder = h.data / "sessions" / sess["agent_group_id"] / sess["id"]
+    folder = h.data / "sessions" / sess["agent_group_id"] / sess["id"] / "db"
     _outbound_write(folder / "outbound.db", {"action": "schedule_task", "prompt": "tick",
                                              "recurrence": "* * * * * */3"})
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 
@@ -22,10 +21,44 @@ def _out_row(paths, seq, id_="o1"):
 
 def test_create_makes_folder_and_both_dbs(tmp_path):
     p = sessiondb.create(str(tmp_path / "s"))
-    for f in (p.inbound, p.outbound, p.inbox, p.outbox):
+    for f in (p.inbound, p.outbound, p.outbound + "-journal", os.path.join(p.work, "inbox"),
+              os.path.join(p.work, "outbox")):
         assert os.path.exists(f)
     mode = sqlite3.connect(p.inbound).execute("PRAGMA journal_mode").fetchone()[0]
     assert mode == "delete"
+    assert os.stat(p.root).st_mode & 0o777 == 0o700  # the host's; the sandbox sees db/ only
+    assert os.stat(p.db).st_mode & 0o777 == 0o755
+
+
+def test_create_hands_the_agent_its_files_only(tmp_path):
+    owner = (54321, 54321)
+    p = sessiondb.create(str(tmp_path / "s"), owner)
+    for f in (p.outbound, p.outbound + "-journal", p.work, os.path.join(p.work, "inbox")):
+        assert (os.stat(f).st_uid, os.stat(f).st_gid) == owner, f
+    for f in (p.root, p.db, p.inbound):
+        assert os.stat(f).st_uid == os.geteuid(), f
+
+
+def test_a_flat_session_folder_is_moved_to_the_layout(tmp_path):
+    """A folder of the older layout (databases beside the agent's files) keeps its rows
+    and files; a symlink the agent left there is moved, never followed."""
+    root = tmp_path / "s"
+    p = sessiondb.create(str(tmp_path / "tmp"))
+    root.mkdir()
+    os.rename(p.inbound, root / "inbound.db")
+    os.rename(p.outbound, root / "outbound.db")
+    (root / "outbox").mkdir()
+    (root / "notes.txt").write_text("mine")
+    (root / "db").symlink_to("/etc")
+    old = sessiondb.SessionPaths(str(root))
+    with sqlite3.connect(root / "inbound.db") as c:
+        c.execute("INSERT INTO messages_in (id, seq, kind, timestamp, content) VALUES"
+                  " ('old', 2, 'chat', 'x', '{}')")
+    new = sessiondb.create(str(root))
+    assert new == old and sessiondb.message(new, "old")["seq"] == 2
+    assert (root / "work" / "notes.txt").read_text() == "mine"
+    assert os.path.islink(root / "work" / "db") and os.path.isdir(root / "db")
+    assert not os.path.exists(str(root) + ".flat")
 
 
 def test_host_seq_even_above_both_tables(tmp_path):
@@ -39,17 +72,12 @@ def test_host_seq_even_above_both_tables(tmp_path):
     assert not sessiondb.insert_message(p, id="a", kind="chat", content={"text": "again"})
 
 
-def test_direct_host_reply_takes_an_odd_seq(tmp_path):
+def test_undelivered_until_marked(tmp_path):
     p = sessiondb.create(str(tmp_path / "s"))
     sessiondb.insert_message(p, id="a", kind="chat", content={})
-    mid = sessiondb.write_outbound_direct(p, kind="chat", content={"text": "no"},
-                                          in_reply_to="a", channel_type="cli",
-                                          platform_id="local", thread_id=None)
-    row = sqlite3.connect(p.outbound).execute("SELECT seq, content FROM messages_out WHERE id=?",
-                                              (mid,)).fetchone()
-    assert row[0] == 3 and json.loads(row[1]) == {"text": "no"}
-    assert [r["id"] for r in sessiondb.undelivered(p)] == [mid]
-    sessiondb.mark_delivered(p, mid, "pm1")
+    _out_row(p, 3, "o1")
+    assert [r["id"] for r in sessiondb.undelivered(p)] == ["o1"]
+    sessiondb.mark_delivered(p, "o1", "pm1")
     assert sessiondb.undelivered(p) == []
 
 
@@ -58,6 +86,8 @@ def test_unreadable_outbound_does_not_block_inbound(tmp_path):
     with open(p.outbound, "wb") as f:
         f.write(b"junk" * 500)
     assert sessiondb.insert_message(p, id="a", kind="chat", content={})
+    with pytest.raises(sessiondb.HostileDB, match="unreadable"):
+        sessiondb.undelivered(p)
 
 
 def test_reset_stuck_backs_off_then_fails(tmp_path):
@@ -67,15 +97,16 @@ def test_reset_stuck_backs_off_then_fails(tmp_path):
     outcomes = []
     for _ in range(5):
         c = sqlite3.connect(p.outbound)
-        c.execute("INSERT OR REPLACE INTO processing_ack VALUES ('a','processing','x')")
+        c.execute("INSERT OR REPLACE INTO processing_ack VALUES ('a','processing',?)",
+                  (f"claim-{now}",))
         c.commit()
         c.close()
         outcomes += sessiondb.reset_stuck(p, now)
+        assert sessiondb.reset_stuck(p, now + 1e6) == []  # each claim is reset once
         row = sessiondb.message(p, "a")
         if row["status"] == "pending":
             assert row["process_after"] == iso(now + 5 * 2 ** row["tries"])
             now += 5 * 2 ** row["tries"]
-        assert sessiondb.acks(p) == {}
     assert [o for _, o in outcomes] == ["retry"] * 4 + ["failed"]
     assert sessiondb.message(p, "a")["status"] == "failed"
 

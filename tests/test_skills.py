@@ -164,7 +164,8 @@ def test_container_json_setting(tree):
     def load(value) -> list[str] | str:
         data = {} if value is None else {"skills": value}
         (group / "container.json").write_text(json.dumps(data))
-        return config_mod.load({"NANOCLAW_GROUP_DIR": str(group)}).skills
+        return config_mod.load({"NANOCLAW_GROUP_DIR": str(group),
+                                "NANOCLAW_DB_DIR": str(group)}).skills
 
     assert load(None) == "all" and load('"all"') == "all" and load("all") == "all"
     assert load("none") == [] and load("[]") == [] and load([]) == []
@@ -212,7 +213,7 @@ def test_the_claude_code_cli_sees_and_loads_a_linked_skill(tmp_path, fake):
         assert "The following skills are available" in seen
         assert "- scheduling: Turn a request like" in seen  # name and description
         assert "- remembering:" not in seen  # not enabled for this group
-        link = Path(session.paths.root) / ".claude" / "skills" / "scheduling"
+        link = Path(session.paths.work) / ".claude" / "skills" / "scheduling"
         assert os.readlink(link) == str(SKILLS / "scheduling")
 
         used = session.chat('[[tool:Skill {"skill":"scheduling"}]]')

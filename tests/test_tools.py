@@ -25,11 +25,12 @@ from agent_runner.tools import REGISTRY, Toolbox  # noqa: E402
 class Box:
     def __init__(self, tmp: Path, tz: str = "UTC") -> None:
         self.s = Session(tmp)
-        env = {"NANOCLAW_SESSION_DIR": self.s.paths.root, "NANOCLAW_GROUP_DIR": str(self.s.group),
+        env = {"NANOCLAW_SESSION_DIR": self.s.paths.work, "NANOCLAW_DB_DIR": self.s.paths.db,
+               "NANOCLAW_GROUP_DIR": str(self.s.group),
                "NANOCLAW_GLOBAL_DIR": str(tmp / "global"), "TZ": tz}
         self.config = config_mod.load(env)
         self.inbound = Inbound(self.config.inbound)
-        self.outbound = Outbound(self.config.outbound, self.inbound)
+        self.outbound = Outbound(self.config.outbound, self.inbound, self.config.session_dir)
         self.tools = Toolbox(self.config, self.inbound, self.outbound)
         self.begin()
 
@@ -109,7 +110,7 @@ def test_send_file_copies_into_the_outbox(box):
     assert box.ok("send_file", path="report.txt", text="here", filename="../q3 report.txt")
     row = box.last()
     assert row["body"] == {"files": ["q3 report.txt"], "text": "here"}
-    copied = Path(box.s.paths.outbox) / row["id"] / "q3 report.txt"
+    copied = Path(box.s.paths.work) / "outbox" / row["id"] / "q3 report.txt"
     assert copied.read_text() == "numbers"
     assert "is not a file" in box.error("send_file", path="missing.txt")
     assert "outside the folders" in box.error("send_file", path="/etc/passwd")

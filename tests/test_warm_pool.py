@@ -101,14 +101,14 @@ def test_planted_symlink_is_never_followed(host_factory, tmp_path, bwrap_works):
     victim = tmp_path / "victim"
     victim.mkdir()
     (victim / "keep.txt").write_text("host file")
-    agent = h.data / "sessions" / s["agent_group_id"] / s["id"] / "agent"
+    agent = h.data / "sessions" / s["agent_group_id"] / s["id"] / "work" / "agent"
     agent.rmdir()
     agent.symlink_to(victim)
     wait_for(lambda: len(spares(h)) == 1, 30, what="a spare agent")
     assert c.wait_reply(c.send("two"), 60)["text"] == "echo: two"
     assert mountns.mounted_under(victim) == [] and (victim / "keep.txt").read_text() == "host file"
     assert agent.is_dir() and not agent.is_symlink()
-    assert "removed" in (h.base / "logs" / "nanoclaw.log").read_text()
+    assert "replaced agent" in (h.base / "logs" / "nanoclaw.log").read_text()
 
 
 def test_bind_into_refuses_symlinks_and_dotdot(tmp_path):
@@ -210,8 +210,10 @@ def test_bwrap_without_staging_starts_cold(tmp_path, bwrap_works):
     rt = BwrapRuntime(settings)
     rt.prewarm(WarmSpec(runner, "cold" + str(os.getpid())[-6:], settings.logs_dir, []))
     assert rt.pool is None
-    for d in ("s", "g"):
-        (tmp_path / d).mkdir()
+    from nanoclaw import sessiondb
+
+    sessiondb.create(str(tmp_path / "s"), settings.agent_owner())
+    (tmp_path / "g").mkdir()
     cid = rt.spawn(SpawnSpec(session_id="s1", agent_group_id="ag", session_dir=tmp_path / "s",
                              group_dir=tmp_path / "g", global_dir=tmp_path / "global",
                              runner_dir=runner, log_path=tmp_path / "1.log",

@@ -1,9 +1,12 @@
-"""Where everything is and who the agent is: environment plus the group's container.json.
+"""Where everything is and who the agent is: environment plus the session's container.json.
 
 All paths come from the environment so one runner works in docker, bwrap and the plain
-process runtime (container/README.md). The host rewrites `container.json` at each spawn;
-a missing or broken file falls back to defaults with a warning rather than a crash, so
-the user still gets an answer (or a visible error) instead of silence.
+process runtime (container/README.md): `NANOCLAW_SESSION_DIR` is the agent's own folder
+(home, inbox, outbox), `NANOCLAW_DB_DIR` the host's read-only folder with `inbound.db`,
+`outbound.db` and `container.json` (the same folder when unset). The host rewrites
+`container.json` at each spawn; a missing or broken file falls back to defaults with a
+warning rather than a crash, so the user still gets an answer (or a visible error)
+instead of silence.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ CLI_SCOPES = ("disabled", "group", "global")
 EFFORTS = ("low", "medium", "high", "xhigh", "max")
 # container/ (in docker /app): the shared base prompt CLAUDE.md and skills/ live here
 RUNNER_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SERVER_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+SERVER_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
 
 
 @dataclass(frozen=True)
@@ -43,14 +46,15 @@ class Config:
     skills: list[str] | str = "all"
     cli_scope: str = "group"  # `disabled`: the agent is not offered `ncl`
     runner_root: str = RUNNER_ROOT
+    db_dir: str = ""  # where the two databases are (the session folder when empty)
 
     @property
     def inbound(self) -> str:
-        return os.path.join(self.session_dir, "inbound.db")
+        return os.path.join(self.db_dir or self.session_dir, "inbound.db")
 
     @property
     def outbound(self) -> str:
-        return os.path.join(self.session_dir, "outbound.db")
+        return os.path.join(self.db_dir or self.session_dir, "outbound.db")
 
     @property
     def heartbeat(self) -> str:
@@ -72,8 +76,8 @@ class Config:
         return os.path.join(self.session_dir, ".provider")
 
 
-def _read_container_json(group_dir: str) -> dict[str, Any]:
-    path = os.path.join(group_dir, "container.json")
+def _read_container_json(db_dir: str) -> dict[str, Any]:
+    path = os.path.join(db_dir, "container.json")
     try:
         with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
@@ -92,7 +96,8 @@ def _read_container_json(group_dir: str) -> dict[str, Any]:
 def load(env: Mapping[str, str] = os.environ) -> Config:
     session_dir = env.get("NANOCLAW_SESSION_DIR") or "/workspace"
     group_dir = env.get("NANOCLAW_GROUP_DIR") or "/workspace/agent"
-    data = _read_container_json(group_dir)
+    db_dir = env.get("NANOCLAW_DB_DIR") or session_dir
+    data = _read_container_json(db_dir)
     try:
         limit = max(1, int(data.get("max_messages_per_prompt") or 10))
     except (TypeError, ValueError):
@@ -113,6 +118,7 @@ def load(env: Mapping[str, str] = os.environ) -> Config:
         skills=_skills(data.get("skills")),
         cli_scope=data.get("cli_scope") if data.get("cli_scope") in CLI_SCOPES else "group",
         runner_root=env.get("NANOCLAW_RUNNER_ROOT") or RUNNER_ROOT,
+        db_dir=db_dir,
     )
 
 

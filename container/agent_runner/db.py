@@ -2,7 +2,9 @@
 
 One class per file, intent-named methods, a fresh connection per operation (a kept
 connection would pin a stale snapshot across the bind mount), `BEGIN IMMEDIATE` around
-every write. The runner's seq numbers are odd: the next odd above the highest seq in
+every write. `outbound.db` keeps its journal in PERSIST mode: in a sandbox both files
+are single-file mounts in a read-only folder, so the runner can write them but never
+create or delete a file beside them (the host made both). The runner's seq numbers are odd: the next odd above the highest seq in
 *both* files, computed inside the write transaction so two writers in this sandbox (the
 poll loop and a tool) can never pick the same one.
 """
@@ -118,7 +120,7 @@ def _connect(path: str, readonly: bool) -> sqlite3.Connection:
         conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=5.0)
     else:
         conn = sqlite3.connect(path, isolation_level=None, timeout=5.0)
-        conn.execute("PRAGMA journal_mode=DELETE")
+        conn.execute("PRAGMA journal_mode=PERSIST")
     conn.execute("PRAGMA busy_timeout=5000")
     conn.execute("PRAGMA mmap_size=0")
     conn.row_factory = sqlite3.Row
@@ -226,9 +228,10 @@ class Inbound:
 class Outbound:
     """`outbound.db`, written only by this sandbox: replies, claims, state."""
 
-    def __init__(self, path: str, inbound: Inbound) -> None:
+    def __init__(self, path: str, inbound: Inbound, session_dir: str | None = None) -> None:
         self.path = path
         self.inbound = inbound
+        self.session_dir = session_dir or os.path.dirname(path)  # where the nudge link is
 
     # -- claims
     def delete_stale_claims(self) -> int:
@@ -282,7 +285,7 @@ class Outbound:
                 (out_id, seq, in_reply_to, utcnow(), kind, to.platform_id, to.channel_type,
                  to.thread_id, json.dumps(content)),
             )
-        nudge.send_host(os.path.dirname(self.path))  # committed: the host may look now
+        nudge.send_host(self.session_dir)  # committed: the host may look now
         return out_id, seq
 
     def by_seq(self, seq: int) -> dict[str, Any] | None:

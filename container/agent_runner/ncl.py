@@ -18,7 +18,7 @@ from agent_runner.tools.ncl import request
 def main(argv: list[str]) -> int:
     config = load()
     inbound = Inbound(config.inbound)
-    ctx = ToolContext(config, inbound, Outbound(config.outbound, inbound))
+    ctx = ToolContext(config, inbound, Outbound(config.outbound, inbound, config.session_dir))
     try:
         status, output = request(ctx, argv)
     except ToolError as e:

@@ -59,8 +59,9 @@ class TurnState:
 
 
 def touch(path: str) -> None:
+    """The heartbeat: its own mtime, never a file a link there points at."""
     try:
-        os.utime(path)
+        os.utime(path, follow_symlinks=False)
     except FileNotFoundError:
         with open(path, "a"):
             pass
@@ -76,7 +77,7 @@ class PollLoop:
         self.config = config
         self.should_stop = should_stop
         self.inbound = Inbound(config.inbound)
-        self.outbound = Outbound(config.outbound, self.inbound)
+        self.outbound = Outbound(config.outbound, self.inbound, config.session_dir)
         self.tools = Toolbox(config, self.inbound, self.outbound, should_stop,
                              heartbeat=lambda: touch(config.heartbeat))
         self.provider: Provider | None = None

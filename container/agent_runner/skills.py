@@ -30,7 +30,7 @@ from agent_runner.config import Config
 
 log = logging.getLogger("agent_runner")
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
 MANIFEST = ".nanoclaw-skills.json"
 _warned: set[tuple[str, str]] = set()
 _listings: dict[tuple, str] = {}

@@ -55,16 +55,17 @@ from typing import Any
 
 from aiohttp import web
 
+from nanoclaw import jsonin
 from nanoclaw.bootstrap import local_user_id
 from nanoclaw.channels.base import Channel, OutboundMessage, SendError
 from nanoclaw.channels.text import card_links, parse_question, plain_text, reply_target
-from nanoclaw.log import logger
+from nanoclaw.log import logger, terminal
 from nanoclaw.store import Store
 from nanoclaw.util import new_id, parse_iso
 
 STATIC = Path(__file__).with_name("web_static")
-CHAT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-MSG_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+CHAT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
+MSG_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 MAX_TEXT = 100_000
 KEEP = 500          # events kept per chat
 HISTORY = 200       # events rebuilt from the DB per chat at start-up
@@ -130,7 +131,11 @@ class WebChannel(Channel):
             self.settings.web_host
         self.url = f"http://{shown}:{self.port}/"
         self.store.set_state("web_url", self.url)
-        logger.info("web chat: open {}#token={} in a browser", self.url, self.token)
+        # the token admits as the owner: on the terminal only, never in logs/ (H4)
+        terminal("web chat: open {}#token={} in a browser", self.url, self.token)
+        logger.info("web chat listening on {} (the address with its token is on the"
+                    " terminal; the token is in {})", self.url,
+                    self.settings.data_dir / "web-token")
 
     async def _listen(self) -> int:
         """The configured port; else the one used last time (kept in data/web.json), else
@@ -193,7 +198,7 @@ class WebChannel(Channel):
             " ORDER BY at DESC LIMIT ?", (HISTORY * 4,))
         for r in reversed(rows):
             try:
-                body = json.loads(r["body"])
+                body = jsonin.loads(r["body"])  # outbox content comes from agents
                 at = parse_iso(r["at"])
             except ValueError:
                 continue
@@ -254,11 +259,14 @@ class WebChannel(Channel):
         return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
+        """The request's JSON object; 400 with a one-line reason for anything else
+        (malformed, badly encoded, nested too deep: jsonin)."""
         try:
-            body = await request.json()
-        except (ValueError, UnicodeDecodeError):
-            raise web.HTTPBadRequest(text='{"error": "malformed JSON"}',
-                                     content_type="application/json") from None
+            body = jsonin.loads(await request.text())
+        except jsonin.BadJSON as e:
+            raise _bad(str(e)) from None
+        except (UnicodeDecodeError, LookupError):  # a body or charset that will not decode
+            raise _bad("malformed JSON: the body does not decode as its charset") from None
         if not isinstance(body, dict):
             raise _bad("the body must be a JSON object")
         return body
@@ -374,7 +382,9 @@ class WebChannel(Channel):
         qid, index = body.get("question_id"), body.get("index")
         if not isinstance(qid, str) or not isinstance(index, int) or isinstance(index, bool):
             raise _bad("question_id must be a string and index an integer")
-        card = parse_question(self.host.question(qid) or {})
+        # only a card shown in this chat, under the host's card id (H3): never the
+        # options of another card that an agent gave the same name
+        card = parse_question(self.host.question(qid, chat) or {})
         option = card.value(index) if card else None
         if card is None or option is None:
             return web.json_response({"error": "unknown question or option"}, status=404)

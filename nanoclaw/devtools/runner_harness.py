@@ -71,7 +71,7 @@ class Session:
     def configure(self, **config: Any) -> None:
         data = {"provider": "anthropic", "model": "claude-fake-1", "assistant_name": "Andy",
                 "agent_group_id": "ag-1", "max_messages_per_prompt": 10, "effort": None}
-        path = self.group / "container.json"
+        path = Path(self.paths.config)
         if path.exists():
             data.update(json.loads(path.read_text()))
         data.update(config)
@@ -123,7 +123,8 @@ class Runner:
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "PYTHONPATH": str(ROOT / "container"),
             "HOME": str(session.tmp),
-            "NANOCLAW_SESSION_DIR": session.paths.root,
+            "NANOCLAW_SESSION_DIR": session.paths.work,
+            "NANOCLAW_DB_DIR": session.paths.db,
             "NANOCLAW_GROUP_DIR": str(session.group),
             "NANOCLAW_GLOBAL_DIR": str(session.tmp / "global"),
             "ANTHROPIC_BASE_URL": fake_url,

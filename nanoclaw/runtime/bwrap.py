@@ -37,7 +37,7 @@ from nanoclaw.runtime import mountns, sandbox, warm
 from nanoclaw.runtime.base import Mount, SpawnSpec
 from nanoclaw.runtime.process import MARK, ProcessRuntime, _parse, _starttime
 
-ETC = ("passwd", "group", "nsswitch.conf", "hosts", "localtime", "timezone", "ld.so.cache",
+ETC = ("nsswitch.conf", "hosts", "localtime", "timezone", "ld.so.cache",
        "ld.so.conf", "ld.so.conf.d", "ssl", "ca-certificates", "ca-certificates.conf",
        "alternatives", "mime.types", "os-release", "debian_version")
 SETPRIV = "/usr/bin/setpriv"
@@ -115,7 +115,8 @@ class BwrapRuntime(ProcessRuntime):
 
     def argv(self, spec: SpawnSpec, via_socket: bool, uid: int, gid: int) -> list[str]:
         broker = self.settings.broker_socket.parent if via_socket else None
-        return self._argv(sandbox.layout(spec, broker), sandbox.GROUP, via_socket, uid, gid,
+        etc = sandbox.etc_dir(self.settings.data_dir, uid, gid)
+        return self._argv(sandbox.layout(spec, broker, etc), sandbox.GROUP, via_socket, uid, gid,
                           spec.command or [sys.executable, "-m", "sandbox_entry"])
 
     def _argv(self, mounts: list[Mount], chdir: str, via_socket: bool, uid: int, gid: int,
@@ -214,7 +215,8 @@ class BwrapRuntime(ProcessRuntime):
             uid, gid = sandbox.user(self.settings.agent_uid)
             via_socket = self.settings.container_network == "none"
             broker = self.settings.broker_socket.parent if via_socket else None
-            mounts = [*sandbox.shared_mounts(ws.runner_dir, broker),
+            etc = sandbox.etc_dir(self.settings.data_dir, uid, gid)
+            mounts = [*sandbox.shared_mounts(ws.runner_dir, broker, etc),
                       Mount(s, sandbox.SESSION, True)]
             env = {**sandbox.base_environment(self._path(), via_socket), "NANOCLAW_WARM": "1",
                    "NANOCLAW_WARM_PRELOAD": ",".join(ws.preload), MARK: ws.install_id}

@@ -80,8 +80,10 @@ class DockerRuntime:
         uid, gid = sandbox.user(s.agent_uid)
         sandbox.prepare(spec, uid, gid)
         via_socket = s.container_network == "none"
+        etc = sandbox.etc_dir(s.data_dir, uid, gid)
         mounts = [Mount(m.target, str(m.source), type="bind", read_only=not m.writable)
-                  for m in sandbox.layout(spec, s.broker_socket.parent if via_socket else None)]
+                  for m in sandbox.layout(spec, s.broker_socket.parent if via_socket else None,
+                                          etc)]
         name = sandbox.name(spec.install_id, spec.session_id)
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
         kwargs: dict[str, Any] = dict(

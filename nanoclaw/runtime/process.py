@@ -128,8 +128,9 @@ class ProcessRuntime:
     def _env(self, spec: SpawnSpec) -> dict[str, str]:
         return {
             **_base_env(spec.runner_dir, spec.install_id),
-            "HOME": str(spec.session_dir),
-            "NANOCLAW_SESSION_DIR": str(spec.session_dir),
+            "HOME": str(spec.session_dir / "work"),
+            "NANOCLAW_SESSION_DIR": str(spec.session_dir / "work"),
+            "NANOCLAW_DB_DIR": str(spec.session_dir / "db"),
             "NANOCLAW_GROUP_DIR": str(spec.group_dir),
             "NANOCLAW_GLOBAL_DIR": str(spec.global_dir),
             **spec.env,

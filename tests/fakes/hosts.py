@@ -60,7 +60,7 @@ def session_inbound(host: Any, channel_type: str, platform_id: str) -> list[dict
                " WHERE m.channel_type=? AND m.platform_id=?", (channel_type, platform_id))
     if not s:
         return []
-    path = host.data / "sessions" / s[0]["agent_group_id"] / s[0]["id"] / "inbound.db"
+    path = host.data / "sessions" / s[0]["agent_group_id"] / s[0]["id"] / "db" / "inbound.db"
     conn = sqlite3.connect(str(path), timeout=10)
     conn.row_factory = sqlite3.Row
     try:

@@ -38,7 +38,7 @@ log = logging.getLogger("agent_runner")
 MAX_TOKENS = 8192
 MAX_TOOL_STEPS = 50
 MAX_HISTORY = 400  # messages kept; older turns are dropped from the front
-SAFE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+SAFE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
 # what the API says when the request is larger than the model's context window
 CONTEXT_FULL = re.compile(r"prompt is too long|exceeds? (the )?context|context (window|limit)",
                           re.IGNORECASE)

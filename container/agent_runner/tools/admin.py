@@ -14,10 +14,10 @@ from typing import Any
 from agent_runner.tools.base import Tool, ToolContext, ToolError, obj, string
 
 MAX_PACKAGES = 20
-APT_NAME = re.compile(r"^[a-z0-9][a-z0-9.+-]{0,62}$")  # the host's patterns exactly
-NPM_NAME = re.compile(r"^(@[a-z0-9][a-z0-9._-]*/)?[a-z0-9][a-z0-9._-]{0,213}$")
-SERVER_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+APT_NAME = re.compile(r"^[a-z0-9][a-z0-9.+-]{0,62}\Z")  # the host's patterns exactly
+NPM_NAME = re.compile(r"^(@[a-z0-9][a-z0-9._-]*/)?[a-z0-9][a-z0-9._-]{0,213}\Z")
+SERVER_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
 
 
 def normalise_name(name: str) -> str:

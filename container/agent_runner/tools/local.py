@@ -43,9 +43,10 @@ def clip(text: str, limit: int = MAX_OUTPUT) -> str:
 
 def _writable(ctx: ToolContext, path: str) -> str:
     full = ctx.path(path, writable=True)
-    session = os.path.realpath(ctx.config.session_dir)
     private = os.path.realpath(ctx.config.provider_dir)
-    if full in {os.path.join(session, n) for n in RUNNER_FILES} or \
+    runner = {os.path.join(os.path.realpath(d), n) for n in RUNNER_FILES
+              for d in (ctx.config.session_dir, ctx.config.db_dir or ctx.config.session_dir)}
+    if full in runner or \
             full.startswith(private + os.sep) or full == private:
         raise ToolError(f"{path} belongs to the runner and cannot be written")
     return full

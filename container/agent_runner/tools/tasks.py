@@ -18,7 +18,7 @@ from agent_runner.formatter import zone
 from agent_runner.tools.base import Tool, ToolContext, ToolError, obj, string
 
 CRON_MACROS = {"@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly"}
-CRON_FIELD = re.compile(r"^[0-9A-Za-z*/,\-?LW#]+$")
+CRON_FIELD = re.compile(r"^[0-9A-Za-z*/,\-?LW#]+\Z")
 CRON_LIMITS = [(0, 59), (0, 23), (1, 31), (1, 12), (0, 7)]
 LIVE = ("pending", "paused")
 STATUSES = ["pending", "paused", "completed", "failed"]
