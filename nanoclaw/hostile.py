@@ -68,7 +68,8 @@ class Folder:
         never followed. `create`: made with `mode` (and handed to `owner`) if missing."""
         path = os.fspath(path)
         parent, name = os.path.split(path.rstrip("/"))
-        pfd = os.open(parent or ".", DIR_FLAGS)
+        # the parent is the host's own path (it may be a link the owner set up)
+        pfd = os.open(parent or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             return cls(_subdir(pfd, check_name(name), create, mode, owner), path)
         finally:

@@ -131,7 +131,8 @@ HEARTBEAT = ".heartbeat"  # in work/: the agent touches it while it lives
 INBOX = "inbox"          # in work/: files for the agent, by message
 OUTBOX = "outbox"        # in work/: files the agent sends, by message id
 MAX_OUTBOUND = 1 << 30   # an outbound.db larger than this is refused unread
-READ_BOUND_S = 0.5       # one read of outbound.db taking longer is the agent's doing
+READ_BOUND_S = 1.0       # CPU seconds: one read of outbound.db costing more is the agent's
+                         # doing (CPU, not wall time: a busy machine must not look hostile)
 MAX_CONTENT = 1 << 20    # a messages_out row's content larger than this is not loaded
 
 
@@ -240,7 +241,7 @@ def agent_db(paths: SessionPaths) -> Iterator[sqlite3.Connection | None]:
     """A read-only connection to the agent's `outbound.db` that cannot hurt the host:
     a regular file of bounded size, exactly our schema (so no view, trigger, virtual
     table or odd column default runs), `trusted_schema=OFF`, and a progress handler
-    that interrupts any read taking longer than READ_BOUND_S. None when the file is
+    that interrupts any read costing more than READ_BOUND_S of CPU. None when the file is
     missing. Raises HostileDB when the file is refused; "database is locked" passes
     through (the agent is mid-write: try again)."""
     try:
@@ -255,8 +256,8 @@ def agent_db(paths: SessionPaths) -> Iterator[sqlite3.Connection | None]:
                         "its database grew too large")
     conn = sqlite3.connect(f"file:{urllib.parse.quote(paths.outbound)}?mode=ro", uri=True,
                            isolation_level=None, timeout=0.5)
-    deadline = time.monotonic() + READ_BOUND_S
-    conn.set_progress_handler(lambda: 1 if time.monotonic() > deadline else 0, 1000)
+    deadline = time.thread_time() + READ_BOUND_S
+    conn.set_progress_handler(lambda: 1 if time.thread_time() > deadline else 0, 1000)
     try:
         try:
             conn.execute("PRAGMA trusted_schema=OFF")
@@ -281,7 +282,7 @@ def agent_db(paths: SessionPaths) -> Iterator[sqlite3.Connection | None]:
             yield conn
         except sqlite3.OperationalError as e:
             if "interrupted" in str(e):
-                raise HostileDB(f"a read of outbound.db took longer than {READ_BOUND_S}s",
+                raise HostileDB(f"a read of outbound.db took over {READ_BOUND_S}s of CPU",
                                 "reading its database took too long") from None
             if "locked" in str(e):
                 raise
@@ -306,6 +307,8 @@ def create(root: str, owner: tuple[int, int] | None = None) -> SessionPaths:
     with hostile.Folder.open(paths.work, create=True, owner=owner) as work:
         if flat:
             _move_flat(flat, paths, work)
+            if owner is not None:  # what the old layout held keeps its old owner
+                work.adopt(*owner)
         for name in (INBOX, OUTBOX):  # a link or FIFO the agent left there is replaced
             work.ensure_mount_point(name, True, owner)
     _create_db(paths.inbound, INBOUND_DDL, None)

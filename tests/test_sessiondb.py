@@ -149,3 +149,35 @@ def test_decide_stuck_table():
     assert decide_stuck(now, None, [now - 61], ceil, tol) == "stuck"
     assert decide_stuck(now, None, [now - 59], ceil, tol) is None
     assert decide_stuck(now, None, [now - 90], ceil, tol, 120) is None     # bash timeout
+
+
+@pytest.mark.parametrize("ddl", [
+    "CREATE TRIGGER t AFTER INSERT ON processing_ack BEGIN SELECT 1; END",
+    "CREATE VIEW v AS SELECT 1",
+    "DROP TABLE messages_out; CREATE VIEW messages_out AS SELECT 'x' AS id, 1 AS seq,"
+    " NULL AS in_reply_to, 'x' AS timestamp, NULL AS deliver_after, NULL AS recurrence,"
+    " 'chat' AS kind, NULL AS platform_id, NULL AS channel_type, NULL AS thread_id,"
+    " '{}' AS content",
+    "CREATE INDEX i ON messages_out(content)",
+    "ALTER TABLE messages_out ADD COLUMN x DEFAULT 1",
+])
+def test_an_outbound_db_not_exactly_the_runners_is_refused(tmp_path, ddl):
+    p = sessiondb.create(str(tmp_path / "s"))
+    c = sqlite3.connect(p.outbound)
+    c.executescript(ddl)
+    c.close()
+    with pytest.raises(sessiondb.HostileDB) as e:
+        sessiondb.undelivered(p)
+    assert e.value.kind == "its database schema was changed"
+    assert sessiondb.max_out_seq(p) == 0 and sessiondb.reset_stuck(p, 1e9) == []
+    assert sessiondb.insert_message(p, id="a", kind="chat", content={})  # inbound unaffected
+    assert sessiondb.reset_outbound(p, None) and sessiondb.undelivered(p) == []
+
+
+def test_a_read_past_its_cpu_bound_is_interrupted(tmp_path):
+    p = sessiondb.create(str(tmp_path / "s"))
+    with pytest.raises(sessiondb.HostileDB, match="CPU") as e:
+        with sessiondb.agent_db(p) as conn:
+            conn.execute("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c"
+                         " WHERE x < 10000000000) SELECT COUNT(*) FROM c").fetchone()
+    assert e.value.kind == "reading its database took too long"
