@@ -377,22 +377,17 @@ def tasks(a: argparse.Namespace, store, settings) -> None:
 
 
 def init_first_agent(a: argparse.Namespace, store, settings) -> None:
+    """The install is one transaction (`Store.install_first_agent`), so a failure leaves
+    no half install; the group folder and live sessions are brought in line after the
+    commit (running the verb again finishes them: every step is find-or-create)."""
     folder = actions.normalise_name(a.name)
-    g = store.q1("SELECT * FROM agent_groups WHERE folder=?", (folder,))
-    ag = g["id"] if g else store.create_agent_group(a.name, folder, settings.provider,
-                                                    settings.model, a.name)
-    ensure_group_folder(settings, folder, a.name)
-    store.conn.execute("UPDATE container_configs SET cli_scope='global' WHERE agent_group_id=?",
-                       (ag,))
     user = a.user if ":" in a.user else f"{a.channel}:{a.user}"
-    store.ensure_user(user, a.channel)
-    store.grant_role(user, "owner")
-    mg = _chat(store, a.channel, a.chat, create=True, group=a.group)
-    if not store.q1("SELECT 1 AS x FROM messaging_group_agents WHERE messaging_group_id=? AND"
-                    " agent_group_id=?", (mg, ag)):
-        store.wire(mg, ag, destination=actions.normalise_name(a.chat),
-                   engage_mode="mention" if a.group else "pattern",
-                   engage_pattern=None if a.group else ".")
+    ag = store.install_first_agent(
+        a.name, folder, settings.provider, settings.model, user, a.channel, a.channel, a.chat,
+        a.group, {"destination": actions.normalise_name(a.chat),
+                  "engage_mode": "mention" if a.group else "pattern",
+                  "engage_pattern": None if a.group else "."})
+    ensure_group_folder(settings, folder, a.name)
     _refresh(store, settings, ag)
     print(f"agent {ag} ({folder}) wired to {a.channel} {a.chat}; owner {user}")
 

@@ -84,9 +84,12 @@ def choose(store: Store, agent_group_id: str | None, prefer_channel: str | None
 
 
 def send_card(store: Store, card_id: str, address: tuple[str, str], title: str, question: str,
-              options: list[dict[str, str]]) -> None:
+              options: list[dict[str, str]], again: str | None = None) -> None:
+    """Queue the card to `address` and its mirrors, once per card id; `again` (a fresh
+    token) sends it once more, for an approval that stays open after a click."""
+    key = f"card:{card_id}" + (f":{again}" if again else "")
     for n, (channel, platform_id) in enumerate(mirrors(store, address)):
-        store.enqueue_send(f"card:{card_id}" + (f":{channel}" if n else ""), channel,
+        store.enqueue_send(key + (f":{channel}" if n else ""), channel,
                            platform_id, None, "chat-sdk",
                            {"type": "ask_question", "questionId": card_id, "title": title,
                             "question": question, "options": options})
@@ -153,7 +156,7 @@ def tell_agent(store: Store, settings: Settings, session_id: str, text: str) -> 
 
 
 def click(store: Store, settings: Settings, card_id: str, option: str,
-          clicker: str | None) -> str:
+          clicker: str | None, replay: Callable[[dict[str, Any]], object] | None = None) -> str:
     """A click on an approval card: `decide`, once the option is one the card offered
     (a forged click cannot pick, say, a `connect:` to an agent the card did not name).
 
@@ -163,7 +166,7 @@ def click(store: Store, settings: Settings, card_id: str, option: str,
         logger.warning("click on approval {} with option {!r} not on its card; ignored",
                        card_id, option)
         raise ValueError(f"{option!r} is not an option of this card")
-    return decide(store, settings, card_id, option, clicker)
+    return decide(store, settings, card_id, option, clicker, replay)
 
 
 def card_options(store: Store, card_id: str) -> list[str] | None:
@@ -188,18 +191,20 @@ def card_options(store: Store, card_id: str) -> list[str] | None:
 
 
 def decide(store: Store, settings: Settings, approval_id: str, option: str,
-           clicker: str | None) -> str:
+           clicker: str | None, replay: Callable[[dict[str, Any]], object] | None = None) -> str:
     """Apply a decision on any kind of approval; returns what happened (one line).
+    `replay` routes a sender's or chat's approved message (`registration.decide`).
 
     Raises PermissionError for a clicker who may not decide, LookupError for an unknown
-    or already decided approval."""
+    or already decided approval, `registration.StillOpen` for one that cannot be applied
+    as asked (nothing written)."""
     row = store.q1("SELECT * FROM pending_approvals WHERE approval_id=? AND status='pending'",
                    (approval_id,))
     if row is not None:
         return _decide_request(store, settings, row, option, clicker)
     from nanoclaw import registration
 
-    return registration.decide(store, settings, approval_id, option, clicker)
+    return registration.decide(store, settings, approval_id, option, clicker, replay)
 
 
 def _decide_request(store: Store, settings: Settings, row: dict[str, Any], option: str,

@@ -23,7 +23,7 @@ from typing import Any
 from nanoclaw import config, log, nudge
 from nanoclaw.breaker import HostBreaker
 from nanoclaw.config import SECRET_ENV, Settings
-from nanoclaw.db import DataError
+from nanoclaw.db import DataError, connect
 from nanoclaw.log import logger
 from nanoclaw.store import Store
 from nanoclaw.supervisor import Supervisor
@@ -80,6 +80,27 @@ class ForkedProc:
                 os.kill(self.pid, sig)
             except ProcessLookupError:
                 pass
+
+
+class Spawner:
+    """Forks workers with the orchestrator's own DB connection closed, reopened once the
+    child exists (habit 8). SQLite forbids carrying a connection across fork: a worker
+    would inherit the handle's fds and SQLite's per-process file state, and its own new
+    connection would share both (the -shm map and the lock counts the parent holds, not
+    it). Closing first leaves the child nothing of ours. `reopened` counts the swaps:
+    `PRAGMA data_version` only compares within one connection."""
+
+    def __init__(self, settings: Settings, store: Store):
+        self.settings, self.store = settings, store
+        self.reopened = 0
+
+    def __call__(self, name: str) -> ForkedProc:
+        self.store.conn.close()
+        try:
+            return ForkedProc(name, self.settings)
+        finally:  # a failed reopen leaves it closed: the next write stops the host loudly
+            self.store.conn = connect(self.settings.db_path)
+            self.reopened += 1
 
 
 def _child_main(name: str, settings: Settings) -> None:
@@ -185,17 +206,17 @@ def run_host(settings: Settings, *, tick: float = 0.1) -> int:
         return 2
     names = worker_names(settings)
     preload(names)
-    sup = Supervisor(names, lambda n: ForkedProc(n, settings), time.time, store,
-                     grace=settings.stop_grace)
+    spawn = Spawner(settings, store)
+    sup = Supervisor(names, spawn, time.time, store, grace=settings.stop_grace)
     logger.info("host started (pid {}): workers {}", os.getpid(), ", ".join(names))
     listener = nudge.listen(settings, "host")
     waiter = nudge.Waiter(listener)
     signal.signal(signal.SIGCHLD, lambda *_: None)  # only so a worker's exit wakes the waiter
     idle = max(tick, settings.poll_idle) if listener is not None else tick
-    version = store.version()
+    version = (spawn.reopened, store.version())
     while not stop["flag"]:
         sup.tick()
-        v = store.version()
+        v = (spawn.reopened, store.version())
         if v != version:
             version = v
             for req in store.take_worker_requests():

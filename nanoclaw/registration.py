@@ -7,13 +7,18 @@ marked `denied_at` and stays quiet). Only the chosen approver or an admin may de
 "Connect new agent" asks the one who clicked for a name: their next direct message is
 taken as it (`take_name`, which the router runs before anything else) and never reaches
 an agent; the new agent group is created and the chat connected to it.
+
+Each decision is one transaction (a `Store` method): checked first, then the approval is
+closed and its effect written, all or nothing, so a failure leaves the approval open to
+be decided again. The approved message is replayed after the commit through the caller's
+router (`replay`), which knows which channels keep threads.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Any, Callable
 
 from nanoclaw import approvals
 from nanoclaw.config import Settings
@@ -25,6 +30,13 @@ ALLOW = [{"label": "Allow", "selectedLabel": "Allowed", "value": "allow"},
          {"label": "Deny", "selectedLabel": "Denied", "value": "deny"}]
 CHANNEL_PREFIX = "chan-"
 NAMING_TTL = 3600.0  # a "Connect new agent" click waits this long for the name
+
+Replay = Callable[[dict[str, Any]], object]  # routes an `inbound_events`-shaped row
+
+
+class StillOpen(Exception):
+    """A decision that cannot be applied as asked: nothing was written and the approval
+    stays open. The message (one line) says why, for the one who decided."""
 
 
 def ask_sender(store: Store, ev_row: dict[str, Any], mg: dict[str, Any], agent_group_id: str,
@@ -62,45 +74,59 @@ def ask_channel(store: Store, ev_row: dict[str, Any], mg: dict[str, Any]) -> boo
     if not agents or pick is None:
         return False
     approver, addr = pick
-    options = [{"label": f"Connect to {a['name']}", "selectedLabel": f"Connected to {a['name']}",
-                "value": f"connect:{a['id']}"} for a in agents]
-    options.append({"label": "Connect new agent", "selectedLabel": "Naming a new agent",
-                    "value": "new"})
-    options.append({"label": "Reject", "selectedLabel": "Rejected", "value": "reject"})
+    options = _chat_options(agents)
     store.conn.execute(
         "INSERT OR IGNORE INTO pending_channel_approvals (messaging_group_id, agent_group_id,"
         " original_message, approver_user_id, created_at, title, options_json) VALUES"
         " (?,?,?,?,?,?,?)", (mg["id"], None, json.dumps(ev_row), approver, utcnow(),
                              "New chat", json.dumps(options)))
     approvals.send_card(store, CHANNEL_PREFIX + mg["id"], addr, "New chat",
-                        f"A new {'group' if mg['is_group'] else 'direct'} chat on"
-                        f" {mg['channel_type']} ({mg['platform_id']}) mentioned the assistant.",
-                        options)
+                        _chat_question(mg), options)
     return True
 
 
+def _chat_options(agents: list[dict[str, Any]]) -> list[dict[str, str]]:
+    options = [{"label": f"Connect to {a['name']}", "selectedLabel": f"Connected to {a['name']}",
+                "value": f"connect:{a['id']}"} for a in agents]
+    options.append({"label": "Connect new agent", "selectedLabel": "Naming a new agent",
+                    "value": "new"})
+    options.append({"label": "Reject", "selectedLabel": "Rejected", "value": "reject"})
+    return options
+
+
+def _chat_question(mg: dict[str, Any]) -> str:
+    return (f"A new {'group' if mg['is_group'] else 'direct'} chat on {mg['channel_type']}"
+            f" ({mg['platform_id']}) mentioned the assistant.")
+
+
 def decide(store: Store, settings: Settings, card_id: str, option: str,
-           clicker: str | None) -> str:
+           clicker: str | None, replay: Replay | None = None) -> str:
+    """Decide a sender or chat approval; `replay` routes the approved message (default: a
+    router of this process that knows the threaded channels, for the terminal).
+
+    Raises LookupError (unknown or already decided), PermissionError (this clicker may
+    not decide) or StillOpen (cannot be applied; nothing written, still open)."""
     if card_id.startswith(CHANNEL_PREFIX):
-        return _decide_channel(store, settings, card_id[len(CHANNEL_PREFIX):], option, clicker)
+        return _decide_channel(store, settings, card_id[len(CHANNEL_PREFIX):], option, clicker,
+                               replay)
     row = store.q1("SELECT * FROM pending_sender_approvals WHERE id=?", (card_id,))
     if row is None:
         raise LookupError(f"no open approval {card_id!r}")
     if not approvals.may_decide(store, clicker, row["approver_user_id"], row["agent_group_id"]):
         logger.warning("{} may not decide sender approval {}; ignored", clicker, card_id)
         raise PermissionError(f"{clicker} may not decide this approval")
-    store.conn.execute("DELETE FROM pending_sender_approvals WHERE id=?", (card_id,))
     if option not in ("allow", "approve"):
+        if not store.deny_sender(card_id):
+            raise LookupError(f"no open approval {card_id!r}")
         return "denied"
-    store.conn.execute("INSERT OR IGNORE INTO agent_group_members (user_id, agent_group_id,"
-                       " added_by, added_at) VALUES (?,?,?,?)",
-                       (row["sender_identity"], row["agent_group_id"], clicker, utcnow()))
-    _replay(store, settings, row["original_message"])
+    if not store.admit_sender(card_id, clicker):  # closed and member added together
+        raise LookupError(f"no open approval {card_id!r}")
+    _replay(store, settings, row["original_message"], replay)
     return "allowed"
 
 
 def _decide_channel(store: Store, settings: Settings, mg_id: str, option: str,
-                    clicker: str | None) -> str:
+                    clicker: str | None, replay: Replay | None) -> str:
     row = store.q1("SELECT * FROM pending_channel_approvals WHERE messaging_group_id=?", (mg_id,))
     if row is None:
         raise LookupError(f"no open approval for chat {mg_id!r}")
@@ -110,16 +136,52 @@ def _decide_channel(store: Store, settings: Settings, mg_id: str, option: str,
     mg = store.q1("SELECT * FROM messaging_groups WHERE id=?", (mg_id,))
     if option == "new" and mg is not None and clicker:
         return _ask_name(store, row, mg, clicker)
-    store.conn.execute("DELETE FROM pending_channel_approvals WHERE messaging_group_id=?",
-                       (mg_id,))
     if not option.startswith("connect:") or mg is None:
-        store.conn.execute("UPDATE messaging_groups SET denied_at=? WHERE id=?", (utcnow(), mg_id))
+        if not store.refuse_chat(mg_id):
+            raise LookupError(f"no open approval for chat {mg_id!r}")
         return "rejected"
     ag = option.split(":", 1)[1]
-    if store.agent_group(ag) is None:
-        raise LookupError(f"unknown agent group {ag!r}")
-    _connect(store, settings, row, mg, ag, clicker)
+    done = store.connect_chat(mg_id, ag, _wiring(mg), _sender(row, mg), clicker)
+    if done == "closed":
+        raise LookupError(f"no open approval for chat {mg_id!r}")
+    if done == "no agent":
+        # Kept open, not rejected: the chat did nothing wrong, an agent was removed after
+        # the card went out. The one who clicked chooses again on a fresh card.
+        _ask_again(store, row, mg, clicker)
+        raise StillOpen(f"Not connected: the agent {_agent_named(row, option, ag)} no longer"
+                        " exists (it was removed after this card was sent). The chat's"
+                        " request is still open: choose again on the new card.")
+    _replay(store, settings, row["original_message"], replay)
     return "connected"
+
+
+def _agent_named(row: dict[str, Any], option: str, ag: str) -> str:
+    """How the card named the agent of a `connect:` option: 'name' (id), or just the id."""
+    try:
+        opts = json.loads(row["options_json"] or "[]")
+    except ValueError:
+        opts = []
+    for o in opts if isinstance(opts, list) else []:
+        if isinstance(o, dict) and o.get("value") == option:
+            label = str(o.get("label") or "")
+            if label.startswith("Connect to "):
+                return f"{label[len('Connect to '):]!r} ({ag})"
+    return repr(ag)
+
+
+def _ask_again(store: Store, row: dict[str, Any], mg: dict[str, Any],
+               clicker: str | None) -> None:
+    """A fresh card for a chat approval that stays open, offering today's agents: the
+    card clicked is already marked as answered on the platform, so without a new one
+    the approval could only be decided from the terminal."""
+    agents = store.q("SELECT id, name FROM agent_groups ORDER BY created_at")
+    options = _chat_options(agents)
+    store.conn.execute("UPDATE pending_channel_approvals SET options_json=? WHERE"
+                       " messaging_group_id=?", (json.dumps(options), mg["id"]))
+    addr = approvals.dm_address(store, clicker or row["approver_user_id"] or "")
+    if addr:
+        approvals.send_card(store, CHANNEL_PREFIX + mg["id"], addr, "New chat",
+                            _chat_question(mg), options, again=new_id("a"))
 
 
 def _ask_name(store: Store, row: dict[str, Any], mg: dict[str, Any], clicker: str) -> str:
@@ -136,9 +198,10 @@ def _ask_name(store: Store, row: dict[str, Any], mg: dict[str, Any], clicker: st
 
 
 def take_name(store: Store, settings: Settings, uid: str, mg: dict[str, Any],
-              text: str) -> bool:
+              text: str, replay: Replay | None = None) -> bool:
     """A direct message from someone naming a new agent: create it, connect the waiting
-    chat, replay its message. True when the message was taken (it goes no further)."""
+    chat (one transaction), replay its message. True when the message was taken (it goes
+    no further)."""
     if mg["is_group"]:
         return False
     row = store.q1("SELECT * FROM pending_channel_approvals WHERE naming_by=? ORDER BY"
@@ -149,7 +212,8 @@ def take_name(store: Store, settings: Settings, uid: str, mg: dict[str, Any],
         store.conn.execute("UPDATE pending_channel_approvals SET naming_by=NULL, naming_at=NULL"
                            " WHERE messaging_group_id=?", (row["messaging_group_id"],))
         return False
-    from nanoclaw.actions import new_agent_group, normalise_name
+    from nanoclaw.actions import normalise_name
+    from nanoclaw.bootstrap import ensure_group_folder
 
     reply = (mg["channel_type"], mg["platform_id"])
     name = normalise_name(text) if text.strip() else ""
@@ -158,41 +222,50 @@ def take_name(store: Store, settings: Settings, uid: str, mg: dict[str, Any],
                            {"text": "That is not a usable name: use letters, digits, - or _."})
         return True
     chat = store.q1("SELECT * FROM messaging_groups WHERE id=?", (row["messaging_group_id"],))
-    store.conn.execute("DELETE FROM pending_channel_approvals WHERE messaging_group_id=?",
-                       (row["messaging_group_id"],))
     if chat is None:
+        store.conn.execute("DELETE FROM pending_channel_approvals WHERE messaging_group_id=?",
+                           (row["messaging_group_id"],))
         return True
-    ag, folder = new_agent_group(store, settings, name)
+    made = store.create_agent_for_chat(chat["id"], uid, name, settings.provider, settings.model,
+                                       _wiring(chat), _sender(row, chat))
+    if made is None:  # decided meanwhile (another click, or the terminal): nothing written
+        store.enqueue_send(f"name-late:{new_id('n')}", *reply, None, "chat",
+                           {"text": "That chat was already decided; no agent was created."})
+        return True
+    ag, folder = made
+    ensure_group_folder(settings, folder, name)  # after the commit: a re-run only adds it
     logger.info("agent group {} ({}) created by {} for chat {}", ag, name, uid, chat["id"])
     store.enqueue_send(f"name-done:{chat['id']}:{ag}", *reply, None, "chat",
                        {"text": f"Agent {name!r} created (groups/{folder}) and connected to"
                                 f" {chat['name'] or chat['platform_id']}."})
-    _connect(store, settings, row, chat, ag, uid)
+    _replay(store, settings, row["original_message"], replay)
     return True
 
 
-def _connect(store: Store, settings: Settings, row: dict[str, Any], mg: dict[str, Any],
-             ag: str, clicker: str | None) -> None:
-    """Wire the chat to the agent with the registration defaults, admit the sender of the
-    original message, and replay it."""
-    mg_id = mg["id"]
+def _wiring(mg: dict[str, Any]) -> dict[str, Any]:
+    """The registration defaults for a newly connected chat (`Store.wire`'s arguments)."""
     group = bool(mg["is_group"])
-    store.wire(mg_id, ag, destination=(mg["name"] or mg["platform_id"]).lower()[:40],
-               engage_mode="mention-sticky" if group else "pattern",
-               engage_pattern=None if group else ".", sender_scope="known",
-               ignored="accumulate", session_mode="shared")
-    original = json.loads(row["original_message"])
-    sender = json.loads(original["payload"]).get("sender_id")
-    if sender:
-        uid = sender if ":" in sender else f"{mg['channel_type']}:{sender}"
-        store.ensure_user(uid, mg["channel_type"])
-        store.conn.execute("INSERT OR IGNORE INTO agent_group_members (user_id, agent_group_id,"
-                           " added_by, added_at) VALUES (?,?,?,?)", (uid, ag, clicker, utcnow()))
-    _replay(store, settings, row["original_message"])
+    return {"destination": (mg["name"] or mg["platform_id"]).lower()[:40],
+            "engage_mode": "mention-sticky" if group else "pattern",
+            "engage_pattern": None if group else ".", "sender_scope": "known",
+            "ignored": "accumulate", "session_mode": "shared"}
 
 
-def _replay(store: Store, settings: Settings, original: str) -> None:
-    from nanoclaw.routing import Event, Router
+def _sender(row: dict[str, Any], mg: dict[str, Any]) -> str | None:
+    """The user who sent the message the approval keeps: admitted with the chat."""
+    sender = json.loads(json.loads(row["original_message"])["payload"]).get("sender_id")
+    if not sender:
+        return None
+    return sender if ":" in sender else f"{mg['channel_type']}:{sender}"
 
+
+def _replay(store: Store, settings: Settings, original: str, replay: Replay | None) -> None:
+    """Route the approved message, after the decision's commit."""
     row = json.loads(original)
-    Router(store, settings, frozenset()).route(Event.from_row(row))
+    if replay is None:  # no router at hand (the terminal): one like the router worker's
+        from nanoclaw.channels import load_builtin
+        from nanoclaw.routing import Event, Router
+
+        Router(store, settings, load_builtin().threaded()).route(Event.from_row(row))
+        return
+    replay(row)

@@ -112,7 +112,8 @@ class Router:
         uid = user_id_for(ev)
         if uid:
             self.store.ensure_user(uid, ev.channel_type, ev.sender_name)
-            if registration.take_name(self.store, self.settings, uid, mg, ev.text):
+            if registration.take_name(self.store, self.settings, uid, mg, ev.text,
+                                      self.replay):
                 return []  # the name of a new agent, asked for by a channel approval
         wirings = self.store.wirings(mg["id"])
         if not wirings:
@@ -147,8 +148,12 @@ class Router:
             raise ValueError("a click needs a question_id")
         if approvals.is_approval_card(card_id):
             try:
-                what = approvals.click(self.store, self.settings, card_id, option, clicker)
+                what = approvals.click(self.store, self.settings, card_id, option, clicker,
+                                       self.replay)
                 logger.info("approval {}: {} by {}", card_id, what, clicker)
+            except registration.StillOpen as e:  # nothing written; the reason, in one line
+                logger.info("approval {} not applied: {}", card_id, e)
+                self._notice(ev, str(e))
             except PermissionError:
                 self._notice(ev, "Only the approver or an admin can decide this.")
             except LookupError:
@@ -187,6 +192,11 @@ class Router:
         self.store.close_question_card(q["card_id"])
         self.store.request_container(s["id"], "wake", "question answered")
         return [s["id"]]
+
+    def replay(self, row: dict[str, Any]) -> list[str]:
+        """Route a message an approval kept, once approved: through this router, which
+        knows which channels keep threads (a replay must not lose its thread)."""
+        return self.route(Event.from_row(row))
 
     def _question_card(self, ev: Event, card_id: str) -> dict[str, Any] | None:
         """The open question card a click names: by its host card id; else (a click

@@ -15,7 +15,7 @@ from typing import Any
 
 from nanoclaw import nudge
 from nanoclaw.db import atomic, data_version, open_central
-from nanoclaw.util import new_id, utcnow
+from nanoclaw.util import FOLDER_NAME, new_id, utcnow
 
 
 def _d(row: sqlite3.Row | None) -> dict[str, Any] | None:
@@ -489,3 +489,177 @@ class Store:
             self.conn.execute("DELETE FROM agent_destinations WHERE target_type='channel'"
                               " AND target_id=?", (messaging_group_id,))
             self.conn.execute("DELETE FROM messaging_groups WHERE id=?", (messaging_group_id,))
+
+    # ---- decisions that write several rows: one transaction each (habit 8) ------------
+    # The methods above each open their own transaction, and SQLite transactions do not
+    # nest, so a decision cannot be built from them: these do the whole decision inside
+    # one `atomic` through the `_…` helpers below. A failure anywhere writes nothing.
+    def admit_sender(self, approval_id: str, added_by: str | None) -> bool:
+        """Close a sender approval as allowed and make the sender a member, together;
+        False (nothing written) when it was already closed."""
+        with atomic(self.conn):
+            row = self.conn.execute("SELECT sender_identity, agent_group_id FROM"
+                                    " pending_sender_approvals WHERE id=?",
+                                    (approval_id,)).fetchone()
+            if row is None:
+                return False
+            self.conn.execute("DELETE FROM pending_sender_approvals WHERE id=?", (approval_id,))
+            _add_member(self.conn, row[0], row[1], added_by)
+        return True
+
+    def deny_sender(self, approval_id: str) -> bool:
+        """Close a sender approval as denied; False when it was already closed."""
+        with atomic(self.conn):
+            cur = self.conn.execute("DELETE FROM pending_sender_approvals WHERE id=?",
+                                    (approval_id,))
+        return bool(cur.rowcount)
+
+    def refuse_chat(self, messaging_group_id: str) -> bool:
+        """Close a chat's approval as rejected and mark the chat denied (it stays quiet);
+        False (nothing written) when it was already closed."""
+        with atomic(self.conn):
+            cur = self.conn.execute("DELETE FROM pending_channel_approvals WHERE"
+                                    " messaging_group_id=?", (messaging_group_id,))
+            if not cur.rowcount:
+                return False
+            self.conn.execute("UPDATE messaging_groups SET denied_at=? WHERE id=?",
+                              (utcnow(), messaging_group_id))
+        return True
+
+    def connect_chat(self, messaging_group_id: str, agent_group_id: str,
+                     wiring: dict[str, Any], member: str | None,
+                     added_by: str | None) -> str:
+        """Close a chat's approval by wiring the chat to an existing agent (`wiring`: the
+        keyword arguments of `wire`) and admitting `member`, all or nothing. Checked first,
+        inside the same transaction: "no agent" (the agent group is gone) and "closed"
+        (already decided) write nothing and leave the approval as it was; else
+        "connected" (a chat wired to the agent meanwhile, say from the terminal, keeps
+        that wiring)."""
+        with atomic(self.conn):
+            if self.conn.execute("SELECT 1 FROM agent_groups WHERE id=?",
+                                 (agent_group_id,)).fetchone() is None:
+                return "no agent"
+            cur = self.conn.execute("DELETE FROM pending_channel_approvals WHERE"
+                                    " messaging_group_id=?", (messaging_group_id,))
+            if not cur.rowcount:
+                return "closed"
+            if not self.conn.execute("SELECT 1 FROM messaging_group_agents WHERE"
+                                     " messaging_group_id=? AND agent_group_id=?",
+                                     (messaging_group_id, agent_group_id)).fetchone():
+                _wire_rows(self.conn, messaging_group_id, agent_group_id, **wiring)
+            if member:
+                _add_member(self.conn, member, agent_group_id, added_by)
+        return "connected"
+
+    def create_agent_for_chat(self, messaging_group_id: str, named_by: str, name: str,
+                              provider: str, model: str, wiring: dict[str, Any],
+                              member: str | None) -> tuple[str, str] | None:
+        """"Connect new agent", once named: close the chat's approval (only while it still
+        waits for `named_by`'s name), create agent group `name` in a free folder, wire the
+        chat to it and admit `member`, all or nothing. (id, folder), or None (nothing
+        written) when the approval no longer waits for this name. The folder on disk is
+        the caller's, after the commit."""
+        with atomic(self.conn):
+            cur = self.conn.execute("DELETE FROM pending_channel_approvals WHERE"
+                                    " messaging_group_id=? AND naming_by=?",
+                                    (messaging_group_id, named_by))
+            if not cur.rowcount:
+                return None
+            folder = _free_folder(self.conn, name)
+            ag = _insert_agent_group(self.conn, name, folder, provider, model, name)
+            _wire_rows(self.conn, messaging_group_id, ag, **wiring)
+            if member:
+                _add_member(self.conn, member, ag, named_by)
+        return ag, folder
+
+    def install_first_agent(self, name: str, folder: str, provider: str, model: str,
+                            owner: str, owner_kind: str, channel_type: str, platform_id: str,
+                            is_group: bool, wiring: dict[str, Any]) -> str:
+        """`init-first-agent` as one transaction: the agent group in `folder` (found, else
+        created) with the global `ncl` scope, `owner` made a user and the owner, the chat
+        (found, else created) wired to the agent unless it already is. Returns the agent
+        group id. Every step is find-or-create, so running it again is harmless; a
+        failure writes nothing. The folder on disk is the caller's, after the commit."""
+        with atomic(self.conn):
+            row = self.conn.execute("SELECT id FROM agent_groups WHERE folder=?",
+                                    (folder,)).fetchone()
+            ag = row[0] if row else _insert_agent_group(self.conn, name, folder, provider,
+                                                        model, name)
+            self.conn.execute("UPDATE container_configs SET cli_scope='global' WHERE"
+                              " agent_group_id=?", (ag,))
+            _upsert_user(self.conn, owner, owner_kind)
+            self.conn.execute(
+                "INSERT INTO user_roles (user_id, role, agent_group_id, granted_by,"
+                " granted_at) VALUES (?,'owner',NULL,NULL,?) ON CONFLICT DO NOTHING",
+                (owner, utcnow()))
+            row = self.conn.execute("SELECT id FROM messaging_groups WHERE channel_type=? AND"
+                                    " platform_id=?", (channel_type, platform_id)).fetchone()
+            mg = row[0] if row else new_id("mg")
+            if row is None:
+                self.conn.execute(
+                    "INSERT INTO messaging_groups (id, channel_type, platform_id, name, is_group,"
+                    " unknown_sender_policy, created_at) VALUES (?,?,?,NULL,?,'strict',?)",
+                    (mg, channel_type, platform_id, int(is_group), utcnow()))
+            if not self.conn.execute("SELECT 1 FROM messaging_group_agents WHERE"
+                                     " messaging_group_id=? AND agent_group_id=?",
+                                     (mg, ag)).fetchone():
+                _wire_rows(self.conn, mg, ag, **wiring)
+        return ag
+
+
+# ---- statements shared by the decisions above; run inside the caller's transaction ----
+def _insert_agent_group(conn: sqlite3.Connection, name: str, folder: str, provider: str,
+                        model: str, assistant_name: str) -> str:
+    ag, now = new_id("ag"), utcnow()
+    conn.execute("INSERT INTO agent_groups (id, name, folder, agent_provider, created_at)"
+                 " VALUES (?,?,?,?,?)", (ag, name, folder, provider, now))
+    conn.execute("INSERT INTO container_configs (agent_group_id, provider, model, assistant_name,"
+                 " updated_at) VALUES (?,?,?,?,?)", (ag, provider, model, assistant_name, now))
+    return ag
+
+
+def _free_folder(conn: sqlite3.Connection, name: str) -> str:
+    """`name`, or `name-2`, `name-3`, … : the first valid folder no agent group has."""
+    folder, n = name, 1
+    while not FOLDER_NAME.fullmatch(folder) or conn.execute(
+            "SELECT 1 FROM agent_groups WHERE folder=?", (folder,)).fetchone():
+        n += 1
+        folder = f"{name}-{n}"[:64]
+    return folder
+
+
+def _upsert_user(conn: sqlite3.Connection, user_id: str, kind: str) -> None:
+    conn.execute("INSERT INTO users (id, kind, display_name, created_at) VALUES (?,?,NULL,?)"
+                 " ON CONFLICT(id) DO NOTHING", (user_id, kind, utcnow()))
+
+
+def _add_member(conn: sqlite3.Connection, user_id: str, agent_group_id: str,
+                added_by: str | None) -> None:
+    """Make `user_id` (a user row made if missing) a member of the agent group."""
+    _upsert_user(conn, user_id, user_id.partition(":")[0])
+    conn.execute("INSERT OR IGNORE INTO agent_group_members (user_id, agent_group_id, added_by,"
+                 " added_at) VALUES (?,?,?,?)", (user_id, agent_group_id, added_by, utcnow()))
+
+
+def _wire_rows(conn: sqlite3.Connection, mg: str, ag: str, *, destination: str,
+               engage_mode: str = "pattern", engage_pattern: str | None = ".",
+               sender_scope: str = "all", ignored: str = "drop", session_mode: str = "shared",
+               priority: int = 0) -> str:
+    """`Store.wire`'s statements, without its transaction."""
+    wid, now = new_id("w"), utcnow()
+    conn.execute(
+        "INSERT INTO messaging_group_agents (id, messaging_group_id, agent_group_id,"
+        " engage_mode, engage_pattern, sender_scope, ignored_message_policy, session_mode,"
+        " priority, created_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+        (wid, mg, ag, engage_mode, engage_pattern, sender_scope, ignored, session_mode,
+         priority, now))
+    name, n = destination, 1
+    while conn.execute("SELECT 1 FROM agent_destinations WHERE agent_group_id=? AND"
+                       " local_name=?", (ag, name)).fetchone():
+        n += 1
+        name = f"{destination}-{n}"
+    if not conn.execute("SELECT 1 FROM agent_destinations WHERE agent_group_id=? AND"
+                        " target_id=?", (ag, mg)).fetchone():
+        conn.execute("INSERT INTO agent_destinations (agent_group_id, local_name, target_type,"
+                     " target_id, created_at) VALUES (?,?,'channel',?,?)", (ag, name, mg, now))
+    return wid
