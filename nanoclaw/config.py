@@ -90,6 +90,9 @@ class Settings(BaseSettings):
     poll_idle: float = Field(default=1.0, gt=0, le=60)
     sweep_interval: float = Field(default=5.0, gt=0)
     stop_grace: float = Field(default=5.0, gt=0, le=60)
+    # A worker whose heartbeat (data/run/heartbeat/<worker>) is this old is killed and
+    # restarted; far above any legitimate pass (a healthy worker beats every tenth of it).
+    worker_hung_after: float = Field(default=60.0, ge=1, le=3600)
     idle_ceiling: float = Field(default=1800.0, gt=0)
     claim_tolerance: float = Field(default=60.0, gt=0)
     send_attempts: int = Field(default=5, ge=1, le=50)

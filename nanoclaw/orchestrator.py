@@ -27,7 +27,7 @@ from nanoclaw.db import DataError, connect
 from nanoclaw.log import logger
 from nanoclaw.store import Store
 from nanoclaw.supervisor import Supervisor
-from nanoclaw.worker import die_with_parent, run as run_worker, set_process_name
+from nanoclaw.worker import die_with_parent, last_beat, run as run_worker, set_process_name
 
 SECRET_FD_ENV = "NANOCLAW_SECRET_FD"
 _SECRETS: dict[str, str] = {}
@@ -207,7 +207,9 @@ def run_host(settings: Settings, *, tick: float = 0.1) -> int:
     names = worker_names(settings)
     preload(names)
     spawn = Spawner(settings, store)
-    sup = Supervisor(names, spawn, time.time, store, grace=settings.stop_grace)
+    sup = Supervisor(names, spawn, time.time, store, grace=settings.stop_grace,
+                     hung_after=settings.worker_hung_after,
+                     beats=lambda name: last_beat(settings, name))
     logger.info("host started (pid {}): workers {}", os.getpid(), ", ".join(names))
     listener = nudge.listen(settings, "host")
     waiter = nudge.Waiter(listener)

@@ -2,8 +2,16 @@
 once per tick. The clock and the process constructor are passed in, so tests replay a
 crash history on an injected clock with real or scripted processes.
 
-States: STARTING (spawned, not yet up a second), RUNNING, BACKOFF (waiting out the
-breaker delay), FATAL (bad configuration: waits to be asked), STOPPED (asked to stop).
+States: STARTING (spawned, not yet up a second), RUNNING, HUNG (no heartbeat for half
+the bound: killed at the bound unless it beats again), BACKOFF (waiting out the breaker
+delay), FATAL (bad configuration: waits to be asked), STOPPED (asked to stop).
+
+Hung workers (gunicorn's `murder_workers`): each worker touches its heartbeat file
+(`nanoclaw.worker.Heartbeat`); `beats(name)` reads when it last did. A worker silent for
+`hung_after` seconds gets SIGKILL (its process group) and is restarted like any crash,
+under the breaker. Silence counts from its start until its first beat (an older beat is
+a predecessor's file), and from now after a tick gap in which this supervisor could not
+have been watching (a suspended machine, a clock jump).
 """
 
 from __future__ import annotations
@@ -19,6 +27,22 @@ from nanoclaw.util import iso
 from nanoclaw.worker import EXIT_CONFIG, EXIT_OK
 
 RUNNING_AFTER = 1.0  # seconds up before STARTING counts as RUNNING
+HUNG_AT = 0.5        # of `hung_after`: shown as HUNG from here on, killed at the bound
+LOST_TRACK = 0.75    # of `hung_after`: a longer gap between ticks restarts every count
+LIVE = ("STARTING", "RUNNING", "HUNG")
+
+
+def silence(now: float, since: float, beat: float | None) -> float:
+    """Seconds a worker has shown no sign of life: since its last beat, or since `since`
+    (its start) while it has not beaten after that."""
+    return now - (beat if beat is not None and beat > since else since)
+
+
+def verdict(quiet: float, bound: float) -> str:
+    """What `quiet` seconds of silence mean: "ok", "HUNG" (shown) or "kill"."""
+    if quiet >= bound:
+        return "kill"
+    return "HUNG" if quiet >= bound * HUNG_AT else "ok"
 
 
 class Proc(Protocol):
@@ -41,13 +65,20 @@ class Slot:
     wanted: bool = True
     stop_deadline: float | None = None
     pending_restart: bool = False
+    since: float = 0.0               # silence counts from here at most (start, lost track)
+    alive_at: float | None = None    # its last sign of life, as of the last tick
+    hung: str | None = None          # killed as hung: why, for its last exit
     extra: dict = field(default_factory=dict)
 
 
 class Supervisor:
     def __init__(self, names: list[str], spawn: Callable[[str], Proc], clock: Callable[[], float],
-                 store: Store | None = None, grace: float = 5.0):
+                 store: Store | None = None, grace: float = 5.0, hung_after: float = 0.0,
+                 beats: Callable[[str], float | None] | None = None):
         self.spawn, self.clock, self.store, self.grace = spawn, clock, store, grace
+        self.hung_after = hung_after if beats is not None else 0.0  # 0: not watched
+        self.beats = beats
+        self.last_tick: float | None = None
         self.slots: dict[str, Slot] = {}
         saved = {w["name"]: w for w in store.workers()} if store else {}
         for name in names:
@@ -67,13 +98,20 @@ class Supervisor:
     # ---- one tick ---------------------------------------------------------------------
     def tick(self) -> None:
         now = self.clock()
+        lost = self.hung_after > 0 and self.last_tick is not None and not (
+            0 <= now - self.last_tick <= self.hung_after * LOST_TRACK)
+        self.last_tick = now
         for s in self.slots.values():
+            if lost:
+                s.since = now
             self._reap(s, now)
             if s.proc is None and s.wanted and s.state in ("BACKOFF",) and now >= s.next_start:
                 self._start(s, now)
             elif s.state == "STARTING" and s.last_start is not None and now - s.last_start >= RUNNING_AFTER:
                 s.state = "RUNNING"
                 self._save(s)
+            if self._watched(s):
+                self._watch(s, now)
             if s.stop_deadline is not None and s.proc is not None and now >= s.stop_deadline:
                 logger.warning("worker {} did not stop in time; killing it", s.name)
                 s.proc.signal(signal.SIGKILL)
@@ -81,8 +119,8 @@ class Supervisor:
 
     def next_due(self) -> float | None:
         """When a tick next has something to do on its own (a restart, a STARTING worker
-        turning RUNNING, a stop deadline); None: only an exit or a request can change
-        anything."""
+        turning RUNNING, a stop deadline, a heartbeat to judge again); None: only an exit
+        or a request can change anything."""
         times = []
         for s in self.slots.values():
             if s.proc is None and s.wanted and s.state == "BACKOFF":
@@ -91,11 +129,40 @@ class Supervisor:
                 times.append(s.last_start + RUNNING_AFTER)
             if s.stop_deadline is not None and s.proc is not None:
                 times.append(s.stop_deadline)
+            if self._watched(s):
+                last = s.since if s.alive_at is None else s.alive_at
+                times.append(last + self.hung_after * (1.0 if s.state == "HUNG" else HUNG_AT))
         return min(times, default=None)
+
+    # ---- hung workers -----------------------------------------------------------------
+    def _watched(self, s: Slot) -> bool:
+        """Judged by its heartbeat: up, not being stopped, not already killed as hung."""
+        return (self.hung_after > 0 and s.proc is not None and s.state in LIVE and s.wanted
+                and not s.pending_restart and s.stop_deadline is None and s.hung is None)
+
+    def _watch(self, s: Slot, now: float) -> None:
+        assert s.proc is not None and self.beats is not None
+        quiet = silence(now, s.since, self.beats(s.name))
+        s.alive_at = now - quiet
+        v = verdict(quiet, self.hung_after)
+        if v == "kill":
+            s.hung = f"hung: no heartbeat for {quiet:.0f} s"
+            logger.error("worker {} hung: no heartbeat for {:.0f} s; killed", s.name, quiet)
+            s.proc.signal(signal.SIGKILL)  # its process group; reaped and restarted as a crash
+        elif v == "HUNG" and s.state != "HUNG":
+            s.state = "HUNG"
+            logger.warning("worker {} looks hung: no heartbeat for {:.0f} s (killed at {:.0f} s)",
+                           s.name, quiet, self.hung_after)
+            self._save(s)
+        elif v == "ok" and s.state == "HUNG":
+            s.state = "RUNNING" if now - (s.last_start or now) >= RUNNING_AFTER else "STARTING"
+            logger.info("worker {} is beating again", s.name)
+            self._save(s)
 
     def _start(self, s: Slot, now: float) -> None:
         s.attempt = next_attempt(s.attempt, s.last_start, now)
-        s.last_start = now
+        s.last_start = s.since = now
+        s.alive_at, s.hung = None, None
         try:
             s.proc = self.spawn(s.name)
         except Exception as e:  # could not even fork: treat as a crash
@@ -115,7 +182,8 @@ class Supervisor:
             return
         s.proc = None
         s.stop_deadline = None
-        s.last_exit = _describe(code)
+        s.last_exit = _describe(code) if s.hung is None else f"{s.hung}; {_describe(code)}"
+        s.hung = None
         if not s.wanted:
             s.state = "STOPPED"
             s.attempt = 0

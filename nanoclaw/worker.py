@@ -9,6 +9,13 @@ outcome into an exit code the orchestrator understands.
 Between passes a worker sleeps on its nudge socket (`nanoclaw.nudge`): writers wake it at
 once, so while idle it polls only every `poll_idle` seconds; without a socket it falls
 back to backing off to `poll_max`.
+
+Each worker also proves it is alive: the runner touches the mtime of
+`data/run/heartbeat/<name>`, a file the worker creates itself, at least every
+`NANOCLAW_WORKER_HUNG_AFTER`/10 seconds: every pass (throttled) and through its sleeps
+(capped at that interval); an asynchronous worker has a small task for it, so a blocked
+event loop stops beating too. One `utime` on an open fd, no DB write (gunicorn's
+workertmp). The supervisor kills a worker whose file goes quiet (`nanoclaw.supervisor`).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import os
 import signal
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
 from nanoclaw import nudge
@@ -89,6 +97,61 @@ class Poller:
         return self.interval
 
 
+def heartbeat_path(where: Any, name: str) -> Path:
+    """`data/run/heartbeat/<name>` of a Settings object or a data directory."""
+    return Path(getattr(where, "data_dir", where)) / "run" / "heartbeat" / name
+
+
+def last_beat(where: Any, name: str) -> float | None:
+    """When worker `name` last beat (its file's mtime), or None: no file yet."""
+    try:
+        return os.stat(heartbeat_path(where, name)).st_mtime
+    except OSError:
+        return None
+
+
+class Heartbeat:
+    """A worker's proof of life: the mtime of a file it created, touched through its fd.
+    `every`: the longest gap between beats of a healthy worker outside a pass."""
+
+    def __init__(self, settings: Settings, name: str):
+        self.path = heartbeat_path(settings, name)
+        self.every = settings.worker_hung_after / 10
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:  # a predecessor's file: ours is a new one (the supervisor ignores older beats)
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                          | os.O_CLOEXEC, 0o600)  # creating it is the first beat
+        self.ino = os.fstat(self.fd).st_ino
+        self.last = time.time()
+
+    def beat(self, now: float) -> None:
+        """Touch the file, at most twice per `every` (a busy loop passes every few ms)."""
+        if now - self.last >= self.every / 2:
+            self.touch(now)
+
+    def touch(self, now: float) -> None:
+        os.utime(self.fd)  # the kernel's clock: one syscall
+        self.last = now
+
+    async def beating(self) -> None:
+        """For an asynchronous worker: beats while its event loop turns."""
+        while True:
+            self.touch(time.time())
+            await asyncio.sleep(self.every)
+
+    def close(self) -> None:
+        """Close, and remove the file unless a newer worker has made its own since."""
+        try:
+            if os.stat(self.path).st_ino == self.ino:
+                os.unlink(self.path)
+        except OSError:
+            pass
+        os.close(self.fd)
+
+
 def die_with_parent() -> None:
     """Ask the kernel to SIGKILL us when the orchestrator dies (no orphaned workers)."""
     try:
@@ -117,27 +180,13 @@ def run(worker: Worker) -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     try:
-        if worker.asynchronous:
-            return _run_async(worker, stop)
-        s = worker.settings
-        listener = nudge.listen(s, worker.name, worker.nudge_mode) if worker.nudged else None
-        waiter = nudge.Waiter(listener)
+        heart = Heartbeat(worker.settings, worker.name)
         try:
-            worker.initialize()
-            logger.info("worker started (pid {})", os.getpid())
-            poll = Poller.for_settings(s, listener is not None)
-            try:
-                while not stop["flag"]:
-                    now = time.time()
-                    did = worker.loop_once(now)
-                    if isinstance(did, float):  # seconds to its next due time
-                        waiter.wait(did)
-                    else:
-                        waiter.wait(poll.next(did, now))
-            finally:
-                worker.shutdown()
+            if worker.asynchronous:
+                return _run_async(worker, stop, heart)
+            _run_sync(worker, stop, heart)
         finally:
-            waiter.close()
+            heart.close()
         logger.info("worker stopped")
         return EXIT_OK
     except ConfigError as e:
@@ -148,7 +197,29 @@ def run(worker: Worker) -> int:
         return EXIT_CRASH
 
 
-def _run_async(worker: Worker, stop_flag: dict) -> int:
+def _run_sync(worker: Worker, stop: dict, heart: Heartbeat) -> None:
+    s = worker.settings
+    listener = nudge.listen(s, worker.name, worker.nudge_mode) if worker.nudged else None
+    waiter = nudge.Waiter(listener)
+    try:
+        worker.initialize()
+        logger.info("worker started (pid {})", os.getpid())
+        poll = Poller.for_settings(s, listener is not None)
+        try:
+            while not stop["flag"]:
+                now = time.time()
+                heart.beat(now)
+                did = worker.loop_once(now)
+                # float: seconds to its next due time; a sleep beats at least every `every`
+                wait = did if isinstance(did, float) else poll.next(did, now)
+                waiter.wait(min(wait, heart.every))
+        finally:
+            worker.shutdown()
+    finally:
+        waiter.close()
+
+
+def _run_async(worker: Worker, stop_flag: dict, heart: Heartbeat) -> int:
     async def _main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -157,7 +228,11 @@ def _run_async(worker: Worker, stop_flag: dict) -> int:
         if stop_flag["flag"]:
             stop.set()
         logger.info("worker started (pid {})", os.getpid())
-        await worker.main(stop)
+        beating = asyncio.create_task(heart.beating())
+        try:
+            await worker.main(stop)
+        finally:
+            beating.cancel()
 
     asyncio.run(_main())
     logger.info("worker stopped")
