@@ -395,4 +395,3 @@ def _register_approval_handlers() -> None:
 
 
 _register_approval_handlers()
-from nanoclaw import agent_cli  # noqa: E402,F401 - registers the agent's `ncl` action "cli"

@@ -13,9 +13,9 @@ import sqlite3
 from pathlib import Path
 from typing import Any, Callable
 
-from nanoclaw import actions, approvals, scheduling, sessiondb
+from nanoclaw import actions, approvals, cards, scheduling, sessiondb
 from nanoclaw.bootstrap import ensure_group_folder, local_user_id
-from nanoclaw.cli import CliError, _settings, _store
+from nanoclaw.cli_common import CliError, load_settings, open_store
 from nanoclaw.db import atomic
 from nanoclaw.util import FOLDER_NAME, utcnow
 
@@ -341,8 +341,17 @@ def approvals_cmd(a: argparse.Namespace, store, settings) -> None:
         if not a.agent:
             raise CliError("approving a chat needs --agent GROUP to connect it to", 2)
         option = f"connect:{_group(store, a.agent)['id']}"
+
+    def replay(row: dict[str, Any]) -> object:
+        """The terminal has no router: one like the router worker's, which knows the
+        threaded channels, replays an approved message (lazy: `nanoclaw` starts fast)."""
+        from nanoclaw.channels import load_builtin
+        from nanoclaw.routing import Router
+
+        return Router(store, settings, load_builtin().threaded()).replay(row)
+
     try:
-        print(approvals.decide(store, settings, a.id, option, local_user_id()))
+        print(cards.decide(store, settings, a.id, option, local_user_id(), replay))
     except LookupError:
         raise CliError(f"unknown or closed approval {a.id!r}", 2) from None
     except PermissionError as e:
@@ -403,8 +412,8 @@ def run(a: argparse.Namespace) -> int:
 
 
 def run_verb(verb: Callable, a: argparse.Namespace) -> int:
-    settings = _settings()
-    store = _store(settings)
+    settings = load_settings()
+    store = open_store(settings)
     try:
         verb(a, store, settings)
     except sqlite3.IntegrityError as e:

@@ -14,7 +14,7 @@ from zoneinfo import ZoneInfo
 
 from nanoclaw import mounts as mnt
 from nanoclaw.admin import _config_row, _group, _table, run_verb
-from nanoclaw.cli import CliError
+from nanoclaw.cli_common import CliError
 from nanoclaw.db import atomic
 from nanoclaw.util import utcnow
 

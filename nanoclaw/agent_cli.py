@@ -34,7 +34,7 @@ from typing import Any
 
 from nanoclaw import approvals, sessiondb
 from nanoclaw.actions import Ctx, action, card_problem, code, shown, shown_line
-from nanoclaw.cli import CliError
+from nanoclaw.cli_common import CliError
 from nanoclaw.config import Settings
 from nanoclaw.log import logger
 from nanoclaw.store import Store
@@ -189,9 +189,15 @@ def parse(store: Store, agent_group_id: str, scope: str, raw: Any) -> Command:
 
 @functools.lru_cache(maxsize=1)
 def _parser() -> argparse.ArgumentParser:
-    from nanoclaw.cli import build_parser
+    """`ncl`'s own parser: the admin verbs only (all `SPECS` ever names). Not `nanoclaw`'s
+    whole parser: importing `cli` from here closed a cycle through the host (review M2b)."""
+    from nanoclaw import admin, admin_limits
 
-    return build_parser()
+    p = argparse.ArgumentParser(prog="ncl")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="COMMAND")
+    admin.add_parsers(sub)
+    admin_limits.add_parsers(sub)
+    return p
 
 
 def _subparser(verb: str, op: str | None) -> argparse.ArgumentParser:
@@ -263,7 +269,7 @@ def _parse(args: list[str], name: str) -> tuple[argparse.Namespace | None, str]:
             ns = _parser().parse_args(args)
     except SystemExit as e:
         if e.code == 0:
-            return None, out.getvalue().replace("usage: nanoclaw ", "usage: ncl ").strip()
+            return None, out.getvalue().strip()
         last = (err.getvalue().strip().splitlines() or ["error: bad arguments"])[-1]
         raise Refused(f"{name}: {last.split(': error: ', 1)[-1]}") from None
     return ns, ""

@@ -12,7 +12,7 @@ Card ids are the host's (security review H3). An approval card's id is its appro
 `appr-…`, `snd-…` or `chan-…` (`CARD_PREFIXES`); an agent's question card goes out under
 a host-made `q-…` id (delivery, `Store.open_question_card`), whatever `questionId` the
 agent wrote. So no card an agent can make carries an approval's id, a click carrying
-one is only ever a decision (`click`: the option must be one of that card's, and the
+one is only ever a decision (`cards.click`: the option must be one of that card's, and the
 clicker its approver or an admin), and a click on a question card only ever answers
 its agent.
 """
@@ -155,20 +155,6 @@ def tell_agent(store: Store, settings: Settings, session_id: str, text: str) -> 
     store.request_container(s["id"], "wake", "host note")
 
 
-def click(store: Store, settings: Settings, card_id: str, option: str,
-          clicker: str | None, replay: Callable[[dict[str, Any]], object] | None = None) -> str:
-    """A click on an approval card: `decide`, once the option is one the card offered
-    (a forged click cannot pick, say, a `connect:` to an agent the card did not name).
-
-    Raises ValueError for an option not on the card, as well as `decide`'s errors."""
-    offered = card_options(store, card_id)
-    if offered is not None and option not in offered:
-        logger.warning("click on approval {} with option {!r} not on its card; ignored",
-                       card_id, option)
-        raise ValueError(f"{option!r} is not an option of this card")
-    return decide(store, settings, card_id, option, clicker, replay)
-
-
 def card_options(store: Store, card_id: str) -> list[str] | None:
     """The option values an open approval's card offered; None when unknown (no such
     open approval, or a card recorded without its options)."""
@@ -191,20 +177,17 @@ def card_options(store: Store, card_id: str) -> list[str] | None:
 
 
 def decide(store: Store, settings: Settings, approval_id: str, option: str,
-           clicker: str | None, replay: Callable[[dict[str, Any]], object] | None = None) -> str:
-    """Apply a decision on any kind of approval; returns what happened (one line).
-    `replay` routes a sender's or chat's approved message (`registration.decide`).
+           clicker: str | None) -> str:
+    """Decide an agent's request (`appr-…`); returns what happened (one line). Sender and
+    chat approvals are `registration`'s; `cards.decide` picks which by the card id.
 
     Raises PermissionError for a clicker who may not decide, LookupError for an unknown
-    or already decided approval, `registration.StillOpen` for one that cannot be applied
-    as asked (nothing written)."""
+    or already decided approval."""
     row = store.q1("SELECT * FROM pending_approvals WHERE approval_id=? AND status='pending'",
                    (approval_id,))
-    if row is not None:
-        return _decide_request(store, settings, row, option, clicker)
-    from nanoclaw import registration
-
-    return registration.decide(store, settings, approval_id, option, clicker, replay)
+    if row is None:
+        raise LookupError(f"no open approval {approval_id!r}")
+    return _decide_request(store, settings, row, option, clicker)
 
 
 def _decide_request(store: Store, settings: Settings, row: dict[str, Any], option: str,

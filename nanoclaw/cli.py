@@ -15,31 +15,11 @@ from pathlib import Path
 
 from nanoclaw import config
 from nanoclaw.config import Settings, SettingsError
-from nanoclaw.db import DataError
+from nanoclaw.cli_common import CliError, load_settings, open_store
 
-
-class CliError(Exception):
-    """Print this one line and exit 1 (or `code`)."""
-
-    def __init__(self, message: str, code: int = 1):
-        super().__init__(message)
-        self.code = code
-
-
-def _settings() -> Settings:
-    try:
-        return config.load()
-    except SettingsError as e:
-        raise CliError(str(e), 2) from None
-
-
-def _store(settings: Settings):
-    from nanoclaw.store import Store
-
-    try:
-        return Store.open(settings.data_dir, create=False)
-    except DataError as e:
-        raise CliError(str(e), 2) from None
+# the verbs' shared error and openers live in `cli_common` (no cycle with the verbs);
+# the private names stay for this module's callers
+_settings, _store = load_settings, open_store
 
 
 def host_pid(settings: Settings) -> int | None:
@@ -435,7 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("doctor", help="check the installation, the runtime and the warm pool; say"
                    " what is wrong").set_defaults(
         fn=cmd_doctor)
-    from nanoclaw import admin, admin_limits
+    # agent_cli: the approval handler of an agent's `ncl` command, for `approvals approve`
+    # (and for the workers `run` forks from this process)
+    from nanoclaw import admin, admin_limits, agent_cli  # noqa: F401
 
     admin.add_parsers(sub)
     admin_limits.add_parsers(sub)

@@ -29,9 +29,8 @@ from nanoclaw.log import logger
 from nanoclaw.runtime import Runtime, SpawnSpec
 from nanoclaw.runtime.warm import WarmSpec
 from nanoclaw.store import Store
-from nanoclaw.util import iso, utcnow
+from nanoclaw.util import RUNNER_DIR, iso, utcnow
 
-RUNNER_DIR = Path(__file__).resolve().parent.parent / "container"
 FAIL_TEXT = ("Sorry, your message could not be processed (the agent failed {n} times)."
              " The details are in logs/containers/{sid}/ on the host.")
 

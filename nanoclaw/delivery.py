@@ -23,7 +23,10 @@ import os
 import sqlite3
 from typing import Any
 
-from nanoclaw import hostile, nudge, permissions, sessiondb
+from nanoclaw import actions, hostile, nudge, permissions, sessiondb
+# Installs the agent's `ncl` action "cli" here, where actions are run: the action
+# registry (`actions`) must not import the command line it serves (review M1).
+from nanoclaw import agent_cli  # noqa: F401
 from nanoclaw.config import Settings
 from nanoclaw.log import logger
 from nanoclaw.store import Store
@@ -200,8 +203,6 @@ class Delivery:
     def _system(self, s: dict[str, Any], paths: sessiondb.SessionPaths, row: dict[str, Any],
                 content: dict[str, Any]) -> None:
         """Run a system action; the agent hears about any failure."""
-        from nanoclaw import actions
-
         name = content.get("action") or content.get("type")
         try:
             note = actions.run(actions.Ctx(self.store, self.settings, s, paths, row, content))

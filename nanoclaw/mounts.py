@@ -145,7 +145,7 @@ def installation() -> list[Path]:
     install. A writable mount of any of them (or of a folder holding one) would let an
     agent rewrite the host; a read-only one would show it the host's code and config."""
     import nanoclaw
-    from nanoclaw.containers import RUNNER_DIR
+    from nanoclaw.util import RUNNER_DIR
 
     package = Path(nanoclaw.__file__).resolve().parent
     paths = [RUNNER_DIR, package, package.parent]

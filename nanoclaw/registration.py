@@ -100,9 +100,10 @@ def _chat_question(mg: dict[str, Any]) -> str:
 
 
 def decide(store: Store, settings: Settings, card_id: str, option: str,
-           clicker: str | None, replay: Replay | None = None) -> str:
-    """Decide a sender or chat approval; `replay` routes the approved message (default: a
-    router of this process that knows the threaded channels, for the terminal).
+           clicker: str | None, replay: Replay) -> str:
+    """Decide a sender or chat approval; `replay` routes the approved message (the
+    caller's router, which knows the threaded channels; passed in, as `routing` imports
+    this module, review M4).
 
     Raises LookupError (unknown or already decided), PermissionError (this clicker may
     not decide) or StillOpen (cannot be applied; nothing written, still open)."""
@@ -126,7 +127,7 @@ def decide(store: Store, settings: Settings, card_id: str, option: str,
 
 
 def _decide_channel(store: Store, settings: Settings, mg_id: str, option: str,
-                    clicker: str | None, replay: Replay | None) -> str:
+                    clicker: str | None, replay: Replay) -> str:
     row = store.q1("SELECT * FROM pending_channel_approvals WHERE messaging_group_id=?", (mg_id,))
     if row is None:
         raise LookupError(f"no open approval for chat {mg_id!r}")
@@ -198,7 +199,7 @@ def _ask_name(store: Store, row: dict[str, Any], mg: dict[str, Any], clicker: st
 
 
 def take_name(store: Store, settings: Settings, uid: str, mg: dict[str, Any],
-              text: str, replay: Replay | None = None) -> bool:
+              text: str, replay: Replay) -> bool:
     """A direct message from someone naming a new agent: create it, connect the waiting
     chat (one transaction), replay its message. True when the message was taken (it goes
     no further)."""
@@ -259,13 +260,6 @@ def _sender(row: dict[str, Any], mg: dict[str, Any]) -> str | None:
     return sender if ":" in sender else f"{mg['channel_type']}:{sender}"
 
 
-def _replay(store: Store, settings: Settings, original: str, replay: Replay | None) -> None:
+def _replay(store: Store, settings: Settings, original: str, replay: Replay) -> None:
     """Route the approved message, after the decision's commit."""
-    row = json.loads(original)
-    if replay is None:  # no router at hand (the terminal): one like the router worker's
-        from nanoclaw.channels import load_builtin
-        from nanoclaw.routing import Event, Router
-
-        Router(store, settings, load_builtin().threaded()).route(Event.from_row(row))
-        return
-    replay(row)
+    replay(json.loads(original))

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from nanoclaw import approvals, nudge, permissions, registration, sessiondb
+from nanoclaw import approvals, cards, nudge, permissions, registration, sessiondb
 from nanoclaw.channels.text import EDITED
 from nanoclaw.config import Settings
 from nanoclaw.log import logger
@@ -137,7 +137,7 @@ class Router:
         """A button click: an approval decision or the answer to an agent's question.
 
         Which one is decided by the card id alone (H3): an approval's id (the host's
-        `appr-`/`snd-`/`chan-` namespace) only ever goes to `approvals.click`; any other
+        `appr-`/`snd-`/`chan-` namespace) only ever goes to `cards.click`; any other
         id only ever to the question card it names, whose answer goes to its agent. An
         agent never names a card, so neither can be reached through the other."""
         p = ev.payload
@@ -148,8 +148,8 @@ class Router:
             raise ValueError("a click needs a question_id")
         if approvals.is_approval_card(card_id):
             try:
-                what = approvals.click(self.store, self.settings, card_id, option, clicker,
-                                       self.replay)
+                what = cards.click(self.store, self.settings, card_id, option, clicker,
+                                   self.replay)
                 logger.info("approval {}: {} by {}", card_id, what, clicker)
             except registration.StillOpen as e:  # nothing written; the reason, in one line
                 logger.info("approval {} not applied: {}", card_id, e)

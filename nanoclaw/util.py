@@ -11,8 +11,12 @@ import re
 import secrets
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 
 _B36 = "0123456789abcdefghijklmnopqrstuvwxyz"
+# The agent runner's source (`container/`). Here, in core, because both the spawner
+# (`containers`) and the mount checks (`mounts`) need it and `containers` imports `mounts`.
+RUNNER_DIR = Path(__file__).resolve().parent.parent / "container"
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 FOLDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
 

@@ -18,7 +18,7 @@ import sqlite3
 
 import pytest
 
-from nanoclaw import approvals, cli, config, sessiondb
+from nanoclaw import cards, cli, config, sessiondb
 from nanoclaw.bootstrap import ensure_defaults, local_user_id
 from nanoclaw.routing import Event, Router
 from nanoclaw.store import Store
@@ -134,7 +134,7 @@ def test_the_terminal_gets_the_reason_too(env):
     card_id = chat_card(store)["questionId"]
     store.conn.execute("DELETE FROM agent_groups WHERE id=?", (helper,))
     with pytest.raises(Exception) as e:  # `admin approvals approve` shows it as one line
-        approvals.decide(store, s, card_id, f"connect:{helper}", OWNER)
+        cards.decide(store, s, card_id, f"connect:{helper}", OWNER, r.replay)
     assert count(store, "pending_channel_approvals") == 1
     assert type(e.value).__name__ == "StillOpen" and "no longer exists" in str(e.value)
 
@@ -263,8 +263,8 @@ def test_an_approved_chat_replays_its_first_message_in_its_thread(env, via):
     card_id = chat_card(store)["questionId"]
     if via == "click":
         r.route(owner_clicks(card_id, f"connect:{ag}", "k1"))
-    else:  # `nanoclaw approvals approve chan-… --agent main`: no router of its own
-        assert approvals.decide(store, s, card_id, f"connect:{ag}", OWNER) == "connected"
+    else:  # `nanoclaw approvals approve chan-… --agent …`: no router of its own
+        assert cli.main(["approvals", "approve", card_id, "--agent", ag]) == 0
     _threaded_session(store, s, ag, "77")
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+# installs the agent's "cli" action's approval handler: an approved `ncl` command runs
+# in the process that takes the click (the action registry no longer imports it, M1)
+from nanoclaw import agent_cli  # noqa: F401
 from nanoclaw.channels import load_builtin
 from nanoclaw.log import logger
 from nanoclaw.routing import Event, Router

@@ -8,8 +8,10 @@ from nanoclaw.channels.base import (Channel, ChannelHost, OutboundMessage, Regis
 REGISTRY = Registry()
 
 # Adapters whose module (and client library) is imported only by the worker running it:
-# name → ("module:Class", enabled(settings), supports_threads).
+# name → ("module:Class", enabled(settings), supports_threads). The terminal's too: its
+# module registering itself here imported this package back (a cycle, review §1.4).
 LAZY = {
+    "cli": ("nanoclaw.channels.cli:CliChannel", lambda s: s.cli_enabled, False),
     "telegram": ("nanoclaw.channels.telegram:TelegramChannel",
                  lambda s: bool(s.telegram_bot_token), True),
     "discord": ("nanoclaw.channels.discord_channel:DiscordChannel",
@@ -21,8 +23,7 @@ LAZY = {
 
 
 def load_builtin() -> Registry:
-    """Import the built-in adapters (each registers itself once)."""
-    from nanoclaw.channels import cli  # noqa: F401
+    """Register the built-in adapters (once each; none is imported until it runs)."""
     for name, (target, enabled, threads) in LAZY.items():
         if name not in REGISTRY.names():
             REGISTRY.register_lazy(name, target, enabled, supports_threads=threads)

@@ -19,7 +19,6 @@ import re
 from typing import Any
 
 from nanoclaw import jsonin
-from nanoclaw.channels import REGISTRY
 from nanoclaw.channels.base import Channel, OutboundMessage, Unavailable
 from nanoclaw.log import logger
 from nanoclaw.util import new_id
@@ -62,7 +61,6 @@ def parse_frame(line: bytes) -> dict[str, Any]:
     return {"type": "message", "chat": chat, "text": text, "id": mid or new_id("cli")}
 
 
-@REGISTRY.register
 class CliChannel(Channel):
     name = "cli"
 

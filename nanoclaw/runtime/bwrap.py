@@ -36,6 +36,7 @@ from nanoclaw.log import logger
 from nanoclaw.runtime import mountns, sandbox, warm
 from nanoclaw.runtime.base import Mount, SpawnSpec
 from nanoclaw.runtime.process import MARK, ProcessRuntime, _parse, _starttime
+from nanoclaw.runtime.procfs import children as _children
 
 ETC = ("nsswitch.conf", "hosts", "localtime", "timezone", "ld.so.cache",
        "ld.so.conf", "ld.so.conf.d", "ssl", "ca-certificates", "ca-certificates.conf",
@@ -52,25 +53,6 @@ def _python_roots() -> list[str]:
         if p != "/usr" and not p.startswith("/usr/") and p not in roots:
             roots.append(p)
     return sorted(roots)
-
-
-def _children(pid: int) -> list[int]:
-    """All descendants of pid (the sandboxed processes under a bwrap)."""
-    parents: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            parents.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for c in parents.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
 
 
 def _parents(targets: list[str]) -> list[str]:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from nanoclaw.log import logger
+from nanoclaw.runtime.procfs import children
 
 BACKOFF_MIN_S = 1.0
 BACKOFF_MAX_S = 300.0
@@ -129,9 +130,7 @@ def is_waiting(pid: int) -> bool:
     """Whether the agent process tree at `pid` is a spare still waiting for its session:
     its runner (`python -m sandbox_entry`) sits in `/`; once handed a session it works in
     the agent's folder. For tools that look from outside (tests, the bench)."""
-    from nanoclaw.runtime.bwrap import _children
-
-    for p in [pid, *_children(pid)]:
+    for p in [pid, *children(pid)]:
         try:
             with open(f"/proc/{p}/cmdline", "rb") as f:
                 argv = f.read().split(b"\0")
