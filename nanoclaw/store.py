@@ -143,28 +143,11 @@ class Store:
              engage_pattern: str | None = ".", sender_scope: str = "all",
              ignored: str = "drop", session_mode: str = "shared", priority: int = 0) -> str:
         """Wire a chat to an agent and give the agent a destination name for the chat."""
-        wid = new_id("w")
-        now = utcnow()
         with atomic(self.conn):
-            self.conn.execute(
-                "INSERT INTO messaging_group_agents (id, messaging_group_id, agent_group_id,"
-                " engage_mode, engage_pattern, sender_scope, ignored_message_policy, session_mode,"
-                " priority, created_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (wid, mg, ag, engage_mode, engage_pattern, sender_scope, ignored, session_mode,
-                 priority, now))
-            name, n = destination, 1
-            while self.conn.execute(
-                "SELECT 1 FROM agent_destinations WHERE agent_group_id=? AND local_name=?",
-                (ag, name)).fetchone():
-                n += 1
-                name = f"{destination}-{n}"
-            if not self.conn.execute(
-                "SELECT 1 FROM agent_destinations WHERE agent_group_id=? AND target_id=?",
-                (ag, mg)).fetchone():
-                self.conn.execute(
-                    "INSERT INTO agent_destinations (agent_group_id, local_name, target_type,"
-                    " target_id, created_at) VALUES (?,?,'channel',?,?)", (ag, name, mg, now))
-        return wid
+            return _wire_rows(self.conn, mg, ag, destination=destination,
+                              engage_mode=engage_mode, engage_pattern=engage_pattern,
+                              sender_scope=sender_scope, ignored=ignored,
+                              session_mode=session_mode, priority=priority)
 
     def add_agent_destination(self, agent_group_id: str, local_name: str,
                               target_agent_group_id: str) -> None:
@@ -645,7 +628,8 @@ def _wire_rows(conn: sqlite3.Connection, mg: str, ag: str, *, destination: str,
                engage_mode: str = "pattern", engage_pattern: str | None = ".",
                sender_scope: str = "all", ignored: str = "drop", session_mode: str = "shared",
                priority: int = 0) -> str:
-    """`Store.wire`'s statements, without its transaction."""
+    """`Store.wire`'s statements, without its transaction (decisions that wire a chat
+    among other writes run them inside their own)."""
     wid, now = new_id("w"), utcnow()
     conn.execute(
         "INSERT INTO messaging_group_agents (id, messaging_group_id, agent_group_id,"
