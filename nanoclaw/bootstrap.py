@@ -39,8 +39,7 @@ def ensure_group_folder(settings: Settings, folder: str, name: str,
     default). The group folder is the agent's: written through `hostile.py`."""
     glob = settings.groups_dir / "global"
     glob.mkdir(parents=True, exist_ok=True)
-    for d in (settings.groups_dir, glob):
-        os.chmod(d, 0o755)  # the sandbox user reads global/ through its read-only mount
+    os.chmod(glob, 0o755)  # the sandbox user reads global/ through its read-only mount
     md = glob / "CLAUDE.md"
     if not md.exists():
         md.write_text(GLOBAL_CLAUDE_MD)
