@@ -62,8 +62,9 @@ def migrate_sessions(settings: Settings) -> int:
         if not group.is_dir(follow_symlinks=False):
             continue
         for sess in os.scandir(group.path):
+            db = os.path.join(sess.path, "db")
             if sess.is_dir(follow_symlinks=False) and not sess.name.endswith(".flat") \
-                    and not os.path.isdir(os.path.join(sess.path, "db")):
+                    and (os.path.islink(db) or not os.path.isdir(db)):
                 sessiondb.create(sess.path, owner)
                 n += 1
     if n:

@@ -300,6 +300,8 @@ def create(root: str, owner: tuple[int, int] | None = None) -> SessionPaths:
     moved into this one."""
     paths = SessionPaths(root)
     flat = _set_flat_aside(paths)
+    if flat is None and os.path.isdir(paths.root.rstrip("/") + ".flat"):
+        flat = paths.root.rstrip("/") + ".flat"  # a move cut short (kill -9): finish it
     os.makedirs(paths.root, mode=0o700, exist_ok=True)
     os.chmod(paths.root, 0o700)
     os.makedirs(paths.db, mode=0o755, exist_ok=True)
@@ -389,7 +391,7 @@ def _move_flat(aside: str, paths: SessionPaths, work: hostile.Folder) -> None:
         for name in old.listdir():
             st = old.stat(name)
             if name in ("inbound.db", "outbound.db") and st is not None \
-                    and stat.S_ISREG(st.st_mode):
+                    and stat.S_ISREG(st.st_mode) and db.stat(name) is None:
                 old.move_into(name, db)
             elif name in ("inbound.db", "outbound.db", "inbound.db-journal",
                           "outbound.db-journal", "container.json", "container.json.tmp"):
@@ -398,8 +400,9 @@ def _move_flat(aside: str, paths: SessionPaths, work: hostile.Folder) -> None:
                 work.remove(name)
                 old.move_into(name, work)
     os.rmdir(aside)
-    os.chown(paths.inbound, os.geteuid(), os.getegid())
-    os.chmod(paths.inbound, 0o644)
+    if os.path.isfile(paths.inbound):
+        os.chown(paths.inbound, os.geteuid(), os.getegid())
+        os.chmod(paths.inbound, 0o644)
 
 
 def max_out_seq(paths: SessionPaths) -> int:

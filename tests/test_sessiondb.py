@@ -181,3 +181,19 @@ def test_a_read_past_its_cpu_bound_is_interrupted(tmp_path):
             conn.execute("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c"
                          " WHERE x < 10000000000) SELECT COUNT(*) FROM c").fetchone()
     assert e.value.kind == "reading its database took too long"
+
+
+def test_a_move_cut_short_is_finished(tmp_path):
+    """kill -9 after the old folder was set aside: the next create() finishes the move."""
+    p = sessiondb.create(str(tmp_path / "tmp"))
+    aside = tmp_path / "s.flat"
+    aside.mkdir()
+    os.rename(p.inbound, aside / "inbound.db")
+    (aside / "notes.txt").write_text("mine")
+    with sqlite3.connect(aside / "inbound.db") as c:
+        c.execute("INSERT INTO messages_in (id, seq, kind, timestamp, content) VALUES"
+                  " ('old', 2, 'chat', 'x', '{}')")
+    new = sessiondb.create(str(tmp_path / "s"))
+    assert sessiondb.message(new, "old")["seq"] == 2
+    assert (tmp_path / "s" / "work" / "notes.txt").read_text() == "mine"
+    assert not aside.exists()
