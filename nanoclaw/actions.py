@@ -19,7 +19,6 @@ from nanoclaw import permissions, scheduling, sessiondb
 from nanoclaw.config import Settings
 from nanoclaw.log import logger
 from nanoclaw.store import Store
-from nanoclaw.util import FOLDER_NAME
 
 
 class ActionError(Exception):
@@ -171,11 +170,7 @@ def new_agent_group(store: Store, settings: Settings, name: str, provider: str |
     from nanoclaw.bootstrap import ensure_group_folder
 
     name = normalise_name(name)
-    folder, n = name, 1
-    while not FOLDER_NAME.fullmatch(folder) or store.q1(
-            "SELECT 1 AS x FROM agent_groups WHERE folder=?", (folder,)):
-        n += 1
-        folder = f"{name}-{n}"[:64]
+    folder = store.free_folder(name)
     ag = store.create_agent_group(name, folder, provider or settings.provider,
                                   model or settings.model, name)
     ensure_group_folder(settings, folder, name)

@@ -293,11 +293,8 @@ class Containers:
         return sessiondb.of(self.settings, s)
 
     def _routing(self, s: dict[str, Any]) -> tuple[str | None, str | None, str | None]:
-        if not s["messaging_group_id"]:
-            return (None, None, None)
-        mg = self.store.q1("SELECT channel_type, platform_id FROM messaging_groups WHERE id=?",
-                           (s["messaging_group_id"],))
-        return (mg["channel_type"], mg["platform_id"], s["thread_id"]) if mg else (None, None, None)
+        own = self.store.own_chat(s)
+        return (*own, s["thread_id"]) if own else (None, None, None)
 
     @staticmethod
     def _prepare_folders(sid: str, paths: sessiondb.SessionPaths, group_dir: Path,

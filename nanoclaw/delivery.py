@@ -30,7 +30,7 @@ from nanoclaw import agent_cli  # noqa: F401
 from nanoclaw.config import Settings
 from nanoclaw.log import logger
 from nanoclaw.store import Store
-from nanoclaw.util import iso, utcnow
+from nanoclaw.util import is_safe_name, iso, utcnow
 
 WATCH_RECENT = 600.0  # seconds: sessions active this recently are watched every tick
 FULL_SCAN = 30.0      # seconds between scans of every active session
@@ -124,17 +124,13 @@ class Delivery:
         failed = sessiondb.fail_due(self.paths(s), utcnow())  # what it was working on
         logger.error("session {}: quarantined ({} message(s) failed): {}", sid, len(failed), why)
         self.store.request_container(sid, "kill", "quarantined: outbound.db refused")
-        if not s["messaging_group_id"]:
-            return
-        own = self.store.q1("SELECT channel_type, platform_id FROM messaging_groups WHERE id=?",
-                            (s["messaging_group_id"],))
+        own = self.store.own_chat(s)
         if own:
             text = (f"This conversation's agent was stopped: its output failed the host's"
                     f" safety checks ({why.kind}). What it was working on was not delivered;"
                     f" your next message starts it afresh.")
-            self.store.enqueue_send(key, own["channel_type"], own["platform_id"],
-                                    s["thread_id"], "chat", {"text": text}, session_id=sid,
-                                    message_out_id=key)
+            self.store.enqueue_send(key, *own, s["thread_id"], "chat", {"text": text},
+                                    session_id=sid, message_out_id=key)
 
     def _route(self, s: dict[str, Any], paths: sessiondb.SessionPaths, row: dict[str, Any]) -> None:
         try:
@@ -226,8 +222,6 @@ class Delivery:
         `outbox/<message id>/`, copied out through `hostile.py` (no link, FIFO or hard
         link is followed or read) into `data/outfiles/<session>/<message>/`, or inline
         base64 data; a host path from the agent would let it mail out any host file."""
-        from nanoclaw.util import is_safe_name
-
         if not isinstance(files, list):
             raise ValueError("files must be a list")
         out = []

@@ -63,11 +63,8 @@ def may_send(store: Store, session: dict[str, Any], channel_type: str | None,
     and to every message the host writes for the session alike."""
     if not channel_type or not platform_id:
         return False
-    if session["messaging_group_id"]:
-        own = store.q1("SELECT channel_type, platform_id FROM messaging_groups WHERE id=?",
-                       (session["messaging_group_id"],))
-        if own and (own["channel_type"], own["platform_id"]) == (channel_type, platform_id):
-            return True
+    if store.own_chat(session) == (channel_type, platform_id):
+        return True
     return store.q1(
         "SELECT 1 AS x FROM agent_destinations d JOIN messaging_groups m ON m.id=d.target_id"
         " WHERE d.agent_group_id=? AND d.target_type='channel' AND m.channel_type=?"

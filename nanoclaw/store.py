@@ -71,6 +71,15 @@ class Store:
                 (user_id, kind, display_name, utcnow()),
             )
 
+    def own_chat(self, session: dict[str, Any]) -> tuple[str, str] | None:
+        """(channel type, platform id) of the chat a session belongs to; None for an
+        agent-shared session or a chat since removed."""
+        if not session["messaging_group_id"]:
+            return None
+        mg = self.q1("SELECT channel_type, platform_id FROM messaging_groups WHERE id=?",
+                     (session["messaging_group_id"],))
+        return (mg["channel_type"], mg["platform_id"]) if mg else None
+
     def messaging_group(self, channel_type: str, platform_id: str) -> dict[str, Any] | None:
         return self.q1(
             "SELECT * FROM messaging_groups WHERE channel_type=? AND platform_id=?",
@@ -118,16 +127,12 @@ class Store:
 
     def create_agent_group(self, name: str, folder: str, provider: str, model: str,
                            assistant_name: str) -> str:
-        ag = new_id("ag")
-        now = utcnow()
         with atomic(self.conn):
-            self.conn.execute(
-                "INSERT INTO agent_groups (id, name, folder, agent_provider, created_at)"
-                " VALUES (?,?,?,?,?)", (ag, name, folder, provider, now))
-            self.conn.execute(
-                "INSERT INTO container_configs (agent_group_id, provider, model, assistant_name,"
-                " updated_at) VALUES (?,?,?,?,?)", (ag, provider, model, assistant_name, now))
-        return ag
+            return _insert_agent_group(self.conn, name, folder, provider, model, assistant_name)
+
+    def free_folder(self, name: str) -> str:
+        """`name`, or `name-2`, `name-3`, … : the first valid folder no agent group has."""
+        return _free_folder(self.conn, name)
 
     def create_messaging_group(self, channel_type: str, platform_id: str, name: str | None,
                                is_group: bool, policy: str = "strict") -> str:
@@ -602,7 +607,7 @@ def _insert_agent_group(conn: sqlite3.Connection, name: str, folder: str, provid
 
 
 def _free_folder(conn: sqlite3.Connection, name: str) -> str:
-    """`name`, or `name-2`, `name-3`, … : the first valid folder no agent group has."""
+    """`Store.free_folder` on a connection (inside a decision's transaction)."""
     folder, n = name, 1
     while not FOLDER_NAME.fullmatch(folder) or conn.execute(
             "SELECT 1 FROM agent_groups WHERE folder=?", (folder,)).fetchone():
