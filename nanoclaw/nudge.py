@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from nanoclaw.log import logger
+from nanoclaw.util import unlink_if_ours
 
 NUDGE = b"!"
 HOST_LINK = ".nudge-host.sock"    # in a session folder: the delivery worker's socket
@@ -164,11 +165,7 @@ class Listener:
 
     def close(self) -> None:
         """Close, and remove the socket file unless a newer worker has bound it since."""
-        try:
-            if os.stat(self.path).st_ino == self.ino:
-                os.unlink(self.path)
-        except OSError:
-            pass
+        unlink_if_ours(self.path, self.ino)
         self._close_fd()
 
     def _close_fd(self) -> None:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from nanoclaw import nudge
+from nanoclaw.util import unlink_if_ours
 from nanoclaw.config import Settings
 from nanoclaw.log import logger
 
@@ -144,11 +145,7 @@ class Heartbeat:
 
     def close(self) -> None:
         """Close, and remove the file unless a newer worker has made its own since."""
-        try:
-            if os.stat(self.path).st_ino == self.ino:
-                os.unlink(self.path)
-        except OSError:
-            pass
+        unlink_if_ours(self.path, self.ino)
         os.close(self.fd)
 
 
