@@ -1,3 +1,3 @@
-from nanoclaw.cli import main
+from nanoclaw.cli.main import main
 
 raise SystemExit(main())

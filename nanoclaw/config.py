@@ -15,11 +15,13 @@ from typing import Literal
 from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from nanoclaw.errors import ConfigError
+
 # Environment names that carry a secret: removed from every child's environment.
 SECRET_ENV = ("ANTHROPIC_API_KEY", "CLAUDE_CODE_OAUTH_TOKEN", "ANTHROPIC_AUTH_TOKEN")
 
 
-class SettingsError(Exception):
+class SettingsError(ConfigError):
     """A setting is wrong; the message is one line naming it."""
 
 
@@ -136,7 +138,7 @@ class Settings(BaseSettings):
     # Derived paths.
     @property
     def db_path(self) -> Path:
-        return self.data_dir / "nanoclaw.db"
+        return self.data_dir / "nanoclaw.db.central"
 
     @property
     def sessions_dir(self) -> Path:

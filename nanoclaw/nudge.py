@@ -26,10 +26,15 @@ import time
 import weakref
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from nanoclaw.log import logger
 from nanoclaw.util import unlink_if_ours
+
+if TYPE_CHECKING:
+    from nanoclaw.config import Settings
+
+NUDGED_LINGER = 0.25  # with a nudge socket, poll fast only this long after work
 
 NUDGE = b"!"
 HOST_LINK = ".nudge-host.sock"    # in a session folder: the delivery worker's socket
@@ -284,3 +289,30 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class Poller:
+    """Short interval right after activity, growing to `slow` after `linger` seconds of
+    nothing: fast turns when busy, near-zero CPU when idle."""
+
+    @classmethod
+    def for_settings(cls, settings: Settings, nudged: bool) -> "Poller":
+        """Nudged, a worker can sleep long when idle (a writer wakes it); else it backs
+        off only to `poll_max`, the latency a write may wait."""
+        if nudged:
+            return cls(settings.poll_min, max(settings.poll_idle, settings.poll_max),
+                       NUDGED_LINGER)
+        return cls(settings.poll_min, settings.poll_max)
+
+    def __init__(self, fast: float, slow: float, linger: float = 2.0):
+        self.fast, self.slow, self.linger = fast, slow, linger
+        self.last_work = 0.0
+        self.interval = fast
+
+    def next(self, did_work: bool, now: float) -> float:
+        if did_work:
+            self.last_work = now
+            self.interval = self.fast
+        elif now - self.last_work > self.linger:
+            self.interval = min(self.slow, self.interval * 1.5)
+        return self.interval

@@ -6,6 +6,8 @@ order is time order and no reader has to guess a zone.
 
 from __future__ import annotations
 
+import getpass
+import hashlib
 import os
 import re
 import secrets
@@ -59,3 +61,24 @@ def unlink_if_ours(path: str | os.PathLike, ino: int) -> None:
             os.unlink(path)
     except OSError:
         pass
+
+
+def local_user_id() -> str:
+    try:
+        name = getpass.getuser()
+    except (KeyError, OSError):
+        name = "owner"
+    return f"cli:{name}"
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+CARD_PREFIXES = ("appr-", "snd-", "chan-")  # approval cards; everything else is a question
+
+
+def is_approval_card(card_id: str) -> bool:
+    """Whether a card id names an approval. Only the host makes such cards: an agent's
+    question card never goes out under the id the agent chose."""
+    return card_id.startswith(CARD_PREFIXES)

@@ -15,13 +15,14 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from test_broker import TAIL, Running, Upstream, post
 
-from nanoclaw import cli, mounts
+from nanoclaw.agents import mounts
+from nanoclaw.cli import main as cli
 from nanoclaw.config import Settings
+from nanoclaw.db.store import Store
 from nanoclaw.runtime import RUNTIMES, BwrapRuntime, mountns
 from nanoclaw.runtime.docker import DockerRuntime
-from nanoclaw.store import Store
-from test_broker import TAIL, Running, Upstream, post
 
 
 def run_cli(base: Path, *args: str, data: Path | None = None) -> subprocess.CompletedProcess:
@@ -80,9 +81,9 @@ def test_fallback_model_set_listed_written_for_the_agent_and_cleared(db, tmp_pat
     listing = run_cli(base, "groups", "list").stdout
     assert "FALLBACK" in listing and "claude-backup-9" in listing
 
-    from nanoclaw.containers import Containers  # what a spawn writes into container.json
+    from nanoclaw.lifecycle.containers import Containers  # what a spawn writes into container.json
     settings = Settings(data_dir=base / "data", groups_dir=base / "groups")
-    from nanoclaw import sessiondb
+    from nanoclaw.db import session as sessiondb
     spaths = sessiondb.create(str(tmp_path / "s"))
     session = {"agent_provider": None}
     Containers(store, settings, RUNTIMES["process"](settings))._write_config(

@@ -15,12 +15,17 @@ import time
 import pytest
 from conftest import wait_for
 
-from nanoclaw import agent_cli, approvals, config, sessiondb
-from nanoclaw.bootstrap import ensure_defaults, local_user_id
-from nanoclaw.delivery import Delivery
+from nanoclaw import config
+from nanoclaw.agents.groups import ensure_defaults
+from nanoclaw.approvals import requests as approvals
+from nanoclaw.cli import agent as agent_cli
+from nanoclaw.db import session as sessiondb
+from nanoclaw.db.store import Store
+from nanoclaw.errors import NotAllowed
+from nanoclaw.delivery.delivery import Delivery
 from nanoclaw.devtools.runner_harness import ROOT
-from nanoclaw.routing import Event, Router
-from nanoclaw.store import Store
+from nanoclaw.routing.router import Event, Router
+from nanoclaw.util import local_user_id
 
 sys.path.insert(0, str(ROOT / "container"))
 
@@ -246,7 +251,7 @@ def test_a_change_is_approved_then_applied_and_its_output_reaches_the_agent(w):
     (appr,) = w.store.q("SELECT * FROM pending_approvals")
     assert appr["action"] == "cli_command" and appr["approver_user_id"] == OWNER
     w.store.ensure_user("cli:mallory", "cli")
-    with pytest.raises(PermissionError):
+    with pytest.raises(NotAllowed):
         approvals.decide(w.store, w.settings, appr["approval_id"], "approve", "cli:mallory")
     assert w.store.agent_group(w.ag)["name"] == "main"
     assert approvals.decide(w.store, w.settings, appr["approval_id"], "approve",
@@ -316,8 +321,8 @@ def test_a_failing_approved_command_tells_the_agent_why(w):
 
 
 def test_cli_scope_is_an_admin_setting(w):
-    from nanoclaw import admin
-    from nanoclaw.cli import build_parser
+    from nanoclaw.cli import admin
+    from nanoclaw.cli.main import build_parser
 
     a = build_parser().parse_args(["groups", "update", "main", "--cli-scope", "global"])
     admin.groups(a, w.store, w.settings)

@@ -17,7 +17,12 @@ from pathlib import Path
 import pytest
 
 from nanoclaw.devtools.runner_harness import (
-    DEADLINE_S, Runner, Session, last_user_text, model_calls, wait_for,
+    DEADLINE_S,
+    Runner,
+    Session,
+    last_user_text,
+    model_calls,
+    wait_for,
 )
 
 

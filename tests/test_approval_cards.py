@@ -14,15 +14,22 @@ import time
 
 import pytest
 
-from nanoclaw import actions, agent_cli, approvals, config, sessiondb
-from nanoclaw.bootstrap import ensure_defaults, local_user_id
+from nanoclaw import config
+from nanoclaw.agents.groups import ensure_defaults
+from nanoclaw.approvals import requests as approvals
 from nanoclaw.channels.markdown import discord_markdown, slack_mrkdwn, telegram_html
-from nanoclaw.delivery import Delivery
-from nanoclaw.routing import Event, Router
-from nanoclaw.store import Store
+from nanoclaw.cli import agent as agent_cli
+from nanoclaw.db import session as sessiondb
+from nanoclaw.db.store import Store
+from nanoclaw.delivery import actions
+from nanoclaw.delivery.delivery import Delivery
+from nanoclaw.routing.router import Event, Router
+from nanoclaw.util import local_user_id
 
 try:
-    from hypothesis import HealthCheck, event, given, settings as hsettings, strategies as st
+    from hypothesis import HealthCheck, event, given
+    from hypothesis import settings as hsettings
+    from hypothesis import strategies as st
 except ImportError:  # not in pyproject's dev extras; only the property test then skips
     given = None
 

@@ -14,13 +14,15 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, wait_for
+
 from fakes.hosts import inbound_events, worker
 from nanoclaw import jsonin
 
 try:
-    from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+    from hypothesis import HealthCheck, given
+    from hypothesis import settings as hsettings
+    from hypothesis import strategies as st
 except ImportError:  # not a dependency of the project yet: those tests say so and skip
     given = None
 

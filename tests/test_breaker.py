@@ -10,12 +10,11 @@ import signal
 import time
 
 import pytest
+from conftest import wait_for
 
 from nanoclaw.breaker import SCHEDULE, WINDOW, HostBreaker, delay_for, next_attempt
-from nanoclaw.store import Store
-from nanoclaw.supervisor import Supervisor
-
-from conftest import wait_for
+from nanoclaw.db.store import Store
+from nanoclaw.host.supervisor import Supervisor
 
 
 def test_schedule_and_cap():

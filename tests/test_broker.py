@@ -15,13 +15,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-
 from conftest import wait_for
-from nanoclaw.broker import Broker
+
+from nanoclaw.broker.proxy import Broker
+from nanoclaw.broker.usage import Meter, total
 from nanoclaw.config import Settings
-from nanoclaw.containers import token_hash
-from nanoclaw.store import Store
-from nanoclaw.usage import Meter, total
+from nanoclaw.db.store import Store
+from nanoclaw.util import token_hash
 
 TOKEN = "session-token-1"
 REAL = "sk-ant-real-credential"

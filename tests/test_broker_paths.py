@@ -15,13 +15,13 @@ import string
 from urllib.parse import unquote
 
 import pytest
+from conftest import wait_for
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_broker import REAL, TOKEN, Running
 from yarl import URL
 
-from conftest import wait_for
-from nanoclaw.broker import QUERY, ROUTES, route
-from test_broker import REAL, TOKEN, Running
+from nanoclaw.broker.proxy import QUERY, ROUTES, route
 
 BODY = {"model": "claude-fake-1", "max_tokens": 16,
         "messages": [{"role": "user", "content": "hi"}]}

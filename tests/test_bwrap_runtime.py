@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import SECRET, agent_pids, wait_for
 
 PROBE = (Path(__file__).parent / "sandbox_probe.py").read_text()
@@ -82,10 +81,9 @@ def test_inside_a_running_agent_sandbox(bhost, pool):
 
 def test_sandbox_dies_with_its_worker_and_orphans_are_found(bhost, tmp_path):
     from nanoclaw.config import Settings
+    from nanoclaw.db import session as sessiondb
     from nanoclaw.runtime.base import SpawnSpec
     from nanoclaw.runtime.bwrap import BwrapRuntime, _children
-
-    from nanoclaw import sessiondb
 
     settings = Settings(data_dir=tmp_path / "data")
     sessiondb.create(str(tmp_path / "s"), settings.agent_owner())
@@ -162,7 +160,7 @@ def test_host_as_a_regular_user(fake_model, bwrap_works):
         assert "warm pool off for bwrap" in log
         procs = [w["pid"] for w in h.workers()] + agent_pids(h.data)
         assert procs and all(os.stat(f"/proc/{p}").st_uid == uid for p in procs)
-        assert os.stat(h.data / "nanoclaw.db").st_uid == uid
+        assert os.stat(h.data / "nanoclaw.db.central").st_uid == uid
     finally:
         h.cleanup()
         shutil.rmtree(base, ignore_errors=True)

@@ -20,14 +20,16 @@ from typing import Any, Callable
 
 import aiohttp
 import pytest
-from fakes.fake_telegram import FakeTelegram
 
-from nanoclaw import approvals, config, sessiondb
-from nanoclaw.bootstrap import ensure_defaults, local_user_id
+from fakes.fake_telegram import FakeTelegram
+from nanoclaw import config
+from nanoclaw.agents.groups import ensure_defaults
 from nanoclaw.channels.runner import ChannelRunner
-from nanoclaw.delivery import Delivery
-from nanoclaw.routing import Event, Router
-from nanoclaw.store import Store
+from nanoclaw.db import session as sessiondb
+from nanoclaw.db.store import Store
+from nanoclaw.delivery.delivery import Delivery
+from nanoclaw.routing.router import Event, Router
+from nanoclaw.util import is_approval_card, local_user_id
 
 OWNER = local_user_id()
 ADMIN, MEMBER, NEWBIE, STRANGER = 9, 2, 3, 5
@@ -213,7 +215,7 @@ def _attack(w: World, tg: FakeTelegram, card_id: str, value: str, reject: int,
     poll_card = json.loads(poll["content"])
     # the host named the poll: not the approval's id, nothing of it on the buttons
     assert poll_card["questionId"] != card_id
-    assert not approvals.is_approval_card(poll_card["questionId"])
+    assert not is_approval_card(poll_card["questionId"])
     poll_mid, poll_data = _buttons(tg, poll)
     assert all(card_id not in d for d in poll_data)
     # the member answers the poll: an answer for the agent, under its own id
@@ -425,7 +427,8 @@ def test_the_web_answer_resolves_the_card_on_the_page(web):
 def test_open_questions_keep_the_id_their_buttons_carry(monkeypatch):
     """The migration: an open question asked under the agent's id keeps that id as its
     card id (its buttons carry it), and the agent's id beside it for the answer."""
-    from nanoclaw import db, schema
+    from nanoclaw.db import central as db
+    from nanoclaw.db import migrations as schema
 
     upto = [n for n, _ in schema.MIGRATIONS].index("question-card-ids")
     conn = sqlite3.connect(":memory:", isolation_level=None)

@@ -13,11 +13,19 @@ import sys
 from datetime import datetime, timedelta, timezone
 
 import pytest
-
 from conftest import ROOT, Host, wait_for
+
 from fakes.fake_discord import BOT, FakeDiscord
-from fakes.hosts import (enqueue, error_log, inbound_events, log, outbox, session_inbound,
-                         wire_chat, worker)
+from fakes.hosts import (
+    enqueue,
+    error_log,
+    inbound_events,
+    log,
+    outbox,
+    session_inbound,
+    wire_chat,
+    worker,
+)
 
 
 @pytest.fixture(scope="module")
@@ -258,8 +266,8 @@ def test_thread_messages_belong_to_the_parent_and_replies_go_to_the_thread(host,
 CHILD = """
 import sys
 from nanoclaw import config, log
-from nanoclaw.worker import run
-from workers import make_worker
+from nanoclaw.host.runner import run
+from nanoclaw.host.registry import make_worker
 s = config.load()
 log.setup('channel:discord', s.logs_dir, 'INFO', stderr=True)
 sys.exit(run(make_worker('channel:discord', s)))
@@ -293,8 +301,8 @@ class Child:
 
 
 def test_crash_loop_identifies_at_the_breaker_pace(tmp_path, dc):
-    from nanoclaw.store import Store
-    from nanoclaw.supervisor import Supervisor
+    from nanoclaw.db.store import Store
+    from nanoclaw.host.supervisor import Supervisor
 
     env = {**os.environ, **discord_env(dc, NANOCLAW_DISCORD_RECONNECTS="0"),
            "NANOCLAW_DATA_DIR": str(tmp_path / "data"), "NANOCLAW_LOGS_DIR": str(tmp_path / "logs")}

@@ -10,13 +10,15 @@ import time
 
 import pytest
 
-from nanoclaw import config, sessiondb
-from nanoclaw.bootstrap import ensure_defaults, local_user_id
+from nanoclaw import config
+from nanoclaw.agents.groups import ensure_defaults
 from nanoclaw.channels.base import Channel, RetryAfter, SendError, Unavailable
 from nanoclaw.channels.runner import ChannelRunner
-from nanoclaw.delivery import Delivery
-from nanoclaw.routing import Event, Router
-from nanoclaw.store import Store
+from nanoclaw.db import session as sessiondb
+from nanoclaw.db.store import Store
+from nanoclaw.delivery.delivery import Delivery
+from nanoclaw.routing.router import Event, Router
+from nanoclaw.util import local_user_id
 
 
 class Platform(Channel):
@@ -124,6 +126,6 @@ def test_cold_dm_resolved_once_and_cached(env):
     dm = store.q1("SELECT m.platform_id FROM user_dms d JOIN messaging_groups m ON"
                   " m.id=d.messaging_group_id WHERE d.user_id='fakechat:alice'")
     assert dm["platform_id"] == "fakechat:dm-alice"
-    from nanoclaw.approvals import dm_address
+    from nanoclaw.approvals.requests import dm_address
 
     assert dm_address(store, "fakechat:alice") == ("fakechat", "fakechat:dm-alice")

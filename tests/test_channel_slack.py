@@ -7,11 +7,18 @@ from __future__ import annotations
 import base64
 
 import pytest
-
 from conftest import Host, wait_for
+
 from fakes.fake_slack import BOT_USER, FakeSlack
-from fakes.hosts import (enqueue, error_log, inbound_events, outbox, session_inbound,
-                         wire_chat, worker)
+from fakes.hosts import (
+    enqueue,
+    error_log,
+    inbound_events,
+    outbox,
+    session_inbound,
+    wire_chat,
+    worker,
+)
 
 
 @pytest.fixture(scope="module")

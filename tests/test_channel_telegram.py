@@ -8,11 +8,19 @@ import base64
 import random
 
 import pytest
-
 from conftest import Host, wait_for
+
 from fakes.fake_telegram import BOT, FakeTelegram
-from fakes.hosts import (enqueue, error_log, inbound_events, log, outbox, session_inbound,
-                         wire_chat, worker)
+from fakes.hosts import (
+    enqueue,
+    error_log,
+    inbound_events,
+    log,
+    outbox,
+    session_inbound,
+    wire_chat,
+    worker,
+)
 
 
 @pytest.fixture(scope="module")

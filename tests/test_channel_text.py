@@ -10,12 +10,17 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
+
 from fakes.fake_telegram import parse_html
 from nanoclaw.channels.markdown import discord_markdown, slack_mrkdwn, telegram_html
-from nanoclaw.channels.text import (card_text, decode_choice, encode_choice, parse_question,
-                                    split_text)
+from nanoclaw.channels.text import (
+    card_text,
+    decode_choice,
+    encode_choice,
+    parse_question,
+    split_text,
+)
 
 
 def test_split_prefers_paragraph_then_line_then_space_then_hard_cut():
@@ -69,8 +74,8 @@ def test_cards_are_normalised():
 
 
 def test_platform_libraries_load_only_in_their_worker():
-    code = ("import sys; from nanoclaw import config; import workers;"
-            " names = workers.channel_names(config.load());"
+    code = ("import sys; from nanoclaw import config; from nanoclaw.host import registry;"
+            " names = registry.channel_names(config.load());"
             " print(names, [m for m in ('telegram', 'discord', 'slack_sdk') if m in sys.modules])")
     env = {**os.environ, "TELEGRAM_BOT_TOKEN": "1:x", "DISCORD_BOT_TOKEN": "x",
            "SLACK_BOT_TOKEN": "xoxb", "SLACK_APP_TOKEN": "xapp"}

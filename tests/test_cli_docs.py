@@ -10,7 +10,7 @@ import sys
 
 from conftest import ROOT
 
-from nanoclaw.cli import build_parser
+from nanoclaw.cli.main import build_parser
 
 
 def _verbs() -> list[str]:

@@ -18,10 +18,14 @@ import sqlite3
 
 import pytest
 
-from nanoclaw import cards, cli, config, sessiondb
-from nanoclaw.bootstrap import ensure_defaults, local_user_id
-from nanoclaw.routing import Event, Router
-from nanoclaw.store import Store
+from nanoclaw import config
+from nanoclaw.agents.groups import ensure_defaults
+from nanoclaw.approvals import cards
+from nanoclaw.cli import main as cli
+from nanoclaw.db import session as sessiondb
+from nanoclaw.db.store import Store
+from nanoclaw.routing.router import Event, Router
+from nanoclaw.util import local_user_id
 
 OWNER = local_user_id()
 HANDLE = OWNER.split(":", 1)[1]

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, SECRET, containers_of, install_label, wait_for
+
 from nanoclaw.config import Settings
 
 PROBE = (Path(__file__).parent / "sandbox_probe.py").read_text()
@@ -161,10 +161,9 @@ def test_host_network_mode_reaches_the_broker_by_tcp(dhost, docker_client):
 
 def test_a_namesake_running_container_is_adopted_not_doubled(docker_client, agent_image,
                                                              tmp_path):
+    from nanoclaw.db import session as sessiondb
     from nanoclaw.runtime.base import SpawnSpec
     from nanoclaw.runtime.docker import DockerRuntime
-
-    from nanoclaw import sessiondb
 
     settings = Settings(data_dir=tmp_path / "data", image=agent_image)
     sessiondb.create(str(tmp_path / "s"), settings.agent_owner())
@@ -197,7 +196,7 @@ def test_doctor_knows_whether_the_image_matches_its_recipe(docker_client, agent_
                                                          tmp_path):
     import io
 
-    from nanoclaw.cli import image_freshness
+    from nanoclaw.cli.main import image_freshness
 
     ok, line = image_freshness(Settings(data_dir=tmp_path / "data", image=agent_image))
     assert ok is True and "up to date" in line  # built by `make image` from container/

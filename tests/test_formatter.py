@@ -16,7 +16,10 @@ from agent_runner import inbox  # noqa: E402
 from agent_runner.batch import Batch  # noqa: E402
 from agent_runner.db import Address, Destination, InboundRow  # noqa: E402
 from agent_runner.formatter import (  # noqa: E402
-    format_batch, format_row, local_time, system_prompt,
+    format_batch,
+    format_row,
+    local_time,
+    system_prompt,
 )
 from agent_runner.replies import parse_reply  # noqa: E402
 from agent_runner.scripts import run_script  # noqa: E402

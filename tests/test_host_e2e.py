@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import SECRET, agent_pids, wait_for
 
 WORKERS = ["router", "delivery", "sweep", "containers", "broker", "channel:cli"]

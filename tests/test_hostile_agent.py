@@ -18,9 +18,9 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import wait_for
 
 from attack_kit import Canary, delivered, first_session, inside
-from conftest import wait_for
 
 SWAP = r'''
 G = os.environ.get("NANOCLAW_GROUP_DIR") or os.getcwd()
@@ -115,7 +115,7 @@ def test_a_hostile_agent_leaves_the_host_and_other_sessions_untouched(make_host,
     s = first_session(h, attacker)
     (v,) = [x for x in h.q("SELECT * FROM sessions") if x["id"] != s["id"]]
     vroot = h.data / "sessions" / v["agent_group_id"] / v["id"]
-    outside = [canary.dir, vroot, h.base / "groups" / "global", h.data / "nanoclaw.db",
+    outside = [canary.dir, vroot, h.base / "groups" / "global", h.data / "nanoclaw.db.central",
                Path("/etc/passwd"), Path("/etc/shadow")]
     owners = _owners(*outside)
 

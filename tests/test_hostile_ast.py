@@ -126,6 +126,6 @@ def test_the_walk_catches_path_based_calls():
     for line in fine:
         assert not findings(line), line
     # and a real module with one such line added fails the walk
-    src = (ROOT / "nanoclaw" / "sweep.py").read_text()
+    src = (ROOT / "nanoclaw" / "lifecycle" / "sweep.py").read_text()
     assert findings(src) == []
     assert findings(src + "\n\ndef peek(paths):\n    return os.stat(paths.work + '/x')\n")

@@ -14,12 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, wait_for
+
+from nanoclaw.db.store import Store
+from nanoclaw.host.runner import heartbeat_path, last_beat
+from nanoclaw.host.supervisor import Supervisor, silence, verdict
 from nanoclaw.log import logger
-from nanoclaw.store import Store
-from nanoclaw.supervisor import Supervisor, silence, verdict
-from nanoclaw.worker import heartbeat_path, last_beat
 
 BOUND = 10.0
 
@@ -203,7 +203,7 @@ RUNNER = """
 import asyncio, sys, time
 from pathlib import Path
 from nanoclaw.config import Settings
-from nanoclaw.worker import Worker, run
+from nanoclaw.host.runner import Worker, run
 
 base, kind = Path(sys.argv[1]), sys.argv[2]
 

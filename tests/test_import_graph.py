@@ -138,9 +138,9 @@ def strongly_connected(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_graph_sees_the_imports_it_should():
     graph = import_graph()
-    assert "nanoclaw.store" in graph["nanoclaw.approvals"]
-    assert "nanoclaw.delivery" in graph["workers.delivery"]
-    assert "workers.router" in graph["workers"]  # a function-level import counts
+    assert "nanoclaw.db.store" in graph["nanoclaw.approvals.requests"]
+    assert "nanoclaw.delivery.delivery" in graph["workers.delivery"]
+    assert "nanoclaw.util" in graph["nanoclaw.agents.mounts"]  # a function-level import counts
 
 
 def test_no_module_imports_itself_back_through_others():
@@ -151,3 +151,46 @@ def test_no_module_imports_itself_back_through_others():
         print("cycle:", " -> ".join(cycle))
         print("components:\n" + comps)
     assert cycle is None, "import cycle: " + " -> ".join(cycle) + "\ncomponents:\n" + comps
+
+
+def layer_of(mod: str) -> int | None:
+    """Index in `nanoclaw.LAYERS` of a nanoclaw module; None outside the package."""
+    from nanoclaw import LAYERS
+
+    parts = mod.split(".")
+    if parts[0] != "nanoclaw":
+        return None
+    folder = parts[1] if len(parts) > 2 or (len(parts) == 2 and parts[1] in LAYERS) else ""
+    assert folder in LAYERS, f"{mod}: folder {folder!r} is not in nanoclaw.LAYERS"
+    return LAYERS.index(folder)
+
+
+def layer_breaks(graph: dict[str, set[str]]) -> list[str]:
+    from nanoclaw import LAYERS
+
+    out = []
+    for mod, deps in graph.items():
+        here = layer_of(mod)
+        if here is None or mod == "nanoclaw.__main__":  # the entry point: `python -m nanoclaw`
+            continue
+        for dep in deps:
+            there = layer_of(dep)
+            if there is None:
+                out.append(f"{mod} imports {dep}, outside the package")
+            elif there > here:
+                out.append(f"{mod} ({LAYERS[here] or 'core'}) imports {dep}"
+                           f" ({LAYERS[there] or 'core'}), a folder listed below it")
+    return sorted(out)
+
+
+def test_a_folder_imports_only_the_folders_above_it():
+    assert layer_breaks(import_graph()) == []
+
+
+def test_the_layer_rule_catches_an_import_upward():
+    graph = import_graph()
+    graph["nanoclaw.db.store"] = graph["nanoclaw.db.store"] | {"nanoclaw.routing.router"}
+    graph["nanoclaw.util"] = graph["nanoclaw.util"] | {"workers"}
+    breaks = layer_breaks(graph)
+    assert any(b.startswith("nanoclaw.db.store (db) imports nanoclaw.routing.router") for b in breaks)
+    assert "nanoclaw.util imports workers, outside the package" in breaks

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nanoclaw.mounts import BLOCKED, Allowlist, MountError, check, resolve
+from nanoclaw.agents.mounts import BLOCKED, Allowlist, MountError, check, resolve
 
 
 @pytest.fixture

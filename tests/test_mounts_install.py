@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 
 import nanoclaw
-from nanoclaw import config, mounts
-from nanoclaw.containers import RUNNER_DIR
-from nanoclaw.store import Store
+from nanoclaw import config
+from nanoclaw.agents import mounts
+from nanoclaw.db.store import Store
+from nanoclaw.lifecycle.containers import RUNNER_DIR
 
 PACKAGE = Path(nanoclaw.__file__).resolve().parent
 CHECKOUT = PACKAGE.parent

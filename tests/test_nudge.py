@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, wait_for
+
 from nanoclaw import nudge
 
 # A worker run by the real runner: nothing is due for 30 s (loop_once returns the seconds
@@ -26,7 +26,7 @@ WORKER = """
 import sys, time
 from pathlib import Path
 from nanoclaw.config import Settings
-from nanoclaw.worker import Worker, run
+from nanoclaw.host.runner import Worker, run
 
 base = Path(sys.argv[1])
 

@@ -9,11 +9,15 @@ import time
 
 import pytest
 
-from nanoclaw import config, permissions, scheduling, sessiondb
-from nanoclaw.bootstrap import ensure_defaults, local_user_id
-from nanoclaw.delivery import Delivery
-from nanoclaw.routing import Event, Router
-from nanoclaw.store import Store
+from nanoclaw import config
+from nanoclaw.agents import scheduling
+from nanoclaw.agents.groups import ensure_defaults
+from nanoclaw.db import session as sessiondb
+from nanoclaw.db.store import Store
+from nanoclaw.errors import NotAllowed
+from nanoclaw.delivery.delivery import Delivery
+from nanoclaw.routing.router import Event, Router
+from nanoclaw.util import local_user_id
 
 OWNER = local_user_id()
 
@@ -79,11 +83,11 @@ def test_access_table(env):
     store.grant_role("t:sadmin", "admin", ag)
     store.grant_role("t:otheradmin", "admin", other)
     store.conn.execute("INSERT INTO agent_group_members VALUES ('t:member', ?, NULL, 'x')", (ag,))
-    got = {u: permissions.can_access(store, u, ag) for u in
+    got = {u: store.can_access(u, ag) for u in
            (None, "t:owner", "t:gadmin", "t:sadmin", "t:member", "t:stranger", "t:otheradmin")}
     assert got == {None: False, "t:owner": True, "t:gadmin": True, "t:sadmin": True,
                    "t:member": True, "t:stranger": False, "t:otheradmin": False}
-    admin = {u: permissions.is_admin(store, u, ag) for u in ("t:sadmin", "t:member", "t:otheradmin")}
+    admin = {u: store.is_admin(u, ag) for u in ("t:sadmin", "t:member", "t:otheradmin")}
     assert admin == {"t:sadmin": True, "t:member": False, "t:otheradmin": False}
     with pytest.raises(sqlite3.IntegrityError):  # an owner row must be global
         store.grant_role("t:member", "owner", ag)
@@ -352,10 +356,10 @@ def test_self_modification_needs_an_admin_and_respawns_with_a_note(env):
     assert store.q("SELECT * FROM user_roles WHERE user_id != ?", (OWNER,)) == []
     (appr,) = store.q("SELECT * FROM pending_approvals")
     assert appr["approver_user_id"] == OWNER and appr["action"] == "add_mcp_server"
-    from nanoclaw import approvals
+    from nanoclaw.approvals import requests as approvals
 
     store.ensure_user("cli:mallory", "cli")
-    with pytest.raises(PermissionError):
+    with pytest.raises(NotAllowed):
         approvals.decide(store, s, appr["approval_id"], "approve", "cli:mallory")
     assert json.loads(store.container_config(ag)["mcp_servers"]) == {}
     assert approvals.decide(store, s, appr["approval_id"], "approve", OWNER) == "approved"

@@ -7,10 +7,12 @@ import sqlite3
 
 import pytest
 
-from nanoclaw import config, sessiondb
-from nanoclaw.bootstrap import ensure_defaults, local_user_id
-from nanoclaw.routing import Event, Router
-from nanoclaw.store import Store
+from nanoclaw import config
+from nanoclaw.agents.groups import ensure_defaults
+from nanoclaw.db import session as sessiondb
+from nanoclaw.db.store import Store
+from nanoclaw.routing.router import Event, Router
+from nanoclaw.util import local_user_id
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import os
 import signal
 
 import pytest
-
 from conftest import Host, agent_pids, containers_of, wait_for
 
 from nanoclaw.runtime.bwrap import _ppid

@@ -21,10 +21,10 @@ import subprocess
 import time
 
 import pytest
-
-from attack_kit import (PRELUDE, Canary, delivered, first_session, inside, marker,
-                        notes, read_report)
 from conftest import wait_for
+
+from attack_kit import PRELUDE, Canary, delivered, first_session, inside, marker, notes, read_report
+
 
 @pytest.fixture(params=["bwrap", "docker"])
 def sandbox(request, host_factory):

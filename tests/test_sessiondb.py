@@ -7,7 +7,7 @@ import sqlite3
 
 import pytest
 
-from nanoclaw import sessiondb
+from nanoclaw.db import session as sessiondb
 from nanoclaw.util import is_safe_name, iso
 
 
@@ -129,7 +129,7 @@ def test_hostile_file_names_are_not_safe_names(name):
 
 
 def test_decide_stuck_table():
-    from nanoclaw.sweep import decide_stuck
+    from nanoclaw.lifecycle.sweep import decide_stuck
 
     now, ceil, tol = 10_000.0, 1800.0, 60.0
     assert decide_stuck(now, None, [], ceil, tol) is None                  # fresh: grace

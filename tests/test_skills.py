@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from nanoclaw.db.store import Store
 from nanoclaw.devtools.runner_harness import ROOT, Runner, Session, model_calls, wait_for
-from nanoclaw.store import Store
 
 sys.path.insert(0, str(ROOT / "container"))
 

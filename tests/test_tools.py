@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from nanoclaw import sessiondb
+from nanoclaw.db import session as sessiondb
 from nanoclaw.devtools.runner_harness import ROOT, Session, wait_for
 
 sys.path.insert(0, str(ROOT / "container"))

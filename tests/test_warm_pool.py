@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import agent_pids, wait_for
 
 from nanoclaw.runtime import mountns
@@ -210,7 +209,7 @@ def test_bwrap_without_staging_starts_cold(tmp_path, bwrap_works):
     rt = BwrapRuntime(settings)
     rt.prewarm(WarmSpec(runner, "cold" + str(os.getpid())[-6:], settings.logs_dir, []))
     assert rt.pool is None
-    from nanoclaw import sessiondb
+    from nanoclaw.db import session as sessiondb
 
     sessiondb.create(str(tmp_path / "s"), settings.agent_owner())
     (tmp_path / "g").mkdir()

@@ -13,8 +13,8 @@ import urllib.error
 import urllib.request
 
 import pytest
-
 from conftest import Host, wait_for
+
 from fakes.hosts import enqueue, inbound_events, worker
 
 CHROMIUM = os.environ.get("NANOCLAW_TEST_CHROMIUM", "/usr/bin/chromium")
@@ -208,7 +208,7 @@ def test_a_wiring_that_fails_undoes_the_chat(tmp_path):
     import sqlite3
 
     from nanoclaw.channels.web import create_web_chat
-    from nanoclaw.store import Store
+    from nanoclaw.db.store import Store
 
     store = Store.open(tmp_path)
     try:

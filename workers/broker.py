@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from nanoclaw.broker import Broker
-from nanoclaw.store import Store
-from nanoclaw.worker import Worker
+from nanoclaw.broker.proxy import Broker
+from nanoclaw.db.store import Store
+from nanoclaw.host.runner import Worker
 
 
 class BrokerWorker(Worker):

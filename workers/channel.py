@@ -7,9 +7,9 @@ import asyncio
 from nanoclaw.channels import load_builtin
 from nanoclaw.channels.base import ChannelDead
 from nanoclaw.channels.runner import ChannelRunner
+from nanoclaw.db.store import Store
+from nanoclaw.host.runner import EXIT_CRASH, Worker
 from nanoclaw.log import logger
-from nanoclaw.store import Store
-from nanoclaw.worker import EXIT_CRASH, Worker
 
 
 class ChannelWorker(Worker):

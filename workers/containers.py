@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from nanoclaw import runtime
-from nanoclaw.containers import Containers
-from nanoclaw.store import Store
-from nanoclaw.worker import ConfigError, Worker
+from nanoclaw.db.store import Store
+from nanoclaw.errors import ConfigError
+from nanoclaw.host.runner import Worker
+from nanoclaw.lifecycle.containers import Containers
 
 
 class ContainersWorker(Worker):

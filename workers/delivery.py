@@ -3,9 +3,12 @@ and channel results → the session's `delivered`."""
 
 from __future__ import annotations
 
-from nanoclaw.delivery import Delivery
-from nanoclaw.store import Store
-from nanoclaw.worker import Worker
+# Installs the agent's `ncl` action "cli" in the process that runs actions: the action
+# registry (`delivery.actions`) sits above the command line it serves.
+from nanoclaw.cli import agent as agent_cli  # noqa: F401
+from nanoclaw.db.store import Store
+from nanoclaw.delivery.delivery import Delivery
+from nanoclaw.host.runner import Worker
 
 
 class DeliveryWorker(Worker):

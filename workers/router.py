@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from nanoclaw.channels import load_builtin
+
 # installs the agent's "cli" action's approval handler: an approved `ncl` command runs
 # in the process that takes the click (the action registry no longer imports it, M1)
-from nanoclaw import agent_cli  # noqa: F401
-from nanoclaw.channels import load_builtin
+from nanoclaw.cli import agent as agent_cli  # noqa: F401
+from nanoclaw.db.store import Store
+from nanoclaw.host.runner import Worker
 from nanoclaw.log import logger
-from nanoclaw.routing import Event, Router
-from nanoclaw.store import Store
-from nanoclaw.worker import Worker
+from nanoclaw.routing.router import Event, Router
 
 MAX_ATTEMPTS = 3
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 
-from nanoclaw.store import Store
-from nanoclaw.sweep import Sweep
-from nanoclaw.worker import Worker
+from nanoclaw.db.store import Store
+from nanoclaw.host.runner import Worker
+from nanoclaw.lifecycle.sweep import Sweep
 
 
 class SweepWorker(Worker):

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
-from nanoclaw.channels.base import (Channel, ChannelHost, OutboundMessage, Registry,
-                                    RetryAfter, SendError, Unavailable)
+from nanoclaw.channels.base import (
+    Channel,
+    ChannelHost,
+    OutboundMessage,
+    Registry,
+    RetryAfter,
+    SendError,
+    Unavailable,
+)
 
 REGISTRY = Registry()
 

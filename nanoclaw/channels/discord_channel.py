@@ -43,13 +43,28 @@ import yarl
 from discord.gateway import DiscordWebSocket
 from discord.http import Route
 
-from nanoclaw.channels.base import (Channel, ChannelDead, OutboundMessage, RetryAfter,
-                                    SendError, Unavailable)
+from nanoclaw.channels.base import (
+    Channel,
+    ChannelDead,
+    OutboundMessage,
+    RetryAfter,
+    SendError,
+    Unavailable,
+)
 from nanoclaw.channels.markdown import discord_markdown
-from nanoclaw.channels.text import (EDITED, attachment, card_links, decode_choice, encode_choice,
-                                    load_files, parse_question, plain_text, reply_target)
+from nanoclaw.channels.text import (
+    EDITED,
+    attachment,
+    card_links,
+    decode_choice,
+    encode_choice,
+    load_files,
+    parse_question,
+    plain_text,
+    reply_target,
+)
+from nanoclaw.errors import ConfigError
 from nanoclaw.log import logger
-from nanoclaw.worker import ConfigError
 
 LIMIT = 2000
 WINDOW = 600.0           # seconds over which in-process reconnects are counted

@@ -13,13 +13,19 @@ import time
 from typing import Any
 
 from nanoclaw import nudge
-from nanoclaw.channels.base import (Channel, ChannelDead, OutboundMessage, RetryAfter,
-                                    SendError, Unavailable)
+from nanoclaw.channels.base import (
+    Channel,
+    ChannelDead,
+    OutboundMessage,
+    RetryAfter,
+    SendError,
+    Unavailable,
+)
 from nanoclaw.config import Settings
+from nanoclaw.db.store import Store
 from nanoclaw.log import logger
-from nanoclaw.store import Store
+from nanoclaw.nudge import Poller
 from nanoclaw.util import iso
-from nanoclaw.worker import Poller
 
 PARK_SECONDS = 2.0
 TYPING_EVERY = 4.0    # seconds between typing refreshes (platforms show it ~5 s)
@@ -55,7 +61,7 @@ class ChannelRunner:
         sent to that chat (H3: a click resolves to the card it was made on, never to
         another card's options). An approval's id resolves only to the host's own card
         (no session), never to a card an agent wrote."""
-        from nanoclaw.approvals import is_approval_card
+        from nanoclaw.util import is_approval_card
 
         host_only = " AND session_id IS NULL" if is_approval_card(card_id) else ""
         rows = self.store.q(

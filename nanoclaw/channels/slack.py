@@ -36,13 +36,20 @@ from slack_sdk.socket_mode.request import SocketModeRequest
 from slack_sdk.socket_mode.response import SocketModeResponse
 from slack_sdk.web.async_client import AsyncWebClient
 
-from nanoclaw.channels.base import (Channel, OutboundMessage, RetryAfter, SendError,
-                                    Unavailable)
+from nanoclaw.channels.base import Channel, OutboundMessage, RetryAfter, SendError, Unavailable
 from nanoclaw.channels.markdown import slack_mrkdwn
-from nanoclaw.channels.text import (EDITED, attachment, card_links, decode_choice, encode_choice,
-                                    load_files, parse_question, plain_text)
+from nanoclaw.channels.text import (
+    EDITED,
+    attachment,
+    card_links,
+    decode_choice,
+    encode_choice,
+    load_files,
+    parse_question,
+    plain_text,
+)
+from nanoclaw.errors import ConfigError
 from nanoclaw.log import logger
-from nanoclaw.worker import ConfigError
 
 LIMIT = 40_000
 BLOCK_LIMIT = 3000

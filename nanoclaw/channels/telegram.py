@@ -31,19 +31,33 @@ import asyncio
 import time
 from typing import Any
 
-from telegram import (Bot, InlineKeyboardButton, InlineKeyboardMarkup, InputFile,
-                      ReactionTypeEmoji, ReplyParameters)
+from telegram import (
+    Bot,
+    InlineKeyboardButton,
+    InlineKeyboardMarkup,
+    InputFile,
+    ReactionTypeEmoji,
+    ReplyParameters,
+)
 from telegram import error as tg
 from telegram.constants import ParseMode
 from telegram.request import HTTPXRequest
 
-from nanoclaw.channels.base import (Channel, OutboundMessage, RetryAfter, SendError,
-                                    Unavailable)
+from nanoclaw.channels.base import Channel, OutboundMessage, RetryAfter, SendError, Unavailable
 from nanoclaw.channels.markdown import Chunk, telegram_html
-from nanoclaw.channels.text import (EDITED, attachment, card_links, decode_choice, encode_choice,
-                                    load_files, parse_question, plain_text, reply_target)
+from nanoclaw.channels.text import (
+    EDITED,
+    attachment,
+    card_links,
+    decode_choice,
+    encode_choice,
+    load_files,
+    parse_question,
+    plain_text,
+    reply_target,
+)
+from nanoclaw.errors import ConfigError
 from nanoclaw.log import logger
-from nanoclaw.worker import ConfigError
 
 LIMIT = 4096
 MAX_DOWNLOAD = 20 << 20  # the Bot API serves files up to 20 MB

@@ -56,12 +56,11 @@ from typing import Any
 from aiohttp import web
 
 from nanoclaw import jsonin
-from nanoclaw.bootstrap import local_user_id
 from nanoclaw.channels.base import Channel, OutboundMessage, SendError
 from nanoclaw.channels.text import card_links, parse_question, plain_text, reply_target
+from nanoclaw.db.store import Store
 from nanoclaw.log import logger, terminal
-from nanoclaw.store import Store
-from nanoclaw.util import new_id, parse_iso
+from nanoclaw.util import local_user_id, new_id, parse_iso
 
 STATIC = Path(__file__).with_name("web_static")
 CHAT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
@@ -157,7 +156,7 @@ class WebChannel(Channel):
             except OSError as e:
                 sock.close()
                 if want:
-                    from nanoclaw.worker import ConfigError
+                    from nanoclaw.errors import ConfigError
 
                     raise ConfigError(f"NANOCLAW_WEB_PORT {want} on {host}: {e.strerror}") from None
                 continue

@@ -1,6 +1,6 @@
 """Drive the agent runner the way the host does, without the host.
 
-`Session` builds a session folder with `nanoclaw.sessiondb` (real DBs, a group folder
+`Session` builds a session folder with `nanoclaw.db.session` (real DBs, a group folder
 with `container.json`, two destinations) and writes `messages_in` rows as the router
 would; `Runner` starts `python -m agent_runner` with the environment of
 container/README.md pointed at a fake model. Used by the runner tests and handy for
@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from nanoclaw import sessiondb
+from nanoclaw.db import session as sessiondb
 
 ROOT = Path(__file__).resolve().parents[2]
 DEADLINE_S = 15.0

@@ -11,7 +11,7 @@ Inside every sandbox:
 | `/workspace/.session/outbound.db` (and its `-journal`) | the agent's output | rw, file mounts |
 | `/workspace/agent` | the agent group's folder (the agent's cwd) | rw |
 | `/workspace/global` | `groups/global` | ro |
-| `/workspace/extra/<name>` | allow-listed extra mounts (`nanoclaw/mounts.py`) | per allowlist |
+| `/workspace/extra/<name>` | allow-listed extra mounts (`nanoclaw/agents/mounts.py`) | per allowlist |
 | `/app/agent_runner`, `/app/sandbox_entry.py` | the runner source, live from `container/` | ro |
 | `/app/CLAUDE.md` | `container/CLAUDE.md`, the base prompt of every agent's memory | ro |
 | `/app/skills` | `container/skills` (the runner links the enabled ones for the CLI) | ro |

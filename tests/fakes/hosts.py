@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from nanoclaw.store import Store
+from nanoclaw.db.store import Store
 
 
 def wire_chat(host: Any, channel_type: str, platform_id: str, is_group: bool = False,

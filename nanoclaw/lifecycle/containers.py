@@ -23,13 +23,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nanoclaw import hostile, mounts, permissions, sessiondb
+from nanoclaw import hostile
+from nanoclaw.agents import mounts
 from nanoclaw.config import Settings
+from nanoclaw.db import session as sessiondb
+from nanoclaw.db.store import Store
 from nanoclaw.log import logger
 from nanoclaw.runtime import Runtime, SpawnSpec
 from nanoclaw.runtime.warm import WarmSpec
-from nanoclaw.store import Store
-from nanoclaw.util import RUNNER_DIR, iso, utcnow
+from nanoclaw.util import RUNNER_DIR, iso, token_hash, utcnow
 
 FAIL_TEXT = ("Sorry, your message could not be processed (the agent failed {n} times)."
              " The details are in logs/containers/{sid}/ on the host.")
@@ -37,10 +39,6 @@ FAIL_TEXT = ("Sorry, your message could not be processed (the agent failed {n} t
 
 def install_id(settings: Settings) -> str:
     return hashlib.sha1(str(settings.data_dir.resolve()).encode()).hexdigest()[:8]
-
-
-def token_hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 class Containers:
@@ -269,7 +267,7 @@ class Containers:
             row = sessiondb.message(paths, mid)
             if row is None or not row["platform_id"] or row["channel_type"] == "agent":
                 continue
-            if not permissions.may_send(self.store, s, row["channel_type"], row["platform_id"]):
+            if not self.store.may_send(s, row["channel_type"], row["platform_id"]):
                 logger.error("session {}: failure notice for {} not sent: {}:{} is not a chat"
                              " of this session", s["id"], mid, row["channel_type"],
                              row["platform_id"])

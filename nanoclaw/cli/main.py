@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 from nanoclaw import config
+from nanoclaw.cli.common import CliError, load_settings, open_store
 from nanoclaw.config import Settings, SettingsError
-from nanoclaw.cli_common import CliError, load_settings, open_store
 
 # the verbs' shared error and openers live in `cli_common` (no cycle with the verbs);
 # the private names stay for this module's callers
@@ -44,7 +44,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     (DB, logs, sockets, sessions) is the host user's alone unless made readable on
     purpose (H4); the re-exec in scrub_environment keeps it."""
     os.umask(0o077)
-    from nanoclaw.orchestrator import run_host, scrub_environment
+    from nanoclaw.host.orchestrator import run_host, scrub_environment
 
     scrub_environment(sys.argv[1:])
     return run_host(_settings())
@@ -314,8 +314,9 @@ def runtime_report(settings: Settings) -> list[tuple[bool | None, str]]:
 
 def image_freshness(settings: Settings) -> tuple[bool | None, str]:
     """Whether the agent image was built from the recipe in container/ as it is now."""
-    from nanoclaw.containers import RUNNER_DIR
-    from nanoclaw.runtime import docker as docker_rt, sandbox
+    from nanoclaw.lifecycle.containers import RUNNER_DIR
+    from nanoclaw.runtime import docker as docker_rt
+    from nanoclaw.runtime import sandbox
 
     want = sandbox.image_hash(RUNNER_DIR)
     try:
@@ -417,7 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
         fn=cmd_doctor)
     # agent_cli: the approval handler of an agent's `ncl` command, for `approvals approve`
     # (and for the workers `run` forks from this process)
-    from nanoclaw import admin, admin_limits, agent_cli  # noqa: F401
+    from nanoclaw.cli import admin
+    from nanoclaw.cli import agent as agent_cli  # noqa: F401
+    from nanoclaw.cli import limits as admin_limits
 
     admin.add_parsers(sub)
     admin_limits.add_parsers(sub)

@@ -7,7 +7,7 @@ the bound: killed at the bound unless it beats again), BACKOFF (waiting out the 
 delay), FATAL (bad configuration: waits to be asked), STOPPED (asked to stop).
 
 Hung workers (gunicorn's `murder_workers`): each worker touches its heartbeat file
-(`nanoclaw.worker.Heartbeat`); `beats(name)` reads when it last did. A worker silent for
+(`nanoclaw.host.runner.Heartbeat`); `beats(name)` reads when it last did. A worker silent for
 `hung_after` seconds gets SIGKILL (its process group) and is restarted like any crash,
 under the breaker. Silence counts from its start until its first beat (an older beat is
 a predecessor's file), and from now after a tick gap in which this supervisor could not
@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from nanoclaw.breaker import delay_for, next_attempt
+from nanoclaw.db.store import Store
+from nanoclaw.host.runner import EXIT_CONFIG, EXIT_OK
 from nanoclaw.log import logger
-from nanoclaw.store import Store
 from nanoclaw.util import iso
-from nanoclaw.worker import EXIT_CONFIG, EXIT_OK
 
 RUNNING_AFTER = 1.0  # seconds up before STARTING counts as RUNNING
 HUNG_AT = 0.5        # of `hung_after`: shown as HUNG from here on, killed at the bound

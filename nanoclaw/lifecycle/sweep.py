@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from nanoclaw import scheduling, sessiondb
+from nanoclaw.agents import scheduling
 from nanoclaw.config import Settings
+from nanoclaw.db import session as sessiondb
+from nanoclaw.db.store import Store
 from nanoclaw.log import logger
-from nanoclaw.store import Store
 from nanoclaw.util import iso, parse_iso
 
 RECHECK = 60.0  # seconds: re-read a quiet running agent's files at least this often
@@ -65,7 +66,7 @@ class Sweep:
         self.seen: dict[str, tuple[Any, float, list[float], float]] = {}
 
     def pass_once(self, now: float) -> None:
-        from nanoclaw import approvals
+        from nanoclaw.approvals import requests as approvals
 
         if approvals.expire(self.store, self.settings, now):
             logger.info("expired approvals told to their agents")

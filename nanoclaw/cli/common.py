@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from nanoclaw import config
 from nanoclaw.config import Settings, SettingsError
-from nanoclaw.db import DataError
+from nanoclaw.errors import DataError
 
 
 class CliError(Exception):
@@ -28,7 +28,7 @@ def load_settings() -> Settings:
 
 
 def open_store(settings: Settings):
-    from nanoclaw.store import Store
+    from nanoclaw.db.store import Store
 
     try:
         return Store.open(settings.data_dir, create=False)

@@ -17,7 +17,7 @@ from the checked text without re-normalising it. A query string is passed along.
 
 It listens on 127.0.0.1 (the process runtime, sandboxes on the host network) and on a
 unix socket in `data/broker/`, the only way out of a sandbox with network `none`. Token
-usage is read off each model answer as it streams by (`nanoclaw/usage.py`) and counted
+usage is read off each model answer as it streams by (`nanoclaw/broker/usage.py`) and counted
 per agent group and day (the host's timezone); a group over its daily token budget
 (`container_configs.daily_token_budget`, else `NANOCLAW_DAILY_TOKEN_BUDGET`; 0 = none)
 gets a JSON error whose message the runner shows the user as "Error: …", for every
@@ -40,11 +40,11 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
+from nanoclaw.broker.usage import Meter
 from nanoclaw.config import Settings
-from nanoclaw.containers import token_hash
+from nanoclaw.db.store import Store
 from nanoclaw.log import logger
-from nanoclaw.store import Store
-from nanoclaw.usage import Meter
+from nanoclaw.util import token_hash
 
 HOP = {"host", "connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
        "proxy-authorization", "proxy-authenticate", "content-length", "x-api-key",

@@ -1,4 +1,4 @@
-"""The central database `data/nanoclaw.db`: connection, transactions, migrations.
+"""The central database `data/nanoclaw.db.central`: connection, transactions, migrations.
 
 WAL and foreign keys on; every write is one explicit `BEGIN IMMEDIATE` transaction.
 Migrations are applied by name (a ledger row each, in the same transaction), so they are
@@ -14,12 +14,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from nanoclaw.schema import MIGRATIONS
+from nanoclaw.db.migrations import MIGRATIONS
+from nanoclaw.errors import DataError
 from nanoclaw.util import utcnow
-
-
-class DataError(Exception):
-    """The data directory or database is unusable; the message says why in one line."""
 
 
 def connect(path: Path | str) -> sqlite3.Connection:
@@ -83,7 +80,7 @@ def _statements(sql: str) -> list[str]:
 def open_central(data_dir: Path, *, create: bool = True) -> sqlite3.Connection:
     """Open (and migrate) the central DB, turning every way it can be broken into one
     clear DataError line: missing or unwritable folder, not a database, corrupt."""
-    path = data_dir / "nanoclaw.db"
+    path = data_dir / "nanoclaw.db.central"
     try:
         if create:
             data_dir.mkdir(parents=True, exist_ok=True)

@@ -12,10 +12,10 @@ from datetime import datetime, timedelta
 from typing import Any, Callable
 from zoneinfo import ZoneInfo
 
-from nanoclaw import mounts as mnt
-from nanoclaw.admin import _config_row, _group, _table, run_verb
-from nanoclaw.cli_common import CliError
-from nanoclaw.db import atomic
+from nanoclaw.agents import mounts as mnt
+from nanoclaw.cli.admin import _config_row, _group, _table, run_verb
+from nanoclaw.cli.common import CliError
+from nanoclaw.db.central import atomic
 from nanoclaw.util import utcnow
 
 

@@ -23,22 +23,16 @@ import json
 import time
 from typing import Any, Callable
 
-from nanoclaw import permissions, sessiondb
 from nanoclaw.config import Settings
+from nanoclaw.db import session as sessiondb
+from nanoclaw.db.store import Store
+from nanoclaw.errors import NotAllowed, NotFound, Refused
 from nanoclaw.log import logger
-from nanoclaw.store import Store
 from nanoclaw.util import iso, new_id, utcnow
 
 APPROVE = [{"label": "Approve", "selectedLabel": "Approved", "value": "approve"},
            {"label": "Reject", "selectedLabel": "Rejected", "value": "reject"}]
 EXPIRY = 24 * 3600.0
-CARD_PREFIXES = ("appr-", "snd-", "chan-")  # approval cards; everything else is a question
-
-
-def is_approval_card(card_id: str) -> bool:
-    """Whether a card id names an approval. Only the host makes such cards: an agent's
-    question card never goes out under the id the agent chose."""
-    return card_id.startswith(CARD_PREFIXES)
 
 
 def pick_approvers(store: Store, agent_group_id: str | None) -> list[str]:
@@ -111,8 +105,8 @@ def may_decide(store: Store, clicker: str | None, approver: str | None,
     if clicker == approver:
         return True
     if agent_group_id:
-        return permissions.is_admin(store, clicker, agent_group_id)
-    return permissions.is_owner(store, clicker)
+        return store.is_admin(clicker, agent_group_id)
+    return store.is_owner(clicker)
 
 
 # ---- agent requests ---------------------------------------------------------------------
@@ -125,12 +119,12 @@ def request(store: Store, settings: Settings, session: dict[str, Any], action: s
             payload: dict[str, Any], title: str, question: str) -> str:
     """Queue an approval card for an agent's request; returns the approval id.
 
-    Raises LookupError when nobody can approve (the caller tells the agent)."""
+    Raises Refused when nobody can approve (the caller tells the agent)."""
     mg = store.q1("SELECT channel_type FROM messaging_groups WHERE id=?",
                   (session["messaging_group_id"],)) if session["messaging_group_id"] else None
     pick = choose(store, session["agent_group_id"], mg["channel_type"] if mg else None)
     if pick is None:
-        raise LookupError("no admin or owner can be reached to approve this")
+        raise Refused("no admin or owner can be reached to approve this")
     approver, addr = pick
     aid = new_id("appr")
     with_now = utcnow()
@@ -181,12 +175,12 @@ def decide(store: Store, settings: Settings, approval_id: str, option: str,
     """Decide an agent's request (`appr-…`); returns what happened (one line). Sender and
     chat approvals are `registration`'s; `cards.decide` picks which by the card id.
 
-    Raises PermissionError for a clicker who may not decide, LookupError for an unknown
+    Raises NotAllowed for a clicker who may not decide, NotFound for an unknown
     or already decided approval."""
     row = store.q1("SELECT * FROM pending_approvals WHERE approval_id=? AND status='pending'",
                    (approval_id,))
     if row is None:
-        raise LookupError(f"no open approval {approval_id!r}")
+        raise NotFound(f"no open approval {approval_id!r}")
     return _decide_request(store, settings, row, option, clicker)
 
 
@@ -194,7 +188,7 @@ def _decide_request(store: Store, settings: Settings, row: dict[str, Any], optio
                     clicker: str | None) -> str:
     if not may_decide(store, clicker, row["approver_user_id"], row["agent_group_id"]):
         logger.warning("{} may not decide approval {}; ignored", clicker, row["approval_id"])
-        raise PermissionError(f"{clicker} may not decide this approval")
+        raise NotAllowed(f"{clicker} may not decide this approval")
     payload = json.loads(row["payload"] or "{}")
     approved = option == "approve"
     store.conn.execute("UPDATE pending_approvals SET status=?, decided_by=?, decided_at=?"

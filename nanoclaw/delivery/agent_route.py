@@ -20,10 +20,12 @@ import time
 from collections import defaultdict, deque
 from typing import Any
 
-from nanoclaw import hostile, permissions, sessiondb
+from nanoclaw import hostile
 from nanoclaw.config import Settings
+from nanoclaw.db import session as sessiondb
+from nanoclaw.db.store import Store
 from nanoclaw.log import logger
-from nanoclaw.store import Store
+from nanoclaw.routing import gates
 from nanoclaw.util import is_safe_name
 
 WINDOW = 60.0
@@ -62,7 +64,7 @@ class AgentRouter:
                 " target_type='agent' AND target_id=?", (src, dst)):
             raise RouteError("no destination for that agent")
         text = content.get("text") or content.get("markdown") or ""
-        denial = permissions.command_gate(self.store, str(text), f"agent:{src}", dst)
+        denial = gates.command_gate(self.store, str(text), f"agent:{src}", dst)
         if denial:
             raise RouteError("commands are not passed between agents" if denial == "drop"
                              else denial)

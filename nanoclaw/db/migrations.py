@@ -1,4 +1,4 @@
-"""Migrations of the central DB, in order, by name (see nanoclaw.db.migrate).
+"""Migrations of the central DB, in order, by name (see nanoclaw.db.central.migrate).
 
 A migration is never edited after it ships; changes are new migrations appended here.
 """

@@ -13,11 +13,16 @@ import sqlite3
 from pathlib import Path
 from typing import Any, Callable
 
-from nanoclaw import actions, approvals, cards, scheduling, sessiondb
-from nanoclaw.bootstrap import ensure_group_folder, local_user_id
-from nanoclaw.cli_common import CliError, load_settings, open_store
-from nanoclaw.db import atomic
-from nanoclaw.util import FOLDER_NAME, utcnow
+from nanoclaw.agents import scheduling
+from nanoclaw.agents.groups import ensure_group_folder, normalise_name
+from nanoclaw.approvals import cards
+from nanoclaw.approvals import requests as approvals
+from nanoclaw.cli.common import CliError, load_settings, open_store
+from nanoclaw.db import session as sessiondb
+from nanoclaw.db.central import atomic
+from nanoclaw.delivery import actions
+from nanoclaw.errors import NotAllowed, NotFound
+from nanoclaw.util import FOLDER_NAME, local_user_id, utcnow
 
 ENGAGE = ["pattern", "mention", "mention-sticky"]
 SESSION = ["shared", "per-thread", "agent-shared"]
@@ -154,7 +159,7 @@ def groups(a: argparse.Namespace, store, settings) -> None:
             r["fallback"] = r["fallback"] or settings.fallback_model or None
         _table(rows, ["id", "name", "folder", "provider", "model", "fallback", "daily_budget"])
     elif a.op == "add":
-        folder = a.folder or actions.normalise_name(a.name)
+        folder = a.folder or normalise_name(a.name)
         if not FOLDER_NAME.match(folder):
             raise CliError(f"bad folder name {folder!r}", 2)
         if store.q1("SELECT 1 AS x FROM agent_groups WHERE folder=?", (folder,)):
@@ -228,7 +233,7 @@ def wire(a: argparse.Namespace, store, settings) -> None:
         g = _group(store, a.agent)
         mg = _chat(store, a.channel, a.chat, create=True, group=a.group)
         try:
-            wid = store.wire(mg, g["id"], destination=a.name or actions.normalise_name(a.chat),
+            wid = store.wire(mg, g["id"], destination=a.name or normalise_name(a.chat),
                              engage_mode=a.engage, engage_pattern=a.pattern if a.engage ==
                              "pattern" else None, sender_scope=a.scope, ignored=a.ignored,
                              session_mode=a.session, priority=a.priority)
@@ -346,15 +351,15 @@ def approvals_cmd(a: argparse.Namespace, store, settings) -> None:
         """The terminal has no router: one like the router worker's, which knows the
         threaded channels, replays an approved message (lazy: `nanoclaw` starts fast)."""
         from nanoclaw.channels import load_builtin
-        from nanoclaw.routing import Router
+        from nanoclaw.routing.router import Router
 
         return Router(store, settings, load_builtin().threaded()).replay(row)
 
     try:
         print(cards.decide(store, settings, a.id, option, local_user_id(), replay))
-    except LookupError:
+    except NotFound:
         raise CliError(f"unknown or closed approval {a.id!r}", 2) from None
-    except PermissionError as e:
+    except NotAllowed as e:
         raise CliError(str(e), 2) from None
 
 
@@ -389,11 +394,11 @@ def init_first_agent(a: argparse.Namespace, store, settings) -> None:
     """The install is one transaction (`Store.install_first_agent`), so a failure leaves
     no half install; the group folder and live sessions are brought in line after the
     commit (running the verb again finishes them: every step is find-or-create)."""
-    folder = actions.normalise_name(a.name)
+    folder = normalise_name(a.name)
     user = a.user if ":" in a.user else f"{a.channel}:{a.user}"
     ag = store.install_first_agent(
         a.name, folder, settings.provider, settings.model, user, a.channel, a.channel, a.chat,
-        a.group, {"destination": actions.normalise_name(a.chat),
+        a.group, {"destination": normalise_name(a.chat),
                   "engage_mode": "mention" if a.group else "pattern",
                   "engage_pattern": None if a.group else "."})
     ensure_group_folder(settings, folder, a.name)

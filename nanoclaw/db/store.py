@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from nanoclaw import nudge
-from nanoclaw.db import atomic, data_version, open_central
+from nanoclaw.db.central import atomic, data_version, open_central
 from nanoclaw.util import FOLDER_NAME, new_id, utcnow
 
 
@@ -70,6 +70,39 @@ class Store:
                 " users.display_name)",
                 (user_id, kind, display_name, utcnow()),
             )
+
+    # ---- who may do what (checked on the host only) ----
+    def is_owner(self, uid: str) -> bool:
+        return self.q1("SELECT 1 AS x FROM user_roles WHERE user_id=? AND role='owner'", (uid,)) is not None
+
+    def is_admin(self, uid: str, agent_group_id: str) -> bool:
+        """Owner, global admin, or admin of this agent group."""
+        return self.q1(
+            "SELECT 1 AS x FROM user_roles WHERE user_id=? AND (role='owner' OR (role='admin' AND"
+            " (agent_group_id IS NULL OR agent_group_id=?)))", (uid, agent_group_id)) is not None
+
+    def can_access(self, uid: str | None, agent_group_id: str) -> bool:
+        """unknown → deny; owner/global admin/group admin/member → allow; else deny."""
+        if not uid:
+            return False
+        if self.is_admin(uid, agent_group_id):
+            return True
+        return self.q1("SELECT 1 AS x FROM agent_group_members WHERE user_id=? AND agent_group_id=?",
+                        (uid, agent_group_id)) is not None
+
+    def may_send(self, session: dict[str, Any], channel_type: str | None,
+                 platform_id: str | None) -> bool:
+        """May something be sent to this chat on behalf of this session? Its own chat, or a
+        chat its agent group has a destination for (the ACL). Applies to the agent's output
+        and to every message the host writes for the session alike."""
+        if not channel_type or not platform_id:
+            return False
+        if self.own_chat(session) == (channel_type, platform_id):
+            return True
+        return self.q1(
+            "SELECT 1 AS x FROM agent_destinations d JOIN messaging_groups m ON m.id=d.target_id"
+            " WHERE d.agent_group_id=? AND d.target_type='channel' AND m.channel_type=?"
+            " AND m.platform_id=?", (session["agent_group_id"], channel_type, platform_id)) is not None
 
     def own_chat(self, session: dict[str, Any]) -> tuple[str, str] | None:
         """(channel type, platform id) of the chat a session belongs to; None for an

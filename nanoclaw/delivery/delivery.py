@@ -23,13 +23,12 @@ import os
 import sqlite3
 from typing import Any
 
-from nanoclaw import actions, hostile, nudge, permissions, sessiondb
-# Installs the agent's `ncl` action "cli" here, where actions are run: the action
-# registry (`actions`) must not import the command line it serves (review M1).
-from nanoclaw import agent_cli  # noqa: F401
+from nanoclaw import hostile, nudge
 from nanoclaw.config import Settings
+from nanoclaw.db import session as sessiondb
+from nanoclaw.db.store import Store
+from nanoclaw.delivery import actions
 from nanoclaw.log import logger
-from nanoclaw.store import Store
 from nanoclaw.util import is_safe_name, iso, utcnow
 
 WATCH_RECENT = 600.0  # seconds: sessions active this recently are watched every tick
@@ -46,7 +45,7 @@ class Delivery:
         self.sessions: dict[str, dict[str, Any]] = {}
         self.version = -1
         self.last_full = 0.0
-        from nanoclaw.agent_route import AgentRouter
+        from nanoclaw.delivery.agent_route import AgentRouter
 
         self.agents = AgentRouter(store, settings)
 
@@ -148,7 +147,7 @@ class Delivery:
         if ch == "agent":
             self._to_agent(s, paths, row, content)
             return
-        if not permissions.may_send(self.store, s, ch, pid):
+        if not self.store.may_send(s, ch, pid):
             why = f"not an allowed destination: {ch}:{pid}"
             sessiondb.mark_delivered(paths, row["id"], None, "failed", why)
             logger.error("session {}: message {} refused: {}", s["id"], row["id"], why)
@@ -177,7 +176,7 @@ class Delivery:
 
     def _to_agent(self, s: dict[str, Any], paths: sessiondb.SessionPaths, row: dict[str, Any],
                   content: dict[str, Any]) -> None:
-        from nanoclaw.agent_route import RouteError
+        from nanoclaw.delivery.agent_route import RouteError
 
         try:
             target = self.agents.send(s, paths, row, content)

@@ -3,13 +3,15 @@ so `make run` then `nanoclaw send hi` works with no set-up step."""
 
 from __future__ import annotations
 
-import getpass
 import os
+import re
 
-from nanoclaw import hostile, sessiondb
+from nanoclaw import hostile
 from nanoclaw.config import Settings
+from nanoclaw.db import session as sessiondb
+from nanoclaw.db.store import Store
 from nanoclaw.log import logger
-from nanoclaw.store import Store
+from nanoclaw.util import local_user_id
 
 CLI_LOCAL = "local"
 GLOBAL_CLAUDE_MD = """# Shared memory
@@ -24,12 +26,10 @@ conversations of this agent.
 """
 
 
-def local_user_id() -> str:
-    try:
-        name = getpass.getuser()
-    except (KeyError, OSError):
-        name = "owner"
-    return f"cli:{name}"
+def normalise_name(name: str) -> str:
+    """An agent group's folder name from what someone called it."""
+    n = re.sub(r"[^a-z0-9_-]+", "-", name.strip().lower()).strip("-")
+    return n[:63] or "agent"
 
 
 def ensure_group_folder(settings: Settings, folder: str, name: str,

@@ -13,11 +13,16 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from nanoclaw import approvals, cards, nudge, permissions, registration, sessiondb
+from nanoclaw import nudge
+from nanoclaw.approvals import cards, registration
 from nanoclaw.channels.text import EDITED
 from nanoclaw.config import Settings
+from nanoclaw.db import session as sessiondb
+from nanoclaw.db.store import Store
+from nanoclaw.errors import NotAllowed, NotFound
 from nanoclaw.log import logger
-from nanoclaw.store import Store
+from nanoclaw.routing import gates
+from nanoclaw.util import is_approval_card
 
 
 @dataclass
@@ -146,7 +151,7 @@ class Router:
         clicker = None if raw is None else raw if ":" in raw else f"{ev.channel_type}:{raw}"
         if not card_id:
             raise ValueError("a click needs a question_id")
-        if approvals.is_approval_card(card_id):
+        if is_approval_card(card_id):
             try:
                 what = cards.click(self.store, self.settings, card_id, option, clicker,
                                    self.replay)
@@ -154,12 +159,12 @@ class Router:
             except registration.StillOpen as e:  # nothing written; the reason, in one line
                 logger.info("approval {} not applied: {}", card_id, e)
                 self._notice(ev, str(e))
-            except PermissionError:
+            except NotAllowed:
                 self._notice(ev, "Only the approver or an admin can decide this.")
-            except LookupError:
+            except NotFound:
                 logger.info("click on unknown or closed card {} ignored", card_id)
                 self._notice(ev, "This was already decided (or has expired).")
-            except ValueError:
+            except cards.NotOffered:
                 self._notice(ev, "That is not one of this card's options.")
             return []
         q = self._question_card(ev, card_id)
@@ -173,7 +178,7 @@ class Router:
         mg = self.store.q1("SELECT * FROM messaging_groups WHERE id=?",
                            (s["messaging_group_id"],)) if s["messaging_group_id"] else None
         public = mg is not None and mg["unknown_sender_policy"] == "public"
-        if not (public or permissions.can_access(self.store, clicker, s["agent_group_id"])):
+        if not (public or self.store.can_access(clicker, s["agent_group_id"])):
             logger.warning("{} may not answer question card {}; ignored", clicker, card_id)
             self._notice(ev, "You are not allowed to answer this question.")
             return []
@@ -260,7 +265,7 @@ class Router:
                                         ev.sender_name)
             return None
         session = session or self._create_session(w, mg, ev, mode)
-        denial = permissions.command_gate(self.store, ev.text, uid, w["agent_group_id"])
+        denial = gates.command_gate(self.store, ev.text, uid, w["agent_group_id"])
         if denial == "drop":
             logger.info("dropped command from {} in {}", uid, ev.platform_id)
             return None
@@ -272,7 +277,7 @@ class Router:
         return session["id"]
 
     def _gates_pass(self, ev: Event, mg: dict[str, Any], w: dict[str, Any], uid: str | None) -> bool:
-        allowed = permissions.can_access(self.store, uid, w["agent_group_id"])
+        allowed = self.store.can_access(uid, w["agent_group_id"])
         if w["sender_scope"] == "known" and not allowed:
             return False
         return mg["unknown_sender_policy"] == "public" or allowed

@@ -15,7 +15,7 @@ Each worker also proves it is alive: the runner touches the mtime of
 `NANOCLAW_WORKER_HUNG_AFTER`/10 seconds: every pass (throttled) and through its sleeps
 (capped at that interval); an asynchronous worker has a small task for it, so a blocked
 event loop stops beating too. One `utime` on an open fd, no DB write (gunicorn's
-workertmp). The supervisor kills a worker whose file goes quiet (`nanoclaw.supervisor`).
+workertmp). The supervisor kills a worker whose file goes quiet (`nanoclaw.host.supervisor`).
 """
 
 from __future__ import annotations
@@ -30,19 +30,15 @@ from pathlib import Path
 from typing import Any
 
 from nanoclaw import nudge
-from nanoclaw.util import unlink_if_ours
 from nanoclaw.config import Settings
+from nanoclaw.errors import ConfigError
 from nanoclaw.log import logger
+from nanoclaw.util import unlink_if_ours
 
 # Exit codes: the orchestrator's vocabulary.
 EXIT_OK = 0
 EXIT_CRASH = 1
 EXIT_CONFIG = 78  # bad configuration: not restarted until asked (EX_CONFIG)
-NUDGED_LINGER = 0.25  # with a nudge socket, poll fast only this long after work
-
-
-class ConfigError(Exception):
-    """A worker cannot run with the settings it has; restarting will not help."""
 
 
 class Worker:
@@ -69,33 +65,6 @@ class Worker:
 
     async def main(self, stop: asyncio.Event) -> None:  # for asynchronous workers
         raise NotImplementedError
-
-
-class Poller:
-    """Short interval right after activity, growing to `slow` after `linger` seconds of
-    nothing: fast turns when busy, near-zero CPU when idle."""
-
-    @classmethod
-    def for_settings(cls, settings: Settings, nudged: bool) -> "Poller":
-        """Nudged, a worker can sleep long when idle (a writer wakes it); else it backs
-        off only to `poll_max`, the latency a write may wait."""
-        if nudged:
-            return cls(settings.poll_min, max(settings.poll_idle, settings.poll_max),
-                       NUDGED_LINGER)
-        return cls(settings.poll_min, settings.poll_max)
-
-    def __init__(self, fast: float, slow: float, linger: float = 2.0):
-        self.fast, self.slow, self.linger = fast, slow, linger
-        self.last_work = 0.0
-        self.interval = fast
-
-    def next(self, did_work: bool, now: float) -> float:
-        if did_work:
-            self.last_work = now
-            self.interval = self.fast
-        elif now - self.last_work > self.linger:
-            self.interval = min(self.slow, self.interval * 1.5)
-        return self.interval
 
 
 def heartbeat_path(where: Any, name: str) -> Path:
@@ -201,7 +170,7 @@ def _run_sync(worker: Worker, stop: dict, heart: Heartbeat) -> None:
     try:
         worker.initialize()
         logger.info("worker started (pid {})", os.getpid())
-        poll = Poller.for_settings(s, listener is not None)
+        poll = nudge.Poller.for_settings(s, listener is not None)
         try:
             while not stop["flag"]:
                 now = time.time()

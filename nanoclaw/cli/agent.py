@@ -32,12 +32,14 @@ from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from typing import Any
 
-from nanoclaw import approvals, sessiondb
-from nanoclaw.actions import Ctx, action, card_problem, code, shown, shown_line
-from nanoclaw.cli_common import CliError
+from nanoclaw import errors
+from nanoclaw.approvals import requests as approvals
+from nanoclaw.cli.common import CliError
 from nanoclaw.config import Settings
+from nanoclaw.db import session as sessiondb
+from nanoclaw.db.store import Store
+from nanoclaw.delivery.actions import Ctx, action, card_problem, code, shown, shown_line
 from nanoclaw.log import logger
-from nanoclaw.store import Store
 
 SCOPES = ("disabled", "group", "global")
 MAX_ARGS = 32
@@ -48,7 +50,7 @@ APPROVAL = "cli_command"
 TITLE = "Agent command"
 
 
-class Refused(Exception):
+class Refused(errors.Refused):
     """One line for the agent: why its command was not run."""
 
 
@@ -191,7 +193,8 @@ def parse(store: Store, agent_group_id: str, scope: str, raw: Any) -> Command:
 def _parser() -> argparse.ArgumentParser:
     """`ncl`'s own parser: the admin verbs only (all `SPECS` ever names). Not `nanoclaw`'s
     whole parser: importing `cli` from here closed a cycle through the host (review M2b)."""
-    from nanoclaw import admin, admin_limits
+    from nanoclaw.cli import admin
+    from nanoclaw.cli import limits as admin_limits
 
     p = argparse.ArgumentParser(prog="ncl")
     sub = p.add_subparsers(dest="verb", required=True, metavar="COMMAND")
@@ -279,7 +282,8 @@ def _parse(args: list[str], name: str) -> tuple[argparse.Namespace | None, str]:
 def execute(store: Store, settings: Settings, cmd: Command, actor: str | None = None) -> str:
     """Run a parsed command as the terminal would, output captured; Refused on an error.
     `actor` (the approving admin) is recorded as the one who made the change."""
-    from nanoclaw import admin, admin_limits
+    from nanoclaw.cli import admin
+    from nanoclaw.cli import limits as admin_limits
 
     ns = cmd.ns
     assert ns is not None
@@ -348,7 +352,7 @@ def _answer(ctx: Ctx, ag: str) -> tuple[str, str]:
             aid = approvals.request(ctx.store, ctx.settings, ctx.session, APPROVAL,
                                     {"args": cmd.args, "requestId": ctx.row["id"]},
                                     TITLE, question)
-        except LookupError as e:
+        except errors.Refused as e:
             raise Refused(f"{cmd.line}: {e}") from None
     else:
         aid = done["approval_id"]

@@ -15,10 +15,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from nanoclaw import permissions, scheduling, sessiondb
+from nanoclaw.agents import scheduling
+from nanoclaw.agents.groups import normalise_name
 from nanoclaw.config import Settings
+from nanoclaw.db import session as sessiondb
+from nanoclaw.db.store import Store
+from nanoclaw.errors import Refused
 from nanoclaw.log import logger
-from nanoclaw.store import Store
 
 
 class ActionError(Exception):
@@ -133,16 +136,11 @@ def _update(ctx: Ctx) -> str | None:
 
 
 # ---- agents -----------------------------------------------------------------------------
-def normalise_name(name: str) -> str:
-    n = re.sub(r"[^a-z0-9_-]+", "-", name.strip().lower()).strip("-")
-    return n[:63] or "agent"
-
-
 @action("create_agent")
 def _create_agent(ctx: Ctx) -> str | None:
     ag = ctx.session["agent_group_id"]
     asker = ctx.asker
-    if not asker or not permissions.is_admin(ctx.store, asker, ag):
+    if not asker or not ctx.store.is_admin(asker, ag):
         raise ActionError("create_agent needs the request of an admin of this agent group")
     name = normalise_name(ctx.str_arg("name") or "")
     if ctx.store.q1("SELECT 1 AS x FROM agent_destinations WHERE agent_group_id=? AND"
@@ -153,7 +151,7 @@ def _create_agent(ctx: Ctx) -> str | None:
                                     parent_cfg.get("model"))
     instructions = ctx.content.get("instructions")
     if isinstance(instructions, str) and instructions.strip():
-        from nanoclaw.bootstrap import ensure_group_folder
+        from nanoclaw.agents.groups import ensure_group_folder
 
         ensure_group_folder(ctx.settings, folder, name, f"# {name}\n\n{instructions}\n")
     ctx.store.add_agent_destination(ag, name, child)
@@ -167,7 +165,7 @@ def new_agent_group(store: Store, settings: Settings, name: str, provider: str |
                     model: str | None = None) -> tuple[str, str]:
     """A new agent group called `name` (normalised) with a folder of its own; returns
     (id, folder)."""
-    from nanoclaw.bootstrap import ensure_group_folder
+    from nanoclaw.agents.groups import ensure_group_folder
 
     name = normalise_name(name)
     folder = store.free_folder(name)
@@ -325,7 +323,7 @@ def _add_mcp_server(ctx: Ctx) -> str | None:
 def _ask(ctx: Ctx, action_name: str, payload: dict[str, Any], title: str,
          question: str) -> str:
     """Queue the approval card, unless it could not be shown whole (then nothing is asked)."""
-    from nanoclaw import approvals
+    from nanoclaw.approvals import requests as approvals
 
     problem = card_problem(title, question)
     if problem:
@@ -334,7 +332,7 @@ def _ask(ctx: Ctx, action_name: str, payload: dict[str, Any], title: str,
     try:
         aid = approvals.request(ctx.store, ctx.settings, ctx.session, action_name, payload,
                                 title, question)
-    except LookupError as e:
+    except Refused as e:
         raise ActionError(str(e)) from None
     return f"Asked an admin to approve {action_name} (request {aid}); you will be told."
 
@@ -383,7 +381,7 @@ def _approved_mcp(store: Store, settings: Settings, row: dict[str, Any],
 
 
 def _register_approval_handlers() -> None:
-    from nanoclaw import approvals
+    from nanoclaw.approvals import requests as approvals
 
     approvals.ON_APPROVE.setdefault("install_packages", _approved_packages)
     approvals.ON_APPROVE.setdefault("add_mcp_server", _approved_mcp)

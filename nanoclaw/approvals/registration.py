@@ -20,10 +20,11 @@ import json
 import time
 from typing import Any, Callable
 
-from nanoclaw import approvals
+from nanoclaw.approvals import requests as approvals
 from nanoclaw.config import Settings
+from nanoclaw.db.store import Store
+from nanoclaw.errors import NotAllowed, NotFound, Refused
 from nanoclaw.log import logger
-from nanoclaw.store import Store
 from nanoclaw.util import new_id, parse_iso, utcnow
 
 ALLOW = [{"label": "Allow", "selectedLabel": "Allowed", "value": "allow"},
@@ -34,7 +35,7 @@ NAMING_TTL = 3600.0  # a "Connect new agent" click waits this long for the name
 Replay = Callable[[dict[str, Any]], object]  # routes an `inbound_events`-shaped row
 
 
-class StillOpen(Exception):
+class StillOpen(Refused):
     """A decision that cannot be applied as asked: nothing was written and the approval
     stays open. The message (one line) says why, for the one who decided."""
 
@@ -105,23 +106,23 @@ def decide(store: Store, settings: Settings, card_id: str, option: str,
     caller's router, which knows the threaded channels; passed in, as `routing` imports
     this module, review M4).
 
-    Raises LookupError (unknown or already decided), PermissionError (this clicker may
+    Raises NotFound (unknown or already decided), NotAllowed (this clicker may
     not decide) or StillOpen (cannot be applied; nothing written, still open)."""
     if card_id.startswith(CHANNEL_PREFIX):
         return _decide_channel(store, settings, card_id[len(CHANNEL_PREFIX):], option, clicker,
                                replay)
     row = store.q1("SELECT * FROM pending_sender_approvals WHERE id=?", (card_id,))
     if row is None:
-        raise LookupError(f"no open approval {card_id!r}")
+        raise NotFound(f"no open approval {card_id!r}")
     if not approvals.may_decide(store, clicker, row["approver_user_id"], row["agent_group_id"]):
         logger.warning("{} may not decide sender approval {}; ignored", clicker, card_id)
-        raise PermissionError(f"{clicker} may not decide this approval")
+        raise NotAllowed(f"{clicker} may not decide this approval")
     if option not in ("allow", "approve"):
         if not store.deny_sender(card_id):
-            raise LookupError(f"no open approval {card_id!r}")
+            raise NotFound(f"no open approval {card_id!r}")
         return "denied"
     if not store.admit_sender(card_id, clicker):  # closed and member added together
-        raise LookupError(f"no open approval {card_id!r}")
+        raise NotFound(f"no open approval {card_id!r}")
     _replay(store, settings, row["original_message"], replay)
     return "allowed"
 
@@ -130,21 +131,21 @@ def _decide_channel(store: Store, settings: Settings, mg_id: str, option: str,
                     clicker: str | None, replay: Replay) -> str:
     row = store.q1("SELECT * FROM pending_channel_approvals WHERE messaging_group_id=?", (mg_id,))
     if row is None:
-        raise LookupError(f"no open approval for chat {mg_id!r}")
+        raise NotFound(f"no open approval for chat {mg_id!r}")
     if not approvals.may_decide(store, clicker, row["approver_user_id"], None):
         logger.warning("{} may not decide channel approval {}; ignored", clicker, mg_id)
-        raise PermissionError(f"{clicker} may not decide this approval")
+        raise NotAllowed(f"{clicker} may not decide this approval")
     mg = store.q1("SELECT * FROM messaging_groups WHERE id=?", (mg_id,))
     if option == "new" and mg is not None and clicker:
         return _ask_name(store, row, mg, clicker)
     if not option.startswith("connect:") or mg is None:
         if not store.refuse_chat(mg_id):
-            raise LookupError(f"no open approval for chat {mg_id!r}")
+            raise NotFound(f"no open approval for chat {mg_id!r}")
         return "rejected"
     ag = option.split(":", 1)[1]
     done = store.connect_chat(mg_id, ag, _wiring(mg), _sender(row, mg), clicker)
     if done == "closed":
-        raise LookupError(f"no open approval for chat {mg_id!r}")
+        raise NotFound(f"no open approval for chat {mg_id!r}")
     if done == "no agent":
         # Kept open, not rejected: the chat did nothing wrong, an agent was removed after
         # the card went out. The one who clicked chooses again on a fresh card.
@@ -213,8 +214,7 @@ def take_name(store: Store, settings: Settings, uid: str, mg: dict[str, Any],
         store.conn.execute("UPDATE pending_channel_approvals SET naming_by=NULL, naming_at=NULL"
                            " WHERE messaging_group_id=?", (row["messaging_group_id"],))
         return False
-    from nanoclaw.actions import normalise_name
-    from nanoclaw.bootstrap import ensure_group_folder
+    from nanoclaw.agents.groups import ensure_group_folder, normalise_name
 
     reply = (mg["channel_type"], mg["platform_id"])
     name = normalise_name(text) if text.strip() else ""

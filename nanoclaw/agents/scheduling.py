@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo
 
 from croniter import croniter
 
-from nanoclaw import sessiondb
+from nanoclaw.db import session as sessiondb
 from nanoclaw.util import iso, new_id, utcnow
 
 

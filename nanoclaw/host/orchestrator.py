@@ -23,11 +23,14 @@ from typing import Any
 from nanoclaw import config, log, nudge
 from nanoclaw.breaker import HostBreaker
 from nanoclaw.config import SECRET_ENV, Settings
-from nanoclaw.db import DataError, connect
+from nanoclaw.db.central import connect
+from nanoclaw.db.store import Store
+from nanoclaw.errors import DataError
+from nanoclaw.host.registry import make_worker, worker_names
+from nanoclaw.host.runner import die_with_parent, last_beat, set_process_name
+from nanoclaw.host.runner import run as run_worker
+from nanoclaw.host.supervisor import Supervisor
 from nanoclaw.log import logger
-from nanoclaw.store import Store
-from nanoclaw.supervisor import Supervisor
-from nanoclaw.worker import die_with_parent, last_beat, run as run_worker, set_process_name
 
 SECRET_FD_ENV = "NANOCLAW_SECRET_FD"
 _SECRETS: dict[str, str] = {}
@@ -48,13 +51,6 @@ def scrub_environment(argv: list[str]) -> None:
     if fd is not None:
         with os.fdopen(int(fd), "rb") as f:
             _SECRETS.update(json.loads(f.read() or b"{}"))
-
-
-def worker_names(settings: Settings) -> list[str]:
-    from workers import channel_names
-
-    return ["router", "delivery", "sweep", "containers", "broker",
-            *[f"channel:{c}" for c in channel_names(settings)]]
 
 
 class ForkedProc:
@@ -123,8 +119,6 @@ def _child_main(name: str, settings: Settings) -> None:
         settings = settings.model_copy(update={"anthropic_api_key": "",
                                                "claude_code_oauth_token": ""})
     log.setup(name, settings.logs_dir, settings.log_level, stderr=True)
-    from workers import make_worker
-
     sys.exit(run_worker(make_worker(name, settings)))
 
 
@@ -198,7 +192,7 @@ def run_host(settings: Settings, *, tick: float = 0.1) -> int:
             time.sleep(0.2)
     try:
         store = Store.open(settings.data_dir)
-        from nanoclaw.bootstrap import ensure_defaults
+        from nanoclaw.agents.groups import ensure_defaults
 
         ensure_defaults(store, settings)
     except DataError as e:

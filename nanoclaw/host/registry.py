@@ -1,0 +1,41 @@
+"""Which processes the host runs, by name, and what each one runs.
+
+A worker's class is named by a dotted path and imported in the child after the fork
+(as gunicorn names its worker classes): the host supervises `workers/` without
+importing it, since `workers/` imports the host's loop.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from nanoclaw.channels import load_builtin
+from nanoclaw.config import Settings
+from nanoclaw.host.runner import Worker
+
+WORKERS = {
+    "router": "workers.router:RouterWorker",
+    "delivery": "workers.delivery:DeliveryWorker",
+    "sweep": "workers.sweep:SweepWorker",
+    "containers": "workers.containers:ContainersWorker",
+    "broker": "workers.broker:BrokerWorker",
+}
+CHANNEL = "workers.channel:ChannelWorker"  # every `channel:<name>`
+
+
+def channel_names(settings: Settings) -> list[str]:
+    """The channels these settings enable (their client libraries stay unimported)."""
+    reg = load_builtin()
+    return [n for n in reg.names() if reg.get(n).enabled(settings)]
+
+
+def worker_names(settings: Settings) -> list[str]:
+    return [*WORKERS, *[f"channel:{c}" for c in channel_names(settings)]]
+
+
+def make_worker(name: str, settings: Settings) -> Worker:
+    target = CHANNEL if name.startswith("channel:") else WORKERS.get(name)
+    if target is None:
+        raise ValueError(f"unknown worker {name!r}")
+    module, _, cls = target.partition(":")
+    return getattr(importlib.import_module(module), cls)(settings, name)
