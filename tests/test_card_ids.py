@@ -27,6 +27,7 @@ from nanoclaw.agents.groups import ensure_defaults
 from nanoclaw.channels.runner import ChannelRunner
 from nanoclaw.db import session as sessiondb
 from nanoclaw.db.store import Store
+from nanoclaw.cli import agent as agent_cli  # noqa: F401  (installs the ncl action, as workers/delivery.py does)
 from nanoclaw.delivery.delivery import Delivery
 from nanoclaw.routing.router import Event, Router
 from nanoclaw.util import is_approval_card, local_user_id

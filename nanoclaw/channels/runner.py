@@ -25,7 +25,7 @@ from nanoclaw.config import Settings
 from nanoclaw.db.store import Store
 from nanoclaw.log import logger
 from nanoclaw.nudge import Poller
-from nanoclaw.util import iso
+from nanoclaw.util import is_approval_card, iso
 
 PARK_SECONDS = 2.0
 TYPING_EVERY = 4.0    # seconds between typing refreshes (platforms show it ~5 s)
@@ -61,13 +61,8 @@ class ChannelRunner:
         sent to that chat (H3: a click resolves to the card it was made on, never to
         another card's options). An approval's id resolves only to the host's own card
         (no session), never to a card an agent wrote."""
-        from nanoclaw.util import is_approval_card
-
-        host_only = " AND session_id IS NULL" if is_approval_card(card_id) else ""
-        rows = self.store.q(
-            "SELECT platform_id, content FROM channel_outbox WHERE channel_type=? AND"
-            f" json_extract(content, '$.questionId')=?{host_only} ORDER BY id DESC",
-            (self.channel_type, card_id))
+        rows = self.store.sent_cards(self.channel_type, card_id,
+                                     host_only=is_approval_card(card_id))
         for r in rows:
             if platform_id is None or self._same_chat(r["platform_id"], platform_id):
                 return json.loads(r["content"])
@@ -82,17 +77,10 @@ class ChannelRunner:
             return False
         handle = sent_to[4:]
         uid = handle if ":" in handle else f"{self.channel_type}:{handle}"
-        row = self.store.q1(
-            "SELECT m.platform_id FROM user_dms d JOIN messaging_groups m ON"
-            " m.id=d.messaging_group_id WHERE d.user_id=? AND d.channel_type=?",
-            (uid, self.channel_type))
-        return row is not None and row["platform_id"] == clicked
+        return self.store.dm_chat(uid, self.channel_type) == clicked
 
     def _wired(self, platform_id: str) -> bool:
-        return self.store.q1(
-            "SELECT 1 AS x FROM messaging_groups m JOIN messaging_group_agents w ON"
-            " w.messaging_group_id=m.id WHERE m.channel_type=? AND m.platform_id=?",
-            (self.channel_type, platform_id)) is not None
+        return self.store.is_wired(self.channel_type, platform_id)
 
     async def refresh_typing(self, now: float) -> None:
         """Show "typing…" in chats waiting for an answer; best effort, never fails a send."""
@@ -107,11 +95,7 @@ class ChannelRunner:
                     logger.debug("typing in {} failed: {}", key[0], e)
 
     def kick(self, platform_id: str | None = None) -> None:
-        with_pid = " AND platform_id=?" if platform_id else ""
-        args: tuple = (self.channel_type, platform_id) if platform_id else (self.channel_type,)
-        self.store.conn.execute(
-            "UPDATE channel_outbox SET next_attempt_at=NULL WHERE channel_type=? AND"
-            f" status='pending' AND attempts=0{with_pid}", args)
+        self.store.send_untried_now(self.channel_type, platform_id)
         self.wakeup.set()
 
     # ---- sending ----------------------------------------------------------------------
@@ -140,8 +124,7 @@ class ChannelRunner:
                 pid = await self._open_dm(pid[4:])
             pmid = await self.adapter.deliver(pid, row["thread_id"], msg)
         except Unavailable as e:
-            self.store.conn.execute("UPDATE channel_outbox SET next_attempt_at=? WHERE id=?",
-                                    (iso(time.time() + PARK_SECONDS), row["id"]))
+            self.store.park_send(row["id"], iso(time.time() + PARK_SECONDS))
             logger.debug("send {} parked: {}", row["id"], e)
             return
         except RetryAfter as e:
@@ -168,9 +151,7 @@ class ChannelRunner:
             self.channel_type, pid, None, is_group=False)
         uid = handle if ":" in handle else f"{self.channel_type}:{handle}"
         self.store.ensure_user(uid, self.channel_type)
-        self.store.conn.execute(
-            "INSERT OR REPLACE INTO user_dms (user_id, channel_type, messaging_group_id,"
-            " resolved_at) VALUES (?,?,?,?)", (uid, self.channel_type, mg_id, iso(time.time())))
+        self.store.remember_dm(uid, self.channel_type, mg_id)
         return pid
 
     def _retry(self, row: dict[str, Any], attempt: int, error: str, delay: float | None) -> None:

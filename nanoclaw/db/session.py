@@ -570,6 +570,17 @@ def fail_due(paths: SessionPaths, now_iso: str) -> list[str]:
     return ids
 
 
+def fail_pending_triggers(paths: SessionPaths) -> list[str]:
+    """Mark every pending trigger row failed, due or not; returns their ids (an agent
+    that will not start: each message it would have answered gets a failure reply)."""
+    with transaction(paths.inbound) as conn:
+        ids = [r[0] for r in conn.execute(
+            "SELECT id FROM messages_in WHERE status='pending' AND trigger=1")]
+        conn.execute("UPDATE messages_in SET status='failed' WHERE status='pending'"
+                     " AND trigger=1")
+    return ids
+
+
 def due_count(paths: SessionPaths, now_iso: str) -> int:
     """Pending rows that should wake an agent now (trigger=1, due)."""
     with opened(paths.inbound, readonly=True) as conn:

@@ -251,13 +251,7 @@ class Containers:
                        delay)
 
     def _fail_pending(self, s: dict[str, Any]) -> list[str]:
-        paths = self._paths(s)
-        with sessiondb.transaction(paths.inbound) as conn:
-            ids = [r[0] for r in conn.execute(
-                "SELECT id FROM messages_in WHERE status='pending' AND trigger=1")]
-            conn.execute("UPDATE messages_in SET status='failed' WHERE status='pending'"
-                         " AND trigger=1")
-        return ids
+        return sessiondb.fail_pending_triggers(self._paths(s))
 
     def _tell_failed(self, s: dict[str, Any], message_ids: list[str]) -> None:
         """Never fail silently: each failed message gets a reply in its own chat, queued
@@ -281,10 +275,7 @@ class Containers:
     # ---- helpers ----------------------------------------------------------------------
     def _providers(self) -> list[str]:
         """The providers warm agents import ahead: the default and every group's."""
-        rows = self.store.q("SELECT DISTINCT COALESCE(NULLIF(c.provider, ''), g.agent_provider)"
-                            " AS p FROM agent_groups g LEFT JOIN container_configs c"
-                            " ON c.agent_group_id = g.id")
-        names = {self.settings.provider} | {str(r["p"]).strip().lower() for r in rows if r["p"]}
+        names = {self.settings.provider} | {p.strip().lower() for p in self.store.providers_in_use()}
         return sorted(names & {"claude", "anthropic"})
 
     def _paths(self, s: dict[str, Any]) -> sessiondb.SessionPaths:

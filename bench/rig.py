@@ -1,0 +1,224 @@
+"""The fake model and a real host, started and stopped for one bench run (`Rig`).
+
+Why a module of its own: starting them (temp dir, environment, readiness) and above all
+stopping them on every path (errors, Ctrl-C, a bench killed with -9) is what keeps a
+bench from leaving processes behind; the phases only use what it hands them. The fake is
+the stock `python -m nanoclaw.devtools.fake_model` (zero delay) in its own process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import http.client
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import ROOT, BenchError
+from bench.chat import Chat
+from bench.procfs import Procs, cmdline, process_tree
+
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 15.0
+
+
+def _die_with_parent() -> None:
+    """Child pre-exec: get SIGTERM if the bench dies without cleaning up (kill -9)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def stop(proc: subprocess.Popen | None, timeout: float = STOP_TIMEOUT) -> int | None:
+    """SIGTERM, then SIGKILL after `timeout` s; the exit code, None if it had to be killed."""
+    if proc is None or proc.poll() is not None:
+        return None if proc is None else proc.returncode
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5)
+        return None
+
+
+class Rig:
+    """The fake model and the host, in a temp dir; `close()` always stops both.
+
+    It also holds the open chats (by name), so that phases can share them."""
+
+    def __init__(self, keep: bool, runtime: str = "process", env: dict[str, str] | None = None,
+                 run_id: str | None = None):
+        self.keep, self.runtime, self.env = keep, runtime, env or {}
+        self.run_id = run_id or f"b{int(time.time())}"
+        self.tmp = Path(tempfile.mkdtemp(prefix="nanoclaw-bench-"))
+        self.data = self.tmp / "data"
+        self.sock = self.data / "cli.sock"
+        self.fake: subprocess.Popen | None = None
+        self.fake_url = ""
+        self.host: subprocess.Popen | None = None
+        self.host_started = 0.0
+        self.host_log = None
+        self.chats: dict[str, Chat] = {}
+        self.seen: dict[int, str] = {}  # every host/agent pid observed, for the last resort
+        self.spares: Procs = {}  # the warm pool's, at the last tree()
+
+    def start_fake(self) -> str:
+        self.fake = subprocess.Popen(
+            [sys.executable, "-m", "nanoclaw.devtools.fake_model", "--port", "0",
+             "--delay-ms", "0"],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent, start_new_session=True)
+        assert self.fake.stdout is not None
+        deadline = time.monotonic() + START_TIMEOUT
+        buf = b""
+        while b"\n" not in buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or self.fake.poll() is not None:
+                raise BenchError(f"fake model did not start: {buf.decode(errors='replace')!r}")
+            ready, _, _ = select.select([self.fake.stdout], [], [], min(left, 0.5))
+            if ready:
+                chunk = os.read(self.fake.stdout.fileno(), 4096)
+                if not chunk:
+                    raise BenchError(f"fake model exited: {buf.decode(errors='replace')!r}")
+                buf += chunk
+        line = buf.split(b"\n", 1)[0].decode()
+        if not line.startswith("listening on "):
+            raise BenchError(f"unexpected fake model output: {line!r}")
+        self.fake_url = line.removeprefix("listening on ").strip()
+        return self.fake_url
+
+    def host_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("NANOCLAW_", "TELEGRAM_", "DISCORD_", "SLACK_"))
+               and k not in ("CLAUDE_CODE_OAUTH_TOKEN", "ANTHROPIC_AUTH_TOKEN")}
+        env.update({
+            "NANOCLAW_DATA_DIR": str(self.data), "NANOCLAW_LOGS_DIR": str(self.tmp / "logs"),
+            "NANOCLAW_GROUPS_DIR": str(self.tmp / "groups"), "NANOCLAW_RUNTIME": self.runtime,
+            "NANOCLAW_PROVIDER": "anthropic", "ANTHROPIC_BASE_URL": self.fake_url,
+            "ANTHROPIC_API_KEY": "bench-key", **self.env,
+        })
+        return env
+
+    def start_host(self) -> None:
+        self.host_log = open(self.tmp / "host.out", "wb")
+        self.host_started = time.perf_counter()
+        self.host = subprocess.Popen(
+            [sys.executable, "-m", "nanoclaw", "run"], cwd=self.tmp, env=self.host_env(),
+            stdout=self.host_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent, start_new_session=True)
+
+    async def wait_ready(self) -> dict[str, float]:
+        """Process start -> cli.sock accepting, and -> answering a subscribe frame."""
+        deadline = time.monotonic() + START_TIMEOUT
+        accepting = None
+        while True:
+            if self.host is None or self.host.poll() is not None:
+                raise BenchError(f"host exited during start (code "
+                                 f"{self.host and self.host.returncode}); "
+                                 f"see {self.tmp / 'host.out'}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"host not ready within {START_TIMEOUT:.0f} s")
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_unix_connection(str(self.sock)), 2)
+            except (OSError, asyncio.TimeoutError):
+                await asyncio.sleep(0.002)
+                continue
+            try:
+                if accepting is None:
+                    accepting = time.perf_counter() - self.host_started
+                writer.write(b'{"type":"subscribe","chat":"bench-ready"}\n')
+                await writer.drain()
+                line = await asyncio.wait_for(reader.readline(), 5)
+                if json.loads(line or b"{}").get("type") == "subscribed":
+                    return {"accepting_ms": accepting * 1000,
+                            "answering_ms": (time.perf_counter() - self.host_started) * 1000}
+            except (OSError, ValueError, asyncio.TimeoutError):
+                await asyncio.sleep(0.01)
+            finally:
+                writer.close()
+
+    async def chat(self, name: str) -> Chat:
+        """Open a chat (kept in `chats` until `close_chats()`)."""
+        c = await Chat(self.sock, name, self.run_id).open()
+        self.chats[name] = c
+        return c
+
+    async def close_chats(self) -> None:
+        for c in self.chats.values():
+            await c.close()
+
+    def tree(self) -> tuple[Procs, Procs]:
+        if self.host is None:
+            return {}, {}
+        self.spares = {}
+        host, agents = process_tree(self.host.pid, self.spares)
+        for pid in (*host, *agents):
+            self.seen.setdefault(pid, cmdline(pid))
+        return host, agents
+
+    def stop_host(self) -> dict[str, Any]:
+        if self.host is None:
+            return {}
+        with contextlib.suppress(Exception):
+            self.tree()
+        t0 = time.perf_counter()
+        rc = stop(self.host)
+        out = {"exit_code": rc, "stop_ms": round((time.perf_counter() - t0) * 1000, 1)}
+        # Last resort: anything of the host's still alive (same pid, same command line).
+        time.sleep(0.2)
+        leftovers = []
+        for pid, cmd in self.seen.items():
+            if pid == self.host.pid or not cmd or cmdline(pid) != cmd:
+                continue
+            leftovers.append(f"{pid} {cmd[:80]}")
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        out["leftover_processes_killed"] = leftovers
+        if leftovers:
+            out["note"] = ("these processes of the host were still running after it exited "
+                           "and were killed with SIGKILL by the bench")
+        return out
+
+    def close(self) -> dict[str, Any]:
+        info: dict[str, Any] = {}
+        try:
+            info = self.stop_host()
+        finally:
+            stop(self.fake, 5)
+            if self.host_log is not None:
+                self.host_log.close()
+            if not self.keep:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+        return info
+
+    def error_log_lines(self) -> list[str]:
+        path = self.tmp / "logs" / "nanoclaw.error.log"
+        try:
+            return [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+        except OSError:
+            return []
+
+    def fake_call(self, method: str, path: str) -> Any:
+        """The fake's own HTTP side: /_fake/reset, /_fake/requests (recorded calls)."""
+        host, port = self.fake_url.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        try:
+            conn.request(method, path, body=b"{}" if method == "POST" else None,
+                         headers={"Content-Type": "application/json"})
+            return json.loads(conn.getresponse().read())
+        finally:
+            conn.close()
