@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from nanoclaw import nudge
+from nanoclaw.db.admin import AdminQueries
 from nanoclaw.db.central import atomic, data_version, open_central
+from nanoclaw.db.channels import ChannelQueries
 from nanoclaw.util import FOLDER_NAME, new_id, utcnow
 
 
@@ -22,7 +24,7 @@ def _d(row: sqlite3.Row | None) -> dict[str, Any] | None:
     return dict(row) if row is not None else None
 
 
-class Store:
+class Store(ChannelQueries, AdminQueries):
     def __init__(self, conn: sqlite3.Connection, data_dir: Path | None = None):
         self.conn = conn
         self.data_dir = data_dir  # where the workers' nudge sockets are; None: no nudges
@@ -392,55 +394,6 @@ class Store:
     def mark_recorded(self, send_id: int) -> None:
         with atomic(self.conn):
             self.conn.execute("UPDATE channel_outbox SET recorded=1 WHERE id=?", (send_id,))
-
-    def sent_cards(self, channel_type: str, card_id: str, host_only: bool) -> list[dict[str, Any]]:
-        """The cards queued to this channel under a card id, newest first; `host_only`:
-        only the host's own (no session), never one an agent wrote."""
-        only = " AND session_id IS NULL" if host_only else ""
-        return self.q(
-            "SELECT platform_id, content FROM channel_outbox WHERE channel_type=? AND"
-            f" json_extract(content, '$.questionId')=?{only} ORDER BY id DESC",
-            (channel_type, card_id))
-
-    def send_untried_now(self, channel_type: str, platform_id: str | None = None) -> None:
-        """Sends not yet tried (for one chat, or all) are due now: the channel is back."""
-        with_pid = " AND platform_id=?" if platform_id else ""
-        args: tuple = (channel_type, platform_id) if platform_id else (channel_type,)
-        self.conn.execute(
-            "UPDATE channel_outbox SET next_attempt_at=NULL WHERE channel_type=? AND"
-            f" status='pending' AND attempts=0{with_pid}", args)
-
-    def park_send(self, send_id: int, until: str) -> None:
-        """Put a send off without counting an attempt (the channel is not connected)."""
-        self.conn.execute("UPDATE channel_outbox SET next_attempt_at=? WHERE id=?",
-                          (until, send_id))
-
-    def dm_chat(self, user_id: str, channel_type: str) -> str | None:
-        """The platform id of a user's DM chat on a channel, once a send resolved it."""
-        row = self.q1("SELECT m.platform_id FROM user_dms d JOIN messaging_groups m ON"
-                      " m.id=d.messaging_group_id WHERE d.user_id=? AND d.channel_type=?",
-                      (user_id, channel_type))
-        return row["platform_id"] if row else None
-
-    def remember_dm(self, user_id: str, channel_type: str, messaging_group_id: str) -> None:
-        self.conn.execute(
-            "INSERT OR REPLACE INTO user_dms (user_id, channel_type, messaging_group_id,"
-            " resolved_at) VALUES (?,?,?,?)", (user_id, channel_type, messaging_group_id,
-                                              utcnow()))
-
-    def is_wired(self, channel_type: str, platform_id: str) -> bool:
-        """Whether a chat talks to any agent."""
-        return self.q1(
-            "SELECT 1 AS x FROM messaging_groups m JOIN messaging_group_agents w ON"
-            " w.messaging_group_id=m.id WHERE m.channel_type=? AND m.platform_id=?",
-            (channel_type, platform_id)) is not None
-
-    def providers_in_use(self) -> list[str]:
-        """Every agent group's provider (its container config's, else its own)."""
-        return [str(r["p"]) for r in self.q(
-            "SELECT DISTINCT COALESCE(NULLIF(c.provider, ''), g.agent_provider) AS p"
-            " FROM agent_groups g LEFT JOIN container_configs c ON c.agent_group_id = g.id")
-            if r["p"]]
 
     # ---- container requests (router/sweep → containers) -------------------------------
     def request_container(self, session_id: str, action: str, reason: str) -> None:
