@@ -80,6 +80,11 @@ class Settings(BaseSettings):
     slack_bot_token: str = Field(default="", validation_alias="SLACK_BOT_TOKEN")
     slack_app_token: str = Field(default="", validation_alias="SLACK_APP_TOKEN")
     slack_api_base: str = Field(default="https://slack.com/api/", validation_alias="SLACK_API_BASE")
+    # WhatsApp Web, as a linked device: `nanoclaw channels login whatsapp` links it (QR, or
+    # a pairing code for WHATSAPP_PHONE_NUMBER); its keys stay in data/channels/whatsapp/.
+    whatsapp_enabled: bool = False
+    whatsapp_phone_number: str = Field(default="", validation_alias="WHATSAPP_PHONE_NUMBER")
+    whatsapp_silence: float = Field(default=3600.0, gt=0, le=86400)  # connected but deaf
     # A platform adapter that has had no successful round trip for this long exits
     # non-zero, so the orchestrator restarts it under the crash-loop breaker.
     channel_liveness: float = Field(default=120.0, gt=0, le=3600)

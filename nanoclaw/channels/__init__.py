@@ -25,6 +25,7 @@ LAZY = {
                 lambda s: bool(s.discord_bot_token), True),
     "slack": ("nanoclaw.channels.slack:SlackChannel",
               lambda s: bool(s.slack_bot_token and s.slack_app_token), True),
+    "whatsapp": ("nanoclaw.channels.whatsapp:WhatsAppChannel", lambda s: s.whatsapp_enabled, False),
     "web": ("nanoclaw.channels.web:WebChannel", lambda s: s.web_enabled, False),
 }
 
