@@ -1,6 +1,14 @@
 """Shared test fixtures: a fake model on 127.0.0.1 and a real host (`nanoclaw run` as a
 subprocess, process runtime, everything under tmp_path), plus a terminal client that
-reconnects and records every frame it receives."""
+reconnects and records every frame it receives.
+
+The developer's environment does not reach the tests: platform tokens, API keys and
+NANOCLAW_* settings exported in the shell are removed from os.environ for the whole run
+(`_scrubbed_environment`) and every host or subprocess the fixtures start gets its
+environment from `clean_env()`. Only the test knobs in KEEP pass.
+
+`@pytest.mark.slow` marks tests that wait in real time on purpose (downtime, long
+sleeps): `pytest -m "not slow"` leaves them out."""
 
 from __future__ import annotations
 
@@ -19,6 +27,48 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "sk-ant-test-secret-do-not-leak"
+
+# what a developer's shell may export that must not reach a test host: settings, model
+# and platform credentials (a telegram token would start a worker talking to Telegram)
+SCRUB = ("NANOCLAW_", "ANTHROPIC_", "CLAUDE_", "TELEGRAM_", "DISCORD_", "SLACK_", "OPENAI_",
+         "GEMINI_", "GOOGLE_API", "AWS_", "GITHUB_TOKEN", "GH_TOKEN", "HF_TOKEN")
+# test knobs, not settings: which image and browser to use, whether a missing sandbox
+# fails rather than skips (.ci/run), where CI's private dockerd lives
+KEEP = {"NANOCLAW_REQUIRE_SANDBOXES", "NANOCLAW_IMAGE", "NANOCLAW_TEST_CHROMIUM",
+        "NANOCLAW_CI_DOCKER_DIR"}
+
+
+def scrubbed(name: str) -> bool:
+    return name.startswith(SCRUB) and name not in KEEP
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """os.environ without the developer's settings and credentials, plus `extra`: the
+    environment for every host and subprocess a test starts."""
+    return {**{k: v for k, v in os.environ.items() if not scrubbed(k)}, **extra}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _scrubbed_environment():
+    """For the whole run (module-scoped fixtures too): nothing in os.environ that
+    `clean_env` would drop, so in-process config.load() sees only what a test sets."""
+    with pytest.MonkeyPatch.context() as mp:
+        for k in [k for k in os.environ if scrubbed(k)]:
+            mp.delenv(k)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_environment(monkeypatch):
+    """Per test: anything a previous test or fixture exported outside monkeypatch goes."""
+    for k in [k for k in os.environ if scrubbed(k)]:
+        monkeypatch.delenv(k)
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line(
+        "markers", "slow: waits in real time on purpose (downtime, long sleeps); "
+        "deselect with -m 'not slow'")
 
 
 def wait_for(cond: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05,
@@ -162,8 +212,7 @@ class Host:
         self.base = base
         self.user = user  # run the host (and its CLI) as this uid instead of ours
         self.data = base / "data"
-        self.env = {
-            **os.environ,
+        self.env = clean_env(**{
             "NANOCLAW_DATA_DIR": str(self.data),
             "NANOCLAW_LOGS_DIR": str(base / "logs"),
             "NANOCLAW_GROUPS_DIR": str(base / "groups"),
@@ -173,7 +222,7 @@ class Host:
             "ANTHROPIC_BASE_URL": fake_url,
             "ANTHROPIC_API_KEY": SECRET,
             **(extra_env or {}),
-        }
+        })
         self.proc: subprocess.Popen | None = None
         self.clients: list[Client] = []
 
@@ -357,7 +406,7 @@ def agent_image(docker_client) -> str:
     """The agent image, built at most once per test run (build.sh returns at once when
     the image is up to date, e.g. after .ci/run built it)."""
     r = subprocess.run([str(ROOT / "container" / "build.sh")], capture_output=True, text=True,
-                       timeout=1200, env={**os.environ, "NANOCLAW_IMAGE": IMAGE})
+                       timeout=1200, env=clean_env(NANOCLAW_IMAGE=IMAGE))
     if r.returncode:
         pytest.fail(f"the agent image did not build:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     return IMAGE

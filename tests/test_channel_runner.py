@@ -1,6 +1,8 @@
-"""The generic channel runner around an adapter: sends wait while nobody can receive
-them, `retry_after` is honoured, a send that keeps failing is failed for good and the
-agent is told, cold DMs are resolved once and cached."""
+"""The generic channel runner around an adapter, on a fake clock (nothing here waits in
+real time): sends wait while nobody can receive them, `retry_after` is honoured to the
+second, transient errors back off on the BACKOFF schedule, a send that keeps failing is
+failed for good and the agent is told, typing is refreshed while an answer is awaited,
+cold DMs are resolved once and cached."""
 
 from __future__ import annotations
 
@@ -9,11 +11,12 @@ import json
 import time
 
 import pytest
+from fakes.clock import FakeClock
 
 from nanoclaw import config
 from nanoclaw.agents.groups import ensure_defaults
 from nanoclaw.channels.base import Channel, RetryAfter, SendError, Unavailable
-from nanoclaw.channels.runner import ChannelRunner
+from nanoclaw.channels.runner import BACKOFF, PARK_SECONDS, TYPING_EVERY, TYPING_FOR, ChannelRunner
 from nanoclaw.db import session as sessiondb
 from nanoclaw.db.store import Store
 from nanoclaw.delivery.delivery import Delivery
@@ -26,12 +29,13 @@ class Platform(Channel):
 
     name = "fakechat"
 
-    def __init__(self, settings, host, script):
+    def __init__(self, settings, host, script, clock=time.time):
         super().__init__(settings, host)
-        self.script, self.calls, self.dms = list(script), [], []
+        self.script, self.calls, self.dms, self.typed = list(script), [], [], []
+        self.clock = clock
 
     async def deliver(self, platform_id, thread_id, message):
-        self.calls.append((time.time(), platform_id, message.content))
+        self.calls.append((self.clock(), platform_id, message.content))
         outcome = self.script.pop(0) if self.script else "ok"
         if isinstance(outcome, Exception):
             raise outcome
@@ -40,6 +44,9 @@ class Platform(Channel):
     async def open_dm(self, handle):
         self.dms.append(handle)
         return f"fakechat:dm-{handle}"
+
+    async def set_typing(self, platform_id, thread_id):
+        self.typed.append((self.clock(), platform_id, thread_id))
 
 
 @pytest.fixture
@@ -53,43 +60,72 @@ def env(tmp_path, monkeypatch):
     return store, s
 
 
-def _drive(runner: ChannelRunner, adapter: Platform, until, timeout=20.0):
+def _drive(runner: ChannelRunner, adapter: Platform, clock: FakeClock, until, passes=20):
+    """Run passes of the runner, jumping the clock to the next retry between them."""
     async def go():
         runner.adapter = adapter
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            runner.version = -1  # our own writes do not move data_version
-            await runner.send_due(time.time())
+        for _ in range(passes):
+            await runner.tick(clock())
             if until():
                 return
-            await asyncio.sleep(0.05)
+            assert runner.next_due is not None, "nothing left to send, condition not reached"
+            clock.to(runner.next_due)
         raise AssertionError("condition not reached")
     asyncio.run(go())
 
 
+def _status(store: Store) -> str:
+    return store.q1("SELECT status FROM channel_outbox")["status"]
+
+
 def test_unavailable_parks_without_counting(env):
     store, s = env
+    clock = FakeClock()
     store.enqueue_send("k1", "fakechat", "fakechat:1", None, "chat", {"text": "hi"})
-    runner = ChannelRunner(store, s, "fakechat")
-    adapter = Platform(s, runner, [Unavailable("nobody"), "ok"])
-    _drive(runner, adapter, lambda: store.q1("SELECT status FROM channel_outbox")["status"]
-           == "sent")
+    runner = ChannelRunner(store, s, "fakechat", clock=clock)
+    adapter = Platform(s, runner, [Unavailable("nobody"), "ok"], clock)
+    _drive(runner, adapter, clock, lambda: _status(store) == "sent")
     row = store.q1("SELECT * FROM channel_outbox")
     assert row["attempts"] == 1 and row["platform_message_id"] == "pm-2"
+    (t1, _, _), (t2, _, _) = adapter.calls
+    assert t2 - t1 == PARK_SECONDS
 
 
 def test_retry_after_is_honoured(env):
     store, s = env
+    clock = FakeClock()
     store.enqueue_send("k1", "fakechat", "fakechat:1", None, "chat", {"text": "hi"})
-    runner = ChannelRunner(store, s, "fakechat")
-    adapter = Platform(s, runner, [RetryAfter(1.0), "ok"])
-    _drive(runner, adapter, lambda: store.q1("SELECT status FROM channel_outbox")["status"]
-           == "sent")
+    runner = ChannelRunner(store, s, "fakechat", clock=clock)
+    adapter = Platform(s, runner, [RetryAfter(1.0), "ok"], clock)
+    _drive(runner, adapter, clock, lambda: _status(store) == "sent")
     (t1, _, _), (t2, _, _) = adapter.calls
-    assert t2 - t1 >= 1.0  # not before the platform said
+    assert t2 - t1 == 1.0  # when the platform said: not before, not a poll later
+    assert store.q1("SELECT attempts FROM channel_outbox")["attempts"] == 2
 
 
-def test_send_that_keeps_failing_is_told_to_the_agent(env, monkeypatch):
+def test_nothing_is_sent_before_its_retry_time(env):
+    store, s = env
+    clock = FakeClock()
+    store.enqueue_send("k1", "fakechat", "fakechat:1", None, "chat", {"text": "hi"})
+    runner = ChannelRunner(store, s, "fakechat", clock=clock)
+    adapter = Platform(s, runner, [RetryAfter(30.0)], clock)
+
+    async def go():
+        runner.adapter = adapter
+        t0 = clock()
+        await runner.tick(t0)
+        for dt in (1.0, 10.0, 29.999):
+            clock.to(t0 + dt)
+            await runner.tick(clock())
+        assert len(adapter.calls) == 1
+        clock.to(t0 + 30.0)
+        await runner.tick(clock())
+        assert len(adapter.calls) == 2
+    asyncio.run(go())
+    assert _status(store) == "sent"
+
+
+def test_send_that_keeps_failing_is_told_to_the_agent(env):
     store, s = env
     owner = local_user_id().split(":", 1)[1]
     (sid,) = Router(store, s).route(Event("cli", "local", "m1", text="hi", sender_id=owner,
@@ -98,13 +134,13 @@ def test_send_that_keeps_failing_is_told_to_the_agent(env, monkeypatch):
     p = sessiondb.SessionPaths(str(s.session_dir(sess["agent_group_id"], sid)))
     store.enqueue_send(f"{sid}:out-1", "fakechat", "fakechat:1", None, "chat", {"text": "x"},
                        session_id=sid, message_out_id="out-1")
-    runner = ChannelRunner(store, s, "fakechat")
-    adapter = Platform(s, runner, [SendError("boom")] * 2 + [SendError("gone", permanent=True)])
-    # keep the test short; the backoff schedule itself is not under test
-    monkeypatch.setattr("nanoclaw.channels.runner.BACKOFF", (0.05,))
-    _drive(runner, adapter, lambda: store.q1("SELECT status FROM channel_outbox")["status"]
-           == "failed")
-    assert len(adapter.calls) == 3
+    clock = FakeClock()
+    runner = ChannelRunner(store, s, "fakechat", clock=clock)
+    adapter = Platform(s, runner, [SendError("boom")] * 2 + [SendError("gone", permanent=True)],
+                       clock)
+    _drive(runner, adapter, clock, lambda: _status(store) == "failed")
+    at = [t for t, _, _ in adapter.calls]
+    assert [b - a for a, b in zip(at, at[1:])] == list(BACKOFF[:2])  # 1 s, then 5 s
     Delivery(store, s).pass_once(time.time())
     with sessiondb.opened(p.inbound, readonly=True) as c:
         d = c.execute("SELECT status, error FROM delivered WHERE message_out_id='out-1'").fetchone()
@@ -117,10 +153,10 @@ def test_send_that_keeps_failing_is_told_to_the_agent(env, monkeypatch):
 def test_cold_dm_resolved_once_and_cached(env):
     store, s = env
     store.enqueue_send("card:1", "fakechat", "@dm:alice", None, "chat-sdk", {"text": "approve?"})
-    runner = ChannelRunner(store, s, "fakechat")
-    adapter = Platform(s, runner, [])
-    _drive(runner, adapter, lambda: store.q1("SELECT status FROM channel_outbox")["status"]
-           == "sent")
+    clock = FakeClock()
+    runner = ChannelRunner(store, s, "fakechat", clock=clock)
+    adapter = Platform(s, runner, [], clock)
+    _drive(runner, adapter, clock, lambda: _status(store) == "sent")
     assert adapter.dms == ["alice"]
     assert adapter.calls[0][1] == "fakechat:dm-alice"
     dm = store.q1("SELECT m.platform_id FROM user_dms d JOIN messaging_groups m ON"
@@ -129,3 +165,70 @@ def test_cold_dm_resolved_once_and_cached(env):
     from nanoclaw.approvals.requests import dm_address
 
     assert dm_address(store, "fakechat:alice") == ("fakechat", "fakechat:dm-alice")
+
+
+def test_transient_errors_back_off_on_the_schedule_until_the_last_attempt(env, monkeypatch):
+    store, s = env
+    monkeypatch.setattr(s, "send_attempts", 6)
+    clock = FakeClock()
+    store.enqueue_send("k1", "fakechat", "fakechat:1", None, "chat", {"text": "hi"})
+    runner = ChannelRunner(store, s, "fakechat", clock=clock)
+    adapter = Platform(s, runner, [SendError("flaky")] * 3 + [OSError("adapter bug")] * 3,
+                       clock)
+    _drive(runner, adapter, clock, lambda: _status(store) == "failed")
+    at = [t for t, _, _ in adapter.calls]
+    assert [b - a for a, b in zip(at, at[1:])] == [1.0, 5.0, 15.0, 60.0, 300.0]
+    row = store.q1("SELECT * FROM channel_outbox")
+    assert row["attempts"] == 6 and "adapter bug" in row["error"]
+
+
+def _wired_chat(store: Store, s) -> None:
+    ag = store.q1("SELECT id FROM agent_groups WHERE folder='main'")["id"]
+    mg = store.create_messaging_group("fakechat", "fakechat:1", "fake 1", False, policy="public")
+    store.wire(mg, ag, destination="fake-1", engage_mode="pattern", engage_pattern=".")
+
+
+def test_typing_is_refreshed_while_an_answer_is_awaited_and_then_stops(env):
+    store, s = env
+    _wired_chat(store, s)
+    clock = FakeClock()
+    runner = ChannelRunner(store, s, "fakechat", clock=clock)
+    adapter = Platform(s, runner, [], clock)
+    t0 = clock()
+
+    async def go():
+        runner.adapter = adapter
+        assert await runner.inbound("fakechat:1", "m1", {"text": "hi", "is_mention": True,
+                                                          "is_group": False})
+        assert not await runner.inbound("fakechat:1", "m1", {"text": "hi"})  # a redelivery
+        while clock() <= t0 + TYPING_FOR + 5:
+            await runner.tick(clock())
+            clock.advance(1.0)
+    asyncio.run(go())
+    shown = [t - t0 for t, _, _ in adapter.typed]
+    assert shown == [i * TYPING_EVERY for i in range(int(TYPING_FOR / TYPING_EVERY))]
+    assert runner.typing == {}
+
+
+def test_a_reply_ends_typing_and_unwired_chats_never_show_it(env):
+    store, s = env
+    _wired_chat(store, s)
+    clock = FakeClock()
+    runner = ChannelRunner(store, s, "fakechat", clock=clock)
+    adapter = Platform(s, runner, [], clock)
+
+    async def go():
+        runner.adapter = adapter
+        await runner.inbound("fakechat:2", "m0", {"text": "nobody listens", "is_group": False})
+        await runner.inbound("fakechat:1", "m1", {"text": "hi", "is_group": False})
+        await runner.tick(clock())
+        clock.advance(TYPING_EVERY)
+        store.enqueue_send("r1", "fakechat", "fakechat:1", None, "chat", {"text": "answer"})
+        runner.wakeup.set()  # delivery's nudge (our own write does not move data_version)
+        await runner.tick(clock())
+        clock.advance(TYPING_EVERY)
+        await runner.tick(clock())
+    asyncio.run(go())
+    assert [(t, pid) for t, pid, _ in adapter.typed] == [(clock() - 2 * TYPING_EVERY,
+                                                         "fakechat:1")]
+    assert [c[1] for c in adapter.calls] == ["fakechat:1"] and runner.typing == {}

@@ -12,7 +12,6 @@ from conftest import Host, wait_for
 from fakes.fake_slack import BOT_USER, FakeSlack
 from fakes.hosts import (
     enqueue,
-    error_log,
     inbound_events,
     outbox,
     session_inbound,
@@ -54,14 +53,14 @@ def first_reply(sl: FakeSlack, channel: str, timeout: float = 60) -> dict:
                     what=f"reply in {channel}")
 
 
-def test_message_reaches_agent_and_reply_appears(host, sl):
+def test_an_event_is_acknowledged_once_stored(host, sl):
     wire_chat(host, "slack", "slack:C301")
     ts = sl.user_message("C301", "hello slack")
     assert first_reply(sl, "C301")["text"] == "echo: hello slack"
     ev = [e for e in inbound_events(host, "slack") if e["message_id"] == ts][0]
-    assert ev["payload"]["sender_name"] == "Ann" and ev["payload"]["is_group"] is True
+    assert ev["payload"]["is_group"] is True  # a channel, not a DM
     assert ts not in [e["payload"]["event"]["ts"] for e in sl.unacked.values()
-                      if e["type"] == "events_api"]  # acknowledged once stored
+                      if e["type"] == "events_api"]
 
 
 def test_thread_reply_stays_in_the_thread_with_attachment(host, sl):
@@ -75,76 +74,6 @@ def test_thread_reply_stays_in_the_thread_with_attachment(host, sl):
     assert evs[root]["payload"]["is_mention"] is False
     assert evs[ts]["thread_id"] == root
     assert base64.b64decode(evs[ts]["payload"]["attachments"][0]["data"]) == b"attached"
-
-
-def test_long_reply_is_split_at_40000(host, sl):
-    wire_chat(host, "slack", "slack:C303")
-    text = "\n\n".join(f"paragraph {i} " + "word " * 1000 for i in range(9))  # ~45000
-    sl.user_message("C303", text)
-    # Markdown drops a paragraph's trailing space; nothing else may be lost
-    want = "\n\n".join(p.rstrip() for p in f"echo: {text}".split("\n\n"))
-    got = wait_for(lambda: [m["text"] for m in replies(sl, "C303")]
-                   if sum(len(m["text"]) for m in replies(sl, "C303")) >= len(want) - 2 else None,
-                   60, what="all chunks")
-    assert len(got) == 2 and all(len(t) <= 40_000 for t in got)
-    assert "\n\n".join(got) == want  # cut at a paragraph break
-
-
-def test_button_click_becomes_an_action_event(host, sl):
-    card = {"type": "ask_question", "questionId": "q-sl-1", "title": "Deploy?",
-            "question": "Ship it now?", "options": [
-                {"label": "Yes", "selectedLabel": "Shipping", "value": "yes"},
-                {"label": "Later", "selectedLabel": "Postponed", "value": "later"}]}
-    enqueue(host, "card:q-sl-1", "slack", "slack:C304", card, kind="chat-sdk")
-    sent = wait_for(lambda: sl.sent("C304"), 30, what="card sent")[0]
-    buttons = sent["blocks"][1]["elements"]
-    assert [b["text"]["text"] for b in buttons] == ["Yes", "Later"]
-    sl.click("C304", sent["ts"], buttons[1]["action_id"], user="UCLICK01")
-    ev = wait_for(lambda: inbound_events(host, "slack", "action"), 30, what="action")[0]
-    assert ev["payload"] == {"question_id": "q-sl-1", "option": "later", "user_id": "UCLICK01"}
-    wait_for(lambda: "Postponed" in (sl.messages[sent["ts"]].get("text") or ""), 10,
-             what="card updated")
-
-
-def test_rate_limit_is_waited_out(host, sl):
-    wire_chat(host, "slack", "slack:C305")
-    sl.inject("chat.postMessage", status=429, retry_after=1, channel="C305")
-    sl.user_message("C305", "slow down")
-    assert first_reply(sl, "C305")["text"] == "echo: slow down"
-    calls = [c for c in sl.calls_of("chat.postMessage", None) if c.params.get("channel") == "C305"]
-    assert [c.outcome for c in calls] == ["injected:429", "ok"]
-    assert calls[1].at - calls[0].at >= 0.9
-    row = host.q("SELECT * FROM channel_outbox WHERE platform_id='slack:C305'")[0]
-    assert row["attempts"] == 2 and row["status"] == "sent"
-
-
-def test_send_that_keeps_failing_is_told_to_agent_and_logged(host, sl):
-    wire_chat(host, "slack", "slack:C306")
-    rule = sl.inject("chat.postMessage", count=50, status=500, channel="C306")
-    sl.user_message("C306", "are you there")
-    row = wait_for(lambda: (host.q("SELECT * FROM channel_outbox WHERE platform_id="
-                                   "'slack:C306' AND status='failed'") or [None])[0], 60,
-                   what="send failed for good")
-    assert row["attempts"] == 2
-    wait_for(lambda: any("could not be delivered" in (m["content"] or "")
-                         for m in session_inbound(host, "slack", "slack:C306")), 30,
-             what="agent told")
-    assert "failed for good" in error_log(host)
-    rule.count = 0
-
-
-def test_edits_reactions_and_files_out(host, sl):
-    enqueue(host, "f-307", "slack", "slack:C307",
-            {"text": "report", "files": [{"name": "r.txt", "data": base64.b64encode(b"R").decode()}]})
-    wait_for(lambda: (outbox(host, "f-307") or {}).get("status") == "sent", 30)
-    ts = outbox(host, "f-307")["platform_message_id"]
-    assert any(f.get("data") == b"R" and f.get("name") == "r.txt" for f in sl.files.values())
-    enqueue(host, "e-307", "slack", "slack:C307", {"operation": "edit", "messageId": ts,
-                                                   "text": "report v2"})
-    enqueue(host, "r-307", "slack", "slack:C307", {"operation": "reaction", "messageId": ts,
-                                                   "emoji": "👍"})
-    wait_for(lambda: sl.messages[ts].get("text") == "report v2", 30, what="edit")
-    wait_for(lambda: sl.messages[ts].get("reactions") == ["+1"], 30, what="reaction")
 
 
 def test_agent_markdown_goes_out_as_mrkdwn(host, sl):

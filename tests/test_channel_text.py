@@ -4,13 +4,12 @@ that platform libraries load only in their own worker."""
 
 from __future__ import annotations
 
-import os
 import random
 import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, clean_env
 
 from fakes.fake_telegram import parse_html
 from nanoclaw.channels.markdown import discord_markdown, slack_mrkdwn, telegram_html
@@ -77,8 +76,8 @@ def test_platform_libraries_load_only_in_their_worker():
     code = ("import sys; from nanoclaw import config; from nanoclaw.host import registry;"
             " names = registry.channel_names(config.load());"
             " print(names, [m for m in ('telegram', 'discord', 'slack_sdk') if m in sys.modules])")
-    env = {**os.environ, "TELEGRAM_BOT_TOKEN": "1:x", "DISCORD_BOT_TOKEN": "x",
-           "SLACK_BOT_TOKEN": "xoxb", "SLACK_APP_TOKEN": "xapp"}
+    env = clean_env(TELEGRAM_BOT_TOKEN="1:x", DISCORD_BOT_TOKEN="x", SLACK_BOT_TOKEN="xoxb",
+                    SLACK_APP_TOKEN="xapp")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr

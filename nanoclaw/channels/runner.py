@@ -3,14 +3,18 @@ messages durably before acknowledging them, and send this channel's rows of
 `channel_outbox`, honouring `retry_after`, backing off transient errors and failing a
 row for good (recorded, so delivery tells the agent) after `send_attempts` tries.
 Between passes it waits on its nudge socket (`data/run/nudge/channel:<name>.sock`), which
-delivery pokes after queueing a send, so an idle channel polls only every `poll_idle`."""
+delivery pokes after queueing a send, so an idle channel polls only every `poll_idle`.
+
+Time is passed in: `clock` (default `time.time`) stamps parks, retries and typing, and
+one pass of the loop is `tick(now)`, so a test drives the runner on a fake clock and
+never waits in real time; `backoff` is the transient-error schedule (default `BACKOFF`)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import time
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from nanoclaw import nudge
 from nanoclaw.channels.base import (
@@ -35,8 +39,10 @@ BACKOFF = (1.0, 5.0, 15.0, 60.0, 300.0)
 
 
 class ChannelRunner:
-    def __init__(self, store: Store, settings: Settings, channel_type: str):
+    def __init__(self, store: Store, settings: Settings, channel_type: str,
+                 clock: Callable[[], float] = time.time, backoff: Sequence[float] = BACKOFF):
         self.store, self.settings, self.channel_type = store, settings, channel_type
+        self.clock, self.backoff = clock, tuple(backoff)
         self.adapter: Channel | None = None
         self.wakeup = asyncio.Event()
         self.version = -1
@@ -50,7 +56,7 @@ class ChannelRunner:
                                             thread_id, kind)
         if new and kind == "chat" and hasattr(self.adapter, "set_typing") and (
                 payload.get("is_mention") or not payload.get("is_group")) and self._wired(platform_id):
-            now = time.time()
+            now = self.clock()
             self.typing[(platform_id, thread_id)] = (now + TYPING_FOR, now)
             self.wakeup.set()
         return new
@@ -98,6 +104,14 @@ class ChannelRunner:
         self.store.send_untried_now(self.channel_type, platform_id)
         self.wakeup.set()
 
+    # ---- one pass -----------------------------------------------------------------------
+    async def tick(self, now: float) -> bool:
+        """Send what is due at `now` and refresh typing; True if something was sent."""
+        did = await self.send_due(now)
+        if self.typing:
+            await self.refresh_typing(now)
+        return did
+
     # ---- sending ----------------------------------------------------------------------
     async def send_due(self, now: float) -> bool:
         v = self.store.version()
@@ -106,7 +120,7 @@ class ChannelRunner:
             return False
         self.version = v
         self.wakeup.clear()
-        rows = self.store.due_sends(self.channel_type)
+        rows = self.store.due_sends_at(self.channel_type, iso(now))
         for row in rows:
             await self._send(row)
         nxt = self.store.next_send_due(self.channel_type)
@@ -124,18 +138,18 @@ class ChannelRunner:
                 pid = await self._open_dm(pid[4:])
             pmid = await self.adapter.deliver(pid, row["thread_id"], msg)
         except Unavailable as e:
-            self.store.park_send(row["id"], iso(time.time() + PARK_SECONDS))
+            self.store.park_send(row["id"], iso(self.clock() + PARK_SECONDS))
             logger.debug("send {} parked: {}", row["id"], e)
             return
         except RetryAfter as e:
             self._retry(row, attempt, f"rate limited: {e}", e.seconds)
             return
         except SendError as e:
-            self._retry(row, attempt, str(e), None if e.permanent else _backoff(attempt))
+            self._retry(row, attempt, str(e), None if e.permanent else self._backoff(attempt))
             return
         except Exception as e:  # an adapter bug must not kill the worker or lose the row
             logger.exception("adapter {} failed to send", self.channel_type)
-            self._retry(row, attempt, f"{type(e).__name__}: {e}", _backoff(attempt))
+            self._retry(row, attempt, f"{type(e).__name__}: {e}", self._backoff(attempt))
             return
         self.store.mark_sent(row["id"], pmid)
         if msg.content.get("operation") is None:
@@ -154,9 +168,13 @@ class ChannelRunner:
         self.store.remember_dm(uid, self.channel_type, mg_id)
         return pid
 
+    def _backoff(self, attempt: int) -> float:
+        return self.backoff[min(attempt - 1, len(self.backoff) - 1)]
+
     def _retry(self, row: dict[str, Any], attempt: int, error: str, delay: float | None) -> None:
         final = delay is None or attempt >= self.settings.send_attempts
-        self.store.mark_send_error(row["id"], error, None if final else iso(time.time() + delay))
+        self.store.mark_send_error(row["id"], error,
+                                   None if final else iso(self.clock() + delay))
         if final:
             logger.error("send {} to {}:{} failed for good: {}", row["id"], self.channel_type,
                          row["platform_id"], error)
@@ -185,10 +203,8 @@ class ChannelRunner:
             while not stop.is_set():
                 if adapter.dead:
                     raise ChannelDead(adapter.dead)
-                now = time.time()
-                did = await self.send_due(now)
-                if self.typing:
-                    await self.refresh_typing(now)
+                now = self.clock()
+                did = await self.tick(now)
                 wait = poll.next(did, now)
                 if self.typing:
                     wait = min(wait, 1.0)
@@ -208,10 +224,6 @@ class ChannelRunner:
                 await asyncio.wait_for(adapter.teardown(), TEARDOWN_GRACE)
             except Exception as e:  # a dead connection may not close cleanly
                 logger.warning("channel {} teardown failed: {}", self.channel_type, e)
-
-
-def _backoff(attempt: int) -> float:
-    return BACKOFF[min(attempt - 1, len(BACKOFF) - 1)]
 
 
 def _ts(text: str) -> float:

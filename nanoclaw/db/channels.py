@@ -25,6 +25,25 @@ class ChannelQueries:
             f" json_extract(content, '$.questionId')=?{only} ORDER BY id DESC",
             (channel_type, card_id))
 
+    def due_sends_at(self, channel_type: str, now: str, limit: int = 100) -> list[dict[str, Any]]:
+        """This channel's pending sends due at `now` (an ISO stamp: the runner's clock),
+        oldest first."""
+        return self.q(
+            "SELECT * FROM channel_outbox WHERE channel_type=? AND status='pending'"
+            " AND (next_attempt_at IS NULL OR next_attempt_at <= ?) ORDER BY id LIMIT ?",
+            (channel_type, now, limit))
+
+    def chat_history(self, channel_type: str, limit: int) -> list[dict[str, Any]]:
+        """A channel's recent conversation, newest first: what users said (`dir` 'in':
+        inbound events, `body` their payload) and what was sent ('out': sent rows,
+        `body` their content), each with `at`, `platform_id`, `id` and `kind`."""
+        return self.q(
+            "SELECT * FROM (SELECT received_at AS at, platform_id, 'in' AS dir, message_id AS id,"
+            " kind, payload AS body FROM inbound_events WHERE channel_type=? UNION ALL"
+            " SELECT COALESCE(sent_at, created_at), platform_id, 'out', idem_key, kind, content"
+            " FROM channel_outbox WHERE channel_type=? AND status='sent')"
+            " ORDER BY at DESC LIMIT ?", (channel_type, channel_type, limit))
+
     def send_untried_now(self, channel_type: str, platform_id: str | None = None) -> None:
         """Sends not yet tried (for one chat, or all) are due now: the channel is back."""
         with_pid = " AND platform_id=?" if platform_id else ""

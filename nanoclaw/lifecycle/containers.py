@@ -10,6 +10,10 @@ Before a start the session folder is brought to the current layout (`sessiondb.c
 an `outbound.db` the host refuses to read is set aside for a fresh one, the group folder
 is made (and handed to the sandbox user) through `hostile.py`, and the agent's settings
 are written to `db/container.json`, which only the host can write.
+
+Time is passed in: `pass_once(now)` by the worker's loop, and `clock` (default
+`time.time`) for the stamps taken inside an action (start-retry backoff, claimed rows'
+retry times, what is due), so a test drives the backoff on a fake clock.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import secrets
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from nanoclaw import hostile
 from nanoclaw.agents import mounts
@@ -31,7 +35,7 @@ from nanoclaw.db.store import Store
 from nanoclaw.log import logger
 from nanoclaw.runtime import Runtime, SpawnSpec
 from nanoclaw.runtime.warm import WarmSpec
-from nanoclaw.util import RUNNER_DIR, iso, token_hash, utcnow
+from nanoclaw.util import RUNNER_DIR, iso, token_hash
 
 FAIL_TEXT = ("Sorry, your message could not be processed (the agent failed {n} times)."
              " The details are in logs/containers/{sid}/ on the host.")
@@ -42,8 +46,10 @@ def install_id(settings: Settings) -> str:
 
 
 class Containers:
-    def __init__(self, store: Store, settings: Settings, runtime: Runtime):
+    def __init__(self, store: Store, settings: Settings, runtime: Runtime,
+                 clock: Callable[[], float] = time.time):
         self.store, self.settings, self.runtime = store, settings, runtime
+        self.clock = clock
         self.install = install_id(settings)
         self.running: dict[str, str] = {}          # session id → container id
         self.failures: dict[str, int] = {}         # session id → consecutive failed starts
@@ -130,12 +136,12 @@ class Containers:
             logger.error("session {}: its folder is unusable: {}", sid, e)
             self._start_failed(s, str(e))
             return False
-        if not sessiondb.due_count(paths, utcnow()):
+        if not sessiondb.due_count(paths, iso(self.clock())):
             return False
         broker = self.store.get_state("broker_url")
         if not broker:
             logger.warning("session {}: broker not up yet; wake postponed", sid)
-            self.retry_at[sid] = time.time() + 0.5
+            self.retry_at[sid] = self.clock() + 0.5
             return False
         ag = self.store.agent_group(s["agent_group_id"])
         group_dir = self.settings.group_dir(ag["folder"])
@@ -149,7 +155,7 @@ class Containers:
         self._write_config(s, ag, paths)
         sessiondb.write_routing(paths, self._routing(s), self.store.destinations(ag["id"]))
         token = secrets.token_urlsafe(32)
-        spawn = f"{int(time.time() * 1000)}"
+        spawn = f"{int(self.clock() * 1000)}"
         cfg = self.store.container_config(ag["id"])
         extra, refused = mounts.resolve(cfg.get("additional_mounts"), self.settings.mount_allowlist,
                                         mounts.protected(self.settings))
@@ -216,7 +222,7 @@ class Containers:
             return
         try:
             sessiondb.sync_acks(paths)
-            touched = sessiondb.reset_stuck(paths, time.time(), self.settings.retry_base)
+            touched = sessiondb.reset_stuck(paths, self.clock(), self.settings.retry_base)
         except sqlite3.DatabaseError as e:
             logger.error("session {}: session database unusable: {}", sid, e)
             touched = []
@@ -230,7 +236,7 @@ class Containers:
         self._tell_failed(s, [m for m, what in touched if what == "failed"])
         if code == 0 or touched == []:
             self.failures.pop(sid, None)
-        if not killed and sessiondb.due_count(paths, utcnow()):
+        if not killed and sessiondb.due_count(paths, iso(self.clock())):
             self.wake(sid)
 
     def _start_failed(self, s: dict[str, Any], why: str) -> None:
@@ -246,7 +252,7 @@ class Containers:
             self._tell_failed(s, failed)
             return
         delay = self.settings.retry_base * 2 ** (n - 1)
-        self.retry_at[sid] = time.time() + delay
+        self.retry_at[sid] = self.clock() + delay
         logger.warning("session {}: agent start failed ({}); retry {} in {:.0f}s", sid, why, n,
                        delay)
 

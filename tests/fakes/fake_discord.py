@@ -23,7 +23,8 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from fakes.base import FakeServer
+from fakes.base import Call, FakeServer, Rule
+from fakes.contract import PlatformFake, Sent
 
 BOT = {"id": "900000000000000001", "username": "andy", "discriminator": "0",
        "global_name": "Andy", "avatar": None, "bot": True, "flags": 0, "mfa_enabled": False,
@@ -44,7 +45,9 @@ class Session:
         self.ws: web.WebSocketResponse | None = None
 
 
-class FakeDiscord(FakeServer):
+class FakeDiscord(FakeServer, PlatformFake):
+    channel, limit, typing, reply_refs, user = "discord", 2000, True, True, "31"
+
     def __init__(self, token: str = "discord-test-token") -> None:
         super().__init__()
         self.token = token
@@ -63,6 +66,9 @@ class FakeDiscord(FakeServer):
         self.attachments: dict[str, bytes] = {}
         self.clicked: dict[str, str] = {}  # interaction id → message id
         self.edits = 0
+        self.last_event: tuple[str, Any] | None = None  # the last user event, to replay
+        self.thread_guild: dict[str, str] = {}  # thread id → its guild
+        self._threads: dict[str, str] = {}  # thread id → its parent channel
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 << 20)
@@ -113,6 +119,7 @@ class FakeDiscord(FakeServer):
                                  "proxy_url": url, "content_type": mime}]
         m.update(raw or {})
         self.messages[mid] = m
+        self.last_event = ("MESSAGE_CREATE", json.loads(json.dumps(m)))
         self.dispatch("MESSAGE_CREATE", m)
         return mid
 
@@ -129,6 +136,7 @@ class FakeDiscord(FakeServer):
             if edited:
                 m["edited_timestamp"] = stamp
             data = json.loads(json.dumps(m))
+        self.last_event = ("MESSAGE_UPDATE", data)
         self.dispatch("MESSAGE_UPDATE", data)
         return data
 
@@ -154,6 +162,7 @@ class FakeDiscord(FakeServer):
     def start_thread(self, guild_id: str, parent_id: str) -> str:
         """THREAD_CREATE: a user starts a public thread under a channel; its id."""
         tid = self.snowflake()
+        self._threads[tid] = parent_id
         self.dispatch("THREAD_CREATE", {**self._thread(tid, parent_id, guild_id),
                                         "newly_created": True})
         return tid
@@ -206,6 +215,84 @@ class FakeDiscord(FakeServer):
         with self.lock:
             return [m for m in self.messages.values()
                     if m["channel_id"] == channel_id and m["author"]["id"] == BOT["id"]]
+
+    # ---- PlatformFake (tests/fakes/contract.py) ---------------------------------------
+    def host_env(self) -> dict[str, str]:
+        return {"DISCORD_BOT_TOKEN": self.token, "DISCORD_API_BASE": self.api_base,
+                "DISCORD_GATEWAY_URL": self.gateway_url,
+                "NANOCLAW_DISCORD_HEARTBEAT_TIMEOUT": "2", "NANOCLAW_DISCORD_RECONNECTS": "20"}
+
+    def connected(self, host: Any) -> bool:
+        try:
+            return "discord connected" in (host.base / "logs" / "nanoclaw.log").read_text()
+        except OSError:
+            return False
+
+    def chat(self, n: int) -> str:
+        return str(4000 + n)  # a DM channel
+
+    def new_thread(self, chat: str) -> str:
+        gid = str(7000 + int(chat))
+        self.guild(gid, [chat])
+        tid = self.start_thread(gid, chat)
+        self.thread_guild[tid] = gid
+        return tid
+
+    def user_says(self, chat: str, text: str, *, thread: str | None = None,
+                  file: tuple[str, bytes, str] | None = None) -> str:
+        where = thread or chat
+        return self.user_message(where, text, guild_id=self.thread_guild.get(where),
+                                 attachment=file)
+
+    def user_edits(self, chat: str, message_id: str, text: str) -> str:
+        return edit_key(self.edit_message(message_id, text))
+
+    def redeliver_last(self) -> None:
+        assert self.last_event is not None
+        self.dispatch(*self.last_event)
+
+    def press(self, chat: str, card: Sent, index: int) -> None:
+        self.click(card.id, card.buttons[index][1], user_id=self.user)
+
+    def bot_sent(self, chat: str, thread: str | None = None) -> list[Sent]:
+        where = [thread] if thread else [chat, *(t for t in self.thread_guild
+                                                 if self._parent(t) == chat)]
+        out = []
+        for c in where:
+            for m in self.sent(c):
+                ref = (m.get("message_reference") or {}).get("message_id")
+                out.append(Sent(
+                    m["id"], m["content"] or "", None if c == chat else c,
+                    None if ref is None else str(ref),
+                    [(b["label"], b["custom_id"]) for row in m.get("components") or []
+                     for b in row.get("components") or []],
+                    [(a["filename"], self.attachments[a["filename"]])
+                     for a in m.get("attachments") or []],
+                    list(m.get("reactions") or []), m))
+        return out
+
+    def _parent(self, thread: str) -> str | None:
+        return self._threads.get(thread)
+
+    def send_calls(self, chat: str) -> list[Call]:
+        return [c for c in self.calls_of("POST /channels/{id}/messages", None)
+                if c.params.get("channel_id") == chat]
+
+    def typing_calls(self, chat: str) -> list[Call]:
+        return [c for c in self.calls_of("POST /channels/{id}/typing")
+                if c.params.get("channel_id") == chat]
+
+    def rate_limit(self, chat: str, seconds: float) -> Rule:
+        return self.inject("POST /channels/{id}/messages", status=429, retry_after=seconds,
+                           channel_id=chat)
+
+    def fail_sends(self, chat: str, count: int) -> Rule:
+        # 503: not one discord.py retries by itself (it does 500, 502, 504 with sleeps)
+        return self.inject("POST /channels/{id}/messages", count=count, status=503,
+                           channel_id=chat)
+
+    def refuse_sends(self, chat: str) -> Rule:
+        return self.inject("POST /channels/{id}/messages", status=403, channel_id=chat)
 
     # ---- gateway ----------------------------------------------------------------------
     async def _dispatch(self, event: str, data: Any) -> None:
@@ -408,6 +495,13 @@ class FakeDiscord(FakeServer):
         if data is None:
             return web.Response(status=404)
         return web.Response(body=data, content_type="application/octet-stream")
+
+
+def edit_key(data: dict[str, Any]) -> str:
+    """The inbound id of an edit: `edit<edited_timestamp in µs>:<message id>`."""
+    at = datetime.fromisoformat(data["edited_timestamp"])
+    micros = (at - datetime(1970, 1, 1, tzinfo=timezone.utc)) // timedelta(microseconds=1)
+    return f"edit{micros}:{data['id']}"
 
 
 def _shape(parts: list[str]) -> str:

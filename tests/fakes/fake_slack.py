@@ -22,7 +22,8 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from fakes.base import FakeServer
+from fakes.base import Call, FakeServer, Rule
+from fakes.contract import PlatformFake, Sent
 
 BOT_USER, BOT_ID = "UBOT0001", "BBOT0001"
 
@@ -31,7 +32,9 @@ def _ok(**data: Any) -> web.Response:
     return web.json_response({"ok": True, **data})
 
 
-class FakeSlack(FakeServer):
+class FakeSlack(FakeServer, PlatformFake):
+    channel, limit, typing, reply_refs, user = "slack", 40_000, False, False, "UCLICK01"
+
     def __init__(self, bot_token: str = "xoxb-test", app_token: str = "xapp-test") -> None:
         super().__init__()
         self.bot_token, self.app_token = bot_token, app_token
@@ -43,6 +46,7 @@ class FakeSlack(FakeServer):
         self.clock = 1_700_000_000.0
         self.messages: dict[str, dict[str, Any]] = {}  # ts → message (bot and users)
         self.files: dict[str, dict[str, Any]] = {}
+        self.last_user_envelope: str | None = None
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 << 20)
@@ -81,7 +85,7 @@ class FakeSlack(FakeServer):
                             "url_private_download": f"{self.url}/files-pri/{fid}/{name}"}]
         ev.update(raw or {})
         self.messages[ts] = ev
-        self.envelope("events_api", {"token": "t", "team_id": "T1", "api_app_id": "A1",
+        self.last_user_envelope = self.envelope("events_api", {"token": "t", "team_id": "T1", "api_app_id": "A1",
                                      "type": "event_callback", "event_id": f"Ev{ts}",
                                      "event_time": int(time.time()), "event": ev})
         return ts
@@ -98,7 +102,9 @@ class FakeSlack(FakeServer):
             if edited:
                 after["edited"] = {"user": before.get("user"), "ts": stamp}
             self.messages[ts] = after
-        return self.envelope("events_api", self._callback(self._changed(before, after, stamp)))
+        self.last_user_envelope = self.envelope(
+            "events_api", self._callback(self._changed(before, after, stamp)))
+        return self.last_user_envelope
 
     def delete_message(self, ts: str) -> str:
         """The author deletes a message (a `message_deleted` event); the envelope id."""
@@ -167,6 +173,64 @@ class FakeSlack(FakeServer):
         with self.lock:
             return [m for m in self.messages.values()
                     if m["channel"] == channel and m.get("bot_id") == BOT_ID]
+
+    # ---- PlatformFake (tests/fakes/contract.py) ---------------------------------------
+    def host_env(self) -> dict[str, str]:
+        return {"SLACK_BOT_TOKEN": self.bot_token, "SLACK_APP_TOKEN": self.app_token,
+                "SLACK_API_BASE": self.api_base}
+
+    def connected(self, host: Any) -> bool:
+        return self.connections > 0
+
+    def chat(self, n: int) -> str:
+        return f"C6{n:03d}"
+
+    def new_thread(self, chat: str) -> str:
+        return self.ts()  # a thread root's ts
+
+    def user_says(self, chat: str, text: str, *, thread: str | None = None,
+                  file: tuple[str, bytes, str] | None = None) -> str:
+        return self.user_message(chat, text, thread_ts=thread, file=file)
+
+    def user_edits(self, chat: str, message_id: str, text: str) -> str:
+        self.edit_message(message_id, text)
+        return f"edit{self.messages[message_id]['edited']['ts']}:{message_id}"
+
+    def redeliver_last(self) -> None:
+        assert self.last_user_envelope is not None
+        self.redeliver(self.last_user_envelope)
+
+    def press(self, chat: str, card: Sent, index: int) -> None:
+        self.click(chat, card.id, card.buttons[index][1], user=self.user)
+
+    def bot_sent(self, chat: str, thread: str | None = None) -> list[Sent]:
+        out = []
+        for m in self.sent(chat):
+            if thread is not None and m.get("thread_ts") != thread:
+                continue
+            buttons = [(b["text"]["text"], b["action_id"]) for blk in m.get("blocks") or []
+                       if blk.get("type") == "actions" for b in blk.get("elements") or []]
+            files = [(self.files[f]["name"], self.files[f].get("data", b""))
+                     for f in m.get("files") or []]
+            out.append(Sent(m["ts"], m.get("text") or "", m.get("thread_ts"), None, buttons,
+                            files, list(m.get("reactions") or []), m))
+        return out
+
+    def send_calls(self, chat: str) -> list[Call]:
+        return [c for c in self.calls_of("chat.postMessage", None)
+                if c.params.get("channel") == chat]
+
+    def typing_calls(self, chat: str) -> list[Call]:
+        return []  # Slack shows bots no typing indicator
+
+    def rate_limit(self, chat: str, seconds: float) -> Rule:
+        return self.inject("chat.postMessage", status=429, retry_after=seconds, channel=chat)
+
+    def fail_sends(self, chat: str, count: int) -> Rule:
+        return self.inject("chat.postMessage", count=count, status=500, channel=chat)
+
+    def refuse_sends(self, chat: str) -> Rule:
+        return self.inject("chat.postMessage", status=200, channel=chat)  # channel_not_found
 
     # ---- Socket Mode ------------------------------------------------------------------
     async def _socket(self, request: web.Request) -> web.StreamResponse:

@@ -25,7 +25,8 @@ from typing import Any
 
 from aiohttp import web
 
-from fakes.base import FakeServer
+from fakes.base import Call, FakeServer, Rule
+from fakes.contract import PlatformFake, Sent
 
 BOT = {"id": 777000, "is_bot": True, "first_name": "Andy", "username": "andy_test_bot",
        "can_join_groups": True, "can_read_all_group_messages": False,
@@ -109,7 +110,9 @@ def _value(key: str, v: str) -> Any:
         return v
 
 
-class FakeTelegram(FakeServer):
+class FakeTelegram(FakeServer, PlatformFake):
+    channel, limit, typing, reply_refs, user = "telegram", 4096, True, True, "9"
+
     def __init__(self, token: str = "123:TEST") -> None:
         super().__init__()
         self.token = token
@@ -121,6 +124,7 @@ class FakeTelegram(FakeServer):
         self.replays: list[dict[str, Any]] = []  # confirmed updates to send again
         self.files: dict[str, tuple[str, bytes]] = {}  # file_id → (path, data)
         self.changed: asyncio.Condition | None = None
+        self.last_update: int | None = None
 
     def app(self) -> web.Application:
         self.changed = asyncio.Condition()
@@ -186,7 +190,8 @@ class FakeTelegram(FakeServer):
                 self.changed.notify_all()
         self.run(_replay())
 
-    def click(self, chat_id: int, message_id: int, data: str, user_id: int | None = None) -> str:
+    def click(self, chat_id: int, message_id: int, data: str,
+                     user_id: int | None = None) -> str:
         """Queue a button click on a message the bot sent; returns the callback query id."""
         cqid = f"cq{self._mid()}"
         msg = self.messages.get(message_id) or {"message_id": message_id,
@@ -201,6 +206,7 @@ class FakeTelegram(FakeServer):
         """Queue one raw update (anything: fuzz tests send garbage); returns its id."""
         uid = self.next_update
         self.next_update += 1
+        self.last_update = uid
         self.run(self._push({"update_id": uid, **body}))
         return uid
 
@@ -221,6 +227,67 @@ class FakeTelegram(FakeServer):
         with self.lock:
             self.next_message += 1
             return self.next_message
+
+    # ---- PlatformFake (tests/fakes/contract.py) ---------------------------------------
+    def host_env(self) -> dict[str, str]:
+        return {"TELEGRAM_BOT_TOKEN": self.token, "TELEGRAM_API_BASE": self.url,
+                "NANOCLAW_TELEGRAM_POLL_TIMEOUT": "1"}
+
+    def connected(self, host: Any) -> bool:
+        return bool(self.calls_of("getUpdates"))
+
+    def chat(self, n: int) -> str:
+        return str(600 + n)  # a private chat: its id is the user's
+
+    def new_thread(self, chat: str) -> str:
+        return str(self._mid())  # a forum topic
+
+    def user_says(self, chat: str, text: str, *, thread: str | None = None,
+                  file: tuple[str, bytes, str] | None = None) -> str:
+        return str(self.user_message(int(chat), text, document=file,
+                                     thread_id=None if thread is None else int(thread)))
+
+    def user_edits(self, chat: str, message_id: str, text: str) -> str:
+        return f"edit{self.edit_message(int(message_id), text)}:{message_id}"
+
+    def redeliver_last(self) -> None:
+        assert self.last_update is not None
+        self.redeliver(self.last_update)
+
+    def press(self, chat: str, card: Sent, index: int) -> None:
+        self.click(int(chat), int(card.id), card.buttons[index][1], int(self.user))
+
+    def bot_sent(self, chat: str, thread: str | None = None) -> list[Sent]:
+        out = []
+        for m in self.sent(int(chat)):
+            t = None if m.get("message_thread_id") is None else str(m["message_thread_id"])
+            if thread is not None and t != thread:
+                continue
+            rows = (m.get("reply_markup") or {}).get("inline_keyboard") or []
+            doc = m.get("document")
+            out.append(Sent(
+                str(m["message_id"]), m.get("text") or "", t,
+                None if m.get("reply_to_message_id") is None else str(m["reply_to_message_id"]),
+                [(b["text"], b["callback_data"]) for row in rows for b in row],
+                [(doc["file_name"], self.files[doc["file_id"]][1])] if doc else [],
+                [r.get("emoji", "") for r in m.get("reactions") or []], m))
+        return out
+
+    def send_calls(self, chat: str) -> list[Call]:
+        return [c for c in self.calls_of("sendMessage", None)
+                if str(c.params.get("chat_id")) == chat]
+
+    def typing_calls(self, chat: str) -> list[Call]:
+        return [c for c in self.calls_of("sendChatAction") if str(c.params.get("chat_id")) == chat]
+
+    def rate_limit(self, chat: str, seconds: float) -> Rule:
+        return self.inject("sendMessage", status=429, retry_after=seconds, chat_id=chat)
+
+    def fail_sends(self, chat: str, count: int) -> Rule:
+        return self.inject("sendMessage", count=count, status=502, chat_id=chat)
+
+    def refuse_sends(self, chat: str) -> Rule:
+        return self.inject("sendMessage", status=403, chat_id=chat)
 
     # ---- the API ----------------------------------------------------------------------
     def _ok(self, result: Any) -> web.Response:
