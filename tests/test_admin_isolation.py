@@ -18,7 +18,7 @@ import pytest
 from test_broker import TAIL, Running, Upstream, post
 
 from nanoclaw.agents import mounts
-from nanoclaw.cli import main as cli
+from nanoclaw.cli import doctor
 from nanoclaw.config import Settings
 from nanoclaw.db.store import Store
 from nanoclaw.runtime import RUNTIMES, BwrapRuntime, mountns
@@ -273,7 +273,7 @@ def _fake(monkeypatch, docker: bool, bwrap: bool, root: bool) -> None:
 
 
 def _report(tmp_path, **kw) -> list[tuple[bool | None, str]]:
-    return cli.runtime_report(Settings(data_dir=tmp_path / "data", **kw))
+    return doctor.runtime_report(Settings(data_dir=tmp_path / "data", **kw))
 
 
 def test_doctor_runtime_and_warm_pool_decisions(tmp_path, monkeypatch):

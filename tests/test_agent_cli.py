@@ -321,11 +321,11 @@ def test_a_failing_approved_command_tells_the_agent_why(w):
 
 
 def test_cli_scope_is_an_admin_setting(w):
-    from nanoclaw.cli import admin
     from nanoclaw.cli.main import build_parser
+    from nanoclaw.cli.ops_groups import groups_update
 
     a = build_parser().parse_args(["groups", "update", "main", "--cli-scope", "global"])
-    admin.groups(a, w.store, w.settings)
+    groups_update(a, w.store, w.settings)
     assert agent_cli.scope_of(w.store, w.ag) == "global"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["groups", "update", "main", "--cli-scope", "root"])

@@ -141,7 +141,9 @@ def test_orphans_of_this_install_go_other_installs_stay(dhost, docker_client, ag
                                           labels={"nanoclaw.install": "0ther1ns"})
     try:
         h.start()
-        wait_for(lambda: ours.id not in {c.id for c in docker_client.containers.list(all=True)},
+        # the low-level list: `containers.list` inspects each container after listing, and
+        # fails on one removed in between (the very removal this waits for)
+        wait_for(lambda: ours.id not in {c["Id"] for c in docker_client.api.containers(all=True)},
                  30, what="our orphan removed")
         theirs.reload()
         assert theirs.status == "running"
@@ -196,7 +198,7 @@ def test_doctor_knows_whether_the_image_matches_its_recipe(docker_client, agent_
                                                          tmp_path):
     import io
 
-    from nanoclaw.cli.main import image_freshness
+    from nanoclaw.cli.doctor import image_freshness
 
     ok, line = image_freshness(Settings(data_dir=tmp_path / "data", image=agent_image))
     assert ok is True and "up to date" in line  # built by `make image` from container/

@@ -66,11 +66,21 @@ class Channel:
     def __init__(self, settings: Settings, host: ChannelHost):
         self.settings, self.host = settings, host
         self.dead: str | None = None  # set by die(): why the connection is beyond repair
+        self.fatal: str | None = None  # set by halt(): why it must not reconnect at all
 
     def die(self, reason: str) -> None:
-        """Liveness failed for good: the channel worker stops and exits non-zero."""
+        """Liveness failed for good: the channel worker stops and exits non-zero (the
+        orchestrator restarts it under the crash-loop breaker)."""
         if self.dead is None:
             self.dead = reason
+        self.host.kick()
+
+    def halt(self, reason: str) -> None:
+        """The platform says a reconnect cannot help (logged out, a second client took
+        over, a revoked token): the worker exits with the bad-configuration code and is
+        not restarted until asked, so no reconnect loop runs against the platform."""
+        if self.fatal is None:
+            self.fatal = reason
         self.host.kick()
 
     @classmethod

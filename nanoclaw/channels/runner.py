@@ -26,6 +26,7 @@ from nanoclaw.channels.base import (
     Unavailable,
 )
 from nanoclaw.config import Settings
+from nanoclaw.errors import ConfigError
 from nanoclaw.db.store import Store
 from nanoclaw.log import logger
 from nanoclaw.nudge import Poller
@@ -201,6 +202,8 @@ class ChannelRunner:
             await adapter.setup()
             poll = Poller.for_settings(self.settings, listener is not None)
             while not stop.is_set():
+                if adapter.fatal:
+                    raise ConfigError(adapter.fatal)
                 if adapter.dead:
                     raise ChannelDead(adapter.dead)
                 now = self.clock()

@@ -69,25 +69,9 @@ class WhatsAppChannel(Channel):
     name = "whatsapp"
     supports_threads = False
 
-    def __init__(self, settings, host):
-        self.fatal: str | None = None
-        super().__init__(settings, host)
-
     @classmethod
     def enabled(cls, settings) -> bool:
         return bool(settings.whatsapp_enabled)
-
-    @property
-    def dead(self) -> str | None:  # type: ignore[override]
-        """Read by the runner each pass: a fatal state (logged out, conflict) raises
-        ConfigError there, so the worker exits 78 and waits instead of restart-looping."""
-        if self.fatal:
-            raise ConfigError(self.fatal)
-        return self._dead
-
-    @dead.setter
-    def dead(self, value: str | None) -> None:
-        self._dead = value
 
     # ---- connection -------------------------------------------------------------------
     async def setup(self) -> None:
@@ -118,12 +102,13 @@ class WhatsAppChannel(Channel):
         return getattr(self, "connected", False) and not getattr(self, "keepalive_bad", False)
 
     def _fatal(self, state: str, message: str) -> None:
+        """Logged out, conflict, banned: told once, then the worker exits with the
+        bad-configuration code and waits (`halt`), never a reconnect loop."""
         if self.fatal:
             return
-        self.fatal = message
         logger.error("whatsapp: {}", message)  # once; the supervisor then marks it FATAL
         self._status(state, reason=message)
-        self.host.kick()
+        self.halt(message)
 
     def _status(self, state: str, **fields: Any) -> None:
         try:
@@ -186,7 +171,7 @@ class WhatsAppChannel(Channel):
     async def _watch(self) -> None:
         s = self.settings
         tick = max(0.05, min(5.0, s.channel_liveness / 4, s.whatsapp_silence / 4))
-        while not self.fatal and not self._dead:
+        while not self.fatal and not self.dead:
             await asyncio.sleep(tick)
             now = time.monotonic()
             if not self.is_connected():

@@ -1,0 +1,119 @@
+"""`nanoclaw doctor`: checks the installation and says what is wrong in plain words:
+the settings, the sandbox user, which runtime agents get here (and why not the others),
+the agent image, the warm pool, the host, its database and workers."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from nanoclaw import config
+from nanoclaw.cli.common import CliError, open_store
+from nanoclaw.cli.host import host_pid
+from nanoclaw.config import Settings, SettingsError
+
+
+def runtime_report(settings: Settings) -> list[tuple[bool | None, str]]:
+    """Which runtime agents get here and why not the others; whether the warm pool is in
+    effect. (ok, line) pairs; ok None is a plain note."""
+    from nanoclaw.log import logger
+    from nanoclaw.runtime import AUTO_ORDER, RUNTIMES, WHY_NOT, mountns
+
+    logger.disable("nanoclaw.runtime")  # the probes' debug lines are not for this screen
+    try:
+        usable = {n: bool(RUNTIMES[n].available(settings)) for n in AUTO_ORDER}
+    finally:
+        logger.enable("nanoclaw.runtime")
+    auto = next((n for n in AUTO_ORDER if usable[n]), "process")
+    out: list[tuple[bool | None, str]] = []
+    for n, ok in usable.items():
+        if not ok:
+            out.append((None, f"runtime {n} is not usable: " + WHY_NOT[n].format(
+                image=settings.image)))
+    chosen = settings.runtime if settings.runtime != "auto" else auto
+    if settings.runtime == "auto":
+        out.append((auto != "process", f"runtime auto picks {auto} here" + (
+            ": agents run WITHOUT isolation (development only)" if auto == "process" else "")))
+    elif settings.runtime != "process" and not usable[settings.runtime]:
+        out.append((False, f"runtime {settings.runtime} (NANOCLAW_RUNTIME) cannot run here;"
+                    f" auto would pick {auto}"))
+        return out
+    else:
+        out.append((True, f"runtime {chosen} (NANOCLAW_RUNTIME; auto would pick {auto})" + (
+            ": agents run WITHOUT isolation" if chosen == "process" else "")))
+    if chosen == "docker":
+        out.append(image_freshness(settings))
+    n = settings.warm_pool
+    if n <= 0:
+        out.append((None, "warm pool off (NANOCLAW_WARM_POOL=0): every agent starts cold"))
+    elif chosen == "docker":
+        out.append((None, "warm pool not used by docker (a container's mounts are fixed when"
+                    " it is created)"))
+    elif chosen == "bwrap" and not mountns.can_mount():
+        out.append((None, "warm pool off: bwrap hands a session to a waiting sandbox only"
+                    " when the host runs as root; every agent starts cold"))
+    else:
+        out.append((True, f"warm pool on: {n} {chosen} agent(s) started ahead"
+                    " (NANOCLAW_WARM_POOL)"))
+    return out
+
+
+def image_freshness(settings: Settings) -> tuple[bool | None, str]:
+    """Whether the agent image was built from the recipe in container/ as it is now."""
+    from nanoclaw.lifecycle.containers import RUNNER_DIR
+    from nanoclaw.runtime import docker as docker_rt
+    from nanoclaw.runtime import sandbox
+
+    want = sandbox.image_hash(RUNNER_DIR)
+    try:
+        labels = docker_rt.client(timeout=5).images.get(settings.image).labels or {}
+    except Exception as e:  # noqa: BLE001 - the report says what it could not see
+        return None, f"image {settings.image}: cannot inspect it ({e})"
+    have = labels.get("nanoclaw.image-hash")
+    if have == want:
+        return True, f"image {settings.image} is up to date ({want})"
+    return None, (f"image {settings.image} was built from another recipe ({have or 'unknown'},"
+                  f" container/ is now {want}): run make image")
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    problems = 0
+
+    def say(ok: bool, text: str) -> None:
+        nonlocal problems
+        problems += 0 if ok else 1
+        print(f"{'ok ' if ok else 'BAD'}  {text}")
+
+    try:
+        s = config.load()
+        say(True, "settings are valid")
+    except SettingsError as e:
+        say(False, str(e))
+        return 1
+    problem = s.agent_uid_problem()
+    say(problem is None, problem or (f"agent uid {s.agent_uid} belongs to no local account"
+                                     if os.geteuid() == 0 else
+                                     "sandboxes run as this user (the host is not root)"))
+    for ok, line in runtime_report(s):
+        if ok is None:
+            print(f"{'-':<3}  {line}")
+        else:
+            say(ok, line)
+    pid = host_pid(s)
+    say(bool(pid), f"host {'running, pid ' + str(pid) if pid else 'is not running (make run)'}")
+    if s.db_path.exists():
+        try:
+            store = open_store(s)
+            say(True, f"database {s.db_path} opens and passes its check")
+            bad = [w for w in store.workers() if w["state"] in ("BACKOFF", "FATAL")]
+            for w in bad:
+                say(False, f"worker {w['name']} is {w['state']} (last exit: {w['last_exit']});"
+                    " see logs/nanoclaw.error.log")
+            failed = store.count_sends("failed")
+            say(failed == 0, f"{failed} send(s) failed for good")
+        except CliError as e:
+            say(False, str(e))
+    else:
+        say(False, f"no database yet at {s.db_path} (start the host once)")
+    say(s.cli_socket.exists() or not pid, f"terminal socket {s.cli_socket}")
+    return 1 if problems else 0
