@@ -170,6 +170,25 @@ def test_login_that_never_completes_says_so(env):
     assert "already linked" in out.getvalue()
 
 
+
+def test_the_terminal_verb_links_it_and_doctor_reports_it(env, capsys):
+    """`nanoclaw channels login whatsapp` is the login above, on the terminal: the QR
+    code is printed there; `channels` and `doctor` then show the channel's state."""
+    from nanoclaw.cli.main import main
+
+    fake = FakeWAClient(paired=False, script=[
+        WAEvent("qr", code="2@verb,xyz"), 0.05, lambda: fake.pair_success()])
+    env.monkeypatch.setattr(wac, "new_client", lambda _s: fake)
+    assert main(["channels", "login", "whatsapp"]) == 0
+    assert render_qr("2@verb,xyz") in capsys.readouterr().out
+    assert main(["channels"]) == 0
+    listing = capsys.readouterr().out
+    assert "whatsapp         on   (linked" in listing
+    assert main(["channels", "login", "telegram"]) == 1
+    assert "has no login" in capsys.readouterr().err
+    main(["doctor"])
+    assert "channel whatsapp: linked" in capsys.readouterr().out
+
 # ---- messages -----------------------------------------------------------------------
 def test_message_in_reaches_the_agent_and_the_reply_goes_out(env):
     from nanoclaw.routing.router import Event, Router

@@ -76,6 +76,25 @@ def image_freshness(settings: Settings) -> tuple[bool | None, str]:
                   f" container/ is now {want}): run make image")
 
 
+def door_report(settings: Settings) -> list[str]:
+    """The webhook door's address and each platform's path on it; a linked channel's
+    last state (logged out, conflict: what to do is in it)."""
+    from nanoclaw.channels import webhook_names
+    from nanoclaw.cli.channels import LOGINS, door_url, status_of
+
+    out = []
+    hooks = webhook_names(settings)
+    if hooks:
+        url = door_url(settings)
+        out.append(f"webhook door {url} (publish only /webhook/<channel> on it: README)")
+        out += [f"  {name} is called at {url}/webhook/{name}" for name in hooks]
+    for name in LOGINS:
+        st = status_of(settings, name)
+        if st:
+            out.append(f"channel {name}: {st}")
+    return out
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     problems = 0
 
@@ -116,4 +135,6 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     else:
         say(False, f"no database yet at {s.db_path} (start the host once)")
     say(s.cli_socket.exists() or not pid, f"terminal socket {s.cli_socket}")
+    for line in door_report(s):
+        print(f"{'-':<3}  {line}")
     return 1 if problems else 0

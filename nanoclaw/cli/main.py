@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nanoclaw.cli import admin, agent, chat, doctor, host
+from nanoclaw.cli import admin, agent, channels, chat, doctor, host
 from nanoclaw.cli.common import CliError
 
 # importing `agent` installs the approval handler of an agent's `ncl` command, which
@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     lg.set_defaults(fn=host.cmd_logs)
     sub.add_parser("doctor", help="check the installation, the runtime and the warm pool; say"
                    " what is wrong").set_defaults(fn=doctor.cmd_doctor)
+    channels.add_parser(sub)
     admin.add_parsers(sub)
     im = sub.add_parser("image", help="build the agent image (container/build.sh)")
     im.add_argument("action", choices=["build"])
