@@ -290,3 +290,21 @@ def test_a_newly_named_agent_replays_in_its_thread(env):
     r.route(Event("cli", "local", "d1", text="Threads", sender_id=HANDLE))
     new = store.q1("SELECT id FROM agent_groups WHERE name='threads'")["id"]
     _threaded_session(store, s, new, "9")
+
+
+# ---- an approval is opened with its cards, or not at all ----------------------------------
+
+
+def test_an_approval_whose_card_cannot_be_queued_is_not_stored(env):
+    """The approval row and the card asking about it are one transaction: a refused card
+    leaves no approval that nobody was asked about (the next message asks again)."""
+    store, s, router, ag = env
+    store.conn.execute("UPDATE messaging_groups SET unknown_sender_policy='request_approval'")
+    refuse_inserts(store, "channel_outbox")
+    with pytest.raises(sqlite3.IntegrityError, match="refused for the test"):
+        router.route(Event("cli", "local", "m1", text="hi", sender_id="stranger"))
+    assert count(store, "pending_sender_approvals") == 0
+    allow_inserts(store, "channel_outbox")
+    router.route(Event("cli", "local", "m2", text="hi", sender_id="stranger"))
+    assert count(store, "pending_sender_approvals") == 1
+    assert store.q1("SELECT 1 AS x FROM channel_outbox WHERE idem_key LIKE 'card:snd-%'")

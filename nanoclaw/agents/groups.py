@@ -8,7 +8,7 @@ import re
 
 from nanoclaw import hostile
 from nanoclaw.config import Settings
-from nanoclaw.db import session as sessiondb
+from nanoclaw.db.session import create as create_session_folder
 from nanoclaw.db.store import Store
 from nanoclaw.log import logger
 from nanoclaw.util import local_user_id
@@ -53,7 +53,7 @@ def ensure_group_folder(settings: Settings, folder: str, name: str,
 
 def migrate_sessions(settings: Settings) -> int:
     """Session folders of the older flat layout are moved into the current one at
-    start (`sessiondb.create`), so the sweep sees their due rows."""
+    start (`db.session.create`), so the sweep sees their due rows."""
     n = 0
     owner = settings.agent_owner()
     if not settings.sessions_dir.is_dir():
@@ -65,7 +65,7 @@ def migrate_sessions(settings: Settings) -> int:
             db = os.path.join(sess.path, "db")
             if sess.is_dir(follow_symlinks=False) and not sess.name.endswith(".flat") \
                     and (os.path.islink(db) or not os.path.isdir(db)):
-                sessiondb.create(sess.path, owner)
+                create_session_folder(sess.path, owner)
                 n += 1
     if n:
         logger.info("moved {} session folder(s) to the current layout", n)
@@ -75,7 +75,7 @@ def migrate_sessions(settings: Settings) -> int:
 def ensure_defaults(store: Store, settings: Settings) -> None:
     settings.sessions_dir.mkdir(parents=True, exist_ok=True)
     migrate_sessions(settings)
-    if store.q1("SELECT id FROM agent_groups LIMIT 1"):
+    if store.agent_groups():
         return
     ag = store.create_agent_group("main", "main", settings.provider, settings.model,
                                   settings.assistant_name)

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nanoclaw.errors import Refused
 from nanoclaw.runtime.base import Mount
 
 if TYPE_CHECKING:
@@ -44,7 +45,7 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # fullmatch: `$` allows "
 EXTRA = "/workspace/extra"
 
 
-class MountError(ValueError):
+class MountError(Refused, ValueError):
     """This mount is refused; the message says why in one line."""
 
 

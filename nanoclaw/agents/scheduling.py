@@ -10,18 +10,18 @@ transaction: a crash in between cannot fire an occurrence twice.
 
 from __future__ import annotations
 
-import json
 from datetime import datetime, timezone
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from croniter import croniter
 
-from nanoclaw.db import session as sessiondb
-from nanoclaw.util import iso, new_id, utcnow
+from nanoclaw.db.session import SessionInbound, SessionPaths
+from nanoclaw.errors import Refused
+from nanoclaw.util import iso, new_id
 
 
-class TaskError(ValueError):
+class TaskError(Refused, ValueError):
     """A task request the agent must be told about (bad time, bad cron, no such task)."""
 
 
@@ -49,7 +49,7 @@ def next_run(expr: str, tz: str, now: float) -> str:
     return iso(nxt.astimezone(timezone.utc).timestamp())
 
 
-def schedule(paths: sessiondb.SessionPaths, *, prompt: str, process_after: str | None,
+def schedule(paths: SessionPaths, *, prompt: str, process_after: str | None,
              recurrence: str | None, script: str | None, tz: str, now: float,
              routing: tuple[str | None, str | None, str | None]) -> str:
     if not isinstance(prompt, str) or not prompt.strip():
@@ -63,108 +63,59 @@ def schedule(paths: sessiondb.SessionPaths, *, prompt: str, process_after: str |
         raise TaskError("a task needs processAfter or a recurrence")
     tid = new_id("task")
     ch, pid, thread = routing
-    sessiondb.insert_message(paths, id=tid, kind="task",
-                             content={"prompt": prompt, "script": script or None},
-                             process_after=when, recurrence=cron, series_id=tid,
-                             channel_type=ch, platform_id=pid, thread_id=thread)
+    SessionInbound(paths).insert(id=tid, kind="task",
+                                 content={"prompt": prompt, "script": script or None},
+                                 process_after=when, recurrence=cron, series_id=tid,
+                                 channel_type=ch, platform_id=pid, thread_id=thread)
     return tid
 
 
-def _live(conn, task_id: str) -> list[Any]:
-    return conn.execute(
-        "SELECT * FROM messages_in WHERE kind='task' AND (id=? OR series_id=?)"
-        " AND status IN ('pending','paused')", (task_id, task_id)).fetchall()
-
-
-def _act(paths: sessiondb.SessionPaths, task_id: str, sql: str, args: tuple = ()) -> int:
-    with sessiondb.transaction(paths.inbound) as conn:
-        rows = _live(conn, task_id)
-        for r in rows:
-            conn.execute(sql, (*args, r["id"]))
-    if not rows:
+def _act(paths: SessionPaths, task_id: str, action: str) -> int:
+    n = SessionInbound(paths).task_action(task_id, action)
+    if not n:
         raise TaskError(f"no live task {task_id!r}")
-    return len(rows)
+    return n
 
 
-def cancel(paths: sessiondb.SessionPaths, task_id: str) -> int:
-    return _act(paths, task_id,
-                "UPDATE messages_in SET status='completed', recurrence=NULL WHERE id=?")
+def cancel(paths: SessionPaths, task_id: str) -> int:
+    return _act(paths, task_id, "cancel")
 
 
-def pause(paths: sessiondb.SessionPaths, task_id: str) -> int:
-    return _act(paths, task_id, "UPDATE messages_in SET status='paused' WHERE id=?"
-                                " AND status='pending'")
+def pause(paths: SessionPaths, task_id: str) -> int:
+    return _act(paths, task_id, "pause")
 
 
-def resume(paths: sessiondb.SessionPaths, task_id: str) -> int:
-    return _act(paths, task_id, "UPDATE messages_in SET status='pending' WHERE id=?"
-                                " AND status='paused'")
+def resume(paths: SessionPaths, task_id: str) -> int:
+    return _act(paths, task_id, "resume")
 
 
-def update(paths: sessiondb.SessionPaths, task_id: str, *, tz: str, prompt: str | None = None,
+def update(paths: SessionPaths, task_id: str, *, tz: str, prompt: str | None = None,
            recurrence: str | None = None, process_after: str | None = None,
            script: str | None = None) -> int:
     """Merge prompt/script into the content; `''` clears script or recurrence."""
+    if prompt is not None and not prompt.strip():
+        raise TaskError("prompt cannot be empty")
     cron = None if recurrence in (None, "") else check_cron(recurrence)
     when = parse_when(process_after, tz) if process_after else None
-    with sessiondb.transaction(paths.inbound) as conn:
-        rows = _live(conn, task_id)
-        for r in rows:
-            content = json.loads(r["content"])
-            if prompt is not None:
-                if not prompt.strip():
-                    raise TaskError("prompt cannot be empty")
-                content["prompt"] = prompt
-            if script is not None:
-                content["script"] = script or None
-            conn.execute("UPDATE messages_in SET content=? WHERE id=?",
-                         (json.dumps(content), r["id"]))
-            if recurrence is not None:
-                conn.execute("UPDATE messages_in SET recurrence=? WHERE id=?", (cron, r["id"]))
-            if when:
-                conn.execute("UPDATE messages_in SET process_after=? WHERE id=?", (when, r["id"]))
-    if not rows:
+    n = SessionInbound(paths).update_task(
+        task_id, prompt=prompt, script=script, process_after=when,
+        **({} if recurrence is None else {"recurrence": cron}))
+    if not n:
         raise TaskError(f"no live task {task_id!r}")
-    return len(rows)
+    return n
 
 
-def list_tasks(paths: sessiondb.SessionPaths, status: str | None = None) -> list[dict[str, Any]]:
+def list_tasks(paths: SessionPaths, status: str | None = None) -> list[dict[str, Any]]:
     """One row per series: its newest occurrence."""
-    with sessiondb.opened(paths.inbound, readonly=True) as conn:
-        rows = conn.execute(
-            "SELECT * FROM messages_in WHERE kind='task' ORDER BY seq").fetchall()
     latest: dict[str, dict[str, Any]] = {}
-    for r in rows:
-        latest[r["series_id"] or r["id"]] = dict(r)
+    for r in SessionInbound(paths).tasks():
+        latest[r["series_id"] or r["id"]] = r
     out = list(latest.values())
     if status:
         out = [r for r in out if r["status"] == status]
     return out
 
 
-def recur(paths: sessiondb.SessionPaths, tz: str, now: float) -> list[str]:
+def recur(paths: SessionPaths, tz: str, now: float) -> list[str]:
     """Clone each completed row that still has a cron into its next occurrence."""
-    made: list[str] = []
-    with sessiondb.opened(paths.inbound, readonly=True) as conn:  # cheap check first
-        if not conn.execute("SELECT 1 FROM messages_in WHERE status IN ('completed','failed')"
-                            " AND recurrence IS NOT NULL LIMIT 1").fetchone():
-            return made
-    with sessiondb.transaction(paths.inbound) as conn:
-        done = conn.execute("SELECT * FROM messages_in WHERE status IN ('completed','failed')"
-                            " AND recurrence IS NOT NULL").fetchall()
-        for r in done:
-            nid = new_id("task")
-            top = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM messages_in").fetchone()[0]
-            top = max(top, sessiondb.max_out_seq(paths))
-            seq = top + 2 if top % 2 == 0 else top + 1
-            conn.execute(
-                "INSERT INTO messages_in (id, seq, kind, timestamp, status, process_after,"
-                " recurrence, series_id, tries, trigger, platform_id, channel_type, thread_id,"
-                " content, source_session_id, on_wake) VALUES"
-                " (?,?,?,?,'pending',?,?,?,0,1,?,?,?,?,?,0)",
-                (nid, seq, r["kind"], utcnow(), next_run(r["recurrence"], tz, now),
-                 r["recurrence"], r["series_id"] or r["id"], r["platform_id"],
-                 r["channel_type"], r["thread_id"], r["content"], r["source_session_id"]))
-            conn.execute("UPDATE messages_in SET recurrence=NULL WHERE id=?", (r["id"],))
-            made.append(nid)
-    return made
+    return SessionInbound(paths).recur(lambda cron: next_run(cron, tz, now))

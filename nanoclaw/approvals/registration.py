@@ -10,7 +10,8 @@ an agent; the new agent group is created and the chat connected to it.
 
 Each decision is one transaction (a `Store` method): checked first, then the approval is
 closed and its effect written, all or nothing, so a failure leaves the approval open to
-be decided again. The approved message is replayed after the commit through the caller's
+be decided again. An approval is opened together with its cards (`Store.open_…`), so
+none is stored without its approver being asked. The approved message is replayed after the commit through the caller's
 router (`replay`), which knows which channels keep threads.
 """
 
@@ -43,8 +44,7 @@ class StillOpen(Refused):
 def ask_sender(store: Store, ev_row: dict[str, Any], mg: dict[str, Any], agent_group_id: str,
                uid: str, name: str | None) -> bool:
     """Ask an approver to let `uid` talk to the agent; False if already asked or nobody can."""
-    if store.q1("SELECT 1 AS x FROM pending_sender_approvals WHERE messaging_group_id=? AND"
-                " sender_identity=?", (mg["id"], uid)):
+    if store.sender_asked(mg["id"], uid):
         return False
     pick = approvals.choose(store, agent_group_id, mg["channel_type"])
     if pick is None:
@@ -53,37 +53,32 @@ def ask_sender(store: Store, ev_row: dict[str, Any], mg: dict[str, Any], agent_g
     approver, addr = pick
     rid = new_id("snd")
     ag = store.agent_group(agent_group_id)
-    store.conn.execute(
-        "INSERT OR IGNORE INTO pending_sender_approvals (id, messaging_group_id, agent_group_id,"
-        " sender_identity, sender_name, original_message, approver_user_id, created_at, title,"
-        " options_json) VALUES (?,?,?,?,?,?,?,?,?,?)",
-        (rid, mg["id"], agent_group_id, uid, name, json.dumps(ev_row), approver, utcnow(),
-         "New sender", json.dumps(ALLOW)))
-    approvals.send_card(store, rid, addr, "New sender",
-                        f"{name or uid} wants to talk to {ag['name'] if ag else agent_group_id}"
-                        f" in {mg['name'] or mg['platform_id']}. Allow?", ALLOW)
-    return True
+    question = (f"{name or uid} wants to talk to {ag['name'] if ag else agent_group_id}"
+                f" in {mg['name'] or mg['platform_id']}. Allow?")
+    return store.open_sender_approval(
+        {"id": rid, "messaging_group_id": mg["id"], "agent_group_id": agent_group_id,
+         "sender_identity": uid, "sender_name": name, "original_message": json.dumps(ev_row),
+         "approver_user_id": approver, "created_at": utcnow(), "title": "New sender",
+         "options_json": json.dumps(ALLOW)},
+        approvals.card_sends(store, rid, addr, "New sender", question, ALLOW))
 
 
 def ask_channel(store: Store, ev_row: dict[str, Any], mg: dict[str, Any]) -> bool:
     """Ask an owner/global admin which agent (if any) this new chat should talk to."""
-    if mg["denied_at"] or store.q1("SELECT 1 AS x FROM pending_channel_approvals WHERE"
-                                   " messaging_group_id=?", (mg["id"],)):
+    if mg["denied_at"] or store.chat_asked(mg["id"]):
         return False
-    agents = store.q("SELECT id, name FROM agent_groups ORDER BY created_at")
+    agents = store.agent_groups()
     pick = approvals.choose(store, None, mg["channel_type"])
     if not agents or pick is None:
         return False
     approver, addr = pick
     options = _chat_options(agents)
-    store.conn.execute(
-        "INSERT OR IGNORE INTO pending_channel_approvals (messaging_group_id, agent_group_id,"
-        " original_message, approver_user_id, created_at, title, options_json) VALUES"
-        " (?,?,?,?,?,?,?)", (mg["id"], None, json.dumps(ev_row), approver, utcnow(),
-                             "New chat", json.dumps(options)))
-    approvals.send_card(store, CHANNEL_PREFIX + mg["id"], addr, "New chat",
-                        _chat_question(mg), options)
-    return True
+    return store.open_channel_approval(
+        {"messaging_group_id": mg["id"], "original_message": json.dumps(ev_row),
+         "approver_user_id": approver, "created_at": utcnow(), "title": "New chat",
+         "options_json": json.dumps(options)},
+        approvals.card_sends(store, CHANNEL_PREFIX + mg["id"], addr, "New chat",
+                             _chat_question(mg), options))
 
 
 def _chat_options(agents: list[dict[str, Any]]) -> list[dict[str, str]]:
@@ -111,7 +106,7 @@ def decide(store: Store, settings: Settings, card_id: str, option: str,
     if card_id.startswith(CHANNEL_PREFIX):
         return _decide_channel(store, settings, card_id[len(CHANNEL_PREFIX):], option, clicker,
                                replay)
-    row = store.q1("SELECT * FROM pending_sender_approvals WHERE id=?", (card_id,))
+    row = store.sender_approval(card_id)
     if row is None:
         raise NotFound(f"no open approval {card_id!r}")
     if not approvals.may_decide(store, clicker, row["approver_user_id"], row["agent_group_id"]):
@@ -129,13 +124,13 @@ def decide(store: Store, settings: Settings, card_id: str, option: str,
 
 def _decide_channel(store: Store, settings: Settings, mg_id: str, option: str,
                     clicker: str | None, replay: Replay) -> str:
-    row = store.q1("SELECT * FROM pending_channel_approvals WHERE messaging_group_id=?", (mg_id,))
+    row = store.channel_approval(mg_id)
     if row is None:
         raise NotFound(f"no open approval for chat {mg_id!r}")
     if not approvals.may_decide(store, clicker, row["approver_user_id"], None):
         logger.warning("{} may not decide channel approval {}; ignored", clicker, mg_id)
         raise NotAllowed(f"{clicker} may not decide this approval")
-    mg = store.q1("SELECT * FROM messaging_groups WHERE id=?", (mg_id,))
+    mg = store.messaging_group_by_id(mg_id)
     if option == "new" and mg is not None and clicker:
         return _ask_name(store, row, mg, clicker)
     if not option.startswith("connect:") or mg is None:
@@ -176,26 +171,22 @@ def _ask_again(store: Store, row: dict[str, Any], mg: dict[str, Any],
     """A fresh card for a chat approval that stays open, offering today's agents: the
     card clicked is already marked as answered on the platform, so without a new one
     the approval could only be decided from the terminal."""
-    agents = store.q("SELECT id, name FROM agent_groups ORDER BY created_at")
-    options = _chat_options(agents)
-    store.conn.execute("UPDATE pending_channel_approvals SET options_json=? WHERE"
-                       " messaging_group_id=?", (json.dumps(options), mg["id"]))
+    options = _chat_options(store.agent_groups())
     addr = approvals.dm_address(store, clicker or row["approver_user_id"] or "")
-    if addr:
-        approvals.send_card(store, CHANNEL_PREFIX + mg["id"], addr, "New chat",
-                            _chat_question(mg), options, again=new_id("a"))
+    asks = approvals.card_sends(store, CHANNEL_PREFIX + mg["id"], addr, "New chat",
+                                _chat_question(mg), options, again=new_id("a")) if addr else []
+    store.reoffer_chat(mg["id"], options, asks)
 
 
 def _ask_name(store: Store, row: dict[str, Any], mg: dict[str, Any], clicker: str) -> str:
     """Remember who names the new agent; ask them in their direct chat."""
-    store.conn.execute("UPDATE pending_channel_approvals SET naming_by=?, naming_at=? WHERE"
-                       " messaging_group_id=?", (clicker, utcnow(), mg["id"]))
     addr = approvals.dm_address(store, clicker)
-    for channel, platform_id in approvals.mirrors(store, addr) if addr else []:
-        store.enqueue_send(f"name-ask:{mg['id']}:{channel}:{new_id('n')}", channel, platform_id,
-                           None, "chat", {"text": "What should the new agent for"
-                                          f" {mg['name'] or mg['platform_id']} be called?"
-                                          " Send me its name here."})
+    text = (f"What should the new agent for {mg['name'] or mg['platform_id']} be called?"
+            " Send me its name here.")
+    store.start_naming(mg["id"], clicker, [
+        {"idem_key": f"name-ask:{mg['id']}:{channel}:{new_id('n')}", "channel_type": channel,
+         "platform_id": platform_id, "kind": "chat", "content": {"text": text}}
+        for channel, platform_id in (approvals.mirrors(store, addr) if addr else [])])
     return "naming"
 
 
@@ -206,13 +197,11 @@ def take_name(store: Store, settings: Settings, uid: str, mg: dict[str, Any],
     no further)."""
     if mg["is_group"]:
         return False
-    row = store.q1("SELECT * FROM pending_channel_approvals WHERE naming_by=? ORDER BY"
-                   " naming_at LIMIT 1", (uid,))
+    row = store.naming_for(uid)
     if row is None:
         return False
     if time.time() - parse_iso(row["naming_at"]) > NAMING_TTL:  # asked too long ago: forget
-        store.conn.execute("UPDATE pending_channel_approvals SET naming_by=NULL, naming_at=NULL"
-                           " WHERE messaging_group_id=?", (row["messaging_group_id"],))
+        store.forget_naming(row["messaging_group_id"])
         return False
     from nanoclaw.agents.groups import ensure_group_folder, normalise_name
 
@@ -222,10 +211,9 @@ def take_name(store: Store, settings: Settings, uid: str, mg: dict[str, Any],
         store.enqueue_send(f"name-bad:{new_id('n')}", *reply, None, "chat",
                            {"text": "That is not a usable name: use letters, digits, - or _."})
         return True
-    chat = store.q1("SELECT * FROM messaging_groups WHERE id=?", (row["messaging_group_id"],))
+    chat = store.messaging_group_by_id(row["messaging_group_id"])
     if chat is None:
-        store.conn.execute("DELETE FROM pending_channel_approvals WHERE messaging_group_id=?",
-                           (row["messaging_group_id"],))
+        store.drop_channel_approval(row["messaging_group_id"])
         return True
     made = store.create_agent_for_chat(chat["id"], uid, name, settings.provider, settings.model,
                                        _wiring(chat), _sender(row, chat))

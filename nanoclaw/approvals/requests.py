@@ -24,7 +24,7 @@ import time
 from typing import Any, Callable
 
 from nanoclaw.config import Settings
-from nanoclaw.db import session as sessiondb
+from nanoclaw.db.session import SessionInbound, of
 from nanoclaw.db.store import Store
 from nanoclaw.errors import NotAllowed, NotFound, Refused
 from nanoclaw.log import logger
@@ -37,28 +37,16 @@ EXPIRY = 24 * 3600.0
 
 def pick_approvers(store: Store, agent_group_id: str | None) -> list[str]:
     """Scoped admins, then global admins, then owners; no duplicates."""
-    out: list[str] = []
-    queries = [("SELECT user_id FROM user_roles WHERE role='admin' AND agent_group_id=?",
-                (agent_group_id,)),
-               ("SELECT user_id FROM user_roles WHERE role='admin' AND agent_group_id IS NULL", ()),
-               ("SELECT user_id FROM user_roles WHERE role='owner'", ())]
-    for sql, args in queries:
-        if sql.endswith("agent_group_id=?") and not agent_group_id:
-            continue
-        for r in store.q(sql + " ORDER BY granted_at", args):
-            if r["user_id"] not in out:
-                out.append(r["user_id"])
-    return out
+    return store.approvers(agent_group_id)
 
 
 def dm_address(store: Store, user_id: str) -> tuple[str, str] | None:
     """(channel_type, platform_id) of a user's DM: the cache, else the channel's own
     convention (the terminal's owner chat; a platform user id elsewhere)."""
     ch, _, handle = user_id.partition(":")
-    row = store.q1("SELECT m.channel_type, m.platform_id FROM user_dms d JOIN messaging_groups m"
-                   " ON m.id=d.messaging_group_id WHERE d.user_id=?", (user_id,))
-    if row:
-        return row["channel_type"], row["platform_id"]
+    known = store.user_dm(user_id)
+    if known:
+        return known
     if not handle:
         return None
     if ch == "cli":
@@ -81,12 +69,19 @@ def send_card(store: Store, card_id: str, address: tuple[str, str], title: str, 
               options: list[dict[str, str]], again: str | None = None) -> None:
     """Queue the card to `address` and its mirrors, once per card id; `again` (a fresh
     token) sends it once more, for an approval that stays open after a click."""
+    store.enqueue_sends(card_sends(store, card_id, address, title, question, options, again))
+
+
+def card_sends(store: Store, card_id: str, address: tuple[str, str], title: str, question: str,
+          options: list[dict[str, str]], again: str | None = None) -> list[dict[str, Any]]:
+    """The sends that ask a card's question (`send_card`'s), for a `Store` method that
+    opens the approval and queues its cards in one transaction."""
     key = f"card:{card_id}" + (f":{again}" if again else "")
-    for n, (channel, platform_id) in enumerate(mirrors(store, address)):
-        store.enqueue_send(key + (f":{channel}" if n else ""), channel,
-                           platform_id, None, "chat-sdk",
-                           {"type": "ask_question", "questionId": card_id, "title": title,
-                            "question": question, "options": options})
+    return [{"idem_key": key + (f":{channel}" if n else ""), "channel_type": channel,
+             "platform_id": platform_id, "thread_id": None, "kind": "chat-sdk",
+             "content": {"type": "ask_question", "questionId": card_id, "title": title,
+                         "question": question, "options": options}}
+            for n, (channel, platform_id) in enumerate(mirrors(store, address))]
 
 
 def mirrors(store: Store, address: tuple[str, str]) -> list[tuple[str, str]]:
@@ -120,22 +115,19 @@ def request(store: Store, settings: Settings, session: dict[str, Any], action: s
     """Queue an approval card for an agent's request; returns the approval id.
 
     Raises Refused when nobody can approve (the caller tells the agent)."""
-    mg = store.q1("SELECT channel_type FROM messaging_groups WHERE id=?",
-                  (session["messaging_group_id"],)) if session["messaging_group_id"] else None
-    pick = choose(store, session["agent_group_id"], mg["channel_type"] if mg else None)
+    own = store.own_chat(session)
+    pick = choose(store, session["agent_group_id"], own[0] if own else None)
     if pick is None:
         raise Refused("no admin or owner can be reached to approve this")
     approver, addr = pick
     aid = new_id("appr")
-    with_now = utcnow()
-    store.conn.execute(
-        "INSERT INTO pending_approvals (approval_id, session_id, request_id, action, payload,"
-        " created_at, agent_group_id, channel_type, platform_id, expires_at, status, title,"
-        " options_json, approver_user_id) VALUES (?,?,?,?,?,?,?,?,?,?,'pending',?,?,?)",
-        (aid, session["id"], payload.get("requestId"), action, json.dumps(payload), with_now,
-         session["agent_group_id"], addr[0], addr[1], iso(time.time() + EXPIRY), title,
-         json.dumps(APPROVE), approver))
-    send_card(store, aid, addr, title, question, APPROVE)
+    store.open_request(
+        {"approval_id": aid, "session_id": session["id"], "request_id": payload.get("requestId"),
+         "action": action, "payload": json.dumps(payload), "created_at": utcnow(),
+         "agent_group_id": session["agent_group_id"], "channel_type": addr[0],
+         "platform_id": addr[1], "expires_at": iso(time.time() + EXPIRY), "title": title,
+         "options_json": json.dumps(APPROVE), "approver_user_id": approver},
+        card_sends(store, aid, addr, title, question, APPROVE))
     logger.info("approval {} for {} asked of {}", aid, action, approver)
     return aid
 
@@ -144,8 +136,7 @@ def tell_agent(store: Store, settings: Settings, session_id: str, text: str) -> 
     s = store.session(session_id)
     if s is None:
         return
-    p = sessiondb.of(settings, s)
-    sessiondb.insert_note(p, text)
+    SessionInbound(of(settings, s)).note(text)
     store.request_container(s["id"], "wake", "host note")
 
 
@@ -153,14 +144,11 @@ def card_options(store: Store, card_id: str) -> list[str] | None:
     """The option values an open approval's card offered; None when unknown (no such
     open approval, or a card recorded without its options)."""
     if card_id.startswith("chan-"):
-        row = store.q1("SELECT options_json FROM pending_channel_approvals WHERE"
-                       " messaging_group_id=?", (card_id[len("chan-"):],))
+        row = store.channel_approval(card_id[len("chan-"):])
     elif card_id.startswith("snd-"):
-        row = store.q1("SELECT options_json FROM pending_sender_approvals WHERE id=?",
-                       (card_id,))
+        row = store.sender_approval(card_id)
     else:
-        row = store.q1("SELECT options_json FROM pending_approvals WHERE approval_id=? AND"
-                       " status='pending'", (card_id,))
+        row = store.pending_request(card_id)
     try:
         opts = json.loads(row["options_json"]) if row and row["options_json"] else None
     except ValueError:
@@ -177,8 +165,7 @@ def decide(store: Store, settings: Settings, approval_id: str, option: str,
 
     Raises NotAllowed for a clicker who may not decide, NotFound for an unknown
     or already decided approval."""
-    row = store.q1("SELECT * FROM pending_approvals WHERE approval_id=? AND status='pending'",
-                   (approval_id,))
+    row = store.pending_request(approval_id)
     if row is None:
         raise NotFound(f"no open approval {approval_id!r}")
     return _decide_request(store, settings, row, option, clicker)
@@ -191,9 +178,8 @@ def _decide_request(store: Store, settings: Settings, row: dict[str, Any], optio
         raise NotAllowed(f"{clicker} may not decide this approval")
     payload = json.loads(row["payload"] or "{}")
     approved = option == "approve"
-    store.conn.execute("UPDATE pending_approvals SET status=?, decided_by=?, decided_at=?"
-                       " WHERE approval_id=?", ("approved" if approved else "rejected",
-                                                clicker, utcnow(), row["approval_id"]))
+    if not store.decide_request(row["approval_id"], approved, clicker):
+        raise NotFound(f"no open approval {row['approval_id']!r}")  # decided meanwhile
     row = {**row, "decided_by": clicker}
     if not approved:
         tell_agent(store, settings, row["session_id"], f"Your request {row['action']!r} was"
@@ -214,11 +200,8 @@ def _decide_request(store: Store, settings: Settings, row: dict[str, Any], optio
 
 
 def expire(store: Store, settings: Settings, now: float) -> int:
-    rows = store.q("SELECT * FROM pending_approvals WHERE status='pending' AND expires_at < ?",
-                   (iso(now),))
+    rows = store.expire_requests(iso(now))
     for r in rows:
-        store.conn.execute("UPDATE pending_approvals SET status='expired' WHERE approval_id=?",
-                           (r["approval_id"],))
         tell_agent(store, settings, r["session_id"],
                    f"Your request {r['action']!r} expired without an answer.")
     return len(rows)
@@ -229,11 +212,11 @@ def pending(store: Store) -> list[dict[str, Any]]:
     whole (what the approver sees is what runs), as its one-line JSON."""
     out = [{"id": r["approval_id"], "kind": r["action"], "about": r["payload"],
             "created_at": r["created_at"]}
-           for r in store.q("SELECT * FROM pending_approvals WHERE status='pending'")]
+           for r in store.open_requests()]
     out += [{"id": r["id"], "kind": "sender", "about": f"{r['sender_identity']} →"
              f" {r['agent_group_id']}", "created_at": r["created_at"]}
-            for r in store.q("SELECT * FROM pending_sender_approvals")]
+            for r in store.open_sender_approvals()]
     out += [{"id": f"chan-{r['messaging_group_id']}", "kind": "channel",
              "about": r["messaging_group_id"], "created_at": r["created_at"]}
-            for r in store.q("SELECT * FROM pending_channel_approvals")]
+            for r in store.open_channel_approvals()]
     return out

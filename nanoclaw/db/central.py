@@ -1,8 +1,9 @@
 """The central database `data/nanoclaw.db.central`: connection, transactions, migrations.
 
 WAL and foreign keys on; every write is one explicit `BEGIN IMMEDIATE` transaction.
-Migrations are applied by name (a ledger row each, in the same transaction), so they are
-idempotent and modules never coordinate version numbers. Connections are opened in the
+Migrations are applied by name, in order (a ledger row each, in the same transaction), so
+they are idempotent and modules never coordinate version numbers; `migrate` also keeps
+each session's `inbound.db` current (db/session_migrations.py). Connections are opened in the
 process that uses them, after fork, never shared.
 """
 
@@ -14,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from nanoclaw.db.migrations import MIGRATIONS
+from nanoclaw.db.migrations import MIGRATIONS, check_ledger
 from nanoclaw.errors import DataError
 from nanoclaw.util import utcnow
 
@@ -40,23 +41,37 @@ def atomic(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     conn.execute("COMMIT")
 
 
-def migrate(conn: sqlite3.Connection) -> list[str]:
-    """Apply every migration not yet in the ledger; returns the names applied now."""
+def migrate(conn: sqlite3.Connection, migrations: list[tuple[str, str]] | None = None,
+            ledger: str = "schema_migrations") -> list[str]:
+    """Apply every migration not yet in the ledger, in the list's order, each in its own
+    transaction with its ledger row; returns the names applied now. The same ledger
+    serves the session DBs (`ledger` names the table). A list with a repeated name is
+    refused (ValueError), and so is a ledger that is not a prefix of the list in order
+    (DataError: the file was migrated by another build, and guessing would corrupt it)."""
+    migrations = MIGRATIONS if migrations is None else migrations  # the central DB's
+    check_ledger(migrations)
     conn.execute(
-        "CREATE TABLE IF NOT EXISTS schema_migrations ("
+        f"CREATE TABLE IF NOT EXISTS {ledger} ("
         " version INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, applied_at TEXT NOT NULL)"
     )
-    applied = {r[0] for r in conn.execute("SELECT name FROM schema_migrations")}
+    names = [n for n, _ in migrations]
+    applied = [r[0] for r in conn.execute(f"SELECT name FROM {ledger} ORDER BY version")]
+    for i, name in enumerate(applied):
+        if i >= len(names) or names[i] != name:
+            raise DataError(f"{ledger} has {name!r} as migration {i + 1} and this build does"
+                            " not: the database was migrated by another version of nanoclaw")
     done = []
-    for name, sql in MIGRATIONS:
-        if name in applied:
-            continue
+    for name, sql in migrations[len(applied):]:
         with atomic(conn):
+            # another process may have applied it since we looked (session DBs are
+            # opened by several workers): decided again inside the transaction
+            if conn.execute(f"SELECT 1 FROM {ledger} WHERE name=?", (name,)).fetchone():
+                continue
             for stmt in _statements(sql):
                 conn.execute(stmt)
-            n = conn.execute("SELECT COALESCE(MAX(version), 0) + 1 FROM schema_migrations")
+            n = conn.execute(f"SELECT COALESCE(MAX(version), 0) + 1 FROM {ledger}")
             conn.execute(
-                "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?,?,?)",
+                f"INSERT INTO {ledger} (version, name, applied_at) VALUES (?,?,?)",
                 (n.fetchone()[0], name, utcnow()),
             )
         done.append(name)

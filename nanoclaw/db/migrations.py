@@ -1,7 +1,18 @@
 """Migrations of the central DB, in order, by name (see nanoclaw.db.central.migrate).
 
 A migration is never edited after it ships; changes are new migrations appended here.
+A name appears once (`check_ledger`, run on import and by `migrate`): a repeated name
+would be skipped silently as "already applied".
 """
+
+
+def check_ledger(migrations: list[tuple[str, str]]) -> None:
+    """Refuse a migration list with a repeated name (review §2, habit 9)."""
+    seen: set[str] = set()
+    for name, _ in migrations:
+        if name in seen:
+            raise ValueError(f"migration {name!r} is listed twice")
+        seen.add(name)
 
 ENTITIES = """
 CREATE TABLE agent_groups (
@@ -303,3 +314,4 @@ MIGRATIONS: list[tuple[str, str]] = [
      "ALTER TABLE pending_approvals ADD COLUMN decided_at TEXT;\n"),
     ("question-card-ids", QUESTION_CARDS),
 ]
+check_ledger(MIGRATIONS)

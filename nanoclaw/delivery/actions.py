@@ -18,13 +18,13 @@ from typing import Any, Callable
 from nanoclaw.agents import scheduling
 from nanoclaw.agents.groups import normalise_name
 from nanoclaw.config import Settings
-from nanoclaw.db import session as sessiondb
+from nanoclaw.db.session import SessionInbound, SessionPaths, of
 from nanoclaw.db.store import Store
 from nanoclaw.errors import Refused
 from nanoclaw.log import logger
 
 
-class ActionError(Exception):
+class ActionError(Refused):
     """Refused or malformed; the message is told to the agent."""
 
 
@@ -33,7 +33,7 @@ class Ctx:
     store: Store
     settings: Settings
     session: dict[str, Any]
-    paths: sessiondb.SessionPaths
+    paths: SessionPaths
     row: dict[str, Any]          # the messages_out row
     content: dict[str, Any]
 
@@ -50,16 +50,13 @@ class Ctx:
 
     def source(self) -> dict[str, Any] | None:
         mid = self.row.get("in_reply_to")
-        return sessiondb.message(self.paths, mid) if mid else None
+        return SessionInbound(self.paths).message(mid) if mid else None
 
     def routing(self) -> tuple[str | None, str | None, str | None]:
         src = self.source()
         if src is not None and src["channel_type"] not in (None, "agent"):
             return (src["channel_type"], src["platform_id"], src["thread_id"])
-        with sessiondb.opened(self.paths.inbound, readonly=True) as conn:
-            r = conn.execute("SELECT channel_type, platform_id, thread_id FROM session_routing"
-                             " WHERE id=1").fetchone()
-        return (r[0], r[1], r[2]) if r else (None, None, None)
+        return SessionInbound(self.paths).routing()
 
     def str_arg(self, key: str, required: bool = True) -> str | None:
         v = self.content.get(key)
@@ -143,8 +140,7 @@ def _create_agent(ctx: Ctx) -> str | None:
     if not asker or not ctx.store.is_admin(asker, ag):
         raise ActionError("create_agent needs the request of an admin of this agent group")
     name = normalise_name(ctx.str_arg("name") or "")
-    if ctx.store.q1("SELECT 1 AS x FROM agent_destinations WHERE agent_group_id=? AND"
-                    " local_name=?", (ag, name)):
+    if ctx.store.has_destination(ag, name):
         raise ActionError(f"you already have a destination named {name!r}")
     parent_cfg = ctx.store.container_config(ag)
     child, folder = new_agent_group(ctx.store, ctx.settings, name, parent_cfg.get("provider"),
@@ -178,13 +174,10 @@ def new_agent_group(store: Store, settings: Settings, name: str, provider: str |
 def refresh_destinations(store: Store, settings: Settings, agent_group_id: str) -> None:
     """Re-project an agent's destinations into each of its active sessions."""
     dests = store.destinations(agent_group_id)
-    for s in store.sessions_where("agent_group_id=? AND status='active'", (agent_group_id,)):
-        p = sessiondb.of(settings, s)
+    for s in store.active_sessions(agent_group_id):
+        inbound = SessionInbound(of(settings, s))
         try:
-            with sessiondb.opened(p.inbound, readonly=True) as conn:
-                r = conn.execute("SELECT channel_type, platform_id, thread_id FROM"
-                                 " session_routing WHERE id=1").fetchone()
-            sessiondb.write_routing(p, (r[0], r[1], r[2]) if r else (None, None, None), dests)
+            inbound.write_routing(inbound.routing(), dests)
         except Exception as e:
             logger.error("cannot refresh destinations of session {}: {}", s["id"], e)
 
@@ -342,8 +335,7 @@ def _respawn_with_note(store: Store, settings: Settings, session_id: str, note: 
     s = store.session(session_id)
     if s is None:
         return
-    p = sessiondb.of(settings, s)
-    sessiondb.insert_note(p, note, on_wake=True)
+    SessionInbound(of(settings, s)).note(note, on_wake=True)
     store.request_container(session_id, "kill", "configuration changed")
     store.request_container(session_id, "wake", "configuration changed")
 
@@ -356,9 +348,7 @@ def _approved_packages(store: Store, settings: Settings, row: dict[str, Any],
     npm = sorted(set(json.loads(cfg.get("packages_npm") or "[]")) | set(payload["npm"]))
     if settings.runtime == "process":
         raise RuntimeError("the process runtime cannot install packages (no image to rebuild)")
-    store.conn.execute("UPDATE container_configs SET packages_apt=?, packages_npm=?,"
-                       " updated_at=? WHERE agent_group_id=?",
-                       (json.dumps(apt), json.dumps(npm), sessiondb.utcnow(), ag))
+    store.set_packages(ag, apt, npm)
     _respawn_with_note(store, settings, row["session_id"],
                        "Packages were approved and the image is being rebuilt:"
                        f" {', '.join(payload['apt'] + payload['npm'])}. Verify they work and"
@@ -372,8 +362,7 @@ def _approved_mcp(store: Store, settings: Settings, row: dict[str, Any],
     servers = json.loads(store.container_config(ag).get("mcp_servers") or "{}")
     servers[payload["name"]] = {"command": payload["command"], "args": payload["args"],
                                 "env": payload["env"]}
-    store.conn.execute("UPDATE container_configs SET mcp_servers=?, updated_at=? WHERE"
-                       " agent_group_id=?", (json.dumps(servers), sessiondb.utcnow(), ag))
+    store.set_mcp_servers(ag, servers)
     _respawn_with_note(store, settings, row["session_id"],
                        f"MCP server {payload['name']!r} was added. Check that its tools work"
                        " and tell the user.")

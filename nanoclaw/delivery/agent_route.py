@@ -22,8 +22,10 @@ from typing import Any
 
 from nanoclaw import hostile
 from nanoclaw.config import Settings
-from nanoclaw.db import session as sessiondb
+from nanoclaw.db.session import (INBOX, OUTBOX, SessionInbound, SessionPaths, create,
+                                  of)
 from nanoclaw.db.store import Store
+from nanoclaw.errors import Refused
 from nanoclaw.log import logger
 from nanoclaw.routing import gates
 from nanoclaw.util import is_safe_name
@@ -31,8 +33,8 @@ from nanoclaw.util import is_safe_name
 WINDOW = 60.0
 
 
-class RouteError(Exception):
-    pass
+class RouteError(Refused):
+    """An agent's message to another agent is refused; the message says why."""
 
 
 class AgentRouter:
@@ -40,8 +42,8 @@ class AgentRouter:
         self.store, self.settings = store, settings
         self.recent: dict[tuple[str, str], deque[float]] = defaultdict(deque)
 
-    def _paths(self, s: dict[str, Any]) -> sessiondb.SessionPaths:
-        return sessiondb.of(self.settings, s)
+    def _paths(self, s: dict[str, Any]) -> SessionPaths:
+        return of(self.settings, s)
 
     def guard(self, src: str, dst: str, now: float) -> None:
         q = self.recent[(src, dst)]
@@ -52,16 +54,14 @@ class AgentRouter:
                              f" to this agent within {WINDOW:.0f}s; wait before sending more")
         q.append(now)
 
-    def send(self, s: dict[str, Any], paths: sessiondb.SessionPaths, row: dict[str, Any],
+    def send(self, s: dict[str, Any], paths: SessionPaths, row: dict[str, Any],
              content: dict[str, Any]) -> str:
         """Deliver one agent→agent row; returns the target session id."""
         src, dst = s["agent_group_id"], row["platform_id"]
         target_group = self.store.agent_group(dst) if dst else None
         if target_group is None:
             raise RouteError(f"unknown agent {dst!r}")
-        if dst != src and not self.store.q1(
-                "SELECT 1 AS x FROM agent_destinations WHERE agent_group_id=? AND"
-                " target_type='agent' AND target_id=?", (src, dst)):
+        if dst != src and not self.store.may_message_agent(src, dst):
             raise RouteError("no destination for that agent")
         text = content.get("text") or content.get("markdown") or ""
         denial = gates.command_gate(self.store, str(text), f"agent:{src}", dst)
@@ -73,8 +73,8 @@ class AgentRouter:
         me = self.store.agent_group(src)
         tpaths = self._paths(target)
         mid = f"{s['id']}:{row['id']}"
-        sessiondb.insert_message(
-            tpaths, id=mid, kind="chat", channel_type="agent",
+        SessionInbound(tpaths).insert(
+            id=mid, kind="chat", channel_type="agent",
             platform_id=src, source_session_id=s["id"],
             content={"sender": me["name"] if me else src, "senderId": f"agent:{src}",
                      "text": text,
@@ -86,8 +86,8 @@ class AgentRouter:
         return target["id"]
 
     @staticmethod
-    def _forward_files(paths: sessiondb.SessionPaths, out_id: str,
-                       tpaths: sessiondb.SessionPaths, mid: str, files: Any,
+    def _forward_files(paths: SessionPaths, out_id: str,
+                       tpaths: SessionPaths, mid: str, files: Any,
                        owner: tuple[int, int] | None = None) -> list[dict]:
         """Copy the sender's files (plain names of regular files in its
         `outbox/<message>/`) into the target's `inbox/<hash of the message>/`; anything
@@ -103,32 +103,29 @@ class AgentRouter:
         try:
             with paths.work_folder() as src, tpaths.work_folder() as dst:
                 for name in files:
-                    src.copy_to(f"{sessiondb.OUTBOX}/{out_id}/{name}", dst,
-                                f"{sessiondb.INBOX}/{sub}/{name}", owner=owner)
+                    src.copy_to(f"{OUTBOX}/{out_id}/{name}", dst,
+                                f"{INBOX}/{sub}/{name}", owner=owner)
                     out.append({"name": name, "type": "file",
-                                "localPath": f"{sessiondb.INBOX}/{sub}/{name}"})
+                                "localPath": f"{INBOX}/{sub}/{name}"})
         except hostile.Refused as e:
             raise RouteError(f"file not sent: {e}") from None
         except OSError as e:
             raise RouteError(f"file not sent: {e.strerror}") from None
         return out
 
-    def _return_session(self, paths: sessiondb.SessionPaths, row: dict[str, Any],
+    def _return_session(self, paths: SessionPaths, row: dict[str, Any],
                         dst: str) -> dict[str, Any] | None:
         """Where a reply goes back to (reference §8), first match that belongs to the
         target and is active: the answered row's source session, else the newest row
         from that peer that carries one."""
         cands = []
         if row.get("in_reply_to"):
-            src_row = sessiondb.message(paths, row["in_reply_to"])
+            src_row = SessionInbound(paths).message(row["in_reply_to"])
             if src_row and src_row["source_session_id"]:
                 cands.append(src_row["source_session_id"])
-        with sessiondb.opened(paths.inbound, readonly=True) as conn:
-            r = conn.execute("SELECT source_session_id FROM messages_in WHERE channel_type="
-                             "'agent' AND platform_id=? AND source_session_id IS NOT NULL"
-                             " ORDER BY seq DESC LIMIT 1", (dst,)).fetchone()
-        if r:
-            cands.append(r[0])
+        last = SessionInbound(paths).last_source_session(dst)
+        if last:
+            cands.append(last)
         for sid in cands:
             cand = self.store.session(sid)
             if cand and cand["agent_group_id"] == dst and cand["status"] == "active":
@@ -136,13 +133,11 @@ class AgentRouter:
         return None
 
     def _shared_session(self, ag: str) -> dict[str, Any]:
-        s = self.store.q1("SELECT * FROM sessions WHERE agent_group_id=? AND"
-                          " messaging_group_id IS NULL AND status='active'"
-                          " ORDER BY created_at DESC LIMIT 1", (ag,))
+        s = self.store.chatless_session(ag)
         if s is None:
             s = self.store.create_session(ag, None, None, None)
-            p = sessiondb.create(sessiondb.of(self.settings, s).root, self.settings.agent_owner())
-            sessiondb.write_routing(p, (None, None, None), self.store.destinations(ag))
+            p = create(of(self.settings, s).root, self.settings.agent_owner())
+            SessionInbound(p).write_routing((None, None, None), self.store.destinations(ag))
             logger.info("new agent-shared session {} for agent group {}", s["id"], ag)
         return s
 

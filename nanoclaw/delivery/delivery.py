@@ -8,7 +8,7 @@ failed is told to the agent (a row in its inbound, which wakes it) and logged. E
 watched session folder gets a link to this worker's nudge socket, so its agent wakes us
 as soon as it writes (`nudge.advertise`).
 
-`outbound.db` is the agent's and read as such (`sessiondb.agent_db`): a file with a
+`outbound.db` is the agent's and read as such (`SessionOutbound`, `agent_db`): a file with a
 schema not the runner's, or too slow to read, quarantines its session — the agent is
 stopped, its chat is told once, and the containers worker sets the file aside before
 the next start — so one hostile sandbox never stalls delivery for the others. A file
@@ -25,9 +25,11 @@ from typing import Any
 
 from nanoclaw import hostile, nudge
 from nanoclaw.config import Settings
-from nanoclaw.db import session as sessiondb
+from nanoclaw.db.session import (OUTBOX, HostileDB, SessionInbound, SessionOutbound,
+                                  SessionPaths, of)
 from nanoclaw.db.store import Store
 from nanoclaw.delivery import actions
+from nanoclaw.errors import Refused
 from nanoclaw.log import logger
 from nanoclaw.util import is_safe_name, iso, utcnow
 
@@ -41,7 +43,7 @@ class Delivery:
         self.signals: dict[str, Any] = {}     # session id → last seen outbound signal
         self.errors: dict[str, str] = {}      # session id → last error logged
         self.quarantined: set[str] = set()    # `<session>:quarantine:<inode>` already told
-        self._paths: dict[str, sessiondb.SessionPaths] = {}
+        self._paths: dict[str, SessionPaths] = {}
         self.sessions: dict[str, dict[str, Any]] = {}
         self.version = -1
         self.last_full = 0.0
@@ -49,10 +51,10 @@ class Delivery:
 
         self.agents = AgentRouter(store, settings)
 
-    def paths(self, s: dict[str, Any]) -> sessiondb.SessionPaths:
+    def paths(self, s: dict[str, Any]) -> SessionPaths:
         p = self._paths.get(s["id"])  # built once: this runs for every session every tick
         if p is None:
-            p = self._paths[s["id"]] = sessiondb.of(self.settings, s)
+            p = self._paths[s["id"]] = of(self.settings, s)
         return p
 
     def pass_once(self, now: float) -> bool:
@@ -71,11 +73,9 @@ class Delivery:
 
     def _refresh(self, now: float, full: bool) -> None:
         if full:
-            rows = self.store.sessions_where("status='active'")
+            rows = self.store.active_sessions()
         else:
-            rows = self.store.sessions_where(
-                "status='active' AND (container_status='running' OR last_active >= ?)",
-                (iso(now - WATCH_RECENT),))
+            rows = self.store.watched_sessions(iso(now - WATCH_RECENT))
         keep = {r["id"]: r for r in rows}
         for sid, s in keep.items():
             if full or sid not in self.sessions:
@@ -87,14 +87,15 @@ class Delivery:
 
     def _drain(self, s: dict[str, Any]) -> bool:
         paths = self.paths(s)
-        sig = sessiondb.change_signal(paths)
+        outbound = SessionOutbound(paths)
+        sig = outbound.change_signal()
         if sig is None or sig == self.signals.get(s["id"]):
             return False
         try:
-            rows = sessiondb.undelivered(paths)
+            rows = outbound.undelivered(SessionInbound(paths).delivered_ids())
             for row in rows:
                 self._route(s, paths, row)
-        except sessiondb.HostileDB as e:
+        except HostileDB as e:
             self._quarantine(s, sig, e)
             self.signals[s["id"]] = sig
             return False
@@ -112,7 +113,7 @@ class Delivery:
         self.signals[s["id"]] = sig
         return bool(rows)
 
-    def _quarantine(self, s: dict[str, Any], sig: Any, why: sessiondb.HostileDB) -> None:
+    def _quarantine(self, s: dict[str, Any], sig: Any, why: HostileDB) -> None:
         """Stop a session whose agent wrote an outbound.db the host refuses to read, and
         say so once per state of that file, in the session's own chat."""
         sid = s["id"]
@@ -120,7 +121,7 @@ class Delivery:
         if key in self.quarantined:
             return
         self.quarantined.add(key)
-        failed = sessiondb.fail_due(self.paths(s), utcnow())  # what it was working on
+        failed = SessionInbound(self.paths(s)).fail_due(utcnow())  # what it was working on
         logger.error("session {}: quarantined ({} message(s) failed): {}", sid, len(failed), why)
         self.store.request_container(sid, "kill", "quarantined: outbound.db refused")
         own = self.store.own_chat(s)
@@ -131,13 +132,13 @@ class Delivery:
             self.store.enqueue_send(key, *own, s["thread_id"], "chat", {"text": text},
                                     session_id=sid, message_out_id=key)
 
-    def _route(self, s: dict[str, Any], paths: sessiondb.SessionPaths, row: dict[str, Any]) -> None:
+    def _route(self, s: dict[str, Any], paths: SessionPaths, row: dict[str, Any]) -> None:
         try:
             content = json.loads(row["content"]) if row["content"] is not None else None
         except (ValueError, RecursionError):
             content = None
         if not isinstance(content, dict):
-            sessiondb.mark_delivered(paths, row["id"], None, "failed", "malformed content")
+            SessionInbound(paths).mark_delivered(row["id"], None, "failed", "malformed content")
             logger.error("session {}: message {} has malformed content", s["id"], row["id"])
             return
         if row["kind"] == "system":
@@ -149,7 +150,7 @@ class Delivery:
             return
         if not self.store.may_send(s, ch, pid):
             why = f"not an allowed destination: {ch}:{pid}"
-            sessiondb.mark_delivered(paths, row["id"], None, "failed", why)
+            SessionInbound(paths).mark_delivered(row["id"], None, "failed", why)
             logger.error("session {}: message {} refused: {}", s["id"], row["id"], why)
             if not (row["in_reply_to"] or "").startswith("note-"):  # no note about a note
                 self._tell_agent(s, paths, f"Your message {row['id']} was not sent: {why}.")
@@ -159,7 +160,7 @@ class Delivery:
                 content = {**content, "files": self._files(s, paths, row["id"],
                                                            content["files"])}
             except ValueError as e:
-                sessiondb.mark_delivered(paths, row["id"], None, "failed", str(e))
+                SessionInbound(paths).mark_delivered(row["id"], None, "failed", str(e))
                 logger.error("session {}: message {} refused: {}", s["id"], row["id"], e)
                 self._tell_agent(s, paths, f"Your message {row['id']} was not sent: {e}.")
                 return
@@ -174,48 +175,48 @@ class Delivery:
                                 content, session_id=s["id"], message_out_id=row["id"],
                                 in_reply_to=row["in_reply_to"])
 
-    def _to_agent(self, s: dict[str, Any], paths: sessiondb.SessionPaths, row: dict[str, Any],
+    def _to_agent(self, s: dict[str, Any], paths: SessionPaths, row: dict[str, Any],
                   content: dict[str, Any]) -> None:
         from nanoclaw.delivery.agent_route import RouteError
 
         try:
             target = self.agents.send(s, paths, row, content)
         except RouteError as e:
-            sessiondb.mark_delivered(paths, row["id"], None, "failed", str(e))
+            SessionInbound(paths).mark_delivered(row["id"], None, "failed", str(e))
             logger.warning("session {}: message to agent {} refused: {}", s["id"],
                            row["platform_id"], e)
             if not (row["in_reply_to"] or "").startswith("note-"):
                 self._tell_agent(s, paths, f"Your message to agent {row['platform_id']} was not"
                                  f" sent: {e}")
             return
-        sessiondb.mark_delivered(paths, row["id"], f"agent:{target}", "delivered")
+        SessionInbound(paths).mark_delivered(row["id"], f"agent:{target}", "delivered")
         if target not in self.sessions:  # our own write does not move data_version
             t = self.store.session(target)
             if t is not None:
                 self.sessions[target] = t
                 nudge.advertise(self.settings, self.paths(t).root)
 
-    def _system(self, s: dict[str, Any], paths: sessiondb.SessionPaths, row: dict[str, Any],
+    def _system(self, s: dict[str, Any], paths: SessionPaths, row: dict[str, Any],
                 content: dict[str, Any]) -> None:
         """Run a system action; the agent hears about any failure."""
         name = content.get("action") or content.get("type")
         try:
             note = actions.run(actions.Ctx(self.store, self.settings, s, paths, row, content))
-        except actions.ActionError as e:
-            sessiondb.mark_delivered(paths, row["id"], None, "failed", str(e))
+        except Refused as e:  # actions.ActionError, and any other refusal
+            SessionInbound(paths).mark_delivered(row["id"], None, "failed", str(e))
             logger.warning("session {}: action {!r} refused: {}", s["id"], name, e)
             self._tell_agent(s, paths, f"The host refused {name!r}: {e}")
             return
         except Exception as e:
-            sessiondb.mark_delivered(paths, row["id"], None, "failed", str(e))
+            SessionInbound(paths).mark_delivered(row["id"], None, "failed", str(e))
             logger.exception("session {}: action {!r} failed", s["id"], name)
             self._tell_agent(s, paths, f"The host failed to perform {name!r}: {e}")
             return
-        sessiondb.mark_delivered(paths, row["id"], None, "delivered")
+        SessionInbound(paths).mark_delivered(row["id"], None, "delivered")
         if note:
             self._tell_agent(s, paths, note)
 
-    def _files(self, s: dict[str, Any], paths: sessiondb.SessionPaths, message_id: str,
+    def _files(self, s: dict[str, Any], paths: SessionPaths, message_id: str,
                files: Any) -> list[dict]:
         """Agent files → adapter files. Only plain names of regular files the agent put in
         `outbox/<message id>/`, copied out through `hostile.py` (no link, FIFO or hard
@@ -242,7 +243,7 @@ class Delivery:
         try:
             with paths.work_folder() as work, hostile.Folder.open(staged, create=True) as dst:
                 for name in names:
-                    work.copy_to(f"{sessiondb.OUTBOX}/{message_id}/{name}", dst, name,
+                    work.copy_to(f"{OUTBOX}/{message_id}/{name}", dst, name,
                                  mode=0o600)
                     out.append({"name": name, "path": str(staged / name)})
         except hostile.Refused as e:
@@ -258,7 +259,7 @@ class Delivery:
             if s is not None:
                 paths = self.paths(s)
                 status = "delivered" if r["status"] == "sent" else "failed"
-                sessiondb.mark_delivered(paths, r["message_out_id"], r["platform_message_id"],
+                SessionInbound(paths).mark_delivered(r["message_out_id"], r["platform_message_id"],
                                          status, r["error"])
                 if status == "failed":
                     logger.error("send to {}:{} failed for good after {} attempts: {}",
@@ -268,9 +269,9 @@ class Delivery:
             self.store.mark_recorded(r["id"])
         return bool(rows)
 
-    def _tell_agent(self, s: dict[str, Any], paths: sessiondb.SessionPaths, text: str) -> None:
+    def _tell_agent(self, s: dict[str, Any], paths: SessionPaths, text: str) -> None:
         """A host note to the agent: a chat row from `system`, which wakes it."""
-        sessiondb.insert_note(paths, text)
+        SessionInbound(paths).note(text)
         self.store.request_container(s["id"], "wake", "host note")
 
 

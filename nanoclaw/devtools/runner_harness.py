@@ -1,6 +1,7 @@
 """Drive the agent runner the way the host does, without the host.
 
-`Session` builds a session folder with `nanoclaw.db.session` (real DBs, a group folder
+`Session` builds a session folder with `nanoclaw.db.session` (real DBs, read and
+written through `SessionInbound` and `SessionOutbound`, a group folder
 with `container.json`, two destinations) and writes `messages_in` rows as the router
 would; `Runner` starts `python -m agent_runner` with the environment of
 container/README.md pointed at a fake model. Used by the runner tests and handy for
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from nanoclaw.db import session as sessiondb
+from nanoclaw.db.session import SessionInbound, SessionOutbound, create
 
 ROOT = Path(__file__).resolve().parents[2]
 DEADLINE_S = 15.0
@@ -35,15 +36,15 @@ def wait_for(cond: Callable[[], Any], what: str, timeout: float = DEADLINE_S) ->
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def query(path: str, sql: str, args: tuple = ()) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
-    conn.row_factory = sqlite3.Row
+def unlocked(read: Callable[[], Any], empty: Any) -> Any:
+    """A read of the runner's outbound.db, `empty` while the runner holds it locked
+    (the callers poll: they look again)."""
     try:
-        return [dict(r) for r in conn.execute(sql, args)]
-    finally:
-        conn.close()
+        return read()
+    except sqlite3.OperationalError as e:
+        if "locked" in str(e):
+            return empty
+        raise
 
 
 DESTINATIONS = [
@@ -60,12 +61,13 @@ class Session:
     def __init__(self, tmp: Path, provider: str = "anthropic", **config: Any) -> None:
         self.tmp = tmp
         tmp.mkdir(parents=True, exist_ok=True)
-        self.paths = sessiondb.create(str(tmp / "session"))
+        self.paths = create(str(tmp / "session"))
+        self.inbound, self.outbound = SessionInbound(self.paths), SessionOutbound(self.paths)
         self.group = tmp / "group"
         self.group.mkdir(exist_ok=True)
         (tmp / "global").mkdir(exist_ok=True)
         self.configure(provider=provider, **config)
-        sessiondb.write_routing(self.paths, ("telegram", "tg:1", None), DESTINATIONS)
+        self.inbound.write_routing(("telegram", "tg:1", None), DESTINATIONS)
         self._n = 0
 
     def configure(self, **config: Any) -> None:
@@ -80,8 +82,8 @@ class Session:
     def insert(self, kind: str, content: dict, channel=("telegram", "tg:1"), **kw: Any) -> str:
         self._n += 1
         mid = kw.pop("id", f"m{self._n}")
-        sessiondb.insert_message(self.paths, id=mid, kind=kind, content=content,
-                                 channel_type=channel[0], platform_id=channel[1], **kw)
+        self.inbound.insert(id=mid, kind=kind, content=content, channel_type=channel[0],
+                            platform_id=channel[1], **kw)
         return mid
 
     def chat(self, text: str, channel=("telegram", "tg:1"), **kw: Any) -> str:
@@ -90,19 +92,17 @@ class Session:
         return self.insert(kw.pop("kind", "chat"), content, channel, **kw)
 
     def out(self) -> list[dict]:
-        rows = query(self.paths.outbound, "SELECT * FROM messages_out ORDER BY seq")
+        rows = unlocked(self.outbound.messages, [])
         for r in rows:
             r["body"] = json.loads(r["content"])
             r["text"] = r["body"].get("text")
         return rows
 
     def acks(self) -> dict[str, str]:
-        return {r["message_id"]: r["status"] for r in
-                query(self.paths.outbound, "SELECT * FROM processing_ack")}
+        return {mid: st for mid, (st, _) in unlocked(self.outbound.acks, {}).items()}
 
     def state(self, key: str) -> str | None:
-        rows = query(self.paths.outbound, "SELECT value FROM session_state WHERE key=?", (key,))
-        return rows[0]["value"] if rows else None
+        return unlocked(lambda: self.outbound.state(key), None)
 
     def reply_to(self, mid: str, timeout: float = DEADLINE_S) -> dict:
         return wait_for(lambda: next((r for r in self.out() if r["in_reply_to"] == mid

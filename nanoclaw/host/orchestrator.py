@@ -154,10 +154,11 @@ def preload(names: list[str]) -> None:
     workers share those pages with the host instead of each holding its own copy
     (host PSS 123 → 100 MB)."""
     import gc
+    import importlib
 
     if "broker" in names or "channel:web" in names:
         try:
-            import aiohttp.web  # noqa: F401
+            importlib.import_module("aiohttp.web")
         except ImportError as e:  # the worker itself reports it properly
             logger.warning("preloading aiohttp failed: {}", e)
     gc.freeze()

@@ -93,7 +93,7 @@ class Supervisor:
         if store:  # forget workers this host no longer runs
             for name in saved:
                 if name not in self.slots:
-                    store.conn.execute("DELETE FROM workers WHERE name=?", (name,))
+                    store.forget_worker(name)
 
     # ---- one tick ---------------------------------------------------------------------
     def tick(self) -> None:

@@ -13,7 +13,8 @@ from typing import Any
 
 from nanoclaw.agents import scheduling
 from nanoclaw.config import Settings
-from nanoclaw.db import session as sessiondb
+from nanoclaw.db.session import (HEARTBEAT, HostileDB, SessionInbound, SessionOutbound,
+                                  SessionPaths, of)
 from nanoclaw.db.store import Store
 from nanoclaw.log import logger
 from nanoclaw.util import iso, parse_iso
@@ -41,12 +42,10 @@ def decide_stuck(now: float, heartbeat: float | None, claims: list[float], ceili
     return None
 
 
-def declared_tool_timeout(paths: sessiondb.SessionPaths) -> float:
+def declared_tool_timeout(paths: SessionPaths) -> float:
     """Seconds a running tool declared it may take (e.g. a long Bash), else 0."""
     try:
-        with sessiondb.agent_db(paths) as conn:
-            row = conn and conn.execute("SELECT current_tool, tool_declared_timeout_ms FROM"
-                                        " container_state WHERE id=1").fetchone()
+        row = SessionOutbound(paths).current_tool()
     except Exception:
         return 0.0
     if not row or not row[0] or not isinstance(row[1], (int, float)) or row[1] <= 0:
@@ -70,7 +69,7 @@ class Sweep:
 
         if approvals.expire(self.store, self.settings, now):
             logger.info("expired approvals told to their agents")
-        active = self.store.sessions_where("status='active'")
+        active = self.store.active_sessions()
         for s in active:
             try:
                 self._session(s, now)
@@ -85,8 +84,9 @@ class Sweep:
                 del memo[sid]
 
     def _session(self, s: dict[str, Any], now: float) -> None:
-        paths = sessiondb.of(self.settings, s)
-        sig = (sessiondb.file_signal(paths.inbound), sessiondb.change_signal(paths))
+        paths = of(self.settings, s)
+        inbound, outbound = SessionInbound(paths), SessionOutbound(paths)
+        sig = (inbound.change_signal(), outbound.change_signal())
         if sig[0] is None:
             return
         running = s["container_status"] == "running"
@@ -99,31 +99,31 @@ class Sweep:
             self.seen[s["id"]] = seen
             self._check_stuck(s, paths, now, seen[2], seen[3])
             return
-        sessiondb.sync_acks(paths)
+        inbound.sync_acks()
         if scheduling.recur(paths, self.settings.tz, now):
             logger.info("session {}: next occurrence of a recurring task scheduled", s["id"])
         if not running:
-            if sessiondb.due_count(paths, iso(now)):
+            if inbound.due_count(iso(now)):
                 self.store.request_container(s["id"], "wake", "due rows")
             else:
-                nxt = sessiondb.next_due(paths)
-                sig = (sessiondb.file_signal(paths.inbound), sessiondb.change_signal(paths))
+                nxt = inbound.next_due()
+                sig = (inbound.change_signal(), outbound.change_signal())
                 self.quiet[s["id"]] = (sig, parse_iso(nxt) if nxt else None)
             return
         try:
-            claims = [parse_iso(t) for st, t in sessiondb.acks(paths).values()
+            claims = [parse_iso(t) for st, t in outbound.acks().values()
                       if st == "processing" and isinstance(t, str)]
-        except (sessiondb.HostileDB, ValueError):
+        except (HostileDB, ValueError):
             claims = []  # delivery quarantines a session whose outbound.db is refused
         tool = declared_tool_timeout(paths)
         self.seen[s["id"]] = (sig, now, claims, tool)  # the signature from before the reads
         self._check_stuck(s, paths, now, claims, tool)
 
-    def _check_stuck(self, s: dict[str, Any], paths: sessiondb.SessionPaths, now: float,
+    def _check_stuck(self, s: dict[str, Any], paths: SessionPaths, now: float,
                      claims: list[float], tool: float) -> None:
         try:
             with paths.work_folder() as work:
-                st = work.stat(sessiondb.HEARTBEAT)
+                st = work.stat(HEARTBEAT)
             hb: float | None = st.st_mtime if st is not None else None
         except (OSError, ValueError):
             hb = None

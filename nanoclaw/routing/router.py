@@ -17,7 +17,7 @@ from nanoclaw import nudge
 from nanoclaw.approvals import cards, registration
 from nanoclaw.channels.text import EDITED
 from nanoclaw.config import Settings
-from nanoclaw.db import session as sessiondb
+from nanoclaw.db.session import SessionInbound, SessionPaths, create, of
 from nanoclaw.db.store import Store
 from nanoclaw.errors import NotAllowed, NotFound
 from nanoclaw.log import logger
@@ -175,8 +175,8 @@ class Router:
         s = self.store.session(q["session_id"])
         if s is None:
             return []
-        mg = self.store.q1("SELECT * FROM messaging_groups WHERE id=?",
-                           (s["messaging_group_id"],)) if s["messaging_group_id"] else None
+        mg = self.store.messaging_group_by_id(s["messaging_group_id"]) \
+            if s["messaging_group_id"] else None
         public = mg is not None and mg["unknown_sender_policy"] == "public"
         if not (public or self.store.can_access(clicker, s["agent_group_id"])):
             logger.warning("{} may not answer question card {}; ignored", clicker, card_id)
@@ -189,8 +189,8 @@ class Router:
             self._notice(ev, "That is not one of this card's options.")
             return []
         qid = q["question_id"]  # the agent's own id: what its waiting tool looks for
-        sessiondb.insert_message(
-            self._paths(s), id=f"qr-{q['card_id']}", kind="system",
+        SessionInbound(self._paths(s)).insert(
+            id=f"qr-{q['card_id']}", kind="system",
             content={"type": "question_response", "questionId": qid, "selectedOption": option,
                      "userId": clicker}, channel_type=ev.channel_type,
             platform_id=ev.platform_id, thread_id=ev.thread_id)
@@ -287,25 +287,25 @@ class Router:
         s = self.store.create_session(w["agent_group_id"], None if mode == "agent-shared"
                                       else mg["id"], ev.thread_id if mode == "per-thread" else None,
                                       None)
-        paths = sessiondb.create(sessiondb.of(self.settings, s).root,
-                                 self.settings.agent_owner())
+        paths = create(of(self.settings, s).root, self.settings.agent_owner())
         nudge.advertise(self.settings, paths.root)  # its agent can wake delivery at once
         routing = (None, None, None) if mode == "agent-shared" else (
             ev.channel_type, ev.platform_id, ev.thread_id)
-        sessiondb.write_routing(paths, routing, self.store.destinations(w["agent_group_id"]))
+        SessionInbound(paths).write_routing(routing,
+                                            self.store.destinations(w["agent_group_id"]))
         logger.info("new session {} for agent group {} ({})", s["id"], w["agent_group_id"], mode)
         return s
 
-    def _paths(self, session: dict[str, Any]) -> sessiondb.SessionPaths:
-        return sessiondb.of(self.settings, session)
+    def _paths(self, session: dict[str, Any]) -> SessionPaths:
+        return of(self.settings, session)
 
     def _insert(self, session: dict[str, Any], w: dict[str, Any], ev: Event, uid: str | None,
                 trigger: bool) -> None:
         content = {"sender": ev.sender_name or uid or "unknown", "senderId": uid,
                    "senderName": ev.sender_name, "text": ev.text,
                    "attachments": ev.attachments, "replyTo": ev.reply_to}
-        sessiondb.insert_message(
-            self._paths(session), id=f"{ev.message_id}:{w['agent_group_id']}", kind="chat",
+        SessionInbound(self._paths(session)).insert(
+            id=f"{ev.message_id}:{w['agent_group_id']}", kind="chat",
             content=content, trigger=trigger, platform_id=ev.platform_id,
             channel_type=ev.channel_type, thread_id=ev.thread_id)
         self.store.touch_session(session["id"])

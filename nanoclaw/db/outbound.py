@@ -1,0 +1,232 @@
+"""A session's `outbound.db`, as the host reads it: the agent's file, read as hostile.
+
+The agent writes it and the host only ever reads it, through `agent_db`: a regular file
+of bounded size whose schema is exactly `OUTBOUND_DDL` (so no view, trigger, virtual
+table or odd column default runs), with `trusted_schema` off and every read bound in
+CPU time. A file that fails raises `HostileDB` and its session is quarantined
+(delivery); the containers worker sets it aside before the next start
+(`session.reset_outbound`).
+
+**Versions.** `outbound.db` has no migration ledger: a ledger in a file the agent
+writes would be the agent's to forge, and the host never writes this file. Its version
+*is* its schema. The host creates the file at the current `OUTBOUND_DDL` before an
+agent first starts (`session.create`), and the exact-schema check refuses any other
+shape, older or newer. So a change to `OUTBOUND_DDL` (which must ship with the runner
+that writes it: container/agent_runner/db.py) reaches existing sessions like this: an
+old file is refused when next read (its session quarantined once, its unsent rows not
+delivered) and set aside at the next start, when a fresh file at the new schema is
+made. Change it rarely, and say so in the release notes.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+import time
+import urllib.parse
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from nanoclaw.db.sessionfile import SessionPaths, file_signal
+from nanoclaw.util import utcnow
+
+OUTBOUND_DDL = """
+CREATE TABLE IF NOT EXISTS messages_out (
+  id TEXT PRIMARY KEY,
+  seq INTEGER NOT NULL UNIQUE,
+  in_reply_to TEXT,
+  timestamp TEXT NOT NULL,
+  deliver_after TEXT,
+  recurrence TEXT,
+  kind TEXT NOT NULL,
+  platform_id TEXT,
+  channel_type TEXT,
+  thread_id TEXT,
+  content TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS processing_ack (
+  message_id TEXT PRIMARY KEY,
+  status TEXT NOT NULL,
+  status_changed TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS session_state (
+  key TEXT PRIMARY KEY,
+  value TEXT,
+  updated_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS container_state (
+  id INTEGER PRIMARY KEY CHECK (id = 1),
+  current_tool TEXT,
+  tool_declared_timeout_ms INTEGER,
+  tool_started_at TEXT,
+  updated_at TEXT
+);
+"""
+
+MAX_OUTBOUND = 1 << 30   # an outbound.db larger than this is refused unread
+READ_BOUND_S = 1.0       # CPU seconds: one read of outbound.db costing more is the agent's
+                         # doing (CPU, not wall time: a busy machine must not look hostile)
+MAX_CONTENT = 1 << 20    # a messages_out row's content larger than this is not loaded
+OUT_COLUMNS = ("id, seq, in_reply_to, timestamp, deliver_after, recurrence, kind,"
+               " platform_id, channel_type, thread_id")
+
+
+class HostileDB(Exception):
+    """The agent's `outbound.db` is not one the host will read: wrong schema, too big,
+    too slow, or not a database. The session is quarantined (delivery.py). `kind` is a
+    fixed phrase for the user (the message may quote names the agent chose)."""
+
+    def __init__(self, message: str, kind: str = "it is not a database the host can read"):
+        super().__init__(message)
+        self.kind = kind
+
+
+def _expected_schema() -> set[tuple[str, str, str, str | None]]:
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.executescript(OUTBOUND_DDL)
+        return set(conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master"))
+    finally:
+        conn.close()
+
+
+OUTBOUND_SCHEMA = _expected_schema()
+
+
+@contextmanager
+def agent_db(paths: SessionPaths) -> Iterator[sqlite3.Connection | None]:
+    """A read-only connection to the agent's `outbound.db` that cannot hurt the host:
+    a regular file of bounded size, exactly our schema (so no view, trigger, virtual
+    table or odd column default runs), `trusted_schema=OFF`, and a progress handler
+    that interrupts any read costing more than READ_BOUND_S of CPU. None when the file is
+    missing. Raises HostileDB when the file is refused; "database is locked" passes
+    through (the agent is mid-write: try again)."""
+    try:
+        st = os.stat(paths.outbound, follow_symlinks=False)
+    except FileNotFoundError:
+        yield None
+        return
+    if not stat.S_ISREG(st.st_mode):
+        raise HostileDB("outbound.db is not a regular file")
+    if st.st_size > MAX_OUTBOUND:
+        raise HostileDB(f"outbound.db is larger than {MAX_OUTBOUND >> 20} MiB",
+                        "its database grew too large")
+    conn = sqlite3.connect(f"file:{urllib.parse.quote(paths.outbound)}?mode=ro", uri=True,
+                           isolation_level=None, timeout=0.5)
+    deadline = time.thread_time() + READ_BOUND_S
+    conn.set_progress_handler(lambda: 1 if time.thread_time() > deadline else 0, 1000)
+    try:
+        try:
+            conn.execute("PRAGMA trusted_schema=OFF")
+            conn.execute("PRAGMA mmap_size=0")
+            have = set(conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master"))
+        except sqlite3.OperationalError as e:
+            if "locked" in str(e):
+                raise
+            raise HostileDB(f"outbound.db unreadable: {e}") from None
+        except sqlite3.DatabaseError as e:
+            raise HostileDB(f"outbound.db unreadable: {e}") from None
+        if have != OUTBOUND_SCHEMA:
+            odd = sorted(f"{t} {str(n)[:40]!r}" for t, n, _, _ in have - OUTBOUND_SCHEMA)
+            missing = sorted(f"{t} {n}" for t, n, _, _ in OUTBOUND_SCHEMA - have)
+            raise HostileDB("outbound.db schema is not the runner's ("
+                            + "; ".join(filter(None, [
+                                odd and "unexpected: " + ", ".join(odd[:5]),
+                                missing and "changed or missing: " + ", ".join(missing[:5])]))
+                            + ")", "its database schema was changed")
+        conn.row_factory = sqlite3.Row
+        try:
+            yield conn
+        except sqlite3.OperationalError as e:
+            if "interrupted" in str(e):
+                raise HostileDB(f"a read of outbound.db took over {READ_BOUND_S}s of CPU",
+                                "reading its database took too long") from None
+            if "locked" in str(e):
+                raise
+            raise HostileDB(f"outbound.db unreadable: {e}") from None
+        except sqlite3.DatabaseError as e:
+            raise HostileDB(f"outbound.db unreadable: {e}") from None
+    finally:
+        conn.close()
+
+
+class SessionOutbound:
+    """`outbound.db`, read-only and defensively: what the agent wrote. Every read goes
+    through `agent_db`; a missing file reads as empty. Methods raise HostileDB for a
+    file the host refuses unless they say otherwise."""
+
+    def __init__(self, paths: SessionPaths) -> None:
+        self.paths = paths
+
+    def change_signal(self) -> tuple[int, int, int] | None:
+        """Did the agent write outbound.db since we last looked?"""
+        return file_signal(self.paths.outbound)
+
+    def refusal(self) -> str | None:
+        """Why the host refuses this file, or None (fine, missing, or mid-write)."""
+        try:
+            with agent_db(self.paths) as conn:
+                if conn is not None:
+                    conn.execute("SELECT COUNT(*) FROM processing_ack").fetchone()
+            return None
+        except sqlite3.OperationalError as e:
+            return None if "locked" in str(e) else str(e)
+        except HostileDB as e:
+            return str(e)
+
+    def max_seq(self) -> int:
+        """Highest agent seq, or 0 when the file is missing or refused: the host's own
+        rows must never be blocked by the agent's file (parity alone keeps seqs unique)."""
+        try:
+            with agent_db(self.paths) as out:
+                if out is None:
+                    return 0
+                top = out.execute("SELECT COALESCE(MAX(seq), 0) FROM messages_out").fetchone()[0]
+                return top if isinstance(top, int) else 0
+        except (HostileDB, sqlite3.DatabaseError):
+            return 0
+
+    def undelivered(self, delivered: set[str]) -> list[dict[str, Any]]:
+        """Due rows whose id is not in `delivered` (the host's record), oldest first (by
+        seq). A row whose content is over MAX_CONTENT comes with content None (delivery
+        refuses it) rather than loaded."""
+        return [r for r in self._messages(due_only=True) if r["id"] not in delivered]
+
+    def messages(self) -> list[dict[str, Any]]:
+        """Every row, by seq, content bounded as in `undelivered` (tests, harnesses)."""
+        return self._messages(due_only=False)
+
+    def _messages(self, due_only: bool) -> list[dict[str, Any]]:
+        due = " WHERE deliver_after IS NULL OR deliver_after <= :now" if due_only else ""
+        with agent_db(self.paths) as out:
+            if out is None:
+                return []
+            rows = out.execute(
+                f"SELECT {OUT_COLUMNS}, CASE WHEN length(CAST(content AS BLOB)) <= :max"
+                f" THEN content END AS content FROM messages_out{due} ORDER BY seq",
+                {"max": MAX_CONTENT, "now": utcnow()}).fetchall()
+        return [dict(r) for r in rows]
+
+    def acks(self) -> dict[str, tuple[str, str]]:
+        """message_id → (status, status_changed) from the agent's `processing_ack`."""
+        with agent_db(self.paths) as out:
+            if out is None:
+                return {}
+            return {r[0]: (r[1], r[2]) for r in out.execute(
+                "SELECT message_id, status, status_changed FROM processing_ack")}
+
+    def current_tool(self) -> tuple[Any, Any] | None:
+        """(tool name, declared timeout in ms) the agent says it is running, as written
+        (unchecked values); None when it wrote nothing."""
+        with agent_db(self.paths) as out:
+            row = out and out.execute("SELECT current_tool, tool_declared_timeout_ms FROM"
+                                      " container_state WHERE id=1").fetchone()
+        return (row[0], row[1]) if row else None
+
+    def state(self, key: str) -> Any:
+        """A value of the agent's `session_state` (tests, harnesses)."""
+        with agent_db(self.paths) as out:
+            row = out and out.execute("SELECT value FROM session_state WHERE key=?",
+                                      (key,)).fetchone()
+        return row[0] if row else None
