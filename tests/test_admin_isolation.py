@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from test_broker import TAIL, Running, Upstream, post
 
+from dbread import db_row
 from nanoclaw.agents import mounts
 from nanoclaw.cli import doctor
 from nanoclaw.config import Settings
@@ -52,7 +53,7 @@ def db(tmp_path):
 
 
 def config(store: Store, ag: str) -> dict:
-    return store.q1("SELECT * FROM container_configs WHERE agent_group_id=?", (ag,))
+    return db_row(store, "SELECT * FROM container_configs WHERE agent_group_id=?", (ag,))
 
 
 # ---- daily token budget -------------------------------------------------------------------
@@ -108,7 +109,7 @@ def test_bad_budget_writes_nothing(db):
                     "--daily-token-budget", bad)
         refused(r, "bad daily token budget", repr(bad))
     assert config(store, ag)["daily_token_budget"] == 100
-    assert store.q1("SELECT name FROM agent_groups WHERE id=?", (ag,))["name"] == "Main"
+    assert db_row(store, "SELECT name FROM agent_groups WHERE id=?", (ag,))["name"] == "Main"
     refused(run_cli(base, "groups", "update", "ghost", "--daily-token-budget", "5"),
             "unknown agent group 'ghost'")
 

@@ -21,9 +21,9 @@ from nanoclaw.approvals import requests as approvals
 from nanoclaw.cli import agent as agent_cli
 from nanoclaw.db import session as sessiondb
 from nanoclaw.db.store import Store
-from nanoclaw.errors import NotAllowed
 from nanoclaw.delivery.delivery import Delivery
 from nanoclaw.devtools.runner_harness import ROOT
+from nanoclaw.errors import NotAllowed
 from nanoclaw.routing.router import Event, Router
 from nanoclaw.util import local_user_id
 
@@ -34,6 +34,8 @@ from agent_runner.batch import Batch  # noqa: E402
 from agent_runner.db import Inbound, Outbound  # noqa: E402
 from agent_runner.tools import REGISTRY, Toolbox  # noqa: E402
 from agent_runner.tools import ncl as ncl_tool  # noqa: E402
+
+from dbread import db_row, db_rows
 
 OWNER = local_user_id()
 
@@ -50,7 +52,7 @@ class World:
         self.settings = s = config.load()
         self.store = Store.open(s.data_dir)
         ensure_defaults(self.store, s)
-        self.ag = self.store.q1("SELECT id FROM agent_groups")["id"]
+        self.ag = db_row(self.store, "SELECT id FROM agent_groups")["id"]
         self.router = Router(self.store, s)
         (self.sid,) = self.router.route(Event("cli", "local", "m0", text="hi",
                                               sender_id=OWNER.split(":", 1)[1]))
@@ -125,7 +127,7 @@ class World:
         tables = ("agent_groups", "container_configs", "agent_group_members", "user_roles",
                   "users", "agent_destinations", "messaging_group_agents",
                   "pending_approvals", "channel_outbox")
-        return {t: self.store.q(f"SELECT * FROM {t}") for t in tables}
+        return {t: db_rows(self.store, f"SELECT * FROM {t}") for t in tables}
 
 
 @pytest.fixture
@@ -138,7 +140,7 @@ def _other(w: World) -> str:
 
 
 def _card(w: World) -> dict:
-    rows = w.store.q("SELECT * FROM channel_outbox WHERE idem_key LIKE 'card:appr-%'")
+    rows = db_rows(w.store, "SELECT * FROM channel_outbox WHERE idem_key LIKE 'card:appr-%'")
     assert len(rows) == 1
     return {**rows[0], "body": json.loads(rows[0]["content"])}
 
@@ -248,7 +250,7 @@ def test_a_change_is_approved_then_applied_and_its_output_reaches_the_agent(w):
     card = _card(w)
     assert (card["channel_type"], card["platform_id"]) == ("cli", "local")  # owner's DM
     assert f"ncl groups update {w.ag} --name Helper" in card["body"]["question"]
-    (appr,) = w.store.q("SELECT * FROM pending_approvals")
+    (appr,) = db_rows(w.store, "SELECT * FROM pending_approvals")
     assert appr["action"] == "cli_command" and appr["approver_user_id"] == OWNER
     w.store.ensure_user("cli:mallory", "cli")
     with pytest.raises(NotAllowed):
@@ -261,7 +263,7 @@ def test_a_change_is_approved_then_applied_and_its_output_reaches_the_agent(w):
     assert note.startswith(f"Your command `ncl groups update {w.ag} --name Helper` was"
                            " approved and ran:")
     assert f"updated {w.ag}" in note
-    wakes = w.store.q("SELECT * FROM container_requests WHERE session_id=? AND"
+    wakes = db_rows(w.store, "SELECT * FROM container_requests WHERE session_id=? AND"
                       " action='wake'", (w.sid,))
     assert wakes  # the note wakes the agent
 
@@ -269,10 +271,10 @@ def test_a_change_is_approved_then_applied_and_its_output_reaches_the_agent(w):
 def test_members_add_with_the_own_group_filled_in(w):
     w.store.ensure_user("telegram:42", "telegram")
     assert w.ok("members", "add", "telegram:42").startswith("approval-pending")
-    (appr,) = w.store.q("SELECT * FROM pending_approvals")
+    (appr,) = db_rows(w.store, "SELECT * FROM pending_approvals")
     assert json.loads(appr["payload"])["args"] == ["members", "add", "telegram:42", w.ag]
     approvals.decide(w.store, w.settings, appr["approval_id"], "approve", OWNER)
-    assert w.store.q1("SELECT * FROM agent_group_members WHERE user_id='telegram:42' AND"
+    assert db_row(w.store, "SELECT * FROM agent_group_members WHERE user_id='telegram:42' AND"
                       " agent_group_id=?", (w.ag,))
     assert "was approved and ran" in w.notes()[-1]
 
@@ -282,19 +284,19 @@ def test_an_approved_change_is_recorded_as_made_by_the_admin_who_approved_it(w):
     w.store.ensure_user("telegram:7", "telegram")
     w.store.grant_role("telegram:7", "admin", w.ag, granted_by=OWNER)  # a group admin
     w.ok("members", "add", "telegram:42")
-    (appr,) = w.store.q("SELECT * FROM pending_approvals")
+    (appr,) = db_rows(w.store, "SELECT * FROM pending_approvals")
     assert approvals.decide(w.store, w.settings, appr["approval_id"], "approve",
                             "telegram:7") == "approved"
-    member = w.store.q1("SELECT * FROM agent_group_members WHERE user_id='telegram:42'")
+    member = db_row(w.store, "SELECT * FROM agent_group_members WHERE user_id='telegram:42'")
     assert member["added_by"] == "telegram:7"  # not the terminal's user
-    decided = w.store.q1("SELECT * FROM pending_approvals")
+    decided = db_row(w.store, "SELECT * FROM pending_approvals")
     assert decided["status"] == "approved" and decided["decided_by"] == "telegram:7"
     assert decided["decided_at"]
 
 
 def test_a_rejected_change_is_told_and_not_applied(w):
     w.ok("groups", "update", "--name", "Helper")
-    (appr,) = w.store.q("SELECT * FROM pending_approvals")
+    (appr,) = db_rows(w.store, "SELECT * FROM pending_approvals")
     assert approvals.decide(w.store, w.settings, appr["approval_id"], "reject",
                             OWNER) == "rejected"
     assert w.store.agent_group(w.ag)["name"] == "main"
@@ -303,7 +305,7 @@ def test_a_rejected_change_is_told_and_not_applied(w):
 
 def test_an_approval_is_checked_again_when_it_is_given(w):
     w.ok("groups", "update", "--name", "Helper")
-    (appr,) = w.store.q("SELECT * FROM pending_approvals")
+    (appr,) = db_rows(w.store, "SELECT * FROM pending_approvals")
     w.scope("disabled")  # the owner switched ncl off meanwhile
     assert approvals.decide(w.store, w.settings, appr["approval_id"], "approve",
                             OWNER) == "approved, but it failed"
@@ -314,10 +316,10 @@ def test_an_approval_is_checked_again_when_it_is_given(w):
 def test_a_failing_approved_command_tells_the_agent_why(w):
     w.scope("global")
     w.ok("roles", "grant", "cli:ghost", "admin")
-    (appr,) = w.store.q("SELECT * FROM pending_approvals")
+    (appr,) = db_rows(w.store, "SELECT * FROM pending_approvals")
     approvals.decide(w.store, w.settings, appr["approval_id"], "approve", OWNER)
     assert "ncl roles grant cli:ghost admin: unknown user 'cli:ghost'" in w.notes()[-1]
-    assert w.store.q("SELECT * FROM user_roles WHERE user_id='cli:ghost'") == []
+    assert db_rows(w.store, "SELECT * FROM user_roles WHERE user_id='cli:ghost'") == []
 
 
 def test_cli_scope_is_an_admin_setting(w):
@@ -357,7 +359,7 @@ def test_malformed_requests_get_one_line_and_write_nothing(w, args, why):
     assert why in resp["output"] and "\n" not in resp["output"], resp["output"]
     assert w.central() == before
     assert w.notes() == []
-    assert sessiondb.undelivered(w.paths) == []  # the row is done, the worker carries on
+    assert sessiondb.SessionOutbound(w.paths).undelivered(sessiondb.SessionInbound(w.paths).delivered_ids()) == []  # the row is done, the worker carries on
 
 
 def test_a_hostile_request_id_or_shape_never_breaks_the_worker(w):

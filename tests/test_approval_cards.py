@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from dbread import db_row, db_rows
 from nanoclaw import config
 from nanoclaw.agents.groups import ensure_defaults
 from nanoclaw.approvals import requests as approvals
@@ -50,7 +51,7 @@ class Host:
         self.settings = s = config.load()
         self.store = Store.open(s.data_dir)
         ensure_defaults(self.store, s)
-        self.ag = self.store.q1("SELECT id FROM agent_groups")["id"]
+        self.ag = db_row(self.store, "SELECT id FROM agent_groups")["id"]
         (self.sid,) = Router(self.store, s).route(Event(
             "cli", "local", "m0", text="hi", sender_id=OWNER.split(":", 1)[1], is_mention=True))
         self.paths = sessiondb.of(s, self.store.session(self.sid))
@@ -113,10 +114,10 @@ class Host:
                 if r["channel_type"] == "agent"]
 
     def approvals(self) -> list[dict]:
-        return self.store.q("SELECT * FROM pending_approvals ORDER BY created_at")
+        return db_rows(self.store, "SELECT * FROM pending_approvals ORDER BY created_at")
 
     def cards(self) -> list[dict]:
-        return [json.loads(r["content"]) for r in self.store.q(
+        return [json.loads(r["content"]) for r in db_rows(self.store, 
             "SELECT * FROM channel_outbox WHERE idem_key LIKE 'card:appr-%' ORDER BY id")]
 
 
@@ -241,7 +242,7 @@ def test_control_and_invisible_characters_are_escaped_on_the_card(host):
 
 
 def test_an_over_long_request_is_refused_and_nothing_is_queued(host):
-    before = host.store.q("SELECT * FROM container_configs")
+    before = db_rows(host.store, "SELECT * FROM container_configs")
     resp = host.ncl(["groups", "update", "--name", "x" * 999, "--model", "y" * 999])
     assert resp["status"] == "error"
     out = resp["output"]
@@ -251,7 +252,7 @@ def test_an_over_long_request_is_refused_and_nothing_is_queued(host):
     resp = host.ncl(["groups", "update", "--name", "&" * 999])
     assert resp["status"] == "error" and "once formatted for chat" in resp["output"]
     assert host.approvals() == [] and host.cards() == []
-    assert host.store.q("SELECT * FROM container_configs") == before
+    assert db_rows(host.store, "SELECT * FROM container_configs") == before
 
 
 def test_the_longest_request_that_fits_is_shown_whole(host):

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import wait_for
 
+from dbread import db_row
 from nanoclaw.broker.proxy import Broker
 from nanoclaw.broker.usage import Meter, total
 from nanoclaw.config import Settings
@@ -162,7 +163,7 @@ def test_credential_swapped_and_json_usage_counted(broker, upstream):
     assert r.status == 200 and json.loads(r.read())["usage"]["output_tokens"] == 4
     sent = {k.lower(): v for k, v in upstream.seen[0]["headers"].items()}
     assert sent["x-api-key"] == REAL and TOKEN not in json.dumps(sent)
-    row = wait_for(lambda: b.store.q1("SELECT * FROM token_usage"), 10, what="usage row")
+    row = wait_for(lambda: db_row(b.store, "SELECT * FROM token_usage"), 10, what="usage row")
     assert b.store.tokens_used(b.group, row["day"]) == 7 and row["requests"] == 1
 
 
@@ -179,7 +180,7 @@ def test_stream_arrives_incrementally_and_usage_is_counted(broker, upstream):
     upstream.release.set()
     got += r.read()
     assert got == HEAD + TAIL
-    row = wait_for(lambda: b.store.q1("SELECT * FROM token_usage"), 10, what="usage row")
+    row = wait_for(lambda: db_row(b.store, "SELECT * FROM token_usage"), 10, what="usage row")
     assert (row["input_tokens"], row["output_tokens"], row["cache_creation_input_tokens"],
             row["cache_read_input_tokens"], row["requests"]) == (10, 7, 2, 5, 1)
 
@@ -204,7 +205,7 @@ def test_daily_budget_refuses_with_a_clear_message(broker, upstream):
     b = broker(daily_token_budget=20)
     upstream.release.set()
     assert post(b, {"stream": True}).read().endswith(TAIL)  # 24 tokens: now over
-    wait_for(lambda: b.store.q1("SELECT * FROM token_usage"), 10, what="usage row")
+    wait_for(lambda: db_row(b.store, "SELECT * FROM token_usage"), 10, what="usage row")
     r = post(b, {"stream": True})
     err = json.loads(r.read())
     assert r.status == 403 and r.getheader("x-should-retry") == "false"

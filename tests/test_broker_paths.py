@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from test_broker import REAL, TOKEN, Running
 from yarl import URL
 
+from dbread import db_row
 from nanoclaw.broker.proxy import QUERY, ROUTES, route
 
 BODY = {"model": "claude-fake-1", "max_tokens": 16,
@@ -94,7 +95,7 @@ def send(b: Running, method: str, target: str, body: dict | None = None) -> tupl
 def spend(b: Running) -> None:
     """Use up a tiny budget with one real model call, then see it hold."""
     assert send(b, "POST", "/v1/messages")[0] == 200
-    wait_for(lambda: b.store.q1("SELECT * FROM token_usage"), 10, what="usage row")
+    wait_for(lambda: db_row(b.store, "SELECT * FROM token_usage"), 10, what="usage row")
     status, err = send(b, "POST", "/v1/messages")
     assert status == 403 and "daily token budget" in err["error"]["message"]
 
@@ -119,7 +120,7 @@ def test_spent_budget_forwards_nothing(broker, upstream, method, target):
     if route(method, target)[0] is not None:  # allowed, but not past the budget
         assert status == 403 and "daily token budget" in answer["error"]["message"]
     assert upstream.lines == before and upstream.requests == recorded
-    assert b.store.q1("SELECT requests FROM token_usage")["requests"] == 1
+    assert db_row(b.store, "SELECT requests FROM token_usage")["requests"] == 1
 
 
 def test_off_the_allowlist_is_refused_under_budget_too(broker, upstream):
@@ -145,7 +146,7 @@ def test_cli_beta_query_is_forwarded_exactly_and_metered(broker, upstream):
     seen = upstream.requests[0]
     assert (seen["path"], seen["query"], seen["headers"]["x-api-key"]) == (
         "/v1/messages", "beta=true", REAL)
-    row = wait_for(lambda: b.store.q1("SELECT * FROM token_usage"), 10, what="usage row")
+    row = wait_for(lambda: db_row(b.store, "SELECT * FROM token_usage"), 10, what="usage row")
     assert row["requests"] == 1 and row["input_tokens"] == answer["usage"]["input_tokens"]
 
 
@@ -154,7 +155,7 @@ def test_count_tokens_is_forwarded_unbilled_and_stops_with_the_budget(broker, up
     status, answer = send(b, "POST", "/v1/messages/count_tokens?beta=true")
     assert status == 200 and answer["input_tokens"] > 0
     assert upstream.lines == ["POST /v1/messages/count_tokens?beta=true HTTP/1.1"]
-    assert b.store.q1("SELECT * FROM token_usage") is None  # the API bills no tokens for it
+    assert db_row(b.store, "SELECT * FROM token_usage") is None  # the API bills no tokens for it
     spend(b)
     before = list(upstream.lines)
     assert send(b, "POST", "/v1/messages/count_tokens")[0] == 403

@@ -21,13 +21,14 @@ from typing import Any, Callable
 import aiohttp
 import pytest
 
+from dbread import db_row, db_rows
 from fakes.fake_telegram import FakeTelegram
 from nanoclaw import config
 from nanoclaw.agents.groups import ensure_defaults
 from nanoclaw.channels.runner import ChannelRunner
+from nanoclaw.cli import agent as agent_cli  # noqa: F401  (installs the ncl action, as workers/delivery.py does)
 from nanoclaw.db import session as sessiondb
 from nanoclaw.db.store import Store
-from nanoclaw.cli import agent as agent_cli  # noqa: F401  (installs the ncl action, as workers/delivery.py does)
 from nanoclaw.delivery.delivery import Delivery
 from nanoclaw.routing.router import Event, Router
 from nanoclaw.util import is_approval_card, local_user_id
@@ -49,7 +50,7 @@ class World:
         self.s = s = config.load()
         self.store = Store.open(s.data_dir)
         ensure_defaults(self.store, s)
-        self.ag = self.store.q1("SELECT id FROM agent_groups")["id"]
+        self.ag = db_row(self.store, "SELECT id FROM agent_groups")["id"]
         self.router = Router(self.store, s)
         self.delivery = Delivery(self.store, s)
         self.loop = asyncio.new_event_loop()
@@ -135,7 +136,7 @@ class World:
     # ---- the host's side ---------------------------------------------------------------
     def card_row(self, card_id: str, channel: str) -> dict | None:
         """The sent outbox row of the host's own card (an approval) with this id."""
-        for r in self.store.q("SELECT * FROM channel_outbox WHERE channel_type=? AND"
+        for r in db_rows(self.store, "SELECT * FROM channel_outbox WHERE channel_type=? AND"
                               " status='sent' AND session_id IS NULL ORDER BY id", (channel,)):
             if json.loads(r["content"]).get("questionId") == card_id:
                 return r
@@ -143,15 +144,15 @@ class World:
 
     def agent_card(self, out_id: str) -> dict | None:
         """The sent outbox row of the agent's message `out_id`."""
-        return self.store.q1("SELECT * FROM channel_outbox WHERE message_out_id=? AND"
+        return db_row(self.store, "SELECT * FROM channel_outbox WHERE message_out_id=? AND"
                              " status='sent'", (out_id,))
 
     def member(self, user: str) -> bool:
-        return self.store.q1("SELECT 1 AS x FROM agent_group_members WHERE user_id=?",
+        return db_row(self.store, "SELECT 1 AS x FROM agent_group_members WHERE user_id=?",
                              (user,)) is not None
 
     def notices(self) -> list[str]:
-        return [json.loads(r["content"])["text"] for r in self.store.q(
+        return [json.loads(r["content"])["text"] for r in db_rows(self.store, 
             "SELECT content FROM channel_outbox WHERE idem_key LIKE 'notice:%' ORDER BY id")]
 
 
@@ -240,12 +241,12 @@ def test_a_poll_reusing_an_approval_id_cannot_turn_reject_into_approve(w, tg):
     sid = _session(w)
     w.agent_writes(sid, {"action": "cli", "args": ["members", "add", f"telegram:{NEWBIE}"],
                          "requestId": "r1"}, kind="system")
-    appr = w.pump(lambda: w.store.q1("SELECT * FROM pending_approvals"))
+    appr = w.pump(lambda: db_row(w.store, "SELECT * FROM pending_approvals"))
     aid = appr["approval_id"]
     assert aid.startswith("appr-") and appr["approver_user_id"] == f"telegram:{ADMIN}"
 
     def decided():
-        return w.store.q1("SELECT * FROM pending_approvals WHERE approval_id=? AND"
+        return db_row(w.store, "SELECT * FROM pending_approvals WHERE approval_id=? AND"
                           " status!='pending'", (aid,))
     _, text = _attack(w, tg, aid, "approve", 1, decided)
     row = decided()
@@ -262,11 +263,11 @@ def test_a_poll_reusing_a_chat_approval_id_cannot_connect_the_chat(w, tg):
     card_id = f"chan-{mg['id']}"
 
     def decided():
-        return w.store.q1("SELECT denied_at FROM messaging_groups WHERE id=? AND denied_at"
+        return db_row(w.store, "SELECT denied_at FROM messaging_groups WHERE id=? AND denied_at"
                           " IS NOT NULL", (mg["id"],))
     _, text = _attack(w, tg, card_id, f"connect:{w.ag}", 2, decided)
     assert w.store.wirings(mg["id"]) == []
-    assert w.store.q("SELECT * FROM pending_channel_approvals") == []
+    assert db_rows(w.store, "SELECT * FROM pending_channel_approvals") == []
     assert not w.member(f"telegram:{STRANGER}")
     assert text.startswith("New chat") and text.endswith("✓ Rejected")
 
@@ -277,11 +278,11 @@ def test_a_poll_reusing_a_sender_approval_id_cannot_admit_the_sender(w, tg):
     w.store.wire(mg, w.ag, destination="lobby")
     assert w.router.route(Event("telegram", "telegram:-300", "s1", text="let me in",
                                 sender_id=str(STRANGER), is_mention=True, is_group=True)) == []
-    (req,) = w.store.q("SELECT * FROM pending_sender_approvals")
+    (req,) = db_rows(w.store, "SELECT * FROM pending_sender_approvals")
     assert req["id"].startswith("snd-")
 
     def decided():
-        return not w.store.q("SELECT * FROM pending_sender_approvals")
+        return not db_rows(w.store, "SELECT * FROM pending_sender_approvals")
     _, text = _attack(w, tg, req["id"], "allow", 1, decided)
     assert not w.member(f"telegram:{STRANGER}")
     assert text.startswith("New sender") and text.endswith("✓ Denied")
@@ -318,10 +319,10 @@ def test_forged_clicks_on_an_approval_card_are_refused(w, tg):
     sid = _session(w)
     w.agent_writes(sid, {"action": "cli", "args": ["members", "add", f"telegram:{NEWBIE}"],
                          "requestId": "r1"}, kind="system")
-    aid = w.pump(lambda: w.store.q1("SELECT * FROM pending_approvals"))["approval_id"]
+    aid = w.pump(lambda: db_row(w.store, "SELECT * FROM pending_approvals"))["approval_id"]
     real = w.pump(lambda: w.card_row(aid, "telegram"))
     real_mid, real_data = _buttons(tg, real)
-    events = lambda: w.store.q("SELECT * FROM inbound_events WHERE kind='action'")  # noqa: E731
+    events = lambda: db_rows(w.store, "SELECT * FROM inbound_events WHERE kind='action'")  # noqa: E731
     # the approval card's button data sent from the group chat: no such card there
     tg.push({"callback_query": {
         "id": "forged1", "from": {"id": MEMBER, "is_bot": False, "first_name": "M"},
@@ -337,11 +338,11 @@ def test_forged_clicks_on_an_approval_card_are_refused(w, tg):
     # a forged click event naming an option the card does not have
     w.router.route(Event("telegram", f"telegram:{ADMIN}", "f1", kind="action", payload={
         "question_id": aid, "option": "approve-everything", "user_id": str(ADMIN)}))
-    assert w.store.q1("SELECT status FROM pending_approvals")["status"] == "pending"
+    assert db_row(w.store, "SELECT status FROM pending_approvals")["status"] == "pending"
     assert not w.member(f"telegram:{NEWBIE}")
     # the admin's own click still decides it
     tg.click(ADMIN, real_mid, real_data[0], user_id=ADMIN)
-    w.pump(lambda: w.store.q1("SELECT 1 AS x FROM pending_approvals WHERE status='approved'"))
+    w.pump(lambda: db_row(w.store, "SELECT 1 AS x FROM pending_approvals WHERE status='approved'"))
     assert w.member(f"telegram:{NEWBIE}")
 
 
@@ -351,7 +352,7 @@ def test_an_agent_id_naming_an_approval_never_reaches_approvals_from_the_router(
     sid = _session(w)
     w.agent_writes(sid, {"action": "cli", "args": ["members", "add", f"telegram:{NEWBIE}"],
                          "requestId": "r1"}, kind="system")
-    aid = w.pump(lambda: w.store.q1("SELECT * FROM pending_approvals"))["approval_id"]
+    aid = w.pump(lambda: db_row(w.store, "SELECT * FROM pending_approvals"))["approval_id"]
     poll = _poll(w, sid, aid, ["approve", "approve"])
     card = json.loads(poll["content"])["questionId"]
     # the member (may answer the agent, may not decide) clicks with the agent's id (the
@@ -364,7 +365,7 @@ def test_an_agent_id_naming_an_approval_never_reaches_approvals_from_the_router(
     w.router.route(Event("telegram", f"telegram:{GROUP}", "k2", kind="action", payload={
         "question_id": card, "option": "approve", "user_id": str(MEMBER)}))
     assert [a["questionId"] for a in w.answers(sid)] == [aid]
-    assert w.store.q1("SELECT status FROM pending_approvals")["status"] == "pending"
+    assert db_row(w.store, "SELECT status FROM pending_approvals")["status"] == "pending"
 
 
 # ---- the web page -------------------------------------------------------------------------
@@ -394,7 +395,7 @@ def test_the_web_answer_resolves_the_card_on_the_page(web):
                                     is_mention=True))
     web.agent_writes(sid, {"action": "cli", "args": ["members", "add", "cli:newbie"],
                            "requestId": "r1"}, kind="system")
-    aid = web.pump(lambda: web.store.q1("SELECT * FROM pending_approvals"))["approval_id"]
+    aid = web.pump(lambda: db_row(web.store, "SELECT * FROM pending_approvals"))["approval_id"]
     web.pump(lambda: web.card_row(aid, "web"))  # the owner's card, mirrored
     out = web.agent_writes(sid, {
         "type": "ask_question", "questionId": aid, "title": "Lunch poll",
@@ -416,10 +417,10 @@ def test_the_web_answer_resolves_the_card_on_the_page(web):
     # the owner rejects on the approval card: rejected, whatever the poll said
     assert _api(web, "POST", "/api/answer", {"question_id": aid, "index": 1}) == \
         (200, {"ok": True, "option": "reject"})
-    row = web.pump(lambda: web.store.q1("SELECT * FROM pending_approvals WHERE"
+    row = web.pump(lambda: db_row(web.store, "SELECT * FROM pending_approvals WHERE"
                                         " status!='pending'"))
     assert (row["status"], row["decided_by"]) == ("rejected", OWNER)
-    assert web.store.q1("SELECT 1 AS x FROM agent_group_members WHERE user_id='cli:newbie'"
+    assert db_row(web.store, "SELECT 1 AS x FROM agent_group_members WHERE user_id='cli:newbie'"
                         ) is None
     assert len(web.answers(sid)) == 1  # the owner's decision never reached the agent
 

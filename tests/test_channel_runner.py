@@ -11,8 +11,9 @@ import json
 import time
 
 import pytest
-from fakes.clock import FakeClock
 
+from dbread import db_row
+from fakes.clock import FakeClock
 from nanoclaw import config
 from nanoclaw.agents.groups import ensure_defaults
 from nanoclaw.channels.base import Channel, RetryAfter, SendError, Unavailable
@@ -75,7 +76,7 @@ def _drive(runner: ChannelRunner, adapter: Platform, clock: FakeClock, until, pa
 
 
 def _status(store: Store) -> str:
-    return store.q1("SELECT status FROM channel_outbox")["status"]
+    return db_row(store, "SELECT status FROM channel_outbox")["status"]
 
 
 def test_unavailable_parks_without_counting(env):
@@ -85,7 +86,7 @@ def test_unavailable_parks_without_counting(env):
     runner = ChannelRunner(store, s, "fakechat", clock=clock)
     adapter = Platform(s, runner, [Unavailable("nobody"), "ok"], clock)
     _drive(runner, adapter, clock, lambda: _status(store) == "sent")
-    row = store.q1("SELECT * FROM channel_outbox")
+    row = db_row(store, "SELECT * FROM channel_outbox")
     assert row["attempts"] == 1 and row["platform_message_id"] == "pm-2"
     (t1, _, _), (t2, _, _) = adapter.calls
     assert t2 - t1 == PARK_SECONDS
@@ -100,7 +101,7 @@ def test_retry_after_is_honoured(env):
     _drive(runner, adapter, clock, lambda: _status(store) == "sent")
     (t1, _, _), (t2, _, _) = adapter.calls
     assert t2 - t1 == 1.0  # when the platform said: not before, not a poll later
-    assert store.q1("SELECT attempts FROM channel_outbox")["attempts"] == 2
+    assert db_row(store, "SELECT attempts FROM channel_outbox")["attempts"] == 2
 
 
 def test_nothing_is_sent_before_its_retry_time(env):
@@ -159,7 +160,7 @@ def test_cold_dm_resolved_once_and_cached(env):
     _drive(runner, adapter, clock, lambda: _status(store) == "sent")
     assert adapter.dms == ["alice"]
     assert adapter.calls[0][1] == "fakechat:dm-alice"
-    dm = store.q1("SELECT m.platform_id FROM user_dms d JOIN messaging_groups m ON"
+    dm = db_row(store, "SELECT m.platform_id FROM user_dms d JOIN messaging_groups m ON"
                   " m.id=d.messaging_group_id WHERE d.user_id='fakechat:alice'")
     assert dm["platform_id"] == "fakechat:dm-alice"
     from nanoclaw.approvals.requests import dm_address
@@ -178,12 +179,12 @@ def test_transient_errors_back_off_on_the_schedule_until_the_last_attempt(env, m
     _drive(runner, adapter, clock, lambda: _status(store) == "failed")
     at = [t for t, _, _ in adapter.calls]
     assert [b - a for a, b in zip(at, at[1:])] == [1.0, 5.0, 15.0, 60.0, 300.0]
-    row = store.q1("SELECT * FROM channel_outbox")
+    row = db_row(store, "SELECT * FROM channel_outbox")
     assert row["attempts"] == 6 and "adapter bug" in row["error"]
 
 
 def _wired_chat(store: Store, s) -> None:
-    ag = store.q1("SELECT id FROM agent_groups WHERE folder='main'")["id"]
+    ag = db_row(store, "SELECT id FROM agent_groups WHERE folder='main'")["id"]
     mg = store.create_messaging_group("fakechat", "fakechat:1", "fake 1", False, policy="public")
     store.wire(mg, ag, destination="fake-1", engage_mode="pattern", engage_pattern=".")
 

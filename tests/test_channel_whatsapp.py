@@ -30,6 +30,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from dbread import db_row, db_rows
 from fakes.fake_wa_client import ME, ME_LID, FakeWAClient
 from fakes.hosts import session_inbound, wire_chat
 from nanoclaw import config
@@ -62,7 +63,7 @@ def env(tmp_path, monkeypatch):
     store = Store.open(s.data_dir)
     ensure_defaults(store, s)
     yield SimpleNamespace(s=s, store=store, data=s.data_dir, monkeypatch=monkeypatch,
-                          q=lambda sql, args=(): store.q(sql, args))
+                          q=lambda sql, args=(): db_rows(store, sql, args))
     store.close()
 
 
@@ -115,10 +116,10 @@ class Running:
         self.runner.wakeup.set()
 
     def outbox(self, idem: str) -> dict:
-        return self.env.store.q1("SELECT * FROM channel_outbox WHERE idem_key=?", (idem,))
+        return db_row(self.env.store, "SELECT * FROM channel_outbox WHERE idem_key=?", (idem,))
 
     def events(self, kind: str = "chat") -> list[dict]:
-        rows = self.env.store.q("SELECT * FROM inbound_events WHERE channel_type='whatsapp'"
+        rows = db_rows(self.env.store, "SELECT * FROM inbound_events WHERE channel_type='whatsapp'"
                                 " AND kind=? ORDER BY id", (kind,))
         return [r | {"payload": json.loads(r["payload"])} for r in rows]
 
@@ -209,7 +210,7 @@ def test_message_in_reaches_the_agent_and_the_reply_goes_out(env):
             assert p["attachments"][0]["name"] == ".._.._notes.txt"  # no path from a sender
             await until(lambda: ("typing", (ANN,)) in fake.calls, what="typing")
             (sid,) = Router(env.store, env.s).route(Event.from_row(
-                env.store.q1("SELECT * FROM inbound_events WHERE id=?", (ev["id"],))))
+                db_row(env.store, "SELECT * FROM inbound_events WHERE id=?", (ev["id"],))))
             assert any("hello there" in (row["content"] or "") for row in
                        session_inbound(env, "whatsapp", "whatsapp:15551112222"))
             r.send("r1", "whatsapp:15551112222", {"text": "**echo**: hello there"},

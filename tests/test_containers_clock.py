@@ -6,8 +6,9 @@ pending messages fail and the user is told in their chat."""
 from __future__ import annotations
 
 import pytest
-from fakes.clock import FakeClock
 
+from dbread import db_row
+from fakes.clock import FakeClock
 from nanoclaw import config
 from nanoclaw.agents.groups import ensure_defaults
 from nanoclaw.db import session as sessiondb
@@ -85,7 +86,7 @@ def test_failed_starts_back_off_then_fail_the_messages_and_tell_the_user(env):
     base = s.retry_base
     assert rt.spawns[0] == t0 and gaps == [base * 2 ** n for n in range(sessiondb.MAX_TRIES - 1)]
     assert sid not in c.retry_at and sid not in c.failures  # given up: no sixth start
-    notice = store.q1("SELECT * FROM channel_outbox WHERE platform_id='local'")
+    notice = db_row(store, "SELECT * FROM channel_outbox WHERE platform_id='local'")
     assert notice and "could not be processed" in notice["content"]
 
 

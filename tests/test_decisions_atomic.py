@@ -18,6 +18,7 @@ import sqlite3
 
 import pytest
 
+from dbread import db_row, db_rows
 from nanoclaw import config
 from nanoclaw.agents.groups import ensure_defaults
 from nanoclaw.approvals import cards
@@ -41,7 +42,7 @@ def env(tmp_path, monkeypatch):
     s = config.load()
     store = Store.open(s.data_dir)
     ensure_defaults(store, s)
-    ag = store.q1("SELECT id FROM agent_groups")["id"]
+    ag = db_row(store, "SELECT id FROM agent_groups")["id"]
     yield store, s, Router(store, s, THREADED), ag
     store.close()
 
@@ -69,18 +70,18 @@ def owner_clicks(card_id: str, option: str, mid: str) -> Event:
 
 
 def chat_card(store: Store) -> dict:
-    (row,) = store.q("SELECT * FROM channel_outbox WHERE idem_key LIKE 'card:chan-%'")
+    (row,) = db_rows(store, "SELECT * FROM channel_outbox WHERE idem_key LIKE 'card:chan-%'")
     return json.loads(row["content"])
 
 
 def notices(store: Store) -> list[str]:
     return [json.loads(r["content"])["text"] for r in
-            store.q("SELECT content FROM channel_outbox WHERE idem_key LIKE 'notice:%'"
+            db_rows(store, "SELECT content FROM channel_outbox WHERE idem_key LIKE 'notice:%'"
                     " ORDER BY id")]
 
 
 def member(store: Store, uid: str, ag: str) -> bool:
-    return store.q1("SELECT 1 AS x FROM agent_group_members WHERE user_id=? AND"
+    return db_row(store, "SELECT 1 AS x FROM agent_group_members WHERE user_id=? AND"
                     " agent_group_id=?", (uid, ag)) is not None
 
 
@@ -91,7 +92,7 @@ def inbound(s, session: dict) -> list[dict]:
 
 
 def count(store: Store, table: str) -> int:
-    return store.q1(f"SELECT COUNT(*) AS n FROM {table}")["n"]
+    return db_row(store, f"SELECT COUNT(*) AS n FROM {table}")["n"]
 
 
 # ---- 1. a chat approval naming a removed agent --------------------------------------------
@@ -111,12 +112,12 @@ def test_connecting_a_chat_to_a_removed_agent_says_why_and_keeps_the_approval(en
     assert "no longer exists" in said and "'helper'" in said and "\n" not in said
     assert "already decided" not in said
     # nothing written: the approval is open, the chat neither connected nor refused
-    assert store.q1("SELECT * FROM pending_channel_approvals WHERE messaging_group_id=?",
+    assert db_row(store, "SELECT * FROM pending_channel_approvals WHERE messaging_group_id=?",
                     (mg["id"],))
     assert store.messaging_group("telegram", "telegram:-200")["denied_at"] is None
     assert store.wirings(mg["id"]) == [] and not member(store, "telegram:9", ag)
     # a fresh card offers today's agents; choosing again on it connects and replays
-    fresh = store.q("SELECT * FROM channel_outbox WHERE idem_key LIKE 'card:chan-%'"
+    fresh = db_rows(store, "SELECT * FROM channel_outbox WHERE idem_key LIKE 'card:chan-%'"
                     " ORDER BY id")[-1]
     assert (fresh["channel_type"], fresh["platform_id"]) == ("cli", "local")
     options = [o["value"] for o in json.loads(fresh["content"])["options"]]
@@ -126,8 +127,8 @@ def test_connecting_a_chat_to_a_removed_agent_says_why_and_keeps_the_approval(en
     r.route(owner_clicks(card["questionId"], f"connect:{ag}", "k3"))
     assert [w["agent_group_id"] for w in store.wirings(mg["id"])] == [ag]
     assert member(store, "telegram:9", ag)
-    assert store.q("SELECT * FROM pending_channel_approvals") == []
-    (sess,) = store.q("SELECT * FROM sessions")
+    assert db_rows(store, "SELECT * FROM pending_channel_approvals") == []
+    (sess,) = db_rows(store, "SELECT * FROM sessions")
     assert [json.loads(m["content"])["text"] for m in inbound(s, sess)] == ["@bot hi"]
 
 
@@ -171,7 +172,7 @@ def test_a_chat_wired_meanwhile_is_still_connected_by_the_click(env):
     r.route(owner_clicks(chat_card(store)["questionId"], f"connect:{ag}", "k1"))
     assert [w["engage_mode"] for w in store.wirings(mg["id"])] == ["mention"]
     assert member(store, "telegram:9", ag) and count(store, "sessions") == 1
-    assert store.q("SELECT * FROM pending_channel_approvals") == [] and notices(store) == []
+    assert db_rows(store, "SELECT * FROM pending_channel_approvals") == [] and notices(store) == []
 
 
 def test_a_sender_admission_that_fails_part_way_writes_nothing(env):
@@ -180,17 +181,17 @@ def test_a_sender_admission_that_fails_part_way_writes_nothing(env):
                                       "request_approval")
     store.wire(mg, ag, destination="team")
     assert r.route(mention("telegram:-100", "u1", "hello bot", sender="42")) == []
-    (req,) = store.q("SELECT * FROM pending_sender_approvals")
+    (req,) = db_rows(store, "SELECT * FROM pending_sender_approvals")
     refuse_inserts(store, "agent_group_members")
     with pytest.raises(sqlite3.IntegrityError):
         r.route(owner_clicks(req["id"], "allow", "k1"))
-    assert store.q1("SELECT * FROM pending_sender_approvals WHERE id=?", (req["id"],))
+    assert db_row(store, "SELECT * FROM pending_sender_approvals WHERE id=?", (req["id"],))
     assert not member(store, "telegram:42", ag)
     allow_inserts(store, "agent_group_members")
     r.route(owner_clicks(req["id"], "allow", "k1"))
     assert notices(store) == []
     assert member(store, "telegram:42", ag)
-    assert store.q("SELECT * FROM pending_sender_approvals") == []
+    assert db_rows(store, "SELECT * FROM pending_sender_approvals") == []
     assert count(store, "sessions") == 1  # the first message, replayed
 
 
@@ -203,15 +204,15 @@ def test_naming_a_new_agent_that_fails_part_way_writes_nothing(env):
     refuse_inserts(store, "messaging_group_agents")  # after the group and its config
     with pytest.raises(sqlite3.IntegrityError):
         r.route(Event("cli", "local", "d1", text="Team Helper", sender_id=HANDLE))
-    row = store.q1("SELECT * FROM pending_channel_approvals")
+    row = db_row(store, "SELECT * FROM pending_channel_approvals")
     assert row and row["naming_by"] == OWNER  # still waiting for the name
     assert count(store, "agent_groups") == groups and count(store, "container_configs") == groups
     assert not (s.groups_dir / "team-helper").exists()
     allow_inserts(store, "messaging_group_agents")
     assert r.route(Event("cli", "local", "d2", text="Team Helper", sender_id=HANDLE)) == []
-    new = store.q1("SELECT * FROM agent_groups WHERE name='team-helper'")
+    new = db_row(store, "SELECT * FROM agent_groups WHERE name='team-helper'")
     assert new and (s.groups_dir / new["folder"]).is_dir()
-    assert store.q("SELECT * FROM pending_channel_approvals") == []
+    assert db_rows(store, "SELECT * FROM pending_channel_approvals") == []
 
 
 # ---- 3. init-first-agent -------------------------------------------------------------------
@@ -231,13 +232,13 @@ def test_init_first_agent_that_fails_part_way_writes_nothing(env, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("nanoclaw: refused by the database:") and "\n" not in err
     assert {t: count(store, t) for t in tables} == before
-    assert store.q1("SELECT 1 AS x FROM container_configs WHERE cli_scope='global'") is None
+    assert db_row(store, "SELECT 1 AS x FROM container_configs WHERE cli_scope='global'") is None
     assert not (s.groups_dir / "helper").exists()
     store.conn.execute("DROP TRIGGER refuse_wiring")
     assert cli.main(argv) == 0
-    g = store.q1("SELECT * FROM agent_groups WHERE folder='helper'")
+    g = db_row(store, "SELECT * FROM agent_groups WHERE folder='helper'")
     assert store.container_config(g["id"])["cli_scope"] == "global"
-    assert store.q1("SELECT 1 AS x FROM user_roles WHERE user_id='telegram:42' AND"
+    assert db_row(store, "SELECT 1 AS x FROM user_roles WHERE user_id='telegram:42' AND"
                     " role='owner'")
     mg = store.messaging_group("telegram", "-100")
     assert [(w["agent_group_id"], w["engage_mode"]) for w in store.wirings(mg["id"])] == \
@@ -252,7 +253,7 @@ def test_init_first_agent_that_fails_part_way_writes_nothing(env, capsys):
 
 
 def _threaded_session(store: Store, s, ag: str, thread: str) -> dict:
-    (sess,) = store.q("SELECT * FROM sessions WHERE agent_group_id=? AND messaging_group_id="
+    (sess,) = db_rows(store, "SELECT * FROM sessions WHERE agent_group_id=? AND messaging_group_id="
                       "(SELECT id FROM messaging_groups WHERE channel_type='telegram')", (ag,))
     assert sess["thread_id"] == thread
     (msg,) = inbound(s, sess)
@@ -278,7 +279,7 @@ def test_an_allowed_sender_replays_in_its_thread(env):
                                       "request_approval")
     store.wire(mg, ag, destination="team")
     assert r.route(mention("telegram:-100", "u1", sender="42", thread="5")) == []
-    (req,) = store.q("SELECT * FROM pending_sender_approvals")
+    (req,) = db_rows(store, "SELECT * FROM pending_sender_approvals")
     r.route(owner_clicks(req["id"], "allow", "k1"))
     _threaded_session(store, s, ag, "5")
 
@@ -288,7 +289,7 @@ def test_a_newly_named_agent_replays_in_its_thread(env):
     r.route(mention("telegram:-300", "n1", thread="9"))
     r.route(owner_clicks(chat_card(store)["questionId"], "new", "k1"))
     r.route(Event("cli", "local", "d1", text="Threads", sender_id=HANDLE))
-    new = store.q1("SELECT id FROM agent_groups WHERE name='threads'")["id"]
+    new = db_row(store, "SELECT id FROM agent_groups WHERE name='threads'")["id"]
     _threaded_session(store, s, new, "9")
 
 
@@ -307,4 +308,4 @@ def test_an_approval_whose_card_cannot_be_queued_is_not_stored(env):
     allow_inserts(store, "channel_outbox")
     router.route(Event("cli", "local", "m2", text="hi", sender_id="stranger"))
     assert count(store, "pending_sender_approvals") == 1
-    assert store.q1("SELECT 1 AS x FROM channel_outbox WHERE idem_key LIKE 'card:snd-%'")
+    assert db_row(store, "SELECT 1 AS x FROM channel_outbox WHERE idem_key LIKE 'card:snd-%'")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from dbread import db_row
 from nanoclaw.db import central
 from nanoclaw.db.migrations import MIGRATIONS
 from nanoclaw.db.store import Store
@@ -126,19 +127,19 @@ def test_an_old_database_is_upgraded_once_and_keeps_its_rows(tmp_path, n):
         assert mg["id"] == "mg-1" and mg["unknown_sender_policy"] == "request_approval"
         assert store.agent_group("ag-1")["folder"] == "main"
         assert store.session("sess-1")["messaging_group_id"] == "mg-1"
-        assert store.q1("SELECT engage_mode FROM messaging_group_agents")["engage_mode"] == "mention"
-        cfg = store.q1("SELECT * FROM container_configs WHERE agent_group_id='ag-1'")
+        assert db_row(store, "SELECT engage_mode FROM messaging_group_agents")["engage_mode"] == "mention"
+        cfg = db_row(store, "SELECT * FROM container_configs WHERE agent_group_id='ag-1'")
         assert cfg["model"] == "claude-old" and cfg["fallback_model"] is None
-        appr = store.q1("SELECT * FROM pending_approvals")
+        appr = db_row(store, "SELECT * FROM pending_approvals")
         assert appr["approval_id"] == "appr-1" and appr["decided_by"] is None
-        assert store.q1("SELECT naming_by FROM pending_channel_approvals")["naming_by"] is None
-        q = store.q1("SELECT * FROM pending_questions")
+        assert db_row(store, "SELECT naming_by FROM pending_channel_approvals")["naming_by"] is None
+        q = db_row(store, "SELECT * FROM pending_questions")
         # cards sent before host-made card ids keep their old id as their card id
         want_card = "q-host-1" if "question-card-ids" in NAMES[:n] else "lunch"
         assert (q["card_id"], q["question_id"], q["session_id"]) == (want_card, "lunch", "sess-1")
         if "inter-worker-queues" in NAMES[:n]:
-            assert store.q1("SELECT message_id FROM inbound_events")["message_id"] == "1001"
-            assert store.q1("SELECT status FROM channel_outbox")["status"] == "sent"
+            assert db_row(store, "SELECT message_id FROM inbound_events")["message_id"] == "1001"
+            assert db_row(store, "SELECT status FROM channel_outbox")["status"] == "sent"
             assert store.get_state("web_url") == "http://127.0.0.1:9/"
     finally:
         store.close()

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 import nanoclaw
+from dbread import db_row
 from nanoclaw import config
 from nanoclaw.agents import mounts
 from nanoclaw.db.store import Store
@@ -70,7 +71,7 @@ def world(tmp_path):
 
 
 def stored(store: Store, ag: str) -> list:
-    row = store.q1("SELECT additional_mounts FROM container_configs WHERE agent_group_id=?",
+    row = db_row(store, "SELECT additional_mounts FROM container_configs WHERE agent_group_id=?",
                    (ag,))
     return json.loads((row or {}).get("additional_mounts") or "[]")
 

@@ -9,13 +9,14 @@ import time
 
 import pytest
 
+from dbread import db_row, db_rows
 from nanoclaw import config
 from nanoclaw.agents import scheduling
 from nanoclaw.agents.groups import ensure_defaults
 from nanoclaw.db import session as sessiondb
 from nanoclaw.db.store import Store
-from nanoclaw.errors import NotAllowed
 from nanoclaw.delivery.delivery import Delivery
+from nanoclaw.errors import NotAllowed
 from nanoclaw.routing.router import Event, Router
 from nanoclaw.util import local_user_id
 
@@ -31,7 +32,7 @@ def env(tmp_path, monkeypatch):
     s = config.load()
     store = Store.open(s.data_dir)
     ensure_defaults(store, s)
-    ag = store.q1("SELECT id FROM agent_groups")["id"]
+    ag = db_row(store, "SELECT id FROM agent_groups")["id"]
     return store, s, Router(store, s), ag
 
 
@@ -106,25 +107,25 @@ def test_unknown_sender_approval_checks_the_clicker_and_replays(env):
     store, s, r, ag = env
     _telegram_chat(store, ag, policy="request_approval")
     assert r.route(_tg("hello bot", "u1")) == []
-    card = store.q1("SELECT * FROM channel_outbox WHERE idem_key LIKE 'card:%'")
+    card = db_row(store, "SELECT * FROM channel_outbox WHERE idem_key LIKE 'card:%'")
     assert card and card["channel_type"] == "cli"  # the owner's DM is the terminal
     qid = json.loads(card["content"])["questionId"]
     assert r.route(_tg("again", "u2")) == []  # asked once only
-    assert len(store.q("SELECT * FROM pending_sender_approvals")) == 1
+    assert len(db_rows(store, "SELECT * FROM pending_sender_approvals")) == 1
     # a random member of the chat clicks Allow: nothing changes
     click = Event("telegram", "telegram:-100", "c1", kind="action",
                   payload={"question_id": qid, "option": "allow", "user_id": "77"})
     r.route(click)
-    assert store.q1("SELECT 1 AS x FROM agent_group_members WHERE user_id='telegram:42'") is None
-    assert len(store.q("SELECT * FROM pending_sender_approvals")) == 1
-    notice = store.q1("SELECT content FROM channel_outbox WHERE idem_key LIKE 'notice:%'")
+    assert db_row(store, "SELECT 1 AS x FROM agent_group_members WHERE user_id='telegram:42'") is None
+    assert len(db_rows(store, "SELECT * FROM pending_sender_approvals")) == 1
+    notice = db_row(store, "SELECT content FROM channel_outbox WHERE idem_key LIKE 'notice:%'")
     assert "Only the approver" in json.loads(notice["content"])["text"]
     # the owner (the chosen approver) allows: member added, first message replayed
     r.route(Event("cli", "local", "c2", kind="action",
                   payload={"question_id": qid, "option": "allow",
                            "user_id": OWNER.split(":", 1)[1]}))
-    assert store.q1("SELECT 1 AS x FROM agent_group_members WHERE user_id='telegram:42'")
-    sid = store.q1("SELECT id FROM sessions WHERE messaging_group_id IS NOT NULL AND"
+    assert db_row(store, "SELECT 1 AS x FROM agent_group_members WHERE user_id='telegram:42'")
+    sid = db_row(store, "SELECT id FROM sessions WHERE messaging_group_id IS NOT NULL AND"
                    " messaging_group_id != (SELECT id FROM messaging_groups WHERE"
                    " channel_type='cli')")["id"]
     texts = [json.loads(x["content"])["text"] for x in _inbound(_paths(store, s, sid))]
@@ -136,18 +137,18 @@ def test_unknown_channel_approval_connects_and_replays(env):
     ev = Event("telegram", "telegram:-200", "n1", text="@bot hi", sender_id="9",
                is_mention=True, is_group=True)
     assert r.route(ev) == []
-    card = store.q1("SELECT * FROM channel_outbox WHERE idem_key LIKE 'card:chan-%'")
+    card = db_row(store, "SELECT * FROM channel_outbox WHERE idem_key LIKE 'card:chan-%'")
     content = json.loads(card["content"])
     assert [o["value"] for o in content["options"]] == [f"connect:{ag}", "new", "reject"]
     r.route(Event("cli", "local", "k1", kind="action",
                   payload={"question_id": content["questionId"], "option": f"connect:{ag}",
                            "user_id": OWNER.split(":", 1)[1]}))
-    w = store.q1("SELECT * FROM messaging_group_agents WHERE messaging_group_id=(SELECT id"
+    w = db_row(store, "SELECT * FROM messaging_group_agents WHERE messaging_group_id=(SELECT id"
                  " FROM messaging_groups WHERE platform_id='telegram:-200')")
     assert (w["engage_mode"], w["sender_scope"], w["ignored_message_policy"]) == \
         ("mention-sticky", "known", "accumulate")
-    assert store.q1("SELECT 1 AS x FROM agent_group_members WHERE user_id='telegram:9'")
-    assert len(store.q("SELECT * FROM sessions")) == 1  # the replay created the session
+    assert db_row(store, "SELECT 1 AS x FROM agent_group_members WHERE user_id='telegram:9'")
+    assert len(db_rows(store, "SELECT * FROM sessions")) == 1  # the replay created the session
 
 
 def test_connect_new_agent_takes_the_next_direct_message_as_its_name(env):
@@ -155,32 +156,32 @@ def test_connect_new_agent_takes_the_next_direct_message_as_its_name(env):
     owner = OWNER.split(":", 1)[1]
     r.route(Event("telegram", "telegram:-300", "n1", text="@bot hello team", sender_id="9",
                   is_mention=True, is_group=True))
-    card = json.loads(store.q1("SELECT * FROM channel_outbox WHERE idem_key LIKE"
+    card = json.loads(db_row(store, "SELECT * FROM channel_outbox WHERE idem_key LIKE"
                                " 'card:chan-%'")["content"])
     r.route(Event("cli", "local", "k1", kind="action",  # a stranger's click changes nothing
                   payload={"question_id": card["questionId"], "option": "new", "user_id": "x"}))
-    assert store.q1("SELECT naming_by FROM pending_channel_approvals")["naming_by"] is None
+    assert db_row(store, "SELECT naming_by FROM pending_channel_approvals")["naming_by"] is None
     r.route(Event("cli", "local", "k2", kind="action",
                   payload={"question_id": card["questionId"], "option": "new",
                            "user_id": owner}))
-    ask = store.q1("SELECT * FROM channel_outbox WHERE idem_key LIKE 'name-ask:%'")
+    ask = db_row(store, "SELECT * FROM channel_outbox WHERE idem_key LIKE 'name-ask:%'")
     assert (ask["channel_type"], ask["platform_id"]) == ("cli", "local")
-    groups = len(store.q("SELECT * FROM agent_groups"))
-    sessions = len(store.q("SELECT * FROM sessions"))
+    groups = len(db_rows(store, "SELECT * FROM agent_groups"))
+    sessions = len(db_rows(store, "SELECT * FROM sessions"))
     # a symbol-only name is refused and asked again; the message reaches no agent
     assert r.route(Event("cli", "local", "d1", text="!!!", sender_id=owner)) == []
-    assert store.q1("SELECT 1 AS x FROM channel_outbox WHERE idem_key LIKE 'name-bad:%'")
+    assert db_row(store, "SELECT 1 AS x FROM channel_outbox WHERE idem_key LIKE 'name-bad:%'")
     assert r.route(Event("cli", "local", "d2", text="Team Helper", sender_id=owner)) == []
-    assert len(store.q("SELECT * FROM sessions")) == sessions + 1  # only the replay's
-    new = store.q1("SELECT * FROM agent_groups WHERE name='team-helper'")
-    assert new and len(store.q("SELECT * FROM agent_groups")) == groups + 1
+    assert len(db_rows(store, "SELECT * FROM sessions")) == sessions + 1  # only the replay's
+    new = db_row(store, "SELECT * FROM agent_groups WHERE name='team-helper'")
+    assert new and len(db_rows(store, "SELECT * FROM agent_groups")) == groups + 1
     assert (s.groups_dir / new["folder"]).is_dir()
-    w = store.q1("SELECT * FROM messaging_group_agents WHERE messaging_group_id=(SELECT id"
+    w = db_row(store, "SELECT * FROM messaging_group_agents WHERE messaging_group_id=(SELECT id"
                  " FROM messaging_groups WHERE platform_id='telegram:-300')")
     assert w["agent_group_id"] == new["id"]
-    (sess,) = store.q("SELECT * FROM sessions WHERE agent_group_id=?", (new["id"],))
+    (sess,) = db_rows(store, "SELECT * FROM sessions WHERE agent_group_id=?", (new["id"],))
     assert any("hello team" in x["content"] for x in _inbound(_paths(store, s, sess["id"])))
-    assert store.q("SELECT * FROM pending_channel_approvals") == []
+    assert db_rows(store, "SELECT * FROM pending_channel_approvals") == []
     # the owner's next direct message goes to their own agent again
     assert r.route(Event("cli", "local", "d3", text="back to normal", sender_id=owner))
 
@@ -190,7 +191,7 @@ def test_the_owners_cards_reach_the_web_chat_too_once_it_is_used(env):
     owner = OWNER.split(":", 1)[1]
     r.route(Event("telegram", "telegram:-400", "n1", text="@bot hi", sender_id="9",
                   is_mention=True, is_group=True))
-    assert [c["channel_type"] for c in store.q("SELECT * FROM channel_outbox WHERE idem_key"
+    assert [c["channel_type"] for c in db_rows(store, "SELECT * FROM channel_outbox WHERE idem_key"
                                                " LIKE 'card:%'")] == ["cli"]  # no web chat yet
     store.conn.execute("DELETE FROM pending_channel_approvals")
     store.conn.execute("DELETE FROM channel_outbox")
@@ -199,20 +200,20 @@ def test_the_owners_cards_reach_the_web_chat_too_once_it_is_used(env):
     ensure_web_chat(store, "local")  # what the page does when it is first used
     r.route(Event("telegram", "telegram:-401", "n2", text="@bot hi", sender_id="9",
                   is_mention=True, is_group=True))
-    cards = store.q("SELECT * FROM channel_outbox WHERE idem_key LIKE 'card:%' ORDER BY id")
+    cards = db_rows(store, "SELECT * FROM channel_outbox WHERE idem_key LIKE 'card:%' ORDER BY id")
     assert [(c["channel_type"], c["platform_id"]) for c in cards] == \
         [("cli", "local"), ("web", "local")]
     qid = json.loads(cards[1]["content"])["questionId"]
     assert qid == json.loads(cards[0]["content"])["questionId"]
     r.route(Event("web", "local", "c1", kind="action",  # answered on the page
                   payload={"question_id": qid, "option": f"connect:{ag}", "user_id": OWNER}))
-    assert store.q1("SELECT 1 AS x FROM messaging_group_agents WHERE messaging_group_id=(SELECT"
+    assert db_row(store, "SELECT 1 AS x FROM messaging_group_agents WHERE messaging_group_id=(SELECT"
                     " id FROM messaging_groups WHERE platform_id='telegram:-401')")
     r.route(Event("cli", "local", "c2", kind="action",  # then late in the terminal
                   payload={"question_id": qid, "option": "reject", "user_id": owner}))
-    notice = store.q1("SELECT * FROM channel_outbox WHERE idem_key='notice:cli:c2'")
+    notice = db_row(store, "SELECT * FROM channel_outbox WHERE idem_key='notice:cli:c2'")
     assert "already decided" in json.loads(notice["content"])["text"]
-    assert store.q1("SELECT denied_at FROM messaging_groups WHERE platform_id='telegram:-401'"
+    assert db_row(store, "SELECT denied_at FROM messaging_groups WHERE platform_id='telegram:-401'"
                     )["denied_at"] is None
 
 
@@ -225,7 +226,7 @@ def test_question_click_answers_only_for_allowed_users(env):
                       "question": "Which?", "options": [{"label": "A", "value": "a"}]},
                   kind="chat-sdk", channel_type="cli", platform_id="local")
     Delivery(store, s).pass_once(time.time())
-    assert store.q1("SELECT * FROM pending_questions WHERE question_id='q-1'")
+    assert db_row(store, "SELECT * FROM pending_questions WHERE question_id='q-1'")
     r.route(Event("cli", "local", "x1", kind="action",
                   payload={"question_id": "q-1", "option": "a", "user_id": "intruder"}))
     assert not [x for x in _inbound(p) if x["kind"] == "system"]
@@ -235,7 +236,7 @@ def test_question_click_answers_only_for_allowed_users(env):
     (resp,) = [x for x in _inbound(p) if x["kind"] == "system"]
     assert json.loads(resp["content"]) == {"type": "question_response", "questionId": "q-1",
                                            "selectedOption": "a", "userId": OWNER}
-    assert store.q1("SELECT * FROM pending_questions WHERE question_id='q-1'") is None
+    assert db_row(store, "SELECT * FROM pending_questions WHERE question_id='q-1'") is None
 
 
 def test_agent_ping_pong_stops_at_the_guard(env, caplog):
@@ -251,7 +252,7 @@ def test_agent_ping_pong_stops_at_the_guard(env, caplog):
     for i in range(8):
         _agent_writes(p, {"text": f"ping {i}"}, channel_type="agent", platform_id=other)
         d.pass_once(time.time())
-    target = store.q1("SELECT id FROM sessions WHERE agent_group_id=?", (other,))["id"]
+    target = db_row(store, "SELECT id FROM sessions WHERE agent_group_id=?", (other,))["id"]
     sent = len(_inbound(_paths(store, s, target)))
     assert sent == 5  # NANOCLAW_AGENT_PAIR_LIMIT
     notes = [json.loads(x["content"])["text"] for x in _inbound(p)
@@ -283,11 +284,11 @@ def test_scheduling_actions_and_naive_times(env):
     for action, status in (("pause_task", "paused"), ("resume_task", "pending")):
         _agent_writes(p, {"action": action, "taskId": task["id"]}, kind="system")
         d.pass_once(time.time())
-        assert sessiondb.message(p, task["id"])["status"] == status
+        assert sessiondb.SessionInbound(p).message(task["id"])["status"] == status
     _agent_writes(p, {"action": "update_task", "taskId": task["id"], "prompt": "water roses"},
                   kind="system")
     d.pass_once(time.time())
-    assert json.loads(sessiondb.message(p, task["id"])["content"])["prompt"] == "water roses"
+    assert json.loads(sessiondb.SessionInbound(p).message(task["id"])["content"])["prompt"] == "water roses"
     _agent_writes(p, {"action": "cancel_task", "taskId": "task-nope"}, kind="system")
     _agent_writes(p, {"action": "schedule_task", "prompt": "x", "recurrence": "every day"},
                   kind="system")
@@ -310,9 +311,9 @@ def test_recurrence_clones_once_and_skips_missed_runs(env):
         c.execute("UPDATE messages_in SET status='completed' WHERE id=?", (tid,))
     made = scheduling.recur(p, "UTC", now)
     assert len(made) == 1 and scheduling.recur(p, "UTC", now) == []
-    nxt = sessiondb.message(p, made[0])
+    nxt = sessiondb.SessionInbound(p).message(made[0])
     assert nxt["series_id"] == tid and nxt["process_after"] > sessiondb.utcnow()
-    assert sessiondb.message(p, tid)["recurrence"] is None
+    assert sessiondb.SessionInbound(p).message(tid)["recurrence"] is None
 
 
 def test_create_agent_is_admin_only(env):
@@ -325,13 +326,13 @@ def test_create_agent_is_admin_only(env):
     _agent_writes(p, {"action": "create_agent", "name": "Researcher"}, kind="system",
                   in_reply_to=f"m1:{ag}")
     d.pass_once(time.time())
-    assert len(store.q("SELECT * FROM agent_groups")) == 1
+    assert len(db_rows(store, "SELECT * FROM agent_groups")) == 1
     r.route(Event("cli", "local", "m2", text="make a helper", sender_id=OWNER.split(":")[1],
                   is_mention=True))
     _agent_writes(p, {"action": "create_agent", "name": "Researcher"}, kind="system",
                   in_reply_to=f"m2:{ag}")
     d.pass_once(time.time())
-    child = store.q1("SELECT * FROM agent_groups WHERE folder='researcher'")
+    child = db_row(store, "SELECT * FROM agent_groups WHERE folder='researcher'")
     assert child
     names = {x["name"] for x in store.destinations(ag)}
     assert "researcher" in names
@@ -353,8 +354,8 @@ def test_self_modification_needs_an_admin_and_respawns_with_a_note(env):
     notes = [json.loads(x["content"])["text"] for x in _inbound(p) if x["channel_type"] == "agent"]
     assert any("invalid package names: rm -rf /" in n for n in notes)
     assert any("unknown action 'grant_role'" in n for n in notes)  # no way to grant itself
-    assert store.q("SELECT * FROM user_roles WHERE user_id != ?", (OWNER,)) == []
-    (appr,) = store.q("SELECT * FROM pending_approvals")
+    assert db_rows(store, "SELECT * FROM user_roles WHERE user_id != ?", (OWNER,)) == []
+    (appr,) = db_rows(store, "SELECT * FROM pending_approvals")
     assert appr["approver_user_id"] == OWNER and appr["action"] == "add_mcp_server"
     from nanoclaw.approvals import requests as approvals
 
@@ -366,7 +367,7 @@ def test_self_modification_needs_an_admin_and_respawns_with_a_note(env):
     assert "files" in json.loads(store.container_config(ag)["mcp_servers"])
     wake_note = [x for x in _inbound(p) if x["on_wake"] == 1]
     assert len(wake_note) == 1
-    acts = [x["action"] for x in store.q("SELECT action FROM container_requests WHERE"
+    acts = [x["action"] for x in db_rows(store, "SELECT action FROM container_requests WHERE"
                                          " session_id=? ORDER BY id", (sid,))]
     assert acts[-2:] == ["kill", "wake"]
 
@@ -390,7 +391,7 @@ def test_agent_files_come_only_from_its_outbox(env, tmp_path):
     with open(os.path.join(p.work, "outbox", good, "report.txt"), "w") as fh:
         fh.write("ok")
     d.pass_once(time.time())
-    sends = store.q("SELECT content FROM channel_outbox")
+    sends = db_rows(store, "SELECT content FROM channel_outbox")
     assert len(sends) == 1
     (f,) = json.loads(sends[0]["content"])["files"]
     assert f["name"] == "report.txt" and f["path"].endswith(f"outfiles/{sid}/{good}/report.txt")
@@ -418,7 +419,7 @@ def test_agent_files_are_forwarded_and_replies_find_their_way_back(env):
     _agent_writes(p, {"text": "escape", "files": ["../../../etc/passwd"]},
                   channel_type="agent", platform_id=other)
     d.pass_once(time.time())
-    target = store.q1("SELECT * FROM sessions WHERE agent_group_id=?", (other,))
+    target = db_row(store, "SELECT * FROM sessions WHERE agent_group_id=?", (other,))
     tp = _paths(store, s, target["id"])
     (got,) = _inbound(tp)
     (att,) = json.loads(got["content"])["attachments"]

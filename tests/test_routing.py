@@ -7,6 +7,7 @@ import sqlite3
 
 import pytest
 
+from dbread import db_row, db_rows
 from nanoclaw import config
 from nanoclaw.agents.groups import ensure_defaults
 from nanoclaw.db import session as sessiondb
@@ -42,7 +43,7 @@ def _cli(text, mid, chat="local"):
 
 
 def _wakes(store):
-    return store.q("SELECT session_id FROM container_requests WHERE action='wake'")
+    return db_rows(store, "SELECT session_id FROM container_requests WHERE action='wake'")
 
 
 def test_shared_session_is_reused_and_routing_is_idempotent(env):
@@ -73,14 +74,14 @@ def test_unknown_chat_without_mention_is_dropped(env):
                   is_mention=True))
     mg = store.messaging_group("telegram", "telegram:9")
     assert mg["unknown_sender_policy"] == "request_approval"
-    reasons = store.q("SELECT reason FROM unregistered_senders")
+    reasons = db_rows(store, "SELECT reason FROM unregistered_senders")
     assert reasons == [{"reason": "no_agent_wired"}]
 
 
 @pytest.mark.parametrize("text", ["/clear", "/CLEAR", "   /clear", "／ｃｌｅａｒ", "/Compact now"])
 def test_member_cannot_run_admin_commands(env, text):
     store, s, r = env
-    ag = store.q1("SELECT id FROM agent_groups")["id"]
+    ag = db_row(store, "SELECT id FROM agent_groups")["id"]
     mg = store.messaging_group("cli", "local")["id"]
     store.conn.execute("UPDATE messaging_groups SET unknown_sender_policy='public' WHERE id=?",
                        (mg,))
@@ -90,11 +91,11 @@ def test_member_cannot_run_admin_commands(env, text):
     ev = Event("cli", "local", "g1", text=text, sender_id="guest", is_mention=True)
     assert r.route(ev) == []
     assert _wakes(store) == []  # the agent was not woken
-    sess = store.q1("SELECT id FROM sessions")
+    sess = db_row(store, "SELECT id FROM sessions")
     rows, p = _rows(store, s, sess["id"])
     assert rows == []  # nothing reached the agent
-    assert sessiondb.undelivered(p) == []  # the host never writes the agent's outbound.db
-    out = store.q("SELECT * FROM channel_outbox")  # the denial goes straight to the chat
+    assert sessiondb.SessionOutbound(p).undelivered(sessiondb.SessionInbound(p).delivered_ids()) == []  # the host never writes the agent's outbound.db
+    out = db_rows(store, "SELECT * FROM channel_outbox")  # the denial goes straight to the chat
     assert len(out) == 1 and "Permission denied" in json.loads(out[0]["content"])["text"]
     assert (out[0]["channel_type"], out[0]["platform_id"]) == ("cli", "local")
 
@@ -103,7 +104,7 @@ def test_owner_may_run_admin_commands_and_dropped_commands_vanish(env):
     store, s, r = env
     assert len(r.route(_cli("/clear", "o1"))) == 1
     assert r.route(_cli("/login", "o2")) == []
-    sid = store.q1("SELECT id FROM sessions")["id"]
+    sid = db_row(store, "SELECT id FROM sessions")["id"]
     rows, _ = _rows(store, s, sid)
     assert [x["id"].split(":")[0] for x in rows] == ["o1"]
 
@@ -112,7 +113,7 @@ def test_stranger_is_refused_on_a_strict_chat(env):
     store, s, r = env
     assert r.route(Event("cli", "local", "s1", text="hi", sender_id="mallory",
                          is_mention=True)) == []
-    assert store.q("SELECT reason FROM unregistered_senders")[0]["reason"] == \
+    assert db_rows(store, "SELECT reason FROM unregistered_senders")[0]["reason"] == \
         "unknown_sender_strict"
 
 
@@ -125,7 +126,7 @@ def test_accumulate_stores_context_without_waking(env):
     assert r.route(_cli("just chatting", "a1")) == []
     assert _wakes(store) == []
     assert len(r.route(_cli("@andy what now?", "a2"))) == 1
-    sid = store.q1("SELECT id FROM sessions")["id"]
+    sid = db_row(store, "SELECT id FROM sessions")["id"]
     rows, _ = _rows(store, s, sid)
     assert [(x["id"].split(":")[0], x["trigger"]) for x in rows] == [("a1", 0), ("a2", 1)]
 
@@ -144,20 +145,20 @@ def _ev(mid, thread=None, mention=False, channel="threaded", text="hi"):
 
 def test_threaded_group_forces_per_thread_sessions(env):
     store, s, r = env
-    ag = store.q1("SELECT id FROM agent_groups")["id"]
+    ag = db_row(store, "SELECT id FROM agent_groups")["id"]
     _group_chat(store, ag, mode="shared")
     a = r.route(_ev("1", thread="t1"))
     b = r.route(_ev("2", thread="t2"))
     c = r.route(_ev("3", thread="t1"))
     assert a == c and a != b
-    assert {x["thread_id"] for x in store.q("SELECT thread_id FROM sessions WHERE"
+    assert {x["thread_id"] for x in db_rows(store, "SELECT thread_id FROM sessions WHERE"
                                             " messaging_group_id IS NOT NULL AND thread_id"
                                             " IS NOT NULL")} == {"t1", "t2"}
 
 
 def test_unthreaded_adapter_drops_the_thread(env):
     store, s, r = env
-    ag = store.q1("SELECT id FROM agent_groups")["id"]
+    ag = db_row(store, "SELECT id FROM agent_groups")["id"]
     _group_chat(store, ag, channel="flat")
     a = r.route(_ev("1", thread="t1", channel="flat"))
     b = r.route(_ev("2", thread="t2", channel="flat"))
@@ -166,7 +167,7 @@ def test_unthreaded_adapter_drops_the_thread(env):
 
 def test_agent_shared_session_has_no_reply_address(env):
     store, s, r = env
-    ag = store.q1("SELECT id FROM agent_groups")["id"]
+    ag = db_row(store, "SELECT id FROM agent_groups")["id"]
     _group_chat(store, ag, mode="agent-shared")
     (sid,) = r.route(_ev("1", thread="t1"))
     sess = store.session(sid)
@@ -179,7 +180,7 @@ def test_agent_shared_session_has_no_reply_address(env):
 
 def test_mention_sticky_follows_up_without_a_mention(env):
     store, s, r = env
-    ag = store.q1("SELECT id FROM agent_groups")["id"]
+    ag = db_row(store, "SELECT id FROM agent_groups")["id"]
     _group_chat(store, ag, engage="mention-sticky", pattern=None)
     assert r.route(_ev("1", thread="t1")) == []  # no session yet, no mention
     first = r.route(_ev("2", thread="t1", mention=True))
@@ -190,7 +191,7 @@ def test_mention_sticky_follows_up_without_a_mention(env):
 
 def test_fan_out_by_priority_one_session_per_agent(env):
     store, s, r = env
-    ag = store.q1("SELECT id FROM agent_groups")["id"]
+    ag = db_row(store, "SELECT id FROM agent_groups")["id"]
     other = store.create_agent_group("other", "other", "anthropic", "m", "o")
     mg = _group_chat(store, ag, channel="flat")
     store.wire(mg, other, destination="grp", priority=5)
@@ -200,7 +201,7 @@ def test_fan_out_by_priority_one_session_per_agent(env):
 
 def test_an_edit_engages_a_start_anchored_pattern(env):
     store, s, r = env
-    ag = store.q1("SELECT id FROM agent_groups")["id"]
+    ag = db_row(store, "SELECT id FROM agent_groups")["id"]
     _group_chat(store, ag, channel="flat", pattern="^@andy")
 
     def edit(mid, text, flagged=True):

@@ -62,7 +62,7 @@ def test_create_brings_an_existing_inbound_db_up_to_date(tmp_path):
     p = _old_session(tmp_path, with_ledger=False)
     sessiondb.create(p.root)
     assert _ledger(p.inbound) == [n for n, _ in INBOUND_MIGRATIONS]
-    assert sessiondb.message(p, "old")["series_id"] == "old"
+    assert sessiondb.SessionInbound(p).message("old")["series_id"] == "old"
 
 
 def test_a_new_session_starts_at_the_current_migration(tmp_path):

@@ -55,7 +55,7 @@ def test_a_flat_session_folder_is_moved_to_the_layout(tmp_path):
         c.execute("INSERT INTO messages_in (id, seq, kind, timestamp, content) VALUES"
                   " ('old', 2, 'chat', 'x', '{}')")
     new = sessiondb.create(str(root))
-    assert new == old and sessiondb.message(new, "old")["seq"] == 2
+    assert new == old and sessiondb.SessionInbound(new).message("old")["seq"] == 2
     assert (root / "work" / "notes.txt").read_text() == "mine"
     assert os.path.islink(root / "work" / "db") and os.path.isdir(root / "db")
     assert not os.path.exists(str(root) + ".flat")
@@ -63,36 +63,36 @@ def test_a_flat_session_folder_is_moved_to_the_layout(tmp_path):
 
 def test_host_seq_even_above_both_tables(tmp_path):
     p = sessiondb.create(str(tmp_path / "s"))
-    assert sessiondb.insert_message(p, id="a", kind="chat", content={"text": "1"})
+    assert sessiondb.SessionInbound(p).insert(id="a", kind="chat", content={"text": "1"})
     _out_row(p, 3)
-    assert sessiondb.insert_message(p, id="b", kind="chat", content={"text": "2"})
+    assert sessiondb.SessionInbound(p).insert(id="b", kind="chat", content={"text": "2"})
     seqs = [r[0] for r in sqlite3.connect(p.inbound).execute(
         "SELECT seq FROM messages_in ORDER BY seq")]
     assert seqs == [2, 4]
-    assert not sessiondb.insert_message(p, id="a", kind="chat", content={"text": "again"})
+    assert not sessiondb.SessionInbound(p).insert(id="a", kind="chat", content={"text": "again"})
 
 
 def test_undelivered_until_marked(tmp_path):
     p = sessiondb.create(str(tmp_path / "s"))
-    sessiondb.insert_message(p, id="a", kind="chat", content={})
+    sessiondb.SessionInbound(p).insert(id="a", kind="chat", content={})
     _out_row(p, 3, "o1")
-    assert [r["id"] for r in sessiondb.undelivered(p)] == ["o1"]
-    sessiondb.mark_delivered(p, "o1", "pm1")
-    assert sessiondb.undelivered(p) == []
+    assert [r["id"] for r in sessiondb.SessionOutbound(p).undelivered(sessiondb.SessionInbound(p).delivered_ids())] == ["o1"]
+    sessiondb.SessionInbound(p).mark_delivered("o1", "pm1")
+    assert sessiondb.SessionOutbound(p).undelivered(sessiondb.SessionInbound(p).delivered_ids()) == []
 
 
 def test_unreadable_outbound_does_not_block_inbound(tmp_path):
     p = sessiondb.create(str(tmp_path / "s"))
     with open(p.outbound, "wb") as f:
         f.write(b"junk" * 500)
-    assert sessiondb.insert_message(p, id="a", kind="chat", content={})
+    assert sessiondb.SessionInbound(p).insert(id="a", kind="chat", content={})
     with pytest.raises(sessiondb.HostileDB, match="unreadable"):
-        sessiondb.undelivered(p)
+        sessiondb.SessionOutbound(p).undelivered(sessiondb.SessionInbound(p).delivered_ids())
 
 
 def test_reset_stuck_backs_off_then_fails(tmp_path):
     p = sessiondb.create(str(tmp_path / "s"))
-    sessiondb.insert_message(p, id="a", kind="chat", content={})
+    sessiondb.SessionInbound(p).insert(id="a", kind="chat", content={})
     now = 1_000_000.0
     outcomes = []
     for _ in range(5):
@@ -101,25 +101,25 @@ def test_reset_stuck_backs_off_then_fails(tmp_path):
                   (f"claim-{now}",))
         c.commit()
         c.close()
-        outcomes += sessiondb.reset_stuck(p, now)
-        assert sessiondb.reset_stuck(p, now + 1e6) == []  # each claim is reset once
-        row = sessiondb.message(p, "a")
+        outcomes += sessiondb.SessionInbound(p).reset_stuck(now)
+        assert sessiondb.SessionInbound(p).reset_stuck(now + 1e6) == []  # each claim is reset once
+        row = sessiondb.SessionInbound(p).message("a")
         if row["status"] == "pending":
             assert row["process_after"] == iso(now + 5 * 2 ** row["tries"])
             now += 5 * 2 ** row["tries"]
     assert [o for _, o in outcomes] == ["retry"] * 4 + ["failed"]
-    assert sessiondb.message(p, "a")["status"] == "failed"
+    assert sessiondb.SessionInbound(p).message("a")["status"] == "failed"
 
 
 def test_sync_acks_completes_rows(tmp_path):
     p = sessiondb.create(str(tmp_path / "s"))
-    sessiondb.insert_message(p, id="a", kind="chat", content={})
-    sessiondb.insert_message(p, id="b", kind="chat", content={})
+    sessiondb.SessionInbound(p).insert(id="a", kind="chat", content={})
+    sessiondb.SessionInbound(p).insert(id="b", kind="chat", content={})
     c = sqlite3.connect(p.outbound)
     c.execute("INSERT INTO processing_ack VALUES ('a','completed','x'), ('b','failed','x')")
     c.commit()
-    assert sessiondb.sync_acks(p) == 2
-    assert sessiondb.due_count(p, iso(2e9)) == 0
+    assert sessiondb.SessionInbound(p).sync_acks() == 2
+    assert sessiondb.SessionInbound(p).due_count(iso(2e9)) == 0
 
 
 @pytest.mark.parametrize("name", ["../x", "a/b", ".hidden", "", "x" * 200, "a..b", "x\n"])
@@ -160,11 +160,11 @@ def test_an_outbound_db_not_exactly_the_runners_is_refused(tmp_path, ddl):
     c.executescript(ddl)
     c.close()
     with pytest.raises(sessiondb.HostileDB) as e:
-        sessiondb.undelivered(p)
+        sessiondb.SessionOutbound(p).undelivered(sessiondb.SessionInbound(p).delivered_ids())
     assert e.value.kind == "its database schema was changed"
-    assert sessiondb.max_out_seq(p) == 0 and sessiondb.reset_stuck(p, 1e9) == []
-    assert sessiondb.insert_message(p, id="a", kind="chat", content={})  # inbound unaffected
-    assert sessiondb.reset_outbound(p, None) and sessiondb.undelivered(p) == []
+    assert sessiondb.SessionOutbound(p).max_seq() == 0 and sessiondb.SessionInbound(p).reset_stuck(1e9) == []
+    assert sessiondb.SessionInbound(p).insert(id="a", kind="chat", content={})  # inbound unaffected
+    assert sessiondb.reset_outbound(p, None) and sessiondb.SessionOutbound(p).undelivered(sessiondb.SessionInbound(p).delivered_ids()) == []
 
 
 def test_a_read_past_its_cpu_bound_is_interrupted(tmp_path):
@@ -187,6 +187,6 @@ def test_a_move_cut_short_is_finished(tmp_path):
         c.execute("INSERT INTO messages_in (id, seq, kind, timestamp, content) VALUES"
                   " ('old', 2, 'chat', 'x', '{}')")
     new = sessiondb.create(str(tmp_path / "s"))
-    assert sessiondb.message(new, "old")["seq"] == 2
+    assert sessiondb.SessionInbound(new).message("old")["seq"] == 2
     assert (tmp_path / "s" / "work" / "notes.txt").read_text() == "mine"
     assert not aside.exists()

@@ -32,6 +32,8 @@ sys.path.insert(0, str(ROOT / "container"))
 from agent_runner import config as config_mod  # noqa: E402
 from agent_runner import memory, skills  # noqa: E402
 
+from dbread import db_row
+
 SKILLS = ROOT / "container" / "skills"
 SLOW = 30.0
 
@@ -263,7 +265,7 @@ def db(tmp_path):
 
 
 def stored(store: Store, folder: str) -> str:
-    return store.q1("SELECT c.skills FROM container_configs c JOIN agent_groups g"
+    return db_row(store, "SELECT c.skills FROM container_configs c JOIN agent_groups g"
                     " ON g.id=c.agent_group_id WHERE g.folder=?", (folder,))["skills"]
 
 
@@ -280,7 +282,7 @@ def test_groups_update_skills_checks_names(db):
         assert len(lines) == 1 and lines[0].startswith("nanoclaw: unknown skill"), r.stderr
         assert "available: " in lines[0] and "scheduling" in lines[0]
         assert json.loads(stored(store, "main")) == ["scheduling"]  # nothing written
-        assert store.q1("SELECT model FROM container_configs c JOIN agent_groups g ON"
+        assert db_row(store, "SELECT model FROM container_configs c JOIN agent_groups g ON"
                         " g.id=c.agent_group_id WHERE g.folder='main'")["model"] != "x"
     assert run_cli(base, "groups", "update", "main", "--skills", "none").returncode == 0
     assert json.loads(stored(store, "main")) == []

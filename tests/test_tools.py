@@ -229,7 +229,7 @@ def test_schedule_task_in_the_users_timezone(tmp_path):
 
 
 def _task(box: Box, tid: str, status: str = "pending", **kw) -> None:
-    sessiondb.insert_message(box.s.paths, id=tid, kind="task",
+    sessiondb.SessionInbound(box.s.paths).insert(id=tid, kind="task",
                              content={"prompt": f"do {tid}", "script": None},
                              process_after="2030-01-01T10:00:00.000Z", **kw)
     if status != "pending":

@@ -15,6 +15,7 @@ import urllib.request
 import pytest
 from conftest import Host, wait_for
 
+from dbread import db_rows
 from fakes.hosts import enqueue, inbound_events, worker
 
 CHROMIUM = os.environ.get("NANOCLAW_TEST_CHROMIUM", "/usr/bin/chromium")
@@ -216,8 +217,8 @@ def test_a_wiring_that_fails_undoes_the_chat(tmp_path):
         with pytest.raises(sqlite3.IntegrityError):
             create_web_chat(store, "half", [ag, "ag-missing"])
         assert store.messaging_group("web", "half") is None
-        assert store.q("SELECT * FROM messaging_group_agents") == []
-        assert store.q("SELECT * FROM agent_destinations") == []
+        assert db_rows(store, "SELECT * FROM messaging_group_agents") == []
+        assert db_rows(store, "SELECT * FROM agent_destinations") == []
         create_web_chat(store, "whole", [ag])
         assert [c["agents"] for c in store.channel_chats("web")] == [
             [{"id": ag, "name": "A", "folder": "a"}]]

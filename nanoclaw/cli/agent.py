@@ -75,7 +75,7 @@ def respond(paths: sessiondb.SessionPaths, row_id: str, request_id: str, status:
             output: str) -> None:
     """The answer the waiting tool reads: a system row that wakes nobody."""
     rid = "cli-" + hashlib.sha1(row_id.encode("utf-8", "replace")).hexdigest()[:20]
-    sessiondb.insert_message(paths, id=rid, kind="system", trigger=False,
+    sessiondb.SessionInbound(paths).insert(id=rid, kind="system", trigger=False,
                              content={"type": "cli_response", "requestId": request_id,
                                       "status": status, "output": output})
 

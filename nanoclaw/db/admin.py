@@ -9,6 +9,7 @@ import sqlite3
 from typing import Any
 
 from nanoclaw.db.central import atomic
+from nanoclaw.db.rows import Queries
 from nanoclaw.errors import NotFound, Refused
 from nanoclaw.util import utcnow
 
@@ -17,20 +18,9 @@ CONFIG_COLUMNS = ("provider", "model", "fallback_model", "cli_scope", "skills",
                   "daily_token_budget", "additional_mounts")
 
 
-class AdminQueries:
+class AdminQueries(Queries):
     """`wire_chat` also calls Store's `messaging_group`, `create_messaging_group` and
     `wire` (not stubbed here: a stub in a mixin listed before theirs would hide them)."""
-
-    conn: sqlite3.Connection
-
-    def _rows(self, sql: str, args: tuple = ()) -> list[dict[str, Any]]:
-        cur = self.conn.execute(sql, args)
-        cols = [c[0] for c in cur.description]
-        return [dict(zip(cols, r)) for r in cur]
-
-    def _row(self, sql: str, args: tuple = ()) -> dict[str, Any] | None:
-        rows = self._rows(sql, args)
-        return rows[0] if rows else None
 
     # ---- agent groups -----------------------------------------------------------------
     def find_agent_group(self, ref: str) -> dict[str, Any]:
@@ -182,9 +172,6 @@ class AdminQueries:
             raise NotFound(f"{user_id} is not a member of {agent_group_id}")
 
     # ---- sessions, usage, sends, approvals ----------------------------------------------
-    def active_sessions(self) -> list[dict[str, Any]]:
-        return self._rows("SELECT * FROM sessions WHERE status='active'")
-
     def session_counts(self) -> tuple[int, int]:
         """(active sessions, those with a running agent)."""
         n, r = self.conn.execute("SELECT COUNT(*), SUM(container_status='running') FROM"

@@ -4,23 +4,19 @@ table group so no file grows past a screenful of intents)."""
 
 from __future__ import annotations
 
-import sqlite3
 from typing import Any
 
+from nanoclaw.db.rows import Queries
 from nanoclaw.util import utcnow
 
 
-class ChannelQueries:
-    conn: sqlite3.Connection
-
-    def q(self, sql: str, args: tuple | dict = ()) -> list[dict[str, Any]]: ...  # Store's
-    def q1(self, sql: str, args: tuple | dict = ()) -> dict[str, Any] | None: ...  # Store's
+class ChannelQueries(Queries):
 
     def sent_cards(self, channel_type: str, card_id: str, host_only: bool) -> list[dict[str, Any]]:
         """The cards queued to this channel under a card id, newest first; `host_only`:
         only the host's own (no session), never one an agent wrote."""
         only = " AND session_id IS NULL" if host_only else ""
-        return self.q(
+        return self._rows(
             "SELECT platform_id, content FROM channel_outbox WHERE channel_type=? AND"
             f" json_extract(content, '$.questionId')=?{only} ORDER BY id DESC",
             (channel_type, card_id))
@@ -28,7 +24,7 @@ class ChannelQueries:
     def due_sends_at(self, channel_type: str, now: str, limit: int = 100) -> list[dict[str, Any]]:
         """This channel's pending sends due at `now` (an ISO stamp: the runner's clock),
         oldest first."""
-        return self.q(
+        return self._rows(
             "SELECT * FROM channel_outbox WHERE channel_type=? AND status='pending'"
             " AND (next_attempt_at IS NULL OR next_attempt_at <= ?) ORDER BY id LIMIT ?",
             (channel_type, now, limit))
@@ -37,7 +33,7 @@ class ChannelQueries:
         """A channel's recent conversation, newest first: what users said (`dir` 'in':
         inbound events, `body` their payload) and what was sent ('out': sent rows,
         `body` their content), each with `at`, `platform_id`, `id` and `kind`."""
-        return self.q(
+        return self._rows(
             "SELECT * FROM (SELECT received_at AS at, platform_id, 'in' AS dir, message_id AS id,"
             " kind, payload AS body FROM inbound_events WHERE channel_type=? UNION ALL"
             " SELECT COALESCE(sent_at, created_at), platform_id, 'out', idem_key, kind, content"
@@ -59,7 +55,7 @@ class ChannelQueries:
 
     def dm_chat(self, user_id: str, channel_type: str) -> str | None:
         """The platform id of a user's DM chat on a channel, once a send resolved it."""
-        row = self.q1("SELECT m.platform_id FROM user_dms d JOIN messaging_groups m ON"
+        row = self._row("SELECT m.platform_id FROM user_dms d JOIN messaging_groups m ON"
                       " m.id=d.messaging_group_id WHERE d.user_id=? AND d.channel_type=?",
                       (user_id, channel_type))
         return row["platform_id"] if row else None
@@ -72,14 +68,14 @@ class ChannelQueries:
 
     def is_wired(self, channel_type: str, platform_id: str) -> bool:
         """Whether a chat talks to any agent."""
-        return self.q1(
+        return self._row(
             "SELECT 1 AS x FROM messaging_groups m JOIN messaging_group_agents w ON"
             " w.messaging_group_id=m.id WHERE m.channel_type=? AND m.platform_id=?",
             (channel_type, platform_id)) is not None
 
     def providers_in_use(self) -> list[str]:
         """Every agent group's provider (its container config's, else its own)."""
-        return [str(r["p"]) for r in self.q(
+        return [str(r["p"]) for r in self._rows(
             "SELECT DISTINCT COALESCE(NULLIF(c.provider, ''), g.agent_provider) AS p"
             " FROM agent_groups g LEFT JOIN container_configs c ON c.agent_group_id = g.id")
             if r["p"]]

@@ -26,8 +26,8 @@ The host never writes `outbound.db`.
 The files, by module: `sessionfile.py` (paths, `opened`), `inbound.py`
 (`SessionInbound`, with the task statements of `tasks.py` and the ledger of
 `session_migrations.py`), `outbound.py` (`SessionOutbound`, `agent_db`, `HostileDB`).
-This module makes and repairs the folder (`create`, `reset_outbound`) and keeps the
-older function names working as thin wrappers for callers not yet converted.
+This module makes and repairs the folder (`create`, `reset_outbound`); callers read and
+write the files through the two classes.
 """
 
 from __future__ import annotations
@@ -45,14 +45,11 @@ from nanoclaw.db.sessionfile import (HEARTBEAT, INBOX, OUTBOX, SessionPaths, fil
                                      opened, transaction)
 from nanoclaw.util import utcnow
 
-__all__ = [  # the names callers use; the classes are the API, the rest is kept for them
+__all__ = [  # the names callers use: the two classes, the folder and its constants
     "SessionInbound", "SessionOutbound", "SessionPaths", "HostileDB", "agent_db", "of",
-    "opened", "transaction", "create", "reset_outbound", "file_signal", "change_signal",
+    "opened", "transaction", "create", "reset_outbound", "file_signal",
     "HEARTBEAT", "INBOX", "OUTBOX", "MAX_TRIES", "RETRY_BASE_SECONDS", "MAX_CONTENT",
     "MAX_OUTBOUND", "READ_BOUND_S", "OUTBOUND_DDL", "OUTBOUND_SCHEMA", "utcnow",
-    "insert_message", "insert_note", "write_routing", "message", "undelivered",
-    "mark_delivered", "acks", "sync_acks", "fail_due", "fail_pending_triggers", "due_count",
-    "next_due", "reset_stuck", "max_out_seq",
 ]
 
 
@@ -170,68 +167,3 @@ def _move_flat(aside: str, paths: SessionPaths, work: hostile.Folder) -> None:
     if os.path.isfile(paths.inbound):
         os.chown(paths.inbound, os.geteuid(), os.getegid())
         os.chmod(paths.inbound, 0o644)
-
-
-# ---- the older function names, kept for callers not yet converted to the classes ----
-def insert_message(paths: SessionPaths, **row: Any) -> bool:
-    return SessionInbound(paths).insert(**row)
-
-
-def insert_note(paths: SessionPaths, text: str, *, on_wake: bool = False) -> str:
-    return SessionInbound(paths).note(text, on_wake=on_wake)
-
-
-def write_routing(paths: SessionPaths, routing: tuple[str | None, str | None, str | None],
-                  destinations: list[dict[str, Any]]) -> None:
-    SessionInbound(paths).write_routing(routing, destinations)
-
-
-def message(paths: SessionPaths, id: str) -> dict[str, Any] | None:
-    return SessionInbound(paths).message(id)
-
-
-def undelivered(paths: SessionPaths) -> list[dict[str, Any]]:
-    """Agent output not yet recorded in `delivered`, oldest first (HostileDB: refused)."""
-    return SessionOutbound(paths).undelivered(SessionInbound(paths).delivered_ids())
-
-
-def mark_delivered(paths: SessionPaths, message_out_id: str, platform_message_id: str | None,
-                   status: str = "delivered", error: str | None = None) -> None:
-    SessionInbound(paths).mark_delivered(message_out_id, platform_message_id, status, error)
-
-
-def acks(paths: SessionPaths) -> dict[str, tuple[str, str]]:
-    return SessionOutbound(paths).acks()
-
-
-def sync_acks(paths: SessionPaths) -> int:
-    return SessionInbound(paths).sync_acks()
-
-
-def fail_due(paths: SessionPaths, now_iso: str) -> list[str]:
-    return SessionInbound(paths).fail_due(now_iso)
-
-
-def fail_pending_triggers(paths: SessionPaths) -> list[str]:
-    return SessionInbound(paths).fail_pending_triggers()
-
-
-def due_count(paths: SessionPaths, now_iso: str) -> int:
-    return SessionInbound(paths).due_count(now_iso)
-
-
-def next_due(paths: SessionPaths) -> str | None:
-    return SessionInbound(paths).next_due()
-
-
-def reset_stuck(paths: SessionPaths, now: float,
-                base: float = RETRY_BASE_SECONDS) -> list[tuple[str, str]]:
-    return SessionInbound(paths).reset_stuck(now, base)
-
-
-def max_out_seq(paths: SessionPaths) -> int:
-    return SessionOutbound(paths).max_seq()
-
-
-def change_signal(paths: SessionPaths) -> tuple[int, int, int] | None:
-    return SessionOutbound(paths).change_signal()

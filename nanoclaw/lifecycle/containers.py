@@ -60,7 +60,7 @@ class Containers:
     def adopt(self) -> None:
         """Re-attach to agents that outlived a previous containers worker; clean up the
         rest, then stop this install's agents that no session claims."""
-        for s in self.store.sessions_where("container_status='running'"):
+        for s in self.store.running_sessions():
             cid = s["container_id"]
             if cid and self.runtime.exit_code(cid) is None:
                 self.running[s["id"]] = cid
@@ -106,7 +106,7 @@ class Containers:
         for sid in [s for s, t in self.retry_at.items() if t <= now and s not in wanted]:
             del self.retry_at[sid]
             s = self.store.session(sid)
-            if s and sessiondb.due_count(self._paths(s), iso(now)):
+            if s and sessiondb.SessionInbound(self._paths(s)).due_count(iso(now)):
                 did |= self.wake(sid)
         return did
 
@@ -136,7 +136,7 @@ class Containers:
             logger.error("session {}: its folder is unusable: {}", sid, e)
             self._start_failed(s, str(e))
             return False
-        if not sessiondb.due_count(paths, iso(self.clock())):
+        if not sessiondb.SessionInbound(paths).due_count(iso(self.clock())):
             return False
         broker = self.store.get_state("broker_url")
         if not broker:
@@ -153,7 +153,8 @@ class Containers:
             self._start_failed(s, str(e))
             return False
         self._write_config(s, ag, paths)
-        sessiondb.write_routing(paths, self._routing(s), self.store.destinations(ag["id"]))
+        sessiondb.SessionInbound(paths).write_routing(self._routing(s),
+                                                      self.store.destinations(ag["id"]))
         token = secrets.token_urlsafe(32)
         spawn = f"{int(self.clock() * 1000)}"
         cfg = self.store.container_config(ag["id"])
@@ -221,8 +222,9 @@ class Containers:
         if not Path(paths.inbound).exists():
             return
         try:
-            sessiondb.sync_acks(paths)
-            touched = sessiondb.reset_stuck(paths, self.clock(), self.settings.retry_base)
+            inbound = sessiondb.SessionInbound(paths)
+            inbound.sync_acks()
+            touched = inbound.reset_stuck(self.clock(), self.settings.retry_base)
         except sqlite3.DatabaseError as e:
             logger.error("session {}: session database unusable: {}", sid, e)
             touched = []
@@ -236,7 +238,7 @@ class Containers:
         self._tell_failed(s, [m for m, what in touched if what == "failed"])
         if code == 0 or touched == []:
             self.failures.pop(sid, None)
-        if not killed and sessiondb.due_count(paths, iso(self.clock())):
+        if not killed and sessiondb.SessionInbound(paths).due_count(iso(self.clock())):
             self.wake(sid)
 
     def _start_failed(self, s: dict[str, Any], why: str) -> None:
@@ -257,14 +259,14 @@ class Containers:
                        delay)
 
     def _fail_pending(self, s: dict[str, Any]) -> list[str]:
-        return sessiondb.fail_pending_triggers(self._paths(s))
+        return sessiondb.SessionInbound(self._paths(s)).fail_pending_triggers()
 
     def _tell_failed(self, s: dict[str, Any], message_ids: list[str]) -> None:
         """Never fail silently: each failed message gets a reply in its own chat, queued
         straight to the channel (the session's own databases may be what is broken)."""
         paths = self._paths(s)
         for mid in message_ids:
-            row = sessiondb.message(paths, mid)
+            row = sessiondb.SessionInbound(paths).message(mid)
             if row is None or not row["platform_id"] or row["channel_type"] == "agent":
                 continue
             if not self.store.may_send(s, row["channel_type"], row["platform_id"]):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from dbread import db_row
 from nanoclaw.db.store import Store
 
 
@@ -14,7 +15,7 @@ def wire_chat(host: Any, channel_type: str, platform_id: str, is_group: bool = F
     """Wire a chat to the default agent (`main`), open to any sender; returns its id."""
     store = Store.open(host.data)
     try:
-        ag = store.q1("SELECT id FROM agent_groups WHERE folder='main'")["id"]
+        ag = db_row(store, "SELECT id FROM agent_groups WHERE folder='main'")["id"]
         mg = store.messaging_group(channel_type, platform_id)
         mg_id = mg["id"] if mg else store.create_messaging_group(
             channel_type, platform_id, f"{channel_type} {platform_id}", is_group, policy="public")
