@@ -80,6 +80,30 @@ class Settings(BaseSettings):
     slack_bot_token: str = Field(default="", validation_alias="SLACK_BOT_TOKEN")
     slack_app_token: str = Field(default="", validation_alias="SLACK_APP_TOKEN")
     slack_api_base: str = Field(default="https://slack.com/api/", validation_alias="SLACK_API_BASE")
+    # The webhook door (the `webhooks` worker), started only when a webhook channel is on:
+    # platforms POST to http://HOST:PORT/webhook/<channel>; publish just that path.
+    webhook_host: str = "127.0.0.1"
+    webhook_port: int = Field(default=8790, ge=0, le=65535)  # 0: any free port
+    webhook_max_bytes: int = Field(default=1024 * 1024, ge=1024)
+    webhook_rate: int = Field(default=600, ge=1)  # requests a minute from one address
+    # WhatsApp Cloud API (Meta Graph): outbound through the Graph API, inbound through the
+    # webhook door at /webhook/whatsapp-cloud. Enabled by the access token.
+    whatsapp_access_token: str = Field(default="", validation_alias="WHATSAPP_ACCESS_TOKEN")
+    whatsapp_phone_number_id: str = Field(default="",
+                                          validation_alias="WHATSAPP_PHONE_NUMBER_ID")
+    whatsapp_app_secret: str = Field(default="", validation_alias="WHATSAPP_APP_SECRET")
+    whatsapp_verify_token: str = Field(default="", validation_alias="WHATSAPP_VERIFY_TOKEN")
+    whatsapp_api_base: str = Field(default="https://graph.facebook.com",
+                                   validation_alias="WHATSAPP_API_BASE")
+    whatsapp_api_version: str = Field(default="v23.0", pattern=r"^v[0-9]+\.[0-9]+$",
+                                      validation_alias="WHATSAPP_API_VERSION")
+    # hosts media URLs may point at (comma-separated, `*.` for subdomains); the API base's
+    # host is always allowed
+    whatsapp_media_hosts: str = Field(default="lookaside.fbsbx.com,*.fbcdn.net",
+                                      validation_alias="WHATSAPP_MEDIA_HOSTS")
+    # an approved template (`name` or `name:language`) sent when a reply falls outside
+    # the 24-hour window, asking the user to write again
+    whatsapp_template: str = Field(default="", validation_alias="WHATSAPP_TEMPLATE")
     # WhatsApp Web, as a linked device: `nanoclaw channels login whatsapp` links it (QR, or
     # a pairing code for WHATSAPP_PHONE_NUMBER); its keys stay in data/channels/whatsapp/.
     whatsapp_enabled: bool = False
@@ -106,7 +130,8 @@ class Settings(BaseSettings):
     agent_pair_limit: int = Field(default=10, ge=1, le=1000)  # agent→agent msgs per minute
     retry_base: float = Field(default=5.0, gt=0, le=600)  # agent retries: retry_base·2^tries
 
-    @field_validator("anthropic_base_url", "telegram_api_base", "discord_api_base")
+    @field_validator("anthropic_base_url", "telegram_api_base", "discord_api_base",
+                     "whatsapp_api_base")
     @classmethod
     def _url(cls, v: str) -> str:
         if not v.startswith(("http://", "https://")):

@@ -309,3 +309,16 @@ def test_an_approval_whose_card_cannot_be_queued_is_not_stored(env):
     router.route(Event("cli", "local", "m2", text="hi", sender_id="stranger"))
     assert count(store, "pending_sender_approvals") == 1
     assert db_row(store, "SELECT 1 AS x FROM channel_outbox WHERE idem_key LIKE 'card:snd-%'")
+
+
+def test_an_approval_action_has_one_handler():
+    """A second handler for an action already handled is refused (it used to be dropped
+    by `setdefault`, so the first one kept running and nobody knew)."""
+    from nanoclaw.approvals import requests as approvals
+    from nanoclaw.delivery import actions  # noqa: F401  (registers install_packages)
+
+    first = approvals.ON_APPROVE["install_packages"]
+    approvals.on_approve("install_packages", first)  # the same one again: fine
+    with pytest.raises(ValueError, match="has a handler already"):
+        approvals.on_approve("install_packages", lambda *a: "other")
+    assert approvals.ON_APPROVE["install_packages"] is first

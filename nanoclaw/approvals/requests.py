@@ -110,6 +110,15 @@ def may_decide(store: Store, clicker: str | None, approver: str | None,
 ON_APPROVE: dict[str, Callable[[Store, Settings, dict[str, Any], dict[str, Any]], str]] = {}
 
 
+def on_approve(action: str,
+               handler: Callable[[Store, Settings, dict[str, Any], dict[str, Any]], str]) -> None:
+    """Register what runs when an admin approves `action`. One handler per action: a
+    second, different one is a bug, refused at import rather than silently ignored."""
+    if ON_APPROVE.get(action, handler) is not handler:
+        raise ValueError(f"approval action {action!r} has a handler already")
+    ON_APPROVE[action] = handler
+
+
 def request(store: Store, settings: Settings, session: dict[str, Any], action: str,
             payload: dict[str, Any], title: str, question: str) -> str:
     """Queue an approval card for an agent's request; returns the approval id.

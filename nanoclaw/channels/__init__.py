@@ -27,8 +27,22 @@ LAZY = {
               lambda s: bool(s.slack_bot_token and s.slack_app_token), True),
     "whatsapp": ("nanoclaw.channels.whatsapp:WhatsAppChannel", lambda s: s.whatsapp_enabled, False),
     "web": ("nanoclaw.channels.web:WebChannel", lambda s: s.web_enabled, False),
+    "whatsapp-cloud": ("nanoclaw.channels.whatsapp_cloud:WhatsAppCloudChannel",
+                       lambda s: bool(s.whatsapp_access_token), False),
 }
 
+
+# The inbound side of the channels platforms call, served by the `webhooks` worker's door
+# (`channels/webhook.py`) at /webhook/<name> while the channel is enabled.
+WEBHOOKS: dict[str, str] = {
+    "whatsapp-cloud": "nanoclaw.channels.whatsapp_cloud_webhook:CloudWebhook",
+}
+
+
+def webhook_names(settings) -> list[str]:
+    """The enabled channels whose platform calls us: the door serves these."""
+    reg = load_builtin()
+    return sorted(n for n in WEBHOOKS if n in reg.names() and reg.get(n).enabled(settings))
 
 def load_builtin() -> Registry:
     """Register the built-in adapters (once each; none is imported until it runs)."""
@@ -40,4 +54,4 @@ def load_builtin() -> Registry:
 
 
 __all__ = ["Channel", "ChannelHost", "OutboundMessage", "REGISTRY", "Registry", "RetryAfter",
-           "SendError", "Unavailable", "load_builtin"]
+           "SendError", "Unavailable", "WEBHOOKS", "load_builtin", "webhook_names"]

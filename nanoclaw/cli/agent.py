@@ -146,4 +146,4 @@ def _approved(store: Store, settings: Settings, row: dict[str, Any],
     return f"Your command `{cmd.line}` was approved and ran:\n{output}"
 
 
-approvals.ON_APPROVE.setdefault(APPROVAL, _approved)
+approvals.on_approve(APPROVAL, _approved)

@@ -372,8 +372,8 @@ def _approved_mcp(store: Store, settings: Settings, row: dict[str, Any],
 def _register_approval_handlers() -> None:
     from nanoclaw.approvals import requests as approvals
 
-    approvals.ON_APPROVE.setdefault("install_packages", _approved_packages)
-    approvals.ON_APPROVE.setdefault("add_mcp_server", _approved_mcp)
+    approvals.on_approve("install_packages", _approved_packages)
+    approvals.on_approve("add_mcp_server", _approved_mcp)
 
 
 _register_approval_handlers()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 
-from nanoclaw.channels import load_builtin
+from nanoclaw.channels import load_builtin, webhook_names
 from nanoclaw.config import Settings
 from nanoclaw.host.runner import Worker
 
@@ -21,6 +21,7 @@ WORKERS = {
     "broker": "workers.broker:BrokerWorker",
 }
 CHANNEL = "workers.channel:ChannelWorker"  # every `channel:<name>`
+WEBHOOKS = "workers.webhooks:WebhooksWorker"  # the door, while a webhook channel is on
 
 
 def channel_names(settings: Settings) -> list[str]:
@@ -30,11 +31,13 @@ def channel_names(settings: Settings) -> list[str]:
 
 
 def worker_names(settings: Settings) -> list[str]:
-    return [*WORKERS, *[f"channel:{c}" for c in channel_names(settings)]]
+    door = ["webhooks"] if webhook_names(settings) else []
+    return [*WORKERS, *door, *[f"channel:{c}" for c in channel_names(settings)]]
 
 
 def make_worker(name: str, settings: Settings) -> Worker:
-    target = CHANNEL if name.startswith("channel:") else WORKERS.get(name)
+    target = CHANNEL if name.startswith("channel:") else (
+        WEBHOOKS if name == "webhooks" else WORKERS.get(name))
     if target is None:
         raise ValueError(f"unknown worker {name!r}")
     module, _, cls = target.partition(":")
