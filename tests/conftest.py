@@ -31,6 +31,8 @@ SECRET = "sk-ant-test-secret-do-not-leak"
 # what a developer's shell may export that must not reach a test host: settings, model
 # and platform credentials (a telegram token would start a worker talking to Telegram)
 SCRUB = ("NANOCLAW_", "ANTHROPIC_", "CLAUDE_", "TELEGRAM_", "DISCORD_", "SLACK_", "OPENAI_",
+         "WHATSAPP_", "TEAMS_", "GOOGLE_CHAT_", "WEBEX_", "MATRIX_", "BLUEBUBBLES_", "EMAIL_",
+         "RESEND_", "LINEAR_",
          "GEMINI_", "GOOGLE_API", "AWS_", "GITHUB_TOKEN", "GH_TOKEN", "HF_TOKEN")
 # test knobs, not settings: which image and browser to use, whether a missing sandbox
 # fails rather than skips (.ci/run), where CI's private dockerd lives

@@ -68,23 +68,12 @@ class ChannelRunner:
         sent to that chat (H3: a click resolves to the card it was made on, never to
         another card's options). An approval's id resolves only to the host's own card
         (no session), never to a card an agent wrote."""
-        rows = self.store.sent_cards(self.channel_type, card_id,
-                                     host_only=is_approval_card(card_id))
-        for r in rows:
-            if platform_id is None or self._same_chat(r["platform_id"], platform_id):
-                return json.loads(r["content"])
-        return None
+        return self.store.sent_card(self.channel_type, card_id, platform_id,
+                                    host_only=is_approval_card(card_id))
 
-    def _same_chat(self, sent_to: str, clicked: str) -> bool:
-        """Whether a card queued for `sent_to` is in chat `clicked`: the same chat, or a
-        cold DM (`@dm:<handle>`) that the send resolved to it (cached in user_dms)."""
-        if sent_to == clicked:
-            return True
-        if not sent_to.startswith("@dm:"):
-            return False
-        handle = sent_to[4:]
-        uid = handle if ":" in handle else f"{self.channel_type}:{handle}"
-        return self.store.dm_chat(uid, self.channel_type) == clicked
+    def last_message_id(self, platform_id: str) -> str | None:
+        """The platform id of the last message this chat sent us (to mark it read)."""
+        return self.store.last_inbound_id(self.channel_type, platform_id)
 
     def _wired(self, platform_id: str) -> bool:
         return self.store.is_wired(self.channel_type, platform_id)

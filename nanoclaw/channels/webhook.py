@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import json
 import sqlite3
 import time
 from typing import Any, Mapping
@@ -58,9 +57,7 @@ class DoorHost:
 
     def seen(self, platform_id: str, message_id: str) -> bool:
         """Whether this event is stored already (a redelivery: skip fetching its media)."""
-        return self.store.q1(
-            "SELECT 1 AS x FROM inbound_events WHERE channel_type=? AND platform_id=? AND"
-            " message_id=?", (self.channel_type, platform_id, message_id)) is not None
+        return self.store.inbound_seen(self.channel_type, platform_id, message_id)
 
     def is_wired(self, platform_id: str) -> bool:
         return self.store.is_wired(self.channel_type, platform_id)
@@ -69,21 +66,8 @@ class DoorHost:
         """The card this channel sent under that host card id, or None: only one sent to
         the chat clicked in (or a cold DM resolved to it), and for an approval's id only
         the host's own card (as ChannelRunner.question, H3)."""
-        rows = self.store.sent_cards(self.channel_type, card_id,
-                                     host_only=is_approval_card(card_id))
-        for r in rows:
-            if platform_id is None or self._same_chat(r["platform_id"], platform_id):
-                return json.loads(r["content"])
-        return None
-
-    def _same_chat(self, sent_to: str, clicked: str) -> bool:
-        if sent_to == clicked:
-            return True
-        if not sent_to.startswith("@dm:"):
-            return False
-        handle = sent_to[4:]
-        uid = handle if ":" in handle else f"{self.channel_type}:{handle}"
-        return self.store.dm_chat(uid, self.channel_type) == clicked
+        return self.store.sent_card(self.channel_type, card_id, platform_id,
+                                    host_only=is_approval_card(card_id))
 
     def kick(self, platform_id: str | None = None) -> None:
         """The channel worker is another process: it sees new rows by itself."""

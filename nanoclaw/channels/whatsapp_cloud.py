@@ -223,7 +223,6 @@ class WhatsAppCloudChannel(Channel):
         self.graph = Graph(self.settings)
         self.parts: dict[str, list[str]] = {}  # idem key → ids of the parts already sent
         self.token_told = False
-        self._store: Any = None
         try:  # the token and the number, once: say at start-up what is wrong
             await asyncio.wait_for(self.graph.call("GET", self.graph.phone_id), 15)
         except GraphError as e:
@@ -237,8 +236,6 @@ class WhatsAppCloudChannel(Channel):
     async def teardown(self) -> None:
         if getattr(self, "graph", None):
             await self.graph.close()
-        if self._store is not None:
-            self._store.close()
 
     # ---- errors -----------------------------------------------------------------------
     @staticmethod
@@ -351,14 +348,7 @@ class WhatsAppCloudChannel(Channel):
             await self.graph.mark_read(mid)
 
     def _last_inbound(self, platform_id: str) -> str | None:
-        if self._store is None:
-            from nanoclaw.db.store import Store
-
-            self._store = Store.open(self.settings.data_dir, create=False)
-        row = self._store.q1(
-            "SELECT message_id FROM inbound_events WHERE channel_type=? AND platform_id=?"
-            " AND kind='chat' ORDER BY id DESC LIMIT 1", (self.name, platform_id))
-        mid = row["message_id"] if row else None
+        mid = self.host.last_message_id(platform_id)
         return mid if isinstance(mid, str) and mid.startswith("wamid.") else None
 
     async def open_dm(self, handle: str) -> str:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import json
 import re
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -223,14 +222,8 @@ class CloudWebhook(Webhook):
         """The text of a message we sent (a reply or reaction names it), or ''."""
         if not message_id:
             return ""
-        row = self.host.store.q1(
-            "SELECT content FROM channel_outbox WHERE channel_type=? AND platform_message_id=?"
-            " ORDER BY id DESC LIMIT 1", (self.name, message_id))
-        if not row:
-            return ""
-        try:
-            c = json.loads(row["content"])
-        except ValueError:
+        c = self.host.store.sent_content(self.name, message_id)
+        if not c:
             return ""
         return str(c.get("text") or c.get("question") or "") if isinstance(c, dict) else ""
 
@@ -252,20 +245,11 @@ class CloudWebhook(Webhook):
         n = text.strip().rstrip(".)")
         if not n.isdigit() or len(n) > 3:
             return None
-        row = self.host.store.q1(
-            "SELECT content FROM channel_outbox WHERE channel_type=? AND platform_id=? AND"
-            " status='sent' AND json_extract(content, '$.type')='ask_question'"
-            " ORDER BY id DESC LIMIT 1", (self.name, pid))
-        try:
-            latest = parse_question(json.loads(row["content"])) if row else None
-        except ValueError:
-            return None
+        sent = self.host.store.latest_sent_question(self.name, pid)
+        latest = parse_question(sent) if sent else None
         if latest is None or len(latest.options) <= ROWS:
             return None
-        if self.host.store.q1(
-                "SELECT 1 AS x FROM inbound_events WHERE channel_type=? AND platform_id=? AND"
-                " kind='action' AND json_extract(payload, '$.question_id')=?",
-                (self.name, pid, latest.question_id)):
+        if self.host.store.card_answered(self.name, pid, latest.question_id):
             return None  # answered once already
         card = parse_question(self.host.question(latest.question_id, pid) or {})
         option = card.value(int(n) - 1) if card and int(n) > 0 else None

@@ -4,6 +4,7 @@ table group so no file grows past a screenful of intents)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from nanoclaw.db.rows import Queries
@@ -79,3 +80,62 @@ class ChannelQueries(Queries):
             "SELECT DISTINCT COALESCE(NULLIF(c.provider, ''), g.agent_provider) AS p"
             " FROM agent_groups g LEFT JOIN container_configs c ON c.agent_group_id = g.id")
             if r["p"]]
+
+    def sent_card(self, channel_type: str, card_id: str, platform_id: str | None,
+                  host_only: bool) -> dict[str, Any] | None:
+        """The card this channel sent under a host card id (its outbound content), or
+        None. Given the chat a click came from, only a card sent to that chat or to a
+        cold DM (`@dm:<handle>`) that a send resolved to it (H3: a click resolves to the
+        card it was made on, never to another card's options)."""
+        for r in self.sent_cards(channel_type, card_id, host_only):
+            sent_to = r["platform_id"]
+            if platform_id is None or sent_to == platform_id:
+                return json.loads(r["content"])
+            if sent_to.startswith("@dm:"):
+                handle = sent_to[4:]
+                uid = handle if ":" in handle else f"{channel_type}:{handle}"
+                if self.dm_chat(uid, channel_type) == platform_id:
+                    return json.loads(r["content"])
+        return None
+
+    def inbound_seen(self, channel_type: str, platform_id: str, message_id: str) -> bool:
+        """Whether this platform event is stored already (a redelivery)."""
+        return self._exists("SELECT 1 FROM inbound_events WHERE channel_type=? AND"
+                            " platform_id=? AND message_id=?",
+                            (channel_type, platform_id, message_id))
+
+    def last_inbound_id(self, channel_type: str, platform_id: str) -> str | None:
+        """The platform id of the last message a chat sent us."""
+        row = self._row("SELECT message_id FROM inbound_events WHERE channel_type=? AND"
+                        " platform_id=? AND kind='chat' ORDER BY id DESC LIMIT 1",
+                        (channel_type, platform_id))
+        return row["message_id"] if row else None
+
+    def sent_content(self, channel_type: str, platform_message_id: str) -> dict[str, Any] | None:
+        """What we sent as this platform message (a reply or reaction names it)."""
+        row = self._row("SELECT content FROM channel_outbox WHERE channel_type=? AND"
+                        " platform_message_id=? ORDER BY id DESC LIMIT 1",
+                        (channel_type, platform_message_id))
+        try:
+            return json.loads(row["content"]) if row else None
+        except ValueError:
+            return None
+
+    def latest_sent_question(self, channel_type: str, platform_id: str) -> dict[str, Any] | None:
+        """The last question card sent to a chat (a bare number answers it); one still
+        marked pending counts, as the answer can outrun the send's own bookkeeping."""
+        row = self._row("SELECT content FROM channel_outbox WHERE channel_type=? AND"
+                        " platform_id=? AND status IN ('pending', 'sent') AND"
+                        " json_extract(content, '$.type')='ask_question' ORDER BY id DESC"
+                        " LIMIT 1", (channel_type, platform_id))
+        try:
+            return json.loads(row["content"]) if row else None
+        except ValueError:
+            return None
+
+    def card_answered(self, channel_type: str, platform_id: str, question_id: str) -> bool:
+        """Whether a click (or a number) answering this card in that chat is stored."""
+        return self._exists("SELECT 1 FROM inbound_events WHERE channel_type=? AND"
+                            " platform_id=? AND kind='action' AND"
+                            " json_extract(payload, '$.question_id')=?",
+                            (channel_type, platform_id, question_id))

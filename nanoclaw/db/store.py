@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
-from typing import Any
 
 from nanoclaw import nudge
 from nanoclaw.db.admin import AdminQueries
@@ -54,13 +53,3 @@ class Store(GroupQueries, SessionQueries, QueueQueries, ApprovalQueries, UsageQu
 
     def version(self) -> int:
         return data_version(self.conn)
-
-    # ---- escape hatches, still used outside db/ until those statements move here ------
-    def q(self, sql: str, args: tuple | dict = ()) -> list[dict[str, Any]]:
-        return self._rows(sql, args)
-
-    def q1(self, sql: str, args: tuple | dict = ()) -> dict[str, Any] | None:
-        return self._row(sql, args)
-
-    def sessions_where(self, where: str, args: tuple = ()) -> list[dict[str, Any]]:
-        return self._rows(f"SELECT * FROM sessions WHERE {where}", args)

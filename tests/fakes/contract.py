@@ -38,6 +38,13 @@ class PlatformFake:
     typing = False             # whether the platform shows a typing indicator to bots
     reply_refs = False         # whether a reply visibly answers the user's message
     user = ""                  # a user's platform handle, as an action event names it
+    threads = True             # users can post in threads of a chat
+    user_edits = True          # the platform tells bots when a user edits a message
+    bot_edits = True           # a bot can edit its own message (a card shows the choice)
+
+    def clicker(self, chat: str) -> str:
+        """Who a click in `chat` comes from, as the action event names them."""
+        return self.user
 
     # ---- set-up -----------------------------------------------------------------------
     def host_env(self) -> dict[str, str]:

@@ -56,7 +56,14 @@ class FakeGraph(FakeServer, PlatformFake):
     limit = 4096
     typing = True
     reply_refs = True
+    threads = False      # WhatsApp chats have no threads
+    user_edits = False   # Cloud API webhooks carry no user edits
+    bot_edits = False    # a sent message cannot be edited
+
     user = "15550001000"
+
+    def clicker(self, chat: str) -> str:
+        return chat  # a DM: the one who clicks is the chat's own user
 
     def __init__(self, token: str = TOKEN, phone_id: str = PHONE_ID) -> None:
         super().__init__()
