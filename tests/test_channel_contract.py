@@ -14,7 +14,7 @@ choice; typing is shown while an answer is awaited, where the platform has it.
 
 What only one platform does (its markup, its gateway or socket, its liveness) stays in
 tests/test_channel_<platform>.py. A platform without threads, user edits or bot edits
-(WhatsApp Cloud) says so in its fake (`threads`, `user_edits`, `bot_edits`): the thread
+(WhatsApp Cloud) says so in its fake (`threads`, `edit_events`, `bot_edits`): the thread
 and user-edit tests skip for it, and the bot-edit ones check that an edit fails, saying
 so, instead. WhatsApp Web cannot join: its fake is of our own client seam, in-process
 (tests/test_channel_whatsapp.py says what that leaves uncovered)."""
@@ -181,7 +181,7 @@ def test_a_send_that_keeps_failing_is_failed_and_the_agent_told(world):
 
 def test_a_users_edit_reaches_the_agent_once_as_an_edit(world):
     fake, host = world
-    if not fake.user_edits:
+    if not fake.edit_events:
         pytest.skip(f"{fake.channel} does not tell bots of a user's edit")
     chat = fake.chat(7)
     wire(host, fake, chat)

@@ -39,7 +39,7 @@ class PlatformFake:
     reply_refs = False         # whether a reply visibly answers the user's message
     user = ""                  # a user's platform handle, as an action event names it
     threads = True             # users can post in threads of a chat
-    user_edits = True          # the platform tells bots when a user edits a message
+    edit_events = True         # the platform tells bots when a user edits a message
     bot_edits = True           # a bot can edit its own message (a card shows the choice)
 
     def clicker(self, chat: str) -> str:

@@ -57,7 +57,7 @@ class FakeGraph(FakeServer, PlatformFake):
     typing = True
     reply_refs = True
     threads = False      # WhatsApp chats have no threads
-    user_edits = False   # Cloud API webhooks carry no user edits
+    edit_events = False  # Cloud API webhooks carry no user edits
     bot_edits = False    # a sent message cannot be edited
 
     user = "15550001000"
