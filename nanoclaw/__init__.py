@@ -6,7 +6,8 @@ The layout is the architecture. **A folder imports only the folders listed above
 (`tests/test_import_graph.py` fails when an import breaks this):
 
     config log util errors nudge breaker jsonin hostile   core: the modules at this level
-    db/         central.py migrations.py store.py session.py — one storage class per DB file
+    db/         one storage class per DB file: Store (central, mixins by table group),
+                SessionInbound and SessionOutbound; the migrations and their ledgers
     runtime/    the sandboxes: docker, bwrap, process, the warm pool
     channels/   one platform connection per channel:<name> worker
     agents/     what an agent group owns: its folder, schedules, mounts
