@@ -101,6 +101,20 @@ def slack_mrkdwn(text: str, limit: int) -> list[str]:
     return [c.markup for c in _pack(_Walker(SLACK).render(text), SLACK.escape, limit)]
 
 
+WHATSAPP = Dialect(Wrap("*", "*"), Wrap("_", "_"), Wrap("~", "~"), Wrap("`", "`"),
+                   lambda lang: Wrap("```\n", "\n```"),
+                   lambda url, auto: Wrap("", "" if auto else f" ({url})",
+                                          "" if auto else f" ({url})"),
+                   None, lambda s: s)
+
+
+def whatsapp_text(text: str, limit: int) -> list[str]:
+    """WhatsApp formatting (*bold*, _italic_, ~strike~, ```code```; a link as its text
+    and the URL), for WhatsApp Web and the Cloud API alike; blank chunks dropped."""
+    return [c.markup for c in _pack(_Walker(WHATSAPP).render(text), WHATSAPP.escape, limit)
+            if c.markup.strip()]
+
+
 def discord_markdown(text: str, limit: int) -> list[str]:
     """The text as written, split so that a fenced code block cut in two is closed and
     reopened (with its language) instead of running into the next message."""

@@ -33,7 +33,7 @@ from typing import Any
 
 from nanoclaw.channels import whatsapp_client as wac
 from nanoclaw.channels.base import Channel, OutboundMessage, RetryAfter, SendError, Unavailable
-from nanoclaw.channels.markdown import Dialect, Wrap, _pack, _Walker
+from nanoclaw.channels.markdown import whatsapp_text
 from nanoclaw.channels.text import (
     EDITED,
     SAFE_FILE,
@@ -52,19 +52,6 @@ MAX_DOWNLOAD = 32 << 20
 REMEMBER = 500  # recent messages kept for reactions and quoted replies
 LOGOUT_REASONS = {"LOGGED_OUT", "MAIN_DEVICE_GONE", "UNKNOWN_LOGOUT"}
 RELINK = "`nanoclaw channels login whatsapp`, then `nanoclaw workers restart channel:whatsapp`"
-WHATSAPP = Dialect(Wrap("*", "*"), Wrap("_", "_"), Wrap("~", "~"), Wrap("`", "`"),
-                   lambda lang: Wrap("```\n", "\n```"),
-                   lambda url, auto: Wrap("", "" if auto else f" ({url})",
-                                          "" if auto else f" ({url})"),
-                   None, lambda s: s)
-
-
-def whatsapp_text(text: str, limit: int = LIMIT) -> list[str]:
-    """Agent Markdown as WhatsApp formatting (*bold*, _italic_, ~strike~, ```code```),
-    split after rendering at `limit` characters (markdown.py's chunker)."""
-    return [c.markup for c in _pack(_Walker(WHATSAPP).render(text), WHATSAPP.escape, limit)]
-
-
 class WhatsAppChannel(Channel):
     name = "whatsapp"
     supports_threads = False
@@ -308,7 +295,7 @@ class WhatsAppChannel(Channel):
             text += "\n\n" + "\n".join(f"{i + 1}. {o['label']}" for i, o in enumerate(q.options))
             text += "\n\nReply with the number."
         files = load_files(c)
-        chunks = [t for t in whatsapp_text(text) if t.strip()]
+        chunks = whatsapp_text(text, LIMIT)
         done = self.parts.setdefault(message.idem_key, [])
         quote = self.known.get(reply_target(message.in_reply_to) or "")
         for i, chunk in enumerate(chunks):

@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from nanoclaw.channels.base import Channel, OutboundMessage, RetryAfter, SendError
-from nanoclaw.channels.markdown import Dialect, Wrap, _pack, _Walker
+from nanoclaw.channels.markdown import whatsapp_text
 from nanoclaw.channels.text import (
     CALLBACK_PREFIX,
     Question,
@@ -57,19 +57,6 @@ TRANSIENT = {1, 2, 131000, 131016, 133004}  # "something went wrong", service un
 TOKEN = {190, 102}
 WINDOW_CLOSED = 131047
 IMAGES = {"image/jpeg", "image/png"}
-WHATSAPP = Dialect(Wrap("*", "*"), Wrap("_", "_"), Wrap("~", "~"), Wrap("`", "`"),
-                   lambda lang: Wrap("```\n", "\n```"),
-                   lambda url, auto: Wrap("", "" if auto else f" ({url})",
-                                          "" if auto else f" ({url})"),
-                   None, lambda s: s)
-
-
-def wa_text(text: str, limit: int = LIMIT) -> list[str]:
-    """Agent Markdown as WhatsApp formatting, split after rendering at `limit`."""
-    return [c.markup for c in _pack(_Walker(WHATSAPP).render(text), WHATSAPP.escape, limit)
-            if c.markup.strip()]
-
-
 def choice_id(question_id: str, index: int) -> str:
     data = f"{CALLBACK_PREFIX}:{question_id}:{index}"
     if len(data) > CHOICE_ID:
@@ -333,7 +320,7 @@ class WhatsAppCloudChannel(Channel):
             text += "\n\n" + "\n".join(f"{i + 1}. {o['label']}" for i, o in enumerate(q.options))
             text += "\n\nReply with the number."
             q = None
-        chunks = wa_text(text)
+        chunks = whatsapp_text(text, LIMIT)
         if q is None:
             return [_text(t) for t in chunks]
         body = chunks.pop() if chunks and len(chunks[-1]) <= BODY_LIMIT else "Choose one:"

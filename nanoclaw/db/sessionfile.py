@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from nanoclaw import hostile
+from nanoclaw.db.central import atomic
 
 HEARTBEAT = ".heartbeat"  # in work/: the agent touches it while it lives
 INBOX = "inbox"          # in work/: files for the agent, by message
@@ -92,14 +93,8 @@ def opened(path: str, readonly: bool = False) -> Iterator[sqlite3.Connection]:
 def transaction(path: str) -> Iterator[sqlite3.Connection]:
     """BEGIN IMMEDIATE … COMMIT on a host-written session DB, rolled back on any
     exception."""
-    with opened(path) as conn:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+    with opened(path) as conn, atomic(conn):
+        yield conn
 
 
 def file_signal(path: str) -> tuple[int, int, int] | None:
