@@ -400,3 +400,26 @@ def test_kill9_of_the_web_worker_keeps_the_conversation(host):
     wait_for(lambda: any(e["type"] == "reply" and e["text"] == "echo: after the kill"
                          for e in call(url, "/api/events?wait=0", token=token)[1]["events"]),
              60, what="reply after the kill")
+
+
+def test_the_page_shows_whatsapps_login_code_while_a_login_waits(host):
+    """`nanoclaw channels login whatsapp` writes its current QR code beside the keys;
+    the page's /api/whatsapp turns a fresh one into an image to scan, and nothing once
+    the code is stale or the device is linked."""
+    import time as _time
+
+    from nanoclaw.channels import whatsapp_client as wac
+    from nanoclaw.config import Settings
+
+    url, token = address(host)
+    assert call(url, "/api/whatsapp", token=token)[1] == {"state": "none"}
+    assert call(url, "/api/whatsapp", token="wrong" * 8)[0] == 401
+    d = wac.store_dir(Settings(data_dir=host.data))
+    wac.write_status(d, "qr", qr="2@abc,def,ghi")
+    code, wa = call(url, "/api/whatsapp", token=token)
+    assert code == 200 and wa["state"] == "qr"
+    assert wa["qr"].startswith("data:image/svg+xml")
+    wac.write_json(d / "status.json", {"state": "qr", "qr": "2@old", "at": _time.time() - 600})
+    assert "qr" not in call(url, "/api/whatsapp", token=token)[1]  # expired long ago
+    wac.write_status(d, "linked", me="15550000000@s.whatsapp.net")
+    assert call(url, "/api/whatsapp", token=token)[1] == {"state": "linked"}

@@ -18,6 +18,9 @@ API (JSON; every /api call needs the token):
        a refused or failed create leaves nothing behind.
   POST /api/send    {chat?, text, id?}           → {ok, id}
   POST /api/answer  {chat?, question_id, index}  → {ok, option}
+  GET  /api/whatsapp → {state, qr?}: WhatsApp Web's link state; while
+       `nanoclaw channels login whatsapp` waits, `qr` is the code as an SVG image, so
+       the page shows it to scan (refreshed as the login replaces it).
   (`chat` defaults to `local`.)
 """
 
@@ -28,6 +31,7 @@ import hmac
 import json
 import re
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +76,9 @@ def create_web_chat(store: Store, chat: str, agents: list[str] | None = None) ->
     return mg
 
 
+QR_FRESH = 90.0  # seconds a WhatsApp QR code stays worth showing (they expire in ~60)
+
+
 class WebApi:
     """The handlers; the state they use (store, token, events, host...) is the channel's."""
 
@@ -98,6 +105,7 @@ class WebApi:
         app.router.add_get("/api/agents", self._agents)
         app.router.add_post("/api/send", self._send)
         app.router.add_post("/api/answer", self._answer)
+        app.router.add_get("/api/whatsapp", self._whatsapp)
 
     @web.middleware
     async def _guard(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -117,6 +125,22 @@ class WebApi:
         resp.headers["X-Content-Type-Options"] = "nosniff"
         resp.headers["Referrer-Policy"] = "no-referrer"
         return resp
+
+    async def _whatsapp(self, request: web.Request) -> web.StreamResponse:
+        """The link state the WhatsApp login and channel write (status.json, ours)."""
+        path = self.settings.data_dir / "channels" / "whatsapp" / "status.json"
+        try:
+            st = json.loads(path.read_text()[:65536])
+        except (OSError, ValueError):
+            return web.json_response({"state": "none"})
+        out: dict[str, Any] = {"state": str(st.get("state", "?"))}
+        code = st.get("qr")
+        if out["state"] == "qr" and isinstance(code, str) and 0 < len(code) <= 1024 and (
+                time.time() - float(st.get("at") or 0) < QR_FRESH):
+            import segno
+
+            out["qr"] = segno.make(code, error="l").svg_data_uri(scale=4, border=2)
+        return web.json_response(out)
 
     async def _page(self, request: web.Request) -> web.StreamResponse:
         return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})

@@ -341,10 +341,24 @@
   document.addEventListener("visibilitychange", () => {
     if (!document.hidden && token) loadChats().catch(() => { needChats = true; });
   });
+  // ---- WhatsApp Web's login code, while `nanoclaw channels login whatsapp` waits ----
+  async function watchWhatsApp() {
+    for (;;) {
+      await sleep(3000);
+      if (!token || document.hidden) continue;
+      try {
+        const wa = await api("/api/whatsapp");
+        if (wa.qr) $("wa-qr").src = wa.qr;
+        $("wa-login").hidden = !wa.qr;
+      } catch (e) { /* the chat's own poll reports a lost connection */ }
+    }
+  }
+
   token = localStorage.getItem("nanoclaw-token");
   if (!token) askToken();
   writeFragment();
   chatOf(open);
   drawList();
   poll();
+  watchWhatsApp();
 })();
