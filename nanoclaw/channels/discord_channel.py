@@ -15,27 +15,17 @@ Liveness, in three parts (DESIGN §6):
 A rejected token is a configuration error (not restart-looped). Garbage from the gateway
 (bad JSON, a parser that chokes on a field) is logged and dropped, never fatal.
 
-An edited message (MESSAGE_UPDATE, `on_raw_message_edit`) reaches the agent as a new
-message, as Telegram's do: its text prefixed `[edited] `, `edit_of` naming the original,
-and the id `edit<edited_timestamp in µs>:<message id>`, so it is neither deduplicated
-against the original nor stored twice when the gateway replays the update (attachments
-are not fetched again). MESSAGE_UPDATE also fires for changes that are not edits (an
-embed unfurling, a pin): without an `edited_timestamp` it is ignored, and an unfurl of an
-already edited message carries the same timestamp, so it is dropped as a duplicate. The
-bot's and other bots' edits are ignored.
-
-platform_id `discord:<channel id>` (a thread's parent); thread_id the thread's id.
-Discord renders Markdown itself: agent text passes through, split at 2000 characters
-without leaving a fenced code block open across messages (`markdown.discord_markdown`).
+platform_id `discord:<channel id>` (a thread's parent); thread_id the thread's id. The
+inbound half (messages, edits, clicks, attachments) is `discord_inbound.py`; the
+outbound half (sends, edits, reactions; Markdown split at 2000 characters) is
+`discord_outbound.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import io
 import time
 from collections import deque
-from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import discord
@@ -43,36 +33,18 @@ import yarl
 from discord.gateway import DiscordWebSocket
 from discord.http import Route
 
-from nanoclaw.channels.base import (
-    Channel,
-    ChannelDead,
-    OutboundMessage,
-    RetryAfter,
-    SendError,
-    Unavailable,
-)
-from nanoclaw.channels.markdown import discord_markdown
-from nanoclaw.channels.text import (
-    EDITED,
-    attachment,
-    card_links,
-    decode_choice,
-    encode_choice,
-    load_files,
-    parse_question,
-    plain_text,
-    reply_target,
-)
+from nanoclaw.channels.base import Channel, ChannelDead
+from nanoclaw.channels.discord_inbound import DiscordInbound
+from nanoclaw.channels.discord_outbound import LIMIT, DiscordOutbound
 from nanoclaw.errors import ConfigError
 from nanoclaw.log import logger
 
-LIMIT = 2000
 WINDOW = 600.0           # seconds over which in-process reconnects are counted
 READY_TIMEOUT = 30.0
-MAX_DOWNLOAD = 25 << 20
 _PATCHED = False
 _DEAD = {"flag": False}  # one adapter per worker process: once dead, never IDENTIFY again
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+__all__ = ["LIMIT", "DiscordChannel"]  # the limit, as delivery/actions.py cites it
 
 
 def _harden() -> None:
@@ -111,7 +83,7 @@ def _safe(name: str, parser: Any) -> Any:
     return parse
 
 
-class DiscordChannel(Channel):
+class DiscordChannel(DiscordInbound, DiscordOutbound, Channel):
     name = "discord"
     supports_threads = True
 
@@ -235,199 +207,3 @@ class DiscordChannel(Channel):
             if idle > s.channel_liveness:
                 self.die(f"no successful discord round trip for {idle:.0f}s")
                 return
-
-    # ---- inbound ----------------------------------------------------------------------
-    def _where(self, channel: Any) -> tuple[str, str | None]:
-        if isinstance(channel, discord.Thread):
-            return f"discord:{channel.parent_id}", str(channel.id)
-        return f"discord:{channel.id}", None
-
-    async def on_message(self, m: discord.Message) -> None:
-        parsed = self._parse(m)
-        if parsed is None:
-            return
-        pid, thread, payload = parsed
-        payload["attachments"] = await self._download(m)
-        await self.host.inbound(pid, str(m.id), payload, thread)
-
-    async def on_raw_message_edit(self, ev: discord.RawMessageUpdateEvent) -> None:
-        """MESSAGE_UPDATE: a new message for the agent if the author edited it (see the
-        module docstring); unique per edit, stable when the gateway replays it."""
-        m, data = ev.message, ev.data
-        if not data.get("edited_timestamp") or "content" not in data or m.edited_at is None:
-            return  # an embed unfurling, a pin, a partial update: not an edit
-        if ev.cached_message is not None and ev.cached_message.content == m.content:
-            return
-        parsed = self._parse(m)
-        if parsed is None:
-            return
-        pid, thread, payload = parsed
-        payload.update(text=EDITED + payload["text"], edited=True, edit_of=str(m.id),
-                       attachments=[])
-        stamp = (m.edited_at - _EPOCH) // timedelta(microseconds=1)
-        await self.host.inbound(pid, f"edit{stamp}:{m.id}", payload, thread)
-
-    def _parse(self, m: discord.Message) -> tuple[str, str | None, dict[str, Any]] | None:
-        """A user's message as (platform id, thread, payload without attachments); None
-        for bots (us included) and for system messages (joins, pins, …)."""
-        me = self.client.user
-        if m.author.bot or (me and m.author.id == me.id):
-            return None
-        if m.type not in (discord.MessageType.default, discord.MessageType.reply):
-            return None
-        self.last_ok = time.monotonic()
-        pid, thread = self._where(m.channel)
-        dm = isinstance(m.channel, discord.DMChannel)
-        ref = m.reference.resolved if m.reference else None
-        reply_to = None
-        if isinstance(ref, discord.Message):
-            reply_to = {"id": str(ref.id), "text": ref.content, "sender": ref.author.display_name}
-        text = m.content
-        if me:
-            text = text.replace(f"<@{me.id}>", f"@{me.name}").replace(f"<@!{me.id}>", f"@{me.name}")
-        payload: dict[str, Any] = {
-            "text": text, "sender_id": str(m.author.id), "sender_name": m.author.display_name,
-            "is_mention": dm or bool(me and me.mentioned_in(m)) or bool(
-                isinstance(ref, discord.Message) and me and ref.author.id == me.id),
-            "is_group": not dm,
-        }
-        if reply_to:
-            payload["reply_to"] = reply_to
-        return pid, thread, payload
-
-    async def _download(self, m: discord.Message) -> list[dict[str, Any]]:
-        out = []
-        for a in m.attachments:
-            if a.size > MAX_DOWNLOAD:
-                out.append(attachment(a.filename, a.content_type) | {"error": "too large"})
-                continue
-            try:
-                out.append(attachment(a.filename, a.content_type,
-                                      await asyncio.wait_for(a.read(), 60)))
-            except Exception as e:
-                logger.warning("discord attachment {} not downloaded: {!r}", a.filename, e)
-                out.append(attachment(a.filename, a.content_type, url=a.url)
-                           | {"error": f"download failed: {e}"})
-        return out
-
-    async def on_interaction(self, ix: discord.Interaction) -> None:
-        if ix.type != discord.InteractionType.component or not isinstance(ix.data, dict):
-            return
-        choice = decode_choice(ix.data.get("custom_id"))
-        if choice is None:
-            return
-        qid, index = choice
-        pid = f"discord:{ix.channel_id}"
-        if isinstance(ix.channel, discord.Thread):
-            pid = f"discord:{ix.channel.parent_id}"
-        # the card sent to the channel clicked in, under the host's card id (H3)
-        card = parse_question(self.host.question(qid, pid) or {})
-        option = card.value(index) if card else None
-        if card is None or option is None:
-            logger.info("discord click on unknown card {} ignored", qid)
-            await self._best_effort(ix.response.send_message("This question has expired.",
-                                                             ephemeral=True))
-            return
-        await self.host.inbound(pid, f"ix:{ix.id}", {
-            "question_id": qid, "option": option, "user_id": str(ix.user.id)}, None, kind="action")
-        await self._best_effort(ix.response.edit_message(
-            content=_first(f"{card.text()}\n\n✓ {card.selected_label(index)}"), view=None))
-
-    async def _best_effort(self, coro: Any) -> None:
-        try:
-            await asyncio.wait_for(coro, 15)
-        except Exception as e:
-            logger.debug("discord best-effort call failed: {!r}", e)
-
-    # ---- outbound ---------------------------------------------------------------------
-    async def deliver(self, platform_id: str, thread_id: str | None,
-                      message: OutboundMessage) -> str | None:
-        if not self.ready.is_set():
-            raise Unavailable("not connected to Discord yet")
-        try:
-            return await self._deliver(_snowflake(thread_id) if thread_id else
-                                       _snowflake(platform_id), message)
-        except discord.RateLimited as e:
-            raise RetryAfter(e.retry_after, str(e)) from None
-        except (discord.Forbidden, discord.NotFound) as e:
-            raise SendError(f"discord refused: {e}", permanent=True) from None
-        except discord.HTTPException as e:
-            if e.status == 429:
-                raise RetryAfter(float(getattr(e, "retry_after", 5) or 5), str(e)) from None
-            raise SendError(f"discord: {e}", permanent=400 <= e.status < 500) from None
-        except (OSError, asyncio.TimeoutError) as e:
-            raise SendError(f"discord: {type(e).__name__}: {e}") from None
-
-    async def _deliver(self, channel_id: int, message: OutboundMessage) -> str | None:
-        c = message.content
-        ch = self.client.get_partial_messageable(channel_id)
-        op = c.get("operation")
-        if op in ("edit", "reaction"):
-            msg = ch.get_partial_message(_snowflake(c.get("messageId")))
-            if op == "edit":
-                await msg.edit(content=_first(str(c.get("text") or "")))
-            else:
-                await msg.add_reaction(str(c.get("emoji") or "👍"))
-            return str(msg.id)
-        if op:
-            raise SendError(f"unknown operation {op!r}", permanent=True)
-        view = None
-        q = parse_question(c)
-        if q:
-            view = discord.ui.View(timeout=None)
-            try:
-                for i, o in enumerate(q.options):
-                    view.add_item(discord.ui.Button(label=o["label"][:80],
-                                                    custom_id=encode_choice(q.question_id, i),
-                                                    style=discord.ButtonStyle.primary))
-            except ValueError as e:
-                raise SendError(str(e), permanent=True) from None
-        elif c.get("type") == "card" and card_links(c):
-            view = discord.ui.View(timeout=None)
-            for label, url in card_links(c)[:5]:
-                view.add_item(discord.ui.Button(label=label[:80], url=url))
-        files = load_files(c)  # a bad file is a permanent SendError
-        chunks = discord_markdown(plain_text(c), LIMIT)
-        if not chunks and not files:
-            raise SendError("empty message", permanent=True)
-        steps: list[tuple[str | None, bool]] = [(t, False) for t in chunks] or [(None, True)]
-        steps[-1] = (steps[-1][0], True)  # the last message carries buttons and files
-        done = self.parts.setdefault(message.idem_key, [])
-        target = reply_target(message.in_reply_to)  # an edit (`edit<n>:<id>`) answers <id>
-        target = target.rsplit(":", 1)[-1] if target else None
-        for i, (text, last) in enumerate(steps):
-            if i < len(done):
-                continue
-            kwargs: dict[str, Any] = {}
-            if last and view is not None:
-                kwargs["view"] = view
-            if last and files:
-                kwargs["files"] = [discord.File(io.BytesIO(f.data), filename=f.name) for f in files]
-            if i == 0 and target and target.isdigit():
-                kwargs["reference"] = discord.MessageReference(
-                    message_id=int(target), channel_id=channel_id, fail_if_not_exists=False)
-            sent = await asyncio.wait_for(ch.send(content=text, **kwargs), 60)
-            done.append(sent.id)
-        self.parts.pop(message.idem_key, None)
-        return str(done[0])
-
-    async def set_typing(self, platform_id: str, thread_id: str | None) -> None:
-        await self.client.http.send_typing(_snowflake(thread_id or platform_id))
-
-    async def open_dm(self, handle: str) -> str:
-        uid = _snowflake(handle)
-        user = await self.client.fetch_user(uid)
-        dm = await user.create_dm()
-        return f"discord:{dm.id}"
-
-
-def _first(text: str) -> str:
-    return (discord_markdown(text, LIMIT) or ["…"])[0]
-
-
-def _snowflake(v: Any) -> int:
-    s = str(v or "")
-    s = s.rsplit(":", 1)[-1]
-    if not s.isdigit():
-        raise SendError(f"not a Discord id: {v!r}", permanent=True)
-    return int(s)
