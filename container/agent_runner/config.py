@@ -26,6 +26,12 @@ CLI_SCOPES = ("disabled", "group", "global")
 EFFORTS = ("low", "medium", "high", "xhigh", "max")
 # container/ (in docker /app): the shared base prompt CLAUDE.md and skills/ live here
 RUNNER_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# How long a model call waits for an unreachable broker when container.json has no
+# `broker_wait_s` (the host writes the bound for its broker's restart schedule,
+# nanoclaw/lifecycle/containers.py `broker_wait_s`): the longest step of the slowest
+# breaker schedule (nanoclaw/breaker.py SCHEDULE, 900 s) + 30 s for the broker to start.
+# tests/test_broker_outage.py checks both sides.
+DEFAULT_BROKER_WAIT_S = 930.0
 SERVER_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
 
 
@@ -47,6 +53,9 @@ class Config:
     cli_scope: str = "group"  # `disabled`: the agent is not offered `ncl`
     runner_root: str = RUNNER_ROOT
     db_dir: str = ""  # where the two databases are (the session folder when empty)
+    # how long a model call waits for an unreachable broker (agent_runner/broker.py);
+    # the host writes it from its breaker's longest step
+    broker_wait_s: float = DEFAULT_BROKER_WAIT_S
 
     @property
     def inbound(self) -> str:
@@ -102,6 +111,11 @@ def load(env: Mapping[str, str] = os.environ) -> Config:
         limit = max(1, int(data.get("max_messages_per_prompt") or 10))
     except (TypeError, ValueError):
         limit = 10
+    try:
+        broker_wait = float(data.get("broker_wait_s") or DEFAULT_BROKER_WAIT_S)
+        broker_wait = min(max(broker_wait, 1.0), 86400.0)
+    except (TypeError, ValueError):
+        broker_wait = DEFAULT_BROKER_WAIT_S
     return Config(
         session_dir=session_dir,
         group_dir=group_dir,
@@ -119,6 +133,7 @@ def load(env: Mapping[str, str] = os.environ) -> Config:
         cli_scope=data.get("cli_scope") if data.get("cli_scope") in CLI_SCOPES else "group",
         runner_root=env.get("NANOCLAW_RUNNER_ROOT") or RUNNER_ROOT,
         db_dir=db_dir,
+        broker_wait_s=broker_wait,
     )
 
 

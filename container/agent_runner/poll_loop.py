@@ -26,7 +26,7 @@ from agent_runner.db import Address, Inbound, InboundRow, Outbound, utcnow
 from agent_runner.formatter import format_batch, system_prompt
 from agent_runner.providers import (
     REGISTRY, Error, Idle, Init, Notice, Provider, ProviderError, ProviderUnavailable,
-    QueryInput, Result, Retrying, ToolEnd, ToolStart,
+    QueryInput, Result, Retrying, ToolEnd, ToolStart, Waiting,
 )
 from agent_runner.replies import NUDGE, correction, parse_reply
 from agent_runner.scripts import run_script
@@ -37,6 +37,7 @@ log = logging.getLogger("agent_runner")
 SAFETY_NET_S = 1.0  # read rows at least this often even if the file looks unchanged
 FOLLOW_UP_S = 0.02  # while a query is open, look for new rows at most this often
 COMMANDS = ("/clear", "/compact")
+WAIT_NOTICE_S = 30.0  # the user hears once that the answer waits for the host's broker
 
 
 class Shutdown(BaseException):
@@ -54,6 +55,7 @@ class TurnState:
     first_bare: str = ""
     written: int = 0
     retry_noticed: bool = False
+    wait_noticed: bool = False
     follow_signal: tuple[int, int, int] | None = None
     follow_read: float = 0.0
 
@@ -274,6 +276,8 @@ class PollLoop:
                     self.outbound.set_current_tool(None)
                 elif isinstance(ev, Retrying):
                     self.retrying(state, ev)
+                elif isinstance(ev, Waiting):  # (the heartbeat above keeps the sweep off)
+                    self.waiting(state, ev)
                 elif isinstance(ev, Notice):
                     log.info("notice for the user text=%s", ev.text[:200])
                     self.notify(state, ev.text)
@@ -337,6 +341,16 @@ class PollLoop:
         if not state.retry_noticed and ev.status is not None:  # a blip of the connection
             state.retry_noticed = True  # (the broker restarting) is not worth a message
             self.notify(state, f"The model is busy ({ev.reason}); retrying…")
+
+    def waiting(self, state: TurnState, ev: Waiting) -> None:
+        """The broker is down (a host worker restarting): no error, and after a while
+        one word so the user knows the answer is coming."""
+        log.debug("waiting for the %s waited_s=%.1f limit_s=%.0f", ev.what, ev.waited_s,
+                  ev.limit_s)
+        if not state.wait_noticed and ev.waited_s >= WAIT_NOTICE_S:
+            state.wait_noticed = True
+            self.notify(state, "(The host is restarting its connection to the model; I will"
+                               " answer as soon as it is back.)")
 
     def set_continuation(self, value: str | None) -> None:
         if value == self.continuation:

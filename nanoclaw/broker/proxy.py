@@ -22,6 +22,11 @@ per agent group and day (the host's timezone); a group over its daily token budg
 (`container_configs.daily_token_budget`, else `NANOCLAW_DAILY_TOKEN_BUDGET`; 0 = none)
 gets a JSON error whose message the runner shows the user as "Error: …", for every
 route: nothing is forwarded past the budget.
+
+An agent must tell this broker being down (it waits for the restart) from the model
+failing (its retry policy): every answer carries `BOOT_HEADER`, the broker's own 502
+carries `UPSTREAM_HEADER`, and `GET HEALTH_PATH` answers without a token
+(container/agent_runner/broker.py).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import secrets
 import socket
 from dataclasses import dataclass
 from datetime import datetime
@@ -68,6 +74,15 @@ def pick_port(preferred: int = 0) -> int:
 
 # 403, not 429: the runner shows a 403's message to the user, and no client retries it.
 BUDGET_STATUS = 403
+
+# What lets an agent tell "the broker is down" from "the model failed"
+# (container/agent_runner/broker.py holds the same names): every answer carries this
+# broker process's boot id, so an agent sees a restart; the broker's own 502 (it could
+# not reach the upstream) says so; and GET HEALTH_PATH answers without a token and is
+# never forwarded, so an agent whose call got no answer can ask whether the broker is up.
+BOOT_HEADER = "x-nanoclaw-broker"
+UPSTREAM_HEADER = "x-nanoclaw-upstream-error"
+HEALTH_PATH = "/_nanoclaw/health"
 
 
 def _error(status: int, kind: str, message: str, **headers: str) -> web.Response:
@@ -143,6 +158,14 @@ class Broker:
     def __init__(self, store: Store, settings: Settings):
         self.store, self.settings = store, settings
         self.session: aiohttp.ClientSession | None = None
+        self.boot = secrets.token_hex(8)  # this process; a restarted broker has another
+
+    async def health(self, request: web.Request) -> web.Response:
+        """Up: no token needed, nothing forwarded, nothing counted."""
+        return web.json_response({"ok": True})
+
+    async def _stamp(self, request: web.Request, response: web.StreamResponse) -> None:
+        response.headers[BOOT_HEADER] = self.boot
 
     def credential_headers(self) -> dict[str, str]:
         if self.settings.anthropic_api_key:
@@ -205,7 +228,8 @@ class Broker:
                 return resp
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
             logger.error("upstream {} unreachable: {}", self.settings.anthropic_base_url, e)
-            return _error(502, "api_error", f"the host could not reach the model API: {e}")
+            return _error(502, "api_error", f"the host could not reach the model API: {e}",
+                          **{UPSTREAM_HEADER: "unreachable"})
         finally:  # also when the agent went away mid-stream: what was streamed was billed
             if meter is not None:
                 self.record(group, meter.finish())
@@ -242,6 +266,8 @@ class Broker:
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=600),
             auto_decompress=False)
         app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.on_response_prepare.append(self._stamp)
+        app.router.add_get(HEALTH_PATH, self.health, allow_head=False)  # before the catch-all
         app.router.add_route("*", "/{tail:.*}", self.handle)
         # an agent that goes away cancels its upstream call; stopping waits 2 s at most
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0,

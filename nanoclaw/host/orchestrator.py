@@ -2,7 +2,8 @@
 
 Start-up: scrub secrets from our own environment (re-exec, secrets passed on a pipe),
 take the data-dir lock, apply the host breaker, open and migrate the DB, create the
-default agent on a fresh `data/`, then supervise. SIGTERM/SIGINT stop every worker
+default agent on a fresh `data/`, then supervise (each worker restarted on its kind's
+schedule, `registry.restart_kind`). SIGTERM/SIGINT stop every worker
 (TERM, grace, KILL, reap), reset the breaker counts and exit 0.
 
 Between ticks it sleeps until the supervisor's next due time, a worker's exit (SIGCHLD),
@@ -26,7 +27,7 @@ from nanoclaw.config import SECRET_ENV, Settings
 from nanoclaw.db.central import connect
 from nanoclaw.db.store import Store
 from nanoclaw.errors import DataError
-from nanoclaw.host.registry import make_worker, worker_names
+from nanoclaw.host.registry import make_worker, restart_kind, worker_names
 from nanoclaw.host.runner import die_with_parent, last_beat, set_process_name
 from nanoclaw.host.runner import run as run_worker
 from nanoclaw.host.supervisor import Supervisor
@@ -204,7 +205,7 @@ def run_host(settings: Settings, *, tick: float = 0.1) -> int:
     spawn = Spawner(settings, store)
     sup = Supervisor(names, spawn, time.time, store, grace=settings.stop_grace,
                      hung_after=settings.worker_hung_after,
-                     beats=lambda name: last_beat(settings, name))
+                     beats=lambda name: last_beat(settings, name), kind=restart_kind)
     logger.info("host started (pid {}): workers {}", os.getpid(), ", ".join(names))
     listener = nudge.listen(settings, "host")
     waiter = nudge.Waiter(listener)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 
+from nanoclaw import breaker
 from nanoclaw.channels import load_builtin, webhook_names
 from nanoclaw.config import Settings
 from nanoclaw.host.runner import Worker
@@ -22,6 +23,11 @@ WORKERS = {
 }
 CHANNEL = "workers.channel:ChannelWorker"  # every `channel:<name>`
 WEBHOOKS = "workers.webhooks:WebhooksWorker"  # the door, while a webhook channel is on
+# How fast each one is restarted after a crash, `LOCAL` or `PLATFORM`: every name above,
+# `webhooks`, `channel:cli` and `channel:web` are local; every other channel talks to a
+# platform and keeps the seed's slow schedule. Declared in `nanoclaw.breaker`
+# (`LOCAL_WORKERS`) so a lower layer may ask too (import it from there, not from here).
+restart_kind = breaker.restart_kind
 
 
 def channel_names(settings: Settings) -> list[str]:

@@ -6,6 +6,12 @@ States: STARTING (spawned, not yet up a second), RUNNING, HUNG (no heartbeat for
 the bound: killed at the bound unless it beats again), BACKOFF (waiting out the breaker
 delay), FATAL (bad configuration: waits to be asked), STOPPED (asked to stop).
 
+Restart delays (`nanoclaw.breaker`) by the worker's kind (`breaker.restart_kind`): a
+`PLATFORM` worker keeps the seed's schedule and its count across a host crash (each host
+start reconnects it to its platform); a `LOCAL` one is back within a second or two, and a
+host start is not one of its crashes: its first start in a new host run is not counted,
+so it keeps only the count its own crashes left (usually none).
+
 Hung workers (gunicorn's `murder_workers`): each worker touches its heartbeat file
 (`nanoclaw.host.runner.Heartbeat`); `beats(name)` reads when it last did. A worker silent for
 `hung_after` seconds gets SIGKILL (its process group) and is restarted like any crash,
@@ -20,7 +26,8 @@ import signal
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from nanoclaw.breaker import delay_for, next_attempt
+from nanoclaw.breaker import (LOCAL, PLATFORM, crash_looping, delay_for, next_attempt,
+                              restart_kind)
 from nanoclaw.db.store import Store
 from nanoclaw.host.runner import EXIT_CONFIG, EXIT_OK
 from nanoclaw.log import logger
@@ -55,6 +62,7 @@ class Proc(Protocol):
 @dataclass
 class Slot:
     name: str
+    kind: str = PLATFORM             # its restart schedule: PLATFORM or LOCAL
     state: str = "BACKOFF"
     proc: Proc | None = None
     attempt: int = 0
@@ -74,7 +82,8 @@ class Slot:
 class Supervisor:
     def __init__(self, names: list[str], spawn: Callable[[str], Proc], clock: Callable[[], float],
                  store: Store | None = None, grace: float = 5.0, hung_after: float = 0.0,
-                 beats: Callable[[str], float | None] | None = None):
+                 beats: Callable[[str], float | None] | None = None,
+                 kind: Callable[[str], str] = restart_kind):
         self.spawn, self.clock, self.store, self.grace = spawn, clock, store, grace
         self.hung_after = hung_after if beats is not None else 0.0  # 0: not watched
         self.beats = beats
@@ -82,12 +91,16 @@ class Supervisor:
         self.slots: dict[str, Slot] = {}
         saved = {w["name"]: w for w in store.workers()} if store else {}
         for name in names:
-            s = Slot(name)
+            s = Slot(name, kind(name))
             if name in saved:  # the breaker's count survives a host crash
                 s.attempt = saved[name]["attempt"]
                 s.restarts = saved[name]["restarts"]
                 started = saved[name]["started_at"]
                 s.last_start = _ts(started) if started else None
+                if s.kind == LOCAL and saved[name]["state"] != "BACKOFF":
+                    # it died with the previous host, not of its own crash: this start
+                    # does not count (one waiting out a crash delay keeps its count)
+                    s.attempt = max(s.attempt - 1, 0)
             s.next_start = clock()
             self.slots[name] = s
         if store:  # forget workers this host no longer runs
@@ -160,7 +173,7 @@ class Supervisor:
             self._save(s)
 
     def _start(self, s: Slot, now: float) -> None:
-        s.attempt = next_attempt(s.attempt, s.last_start, now)
+        s.attempt = next_attempt(s.attempt, s.last_start, now, s.kind)
         s.last_start = s.since = now
         s.alive_at, s.hung = None, None
         try:
@@ -209,10 +222,15 @@ class Supervisor:
         self._save(s)
 
     def _backoff(self, s: Slot, now: float, why: str | None) -> None:
-        delay = delay_for(next_attempt(s.attempt, s.last_start, now))
+        attempt = next_attempt(s.attempt, s.last_start, now, s.kind)
+        delay = delay_for(attempt, s.kind)
         s.state, s.next_start = "BACKOFF", now + delay
-        log = logger.warning if delay else logger.info
-        log("worker {} died ({}); restart {} in {:.0f}s", s.name, why, s.restarts, delay)
+        if crash_looping(attempt, s.kind):
+            logger.error("worker {} is crash-looping ({}; {} crashes in a row); restart {} in"
+                         " {:g}s", s.name, why, attempt - 1, s.restarts, delay)
+        else:
+            log = logger.warning if delay else logger.info
+            log("worker {} died ({}); restart {} in {:g}s", s.name, why, s.restarts, delay)
         self._save(s)
 
     # ---- requests ---------------------------------------------------------------------

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from nanoclaw import hostile
+from nanoclaw import breaker, hostile
 from nanoclaw.agents import mounts
 from nanoclaw.config import Settings
 from nanoclaw.db import session as sessiondb
@@ -36,6 +36,25 @@ from nanoclaw.log import logger
 from nanoclaw.runtime import Runtime, SpawnSpec
 from nanoclaw.runtime.warm import WarmSpec
 from nanoclaw.util import RUNNER_DIR, iso, token_hash
+
+BROKER_START_S = 30.0  # time for a restarted broker to listen, beyond its breaker delay
+BROKER_MAX_ATTEMPTS = 100  # far past the end of every breaker schedule
+
+
+def broker_down_s() -> float:
+    """The longest the breaker may keep the `broker` worker down between two starts:
+    the longest step of the schedule its restart kind gets."""
+    kind = breaker.restart_kind("broker")
+    return max(breaker.delay_for(a, kind) for a in range(1, BROKER_MAX_ATTEMPTS))
+
+
+def broker_wait_s() -> float:
+    """How long an agent waits for an unreachable broker (container.json `broker_wait_s`):
+    the longest the breaker may keep it down, plus its start. A runner given no bound
+    waits the longest step of the slowest schedule, plus the start
+    (agent_runner/config.py DEFAULT_BROKER_WAIT_S; tests/test_broker_outage.py checks)."""
+    return broker_down_s() + BROKER_START_S
+
 
 FAIL_TEXT = ("Sorry, your message could not be processed (the agent failed {n} times)."
              " The details are in logs/containers/{sid}/ on the host.")
@@ -326,7 +345,9 @@ class Containers:
                 # JSON text in the table; the runner parses and checks both
                 "mcp_servers": cfg.get("mcp_servers") or {}, "skills": cfg.get("skills") or "all",
                 # what the agent is shown; the host enforces it (agent_cli.py) either way
-                "cli_scope": cfg.get("cli_scope") or "group"}
+                "cli_scope": cfg.get("cli_scope") or "group",
+                # the runner waits this long for a broker the breaker keeps down
+                "broker_wait_s": broker_wait_s()}
         tmp = paths.config + ".tmp"  # db/ is the host's: the agent cannot touch either
         with open(tmp, "w") as f:
             f.write(json.dumps(data, indent=2))

@@ -1,14 +1,15 @@
 """Providers: the model behind one small interface, chosen by name from a registry.
 
 A provider turns a prompt into a `Query`, whose `events()` yields what happened (`Init`
-with the continuation to persist, tool activity, `Retrying` while the model is busy, a
-`Result` per finished turn, a `Notice` for the user, or an `Error`, which ends the query). The poll loop may
-`push()` more user input at any time (new messages, a nudge, a correction); a query
-keeps going while pushed input is unanswered (`Result.more`) and ends after a result
-that leaves nothing outstanding. `abort()` stops it on shutdown. A provider that works
-in the background yields `Idle` every so often, so the loop can look for new messages.
-`is_session_invalid(err)` says when stored history is unusable, so the loop starts
-afresh instead of failing every turn.
+with the continuation to persist, tool activity, `Retrying` while the model is busy,
+`Waiting` while the host's broker does not answer (`agent_runner/broker.py`), a `Result`
+per finished turn, a `Notice` for the user, or an `Error`, which ends the query). The
+poll loop may `push()` more user input at any time (new messages, a nudge, a
+correction); a query keeps going while pushed input is unanswered (`Result.more`) and
+ends after a result that leaves nothing outstanding. `abort()` stops it on shutdown. A
+provider that works in the background yields `Idle` every so often, so the loop can look
+for new messages. `is_session_invalid(err)` says when stored history is unusable, so the
+loop starts afresh instead of failing every turn.
 
 Installed providers are the visible list at the bottom; modules load lazily so neither
 SDK is imported unless its provider is chosen.
@@ -77,6 +78,17 @@ class Retrying:
 
 
 @dataclass(frozen=True)
+class Waiting:
+    """A host worker the query needs (`what`: the broker) does not answer; the provider
+    waits for it (up to `limit_s`) instead of failing. Not the model's failure: no
+    attempt is counted and the user is not told at once; the poll loop beats on it."""
+
+    what: str
+    waited_s: float
+    limit_s: float
+
+
+@dataclass(frozen=True)
 class Result:
     text: str
     more: bool = False  # pushed input is still unanswered: another Result will follow
@@ -95,7 +107,8 @@ class Error:
     error: ProviderError
 
 
-Event = Union[Init, Activity, Idle, ToolStart, ToolEnd, Retrying, Notice, Result, Error]
+Event = Union[Init, Activity, Idle, ToolStart, ToolEnd, Retrying, Waiting, Notice, Result,
+              Error]
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,11 @@
 
 The client reads ANTHROPIC_BASE_URL / ANTHROPIC_API_KEY (the host's broker and a
 per-session token). Retries are ours, not the SDK's, so each one is a visible `Retrying`
-event (honouring `retry-after`) and a final failure an `Error`. When the model is still
+event (honouring `retry-after`) and a final failure an `Error`. Only an HTTP answer
+(the upstream's, or the broker's own 502 saying the upstream failed) counts as an
+attempt: a call that got none asks whether the broker is down or was restarted
+(`agent_runner/broker.py`), waits for it (`Waiting` events, up to `broker_wait_s`) and
+is repeated uncounted. When the model is still
 rate limited or overloaded after them and the group has a `fallback_model`, that model
 answers instead, for `FALLBACK_FOR_S`, and the user is told (a `Notice`). When the
 context is full, the oldest turns are set aside, archived, and the user is told.
@@ -23,7 +27,7 @@ import time
 import uuid
 from typing import Any, Generator, Iterator
 
-from agent_runner import archive
+from agent_runner import archive, broker
 from agent_runner.config import Config
 from agent_runner.providers import (
     Activity, Error, Event, Init, Notice, ProviderError, QueryInput, Result, Retrying,
@@ -56,11 +60,22 @@ def busy_reason(status: int) -> str:
     return {429: "rate limited", 529: "overloaded"}.get(status, "server error")
 
 
+def upstream_failed(exc: Exception) -> bool:
+    """The broker's own answer that it could not reach the model API (its 502 carries
+    `broker.UPSTREAM_HEADER`): the broker is up, the upstream is not."""
+    response = getattr(exc, "response", None)
+    return response is not None and bool(response.headers.get(broker.UPSTREAM_HEADER))
+
+
 def classify(exc: Exception) -> ProviderError:
     """Map an SDK error to what the user is told."""
     if isinstance(exc, anthropic.APIStatusError):
         status = exc.status_code
         detail = getattr(exc, "api_message", None) or ""
+        if upstream_failed(exc):
+            return ProviderError(f"the host could not reach the model API (HTTP {status});"
+                                 " please try again in a moment", retryable=True,
+                                 classification="upstream")
         if status in (408, 409, 429, 529) or status >= 500:
             return ProviderError(
                 f"model overloaded/rate limited (HTTP {status}, {busy_reason(status)}); please"
@@ -193,6 +208,7 @@ class AnthropicProvider:
         self.dir = config.provider_dir
         self.archive_dir = os.path.join(config.group_dir, "conversations")
         self.client = anthropic.Anthropic(max_retries=0)
+        self.watch = broker.Watch(config.broker_wait_s)
         self._id: str | None = None
         self._history: list[dict[str, Any]] = []
 
@@ -344,10 +360,14 @@ class AnthropicQuery:
         if self.p.effort:
             kwargs["output_config"] = {"effort": self.p.effort}
         attempt = 0
+        repeated, waited = 0, 0.0  # calls repeated for a broker outage, time waited for it
+        watch = self.p.watch
+        watch.learn()
         while True:
             attempt += 1
             try:
                 with self.p.client.messages.stream(**kwargs) as stream:
+                    watch.note(getattr(getattr(stream, "response", None), "headers", None))
                     for event in stream:
                         if event.type in ("message_start", "content_block_stop"):
                             yield Activity("stream")
@@ -355,6 +375,21 @@ class AnthropicQuery:
                             raise ProviderError("aborted")
                     return stream.get_final_message()
             except anthropic.AnthropicError as exc:
+                if isinstance(exc, anthropic.APIStatusError):
+                    watch.note(exc.response.headers)  # an answer: the broker is up
+                elif (isinstance(exc, anthropic.APIConnectionError)
+                      and repeated < broker.MAX_FREE_RETRIES):
+                    # no answer: is the broker down (wait for it) or restarted?
+                    began = time.monotonic()
+                    verdict = yield from watch.settle(lambda: self._aborted,
+                                                      max(watch.limit_s - waited, 1.0))
+                    waited += time.monotonic() - began
+                    if verdict == "down":
+                        raise broker.unreachable_error(waited) from exc
+                    if verdict in ("back", "restarted"):  # not the model's failure
+                        attempt -= 1
+                        repeated += 1
+                        continue
                 err = classify(exc)
                 log.warning("model call failed error_type=%s attempt=%d", type(exc).__name__,
                             attempt)
@@ -376,7 +411,9 @@ class AnthropicQuery:
                     raise err from exc
                 delay = retry_delay(exc, attempt)
                 status = getattr(exc, "status_code", None)
-                reason = (f"HTTP {status}, {busy_reason(status)}" if status
+                reason = (f"HTTP {status}, the host cannot reach the model API"
+                          if upstream_failed(exc) else
+                          f"HTTP {status}, {busy_reason(status)}" if status
                           else "connection failed")
                 yield Retrying(attempt, retries() + 1, delay, reason, status)
                 self._sleep(delay)

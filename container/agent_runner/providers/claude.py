@@ -13,7 +13,11 @@ its own shell and file tools, with the cron, plan, worktree and question tools b
 boundary. A PreCompact hook archives the transcript to `conversations/` and, when the
 CLI compacts on its own, tells the user (a `Notice`). The CLI gets
 the non-secret environment it needs to run offline and quietly; the credential and
-the broker's address come from the runner's own environment.
+the broker's address come from the runner's own environment. The CLI retries a failed
+call itself (`CLAUDE_CODE_MAX_RETRIES`); a turn that still failed with no HTTP answer
+behind it (connection refused or dropped) makes the runner ask whether the broker is
+down or was restarted (`agent_runner/broker.py`): it then waits for it (`Waiting`
+events, up to `broker_wait_s`) and sends the turn's prompt again instead of an error.
 """
 
 from __future__ import annotations
@@ -25,11 +29,12 @@ import os
 import queue
 import re
 import threading
+import time
 import uuid
 from collections import deque
 from typing import Any, AsyncIterator, Iterator
 
-from agent_runner import archive
+from agent_runner import archive, broker
 from agent_runner.config import Config
 from agent_runner.providers import (
     Activity, Error, Event, Idle, Init, Notice, ProviderError, ProviderUnavailable, QueryInput,
@@ -184,6 +189,7 @@ class ClaudeProvider:
         self.stderr: deque[str] = deque(maxlen=40)
         self._live: _Live | None = None
         self.on_fallback = False  # the CLI answers with the fallback model (told once)
+        self.watch = broker.Watch(config.broker_wait_s)
 
     # -- the live CLI session
     def live_for(self, q: QueryInput) -> _Live:
@@ -294,6 +300,7 @@ class ClaudeQuery:
         self.q = q
         self._live: _Live | None = None
         self._outstanding: list[str] = []
+        self._texts: dict[str, str] = {}  # uid → what was sent (to repeat it)
         self._ended = False
         self._aborted = False
         self._limit: str | None = None
@@ -301,6 +308,7 @@ class ClaudeQuery:
     def push(self, text: str) -> None:
         uid = str(uuid.uuid4())
         self._outstanding.append(uid)
+        self._texts[uid] = text
         assert self._live is not None
         self._live.send(text, uid)
 
@@ -313,6 +321,7 @@ class ClaudeQuery:
             self._live.interrupt()
 
     def events(self) -> Iterator[Event]:
+        self.p.watch.learn()
         try:
             self._live = live = self.p.live_for(self.q)
             live.drain()
@@ -322,6 +331,7 @@ class ClaudeQuery:
             yield Error(self.p.error(exc))
             return
         texts: list[str] = []
+        repeated, waited = 0, 0.0  # turns repeated for a broker outage, time waited for it
         while not self._aborted and not (self._ended and not self._outstanding):
             try:
                 kind, item = live.events.get(timeout=IDLE_TICK_S)
@@ -338,8 +348,29 @@ class ClaudeQuery:
                     + (f": {self.p.stderr[-1]}" if self.p.stderr else "")))
                 return
             if isinstance(item, sdk.ResultMessage):
-                self._answered(item)
+                answered = self._answered(item)
                 if item.is_error or item.subtype != "success":
+                    if self._no_answer(item) and repeated < broker.MAX_FREE_RETRIES:
+                        # the CLI's retries found no HTTP answer: the broker down or
+                        # restarted? Then wait for it and send the turn again.
+                        began = time.monotonic()
+                        try:
+                            verdict = yield from self.p.watch.settle(
+                                lambda: self._aborted, max(self.p.watch.limit_s - waited, 1.0))
+                        except ProviderError as exc:
+                            yield Error(exc)
+                            return
+                        waited += time.monotonic() - began
+                        if verdict == "down":
+                            yield Error(broker.unreachable_error(waited))
+                            return
+                        again = [self._texts[u] for u in answered if u in self._texts]
+                        if verdict in ("back", "restarted") and again:
+                            repeated += 1
+                            texts = []
+                            log.warning("repeating the turn after the broker came back")
+                            self.push("\n\n".join(again))
+                            continue
                     yield Error(self._result_error(item))
                     return
                 text, texts = "\n".join(texts) or (item.result or ""), []
@@ -407,14 +438,22 @@ class ClaudeQuery:
             return self.q.tools.timeout_ms(name, args if isinstance(args, dict) else {})
         return None
 
-    def _answered(self, result: Any) -> None:
+    def _answered(self, result: Any) -> list[str]:
+        """Drop the prompts `result` answered from the outstanding ones; returns them."""
         answered = set(getattr(result, "user_message_uuids", None) or [])
         if getattr(result, "user_message_uuid", None):
             answered.add(result.user_message_uuid)
-        before = len(self._outstanding)
+        done = [u for u in self._outstanding if u in answered]
         self._outstanding = [u for u in self._outstanding if u not in answered]
-        if len(self._outstanding) == before and self._outstanding:  # an older CLI: FIFO
-            self._outstanding.pop(0)
+        if not done and self._outstanding:  # an older CLI: FIFO
+            done.append(self._outstanding.pop(0))
+        return done
+
+    def _no_answer(self, result: Any) -> bool:
+        """A failed turn with no HTTP status behind it (the CLI's connection errors):
+        worth asking whether the broker is down."""
+        return (bool(result.is_error) and getattr(result, "api_error_status", None) is None
+                and self._limit is None)
 
     def _result_error(self, result: Any) -> ProviderError:
         status = getattr(result, "api_error_status", None)
