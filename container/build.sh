@@ -4,8 +4,11 @@
 #   1. base: debian:bookworm-slim if present or pullable, else made here with debootstrap
 #      (minbase + python3) and `docker import`ed as nanoclaw-base:bookworm (kept);
 #   2. wheels: `pip download`ed on the host for the image's Python (cp311, manylinux),
-#      because pip over TLS inside a build fails here; installed with --no-index in a
-#      build stage, so the wheels never reach the final image;
+#      because pip over TLS inside a build fails here: exactly the lock
+#      container/requirements.txt, every file checked against its sha256 hashes
+#      (--require-hashes); only wheels whose hash is in the lock go into the build
+#      context, where they are installed with --no-index --require-hashes in a build
+#      stage, so the wheels never reach the final image;
 #   3. `docker build`, labelled with a hash of what it is built from. An image with the
 #      same hash is up to date and is not rebuilt (--force rebuilds).
 # Settings: NANOCLAW_IMAGE (tag), NANOCLAW_BASE_IMAGE (skip step 1), DEBIAN_MIRROR.
@@ -80,12 +83,15 @@ case "$(uname -m)" in
 esac
 wheels="$root/build/agent-wheels"
 mkdir -p "$wheels"
+lock="$here/requirements.txt"
 say "downloading wheels for cp311/$arch into $wheels"
-"$py" -m pip download --disable-pip-version-check --progress-bar off --dest "$wheels" \
-  --only-binary=:all: --implementation cp --python-version 3.11 --abi cp311 --abi abi3 \
-  --abi none --platform "manylinux_2_36_$arch" --platform "manylinux_2_28_$arch" \
-  --platform "manylinux_2_17_$arch" --platform "manylinux2014_$arch" \
-  --platform "linux_$arch" -r "$here/requirements.txt" pip \
+out=$("$py" -m pip download --disable-pip-version-check --progress-bar off --dest "$wheels" \
+  --require-hashes --only-binary=:all: --implementation cp --python-version 3.11 \
+  --abi cp311 --abi abi3 --abi none --platform "manylinux_2_36_$arch" \
+  --platform "manylinux_2_28_$arch" --platform "manylinux_2_17_$arch" \
+  --platform "manylinux2014_$arch" --platform "linux_$arch" -r "$lock" 2>&1) \
+  || { printf '%s\n' "$out" >&2; die "pip download failed (a hash that does not match is an error: make lock)"; }
+printf '%s\n' "$out" \
   | grep -Ev '^(Collecting|  File was already|  Using cached|Saved|Successfully)' || true
 
 # ---- 3. build --------------------------------------------------------------------------
@@ -93,7 +99,15 @@ ctx=$(mktemp -d /var/tmp/nanoclaw-image.XXXXXX)
 trap 'rm -rf "$ctx"' EXIT
 cp "$here/Dockerfile" "$here/requirements.txt" "$ctx/"
 mkdir "$ctx/wheels"
-cp "$wheels"/*.whl "$ctx/wheels/"
+# Only the locked wheels (older downloads stay in $wheels but are left out): one whose
+# sha256 is in the lock, at least one per pinned package.
+for w in "$wheels"/*.whl; do
+  sum=$(sha256sum "$w" | cut -d' ' -f1)
+  if grep -q -- "--hash=sha256:$sum" "$lock"; then cp "$w" "$ctx/wheels/"; fi
+done
+pins=$(grep -cE '^[A-Za-z0-9]' "$lock")
+got=$(find "$ctx/wheels" -name '*.whl' | wc -l)
+[ "$got" -ge "$pins" ] || die "$got locked wheels for $pins pins in $lock (see $wheels)"
 say "building $image"
 DOCKER_BUILDKIT=0 docker build --network host --build-arg "BASE=$base" \
   --label "nanoclaw.image-hash=$hash" -t "$image" "$ctx" 2>&1 | grep -v '^DEPRECATED\|legacy builder\|BuildKit is\|buildx\|^ *https://docs.docker.com/go/buildx' || true
