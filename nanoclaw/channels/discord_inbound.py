@@ -44,7 +44,7 @@ class DiscordInbound:
         return f"discord:{channel.id}", None
 
     async def on_message(self, m: discord.Message) -> None:
-        parsed = self._parse(m)
+        parsed = self._parse_or_drop(m)
         if parsed is None:
             return
         pid, thread, payload = parsed
@@ -59,7 +59,7 @@ class DiscordInbound:
             return  # an embed unfurling, a pin, a partial update: not an edit
         if ev.cached_message is not None and ev.cached_message.content == m.content:
             return
-        parsed = self._parse(m)
+        parsed = self._parse_or_drop(m)
         if parsed is None:
             return
         pid, thread, payload = parsed
@@ -67,6 +67,15 @@ class DiscordInbound:
                        attachments=[])
         stamp = (m.edited_at - _EPOCH) // timedelta(microseconds=1)
         await self.host.inbound(pid, f"edit{stamp}:{m.id}", payload, thread)
+
+    def _parse_or_drop(self, m: discord.Message) -> tuple[str, str | None, dict[str, Any]] | None:
+        """`_parse`, or None (one log line) for a message discord.py built from malformed
+        gateway JSON: it keeps what it could not read out (no author, a number as text)."""
+        try:
+            return self._parse(m)
+        except (AttributeError, TypeError, ValueError, KeyError) as e:
+            logger.warning("malformed discord message {} dropped: {!r}", m.id, e)
+            return None
 
     def _parse(self, m: discord.Message) -> tuple[str, str | None, dict[str, Any]] | None:
         """A user's message as (platform id, thread, payload without attachments); None
@@ -99,6 +108,9 @@ class DiscordInbound:
     async def _download(self, m: discord.Message) -> list[dict[str, Any]]:
         out = []
         for a in m.attachments:
+            if not isinstance(a.size, int):  # the gateway's JSON said null, "3", …
+                out.append(attachment(a.filename, a.content_type) | {"error": "size unknown"})
+                continue
             if a.size > MAX_DOWNLOAD:
                 out.append(attachment(a.filename, a.content_type) | {"error": "too large"})
                 continue

@@ -50,7 +50,7 @@ class SlackInbound:
                 await self._event(req.payload.get("event") or {})
             elif req.type == "interactive":
                 await self._interactive(req.payload)
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
             logger.warning("malformed slack {} envelope dropped: {!r}", req.type, e)
         # stored (or dropped as garbage): now Slack may forget it
         await client.send_socket_mode_response(SocketModeResponse(envelope_id=req.envelope_id))
@@ -95,9 +95,11 @@ class SlackInbound:
         payload without attachments, thread); None for the bot's own messages."""
         if m.get("bot_id") or m.get("user") in (None, self.bot_user):
             return None
-        ts, text = str(m["ts"]), m.get("text") or ""
+        ts, text = m["ts"], m.get("text") or ""
         if not isinstance(text, str):
             raise ValueError("text is not a string")
+        if not isinstance(ts, str) or not ts:  # the message's id: one per message
+            raise ValueError("ts is not a non-empty string")
         dm = ev.get("channel_type") == "im" or ev["channel"].startswith("D")
         mention = f"<@{self.bot_user}>" in text
         thread = m.get("thread_ts") if m.get("thread_ts") != ts else None

@@ -43,7 +43,7 @@ class TelegramInbound:
             if not isinstance(m, dict):
                 return  # channel posts and others are not chat input
             ev = self._parse(m)
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
             logger.warning("malformed telegram update {} skipped: {!r}", u.get("update_id"), e)
             return
         if ev is None:

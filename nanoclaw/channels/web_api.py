@@ -156,6 +156,10 @@ class WebApi:
             raise _bad("malformed JSON: the body does not decode as its charset") from None
         if not isinstance(body, dict):
             raise _bad("the body must be a JSON object")
+        try:  # a lone surrogate (`"\\ud800"`) is no text: the store could not bind it
+            json.dumps(body, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise _bad("malformed JSON: a string holds a lone surrogate, not text") from None
         return body
 
     def _chat(self, value: Any) -> str:

@@ -197,6 +197,9 @@ class WhatsAppChannel(Channel):
     async def _handle(self, m: WAMessage) -> None:
         if m.reaction is not None:
             return  # a reaction is not chat input (it proved liveness already)
+        if not m.id or not _bare(m.chat):
+            logger.warning("whatsapp message without an id or a chat skipped")
+            return
         mine = {j for j in self.me if j}
         if m.from_me and (m.id in self.sent or _bare(m.chat) not in mine):
             return  # our own messages, except the owner's notes to self

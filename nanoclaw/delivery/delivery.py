@@ -30,7 +30,7 @@ from nanoclaw.db.session import (OUTBOX, HostileDB, SessionInbound, SessionOutbo
 from nanoclaw.db.store import Store
 from nanoclaw.delivery import actions
 from nanoclaw.errors import Refused
-from nanoclaw.log import logger
+from nanoclaw.log import logger, one_line
 from nanoclaw.util import is_safe_name, iso, utcnow
 
 WATCH_RECENT = 600.0  # seconds: sessions active this recently are watched every tick
@@ -133,8 +133,16 @@ class Delivery:
                                     session_id=sid, message_out_id=key)
 
     def _route(self, s: dict[str, Any], paths: SessionPaths, row: dict[str, Any]) -> None:
+        odd = [k for k in ("kind", "channel_type", "platform_id", "thread_id", "in_reply_to",
+                           "content") if row[k] is not None and not isinstance(row[k], str)]
+        if odd:  # SQLite keeps whatever type the agent stored (a BLOB, a number)
+            why = f"malformed row: {', '.join(odd)} not text"
+            SessionInbound(paths).mark_delivered(row["id"], None, "failed", why)
+            logger.error("session {}: message {!r} refused: {}", s["id"], row["id"], why)
+            return
         try:
             content = json.loads(row["content"]) if row["content"] is not None else None
+            json.dumps(content, ensure_ascii=False).encode()  # a lone surrogate: no text
         except (ValueError, RecursionError):
             content = None
         if not isinstance(content, dict):
@@ -149,7 +157,7 @@ class Delivery:
             self._to_agent(s, paths, row, content)
             return
         if not self.store.may_send(s, ch, pid):
-            why = f"not an allowed destination: {ch}:{pid}"
+            why = one_line(f"not an allowed destination: {ch}:{pid}")
             SessionInbound(paths).mark_delivered(row["id"], None, "failed", why)
             logger.error("session {}: message {} refused: {}", s["id"], row["id"], why)
             if not (row["in_reply_to"] or "").startswith("note-"):  # no note about a note

@@ -79,7 +79,7 @@ class Toolbox:
             return None
         try:
             seconds = tool.timeout_s(args)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # the model's raw arguments
             return None
         return None if seconds is None else int(seconds) * 1000
 

@@ -120,7 +120,8 @@ def validate(schema: dict[str, Any], args: Any, prefix: str = "") -> dict[str, A
     if schema.get("additionalProperties") is False:
         unknown = sorted(k for k in args if k not in props)
         if unknown:
-            raise ToolError(f"unknown parameter(s) {', '.join(prefix + k for k in unknown)};"
+            shown = [k if k.isprintable() else repr(k) for k in (prefix + k for k in unknown)]
+            raise ToolError(f"unknown parameter(s) {', '.join(shown)};"
                             f" expected: {', '.join(prefix + k for k in props) or 'none'}")
     for name in schema.get("required", []):
         if args.get(name) is None:

@@ -67,6 +67,8 @@ def _send_file(ctx: ToolContext, args: dict[str, Any]) -> str:
 
 def _target(ctx: ToolContext, seq: int) -> tuple[str, Address, bool]:
     """(platform message id, its chat, whether the agent wrote it) for a message id."""
+    if abs(seq) >= 1 << 63:  # past SQLite's integers: no row has it
+        raise ToolError(f"there is no message with id {seq}")
     if seq % 2:  # odd: one of ours
         row = ctx.outbound.by_seq(seq)
         if row is None:
