@@ -77,18 +77,26 @@ class Containers:
 
     # ---- start-up ---------------------------------------------------------------------
     def adopt(self) -> None:
-        """Re-attach to agents that outlived a previous containers worker; clean up the
-        rest, then stop this install's agents that no session claims."""
+        """Before any agent starts. An agent outlives its containers worker, or its whole
+        host (`kill -9` of the orchestrator: the workers die with it, a process agent or a
+        docker container does not): re-attach to each one the sessions table names and
+        that still runs, so its session never gets a second one. Then stop every other
+        agent of this install (the old pool's spares, an agent started but not yet
+        recorded when its host died) and wait until they are gone; only then settle the
+        sessions whose agent ended, which may start one again."""
+        ended = []
         for s in self.store.running_sessions():
             cid = s["container_id"]
-            if cid and self.runtime.exit_code(cid) is None:
+            if cid and cid not in self.running.values() and self.runtime.exit_code(cid) is None:
                 self.running[s["id"]] = cid
                 logger.info("re-attached to agent {} of session {}", cid, s["id"])
             else:
-                self._ended(s, code=None)
+                ended.append(s)
         n = self.runtime.cleanup_orphans(self.install, set(self.running.values()))
         if n:
             logger.warning("stopped {} orphaned agent(s) of this install", n)
+        for s in ended:
+            self._ended(s, code=None)
         self.runtime.prewarm(WarmSpec(RUNNER_DIR, self.install, self.settings.logs_dir,
                                       self._providers()))
 

@@ -8,12 +8,15 @@ net namespaces; the broker is then reached through its unix socket. As root, bwr
 the sandbox up and `setpriv` drops to `agent_uid` with no capabilities before the runner
 starts; as any other user bwrap runs unprivileged in a user namespace.
 
-`--die-with-parent`: a sandbox dies with the containers worker that started it. After a
-restart of that worker, re-attaching simply finds the agent gone; its claimed rows are
-reset and retried like after any crash. (A worker killed within bwrap's first
-milliseconds can leave a sandbox behind; it carries the install's mark, so the next
-worker's orphan cleanup stops it.) Ids are `pid:<pid>:<starttime>` of the bwrap
-process, so everything else is the process runtime's.
+`--die-with-parent`: a sandbox dies with the containers worker that started it, and so
+with the whole host (the workers die with the orchestrator). After a restart of that
+worker, re-attaching simply finds the agent gone; its claimed rows are reset and retried
+like after any crash. (A worker killed within bwrap's first milliseconds can leave a
+sandbox behind; it carries the install's mark, so the next worker's orphan cleanup stops
+it, and waits for it to be gone, before any agent starts.) Ids are `pid:<pid>:<starttime>`
+of the bwrap process, so everything else is the process runtime's, the orphan cleanup
+too: the outer bwrap is the marked process whose parent is not (bwrap's own pid-1 child
+carries the same mark and goes with it).
 
 Warm pool (root only): spares are started with `/workspace` bound from an empty shared
 staging folder; a wake hands one the session by mounting its tree there
@@ -33,9 +36,9 @@ from pathlib import Path
 
 from nanoclaw.config import Settings
 from nanoclaw.log import logger
-from nanoclaw.runtime import mountns, sandbox, warm
+from nanoclaw.runtime import mountns, procfs, sandbox, warm
 from nanoclaw.runtime.base import Mount, SpawnSpec
-from nanoclaw.runtime.process import MARK, ProcessRuntime, _parse, _starttime
+from nanoclaw.runtime.process import MARK, ProcessRuntime, _ours, _parse, _starttime
 from nanoclaw.runtime.procfs import children as _children
 
 ETC = ("nsswitch.conf", "hosts", "localtime", "timezone", "ld.so.cache",
@@ -279,7 +282,8 @@ class BwrapRuntime(ProcessRuntime):
         """TERM the runner inside (bwrap does not forward signals), then the process
         runtime's escalation on the bwrap process group."""
         pid, start = _parse(container_id)
-        if pid is None or _starttime(pid) != start:
+        if pid is None or _starttime(pid) != start or (container_id not in self.children
+                                                       and not _ours(pid)):
             self._ended(container_id)
             return
         for child in _children(pid):
@@ -293,28 +297,5 @@ class BwrapRuntime(ProcessRuntime):
         super().stop(container_id, grace=0.05)
         self._ended(container_id)
 
-    def cleanup_orphans(self, install_id: str, keep: set[str]) -> int:
-        """This install's sandboxes no session claims: the outer bwrap processes (bwrap's
-        own pid-1 child carries the same mark; it goes with its parent)."""
-        marked: dict[int, tuple[int | None, str]] = {}  # pid → (ppid, container id), one snapshot
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    with open(f"/proc/{entry}/environ", "rb") as f:
-                        if f"{MARK}={install_id}".encode() in f.read().split(b"\0"):
-                            pid = int(entry)
-                            marked[pid] = (_ppid(pid), f"pid:{pid}:{_starttime(pid)}")
-                except OSError:
-                    continue
-        orphans = [cid for ppid, cid in marked.values() if ppid not in marked and cid not in keep]
-        for cid in orphans:
-            self.stop(cid, grace=0.5)
-        return len(orphans)
 
-
-def _ppid(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
+_ppid = procfs.ppid  # where tests and tools have always read it

@@ -2,13 +2,16 @@
 
 A container is named `nanoclaw-<install>-<session>`, so the engine itself refuses a
 second one for a session (a spawn that meets a running namesake adopts it). It is
-labelled with the install id (orphans of this install are stopped at start-up, other
-installs are left alone), runs the image's unprivileged user with a read-only root, no
-capabilities, memory/pid/CPU limits and, by default, no network at all: the broker is
-reached through its unix socket (`sandbox_entry` relays 127.0.0.1 inside to it).
-`NANOCLAW_CONTAINER_NETWORK=host` shares the host's network instead — needed for an
-agent that must reach the internet, at the price of seeing every port the host listens
-on.
+labelled with the install id (at start-up, orphans of this install are stopped before
+any agent starts, other installs are left alone), runs the image's unprivileged user
+with a read-only root, no capabilities, memory/pid/CPU limits and, by default, no
+network at all: the broker is reached through its unix socket (`sandbox_entry` relays
+127.0.0.1 inside to it). `NANOCLAW_CONTAINER_NETWORK=host` shares the host's network
+instead — needed for an agent that must reach the internet, at the price of seeing
+every port the host listens on.
+
+A container outlives its host (a `kill -9` of the orchestrator): the next containers
+worker re-attaches to the one its session names, and stops any other of this install.
 
 Containers are not `--rm`: when one ends its output is written to
 `logs/containers/<session>/<spawn>.log` (path kept in a label, so a restarted worker can
@@ -207,14 +210,24 @@ class DockerRuntime:
                 raise
 
     def cleanup_orphans(self, install_id: str, keep: set[str]) -> int:
-        n = 0
-        for c in self.client.containers.list(all=True,
-                                             filters={"label": f"{sandbox.LABEL}={install_id}"}):
-            if c.id in keep:
-                continue
-            self.stop(c.id, grace=1.0)
-            n += 1
-        return n
+        """Stop and remove this install's containers not in `keep` (one whose start its
+        host did not live to record, or left when it ended), all at once; returns once
+        none of them runs, and raises when one still does, so the caller starts
+        nothing. Listed with the low-level call: `containers.list` inspects each one
+        after listing and fails on one removed in between."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        label = {"label": f"{sandbox.LABEL}={install_id}"}
+        ids = [c["Id"] for c in self.client.api.containers(all=True, filters=label)
+               if c["Id"] not in keep]
+        if ids:
+            with ThreadPoolExecutor(max_workers=min(16, len(ids))) as pool:
+                list(pool.map(lambda cid: self.stop(cid, grace=1.0), ids))
+        left = [c["Id"][:12] for c in self.client.api.containers(filters=label)
+                if c["Id"] not in keep]
+        if left:
+            raise RuntimeError(f"orphaned containers of this install still run: {left}")
+        return len(ids)
 
     # no warm pool: a container's mounts are fixed when it is created
     def prewarm(self, spec: Any) -> None:

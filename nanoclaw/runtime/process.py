@@ -3,8 +3,16 @@ for development, tests and benchmarks of everything but the sandbox.
 
 Each agent gets its own session (process group), a scrubbed environment and its output
 in `logs/containers/<session>/<spawn>.log`. Container id `pid:<pid>:<starttime>` lets a
-restarted worker re-attach to an agent that outlived it, without mistaking a recycled pid.
+restarted worker re-attach to an agent that outlived it, without mistaking a recycled pid
+(and a pid whose environment lacks an install's mark is no agent, whatever its start time).
 With a warm pool (`warm.py`) a wake is handed to an agent that already started.
+
+An agent is not tied to its host: after a crash of the containers worker, or of the whole
+host (`kill -9` of the orchestrator; the workers die with it), a busy agent lives on and
+the next worker re-attaches to it through `sessions.container_id`. A spare of the warm
+pool ends by itself once its pipe closes. Whatever of this install is left that no session
+names (a spare still starting, an agent its host did not live to record) is stopped by the
+next worker's `cleanup_orphans`, which returns only once it is gone, before any agent starts.
 """
 
 from __future__ import annotations
@@ -14,14 +22,17 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from nanoclaw.config import Settings
 from nanoclaw.log import logger
-from nanoclaw.runtime import warm
+from nanoclaw.runtime import procfs, warm
 from nanoclaw.runtime.base import SpawnSpec
 
 MARK = "NANOCLAW_INSTALL"
+GONE_S = 5.0          # after SIGKILL, how long to wait for an agent to be gone
+CLEANUP_ROUNDS = 5    # orphan scans: what an orphan left behind is the next round's orphan
 
 
 def _starttime(pid: int) -> str | None:
@@ -38,6 +49,34 @@ def _state(pid: int) -> str | None:
             return f.read().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return None
+
+
+def _ours(pid: int) -> bool:
+    """Whether `pid` was started with an install's mark: only then can a recorded id name
+    it (a pid and start time of a previous boot could be anyone's now). An environment
+    that cannot be read (a setuid bwrap's) counts as marked: never call an agent gone
+    when it may not be."""
+    env = procfs.environ(pid)
+    return env is None or any(e.startswith(MARK.encode() + b"=") for e in env)
+
+
+def agents(install_id: str) -> list[str]:
+    """The container ids of this install's agents now on the machine, warm spares
+    included: each process started with the install's mark whose parent was not (a
+    bwrap's pid-1 child, or a runner's own children, go with their agent)."""
+    mark = f"{MARK}={install_id}".encode()
+    marked: dict[int, int | None] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            env = procfs.environ(int(entry))
+            if env and mark in env:
+                marked[int(entry)] = procfs.ppid(int(entry))
+    out = []
+    for pid, parent in marked.items():
+        start = _starttime(pid)
+        if parent not in marked and start is not None:
+            out.append(f"pid:{pid}:{start}")
+    return out
 
 
 def _base_env(runner_dir: Path, install_id: str) -> dict[str, str]:
@@ -156,13 +195,17 @@ class ProcessRuntime:
                 del self.children[container_id]
             return code
         pid, start = _parse(container_id)  # adopted: not our child, watch /proc
-        if pid is None or _starttime(pid) != start or _state(pid) in (None, "Z", "X"):
+        if pid is None or _starttime(pid) != start or _state(pid) in (None, "Z", "X") \
+                or not _ours(pid):
             return -1
         return None
 
     def stop(self, container_id: str, grace: float = 1.0) -> None:
+        """SIGTERM to the agent's process group, SIGKILL after `grace`; returns once the
+        agent is gone (a zombie is gone: it runs nothing), at most GONE_S after the kill."""
         pid, start = _parse(container_id)
-        if pid is None or _starttime(pid) != start:
+        if pid is None or _starttime(pid) != start or (container_id not in self.children
+                                                       and not _ours(pid)):
             return
         try:
             os.killpg(pid, signal.SIGTERM)
@@ -179,33 +222,36 @@ class ProcessRuntime:
             pass
         p = self.children.pop(container_id, None)
         if p is not None:
-            p.wait(timeout=5)
+            p.wait(timeout=GONE_S)
+            return
+        deadline = time.time() + GONE_S  # adopted: gone once /proc says so
+        while not self._gone(container_id, pid):
+            if time.time() > deadline:
+                logger.error("agent {} still there {:.0f}s after SIGKILL", container_id, GONE_S)
+                return
+            time.sleep(0.01)
 
     def _gone(self, container_id: str, pid: int) -> bool:
         p = self.children.get(container_id)
         if p is not None:
             return p.poll() is not None
-        return _state(pid) in (None, "Z", "X")
+        return _state(pid) in (None, "Z", "X") or _starttime(pid) != _parse(container_id)[1]
 
     def cleanup_orphans(self, install_id: str, keep: set[str]) -> int:
-        n = 0
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            pid = int(entry)
-            try:
-                with open(f"/proc/{pid}/environ", "rb") as f:
-                    environ = f.read().split(b"\0")
-            except OSError:
-                continue
-            if f"{MARK}={install_id}".encode() not in environ:
-                continue
-            cid = f"pid:{pid}:{_starttime(pid)}"
-            if cid in keep:
-                continue
-            self.stop(cid, grace=0.5)
-            n += 1
-        return n
+        """Stop every agent of this install not in `keep` (spares of an earlier pool, an
+        agent whose start its host did not live to record) and return once they are gone;
+        raises when some will not go, so the caller starts nothing. All at once: one
+        by one, each spare's grace would add up."""
+        stopped: set[str] = set()
+        orphans: list[str] = []
+        for _ in range(CLEANUP_ROUNDS):
+            orphans = [cid for cid in agents(install_id) if cid not in keep]
+            if not orphans:
+                return len(stopped)
+            with ThreadPoolExecutor(max_workers=min(32, len(orphans))) as pool:
+                list(pool.map(lambda cid: self.stop(cid, grace=0.5), orphans))
+            stopped.update(orphans)
+        raise RuntimeError(f"orphaned agents of this install do not stop: {', '.join(orphans)}")
 
 
 def _parse(container_id: str) -> tuple[int | None, str | None]:

@@ -26,3 +26,21 @@ def children(pid: int) -> list[int]:
             out.append(c)
             todo.append(c)
     return out
+
+
+def ppid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def environ(pid: int) -> list[bytes] | None:
+    """The environment `pid` was started with; None when it cannot be read (gone, or
+    another user's); empty for a zombie."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return f.read().split(b"\0")
+    except OSError:
+        return None

@@ -10,7 +10,10 @@ pool can only make a start faster, never make it fail.
 
 A warm agent that dies before it is used is logged with the end of its output, and the
 pool backs off (1 s doubling to 5 min) so a broken runner cannot spin. Warm agents die
-with the containers worker (their pipe closes, or bwrap's `--die-with-parent`).
+with the containers worker (their pipe closes, or bwrap's `--die-with-parent`), and so
+with the host; one still starting then, or handed a session its worker did not live to
+record, is stopped by the next worker's orphan cleanup before it starts any agent (and
+before it fills its own pool).
 """
 
 from __future__ import annotations
