@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: run test bench image install lock clean
+.PHONY: run test bench chaos image install lock clean
 
 # Only hashed, locked packages: requirements.lock pins every package of the host and its
 # tests (pip and setuptools too) with its sha256 hashes; wheels only, so nothing is built
@@ -24,6 +24,12 @@ test: install
 
 bench: install
 	$(BIN)/python -m bench.run
+
+# A soak under kill -9 (workers, agents, the whole host) against the fake model; writes
+# bench/chaos.json. Options: make chaos CHAOS_ARGS='--runtime bwrap --messages 300'.
+CHAOS_ARGS ?=
+chaos: install
+	$(BIN)/python -m bench.chaos $(CHAOS_ARGS)
 
 # The agent image for the docker runtime (needs a Docker engine; see container/build.sh).
 image: install

@@ -109,3 +109,154 @@ class Chat:
             self.writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.writer.wait_closed(), 2)
+
+
+# --- a client that survives the host (bench/chaos.py) --------------------------------------
+
+RECONNECT_MIN = 0.02
+RECONNECT_MAX = 1.0
+ACK_RESEND = 5.0  # an unacked message is sent again after this long on a live connection
+
+
+class Sent:
+    """One message of a `SurvivingClient`: when it went out, its ack, every reply."""
+
+    def __init__(self, mid: str, chat: str, text: str, t0: float) -> None:
+        self.mid, self.chat, self.text, self.t0 = mid, chat, text, t0
+        self.sends = 0                 # frames written (1 + resends)
+        self.last_send = 0.0
+        self.acked: float | None = None
+        self.first_reply: float | None = None
+        self.replies: dict[str, str] = {}  # reply frame id -> text, in order of arrival
+        self.done: asyncio.Event = asyncio.Event()
+
+
+class SurvivingClient:
+    """One connection to cli.sock for several chats, which outlives the host.
+
+    It reconnects with backoff whenever the socket goes away (a killed `channel:cli`
+    worker or host), subscribes to every chat again (so replies that waited in the
+    outbox come) and sends every unanswered message again under the same id: the
+    terminal channel stores a message once per (chat, id) (`inbound_events` is unique
+    on it), so a resend is answered once. Replies are matched by `in_reply_to`; a reply
+    frame id seen twice is a redelivered frame, two reply ids for one message are two
+    answers."""
+
+    def __init__(self, sock: Path, chats: list[str]) -> None:
+        self.sock, self.chats = sock, list(chats)
+        self.sent: dict[str, Sent] = {}
+        self.frames_seen: dict[str, int] = {}   # reply frame id -> times received
+        self.redelivered = 0                    # reply frames received again (same id)
+        self.stray: list[dict] = []             # replies to no message of ours
+        self.error_frames: list[dict] = []
+        self.connects = 0
+        self.resends = 0
+        self.connected = asyncio.Event()
+        self.writer: asyncio.StreamWriter | None = None
+        self.task: asyncio.Task | None = None
+        self.closing = False
+
+    def start(self) -> "SurvivingClient":
+        self.task = asyncio.create_task(self._run())
+        return self
+
+    async def _run(self) -> None:
+        delay = RECONNECT_MIN
+        while not self.closing:
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_unix_connection(str(self.sock), limit=1 << 22), 5)
+            except (OSError, asyncio.TimeoutError):
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_MAX)
+                continue
+            delay = RECONNECT_MIN
+            self.connects += 1
+            self.writer = writer
+            resend = asyncio.create_task(self._resend_loop(writer))
+            try:
+                for chat in self.chats:
+                    writer.write(json.dumps({"type": "subscribe", "chat": chat}).encode() + b"\n")
+                for s in list(self.sent.values()):
+                    if not s.replies:
+                        self._write(writer, s, again=True)
+                await writer.drain()
+                self.connected.set()
+                while True:
+                    line = await reader.readline()
+                    if not line:
+                        break
+                    self._frame(json.loads(line))
+            except (OSError, ValueError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                self.connected.clear()
+                self.writer = None
+                resend.cancel()
+                writer.close()
+                with contextlib.suppress(BaseException):
+                    await resend
+
+    def _write(self, writer: asyncio.StreamWriter, s: Sent, again: bool = False) -> None:
+        if s.sends and again:
+            self.resends += 1
+        s.sends += 1
+        s.last_send = time.perf_counter()
+        writer.write(json.dumps({"type": "message", "text": s.text, "chat": s.chat,
+                                 "id": s.mid}).encode() + b"\n")
+
+    async def _resend_loop(self, writer: asyncio.StreamWriter) -> None:
+        """Send again what a live connection did not ack within ACK_RESEND s."""
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.perf_counter()
+            for s in list(self.sent.values()):
+                if s.acked is None and not s.replies and now - s.last_send > ACK_RESEND:
+                    self._write(writer, s, again=True)
+            with contextlib.suppress(Exception):
+                await writer.drain()
+
+    def _frame(self, frame: dict) -> None:
+        now = time.perf_counter()
+        kind = frame.get("type")
+        if kind == "ack":
+            s = self.sent.get(frame.get("id"))
+            if s is not None and s.acked is None:
+                s.acked = now
+        elif kind == "reply":
+            rid = str(frame.get("id"))
+            n = self.frames_seen.get(rid, 0)
+            self.frames_seen[rid] = n + 1
+            if n:
+                self.redelivered += 1
+                return
+            s = self.sent.get(frame.get("in_reply_to"))
+            if s is None:
+                self.stray.append(frame)
+                return
+            s.replies[rid] = str(frame.get("text", ""))
+            if s.first_reply is None:
+                s.first_reply = now
+                s.done.set()
+        elif kind == "error":
+            self.error_frames.append(frame)
+
+    async def send(self, chat: str, text: str, mid: str, timeout: float) -> Sent:
+        """Send (now if connected, else on the next connection) and wait up to `timeout`
+        s for the first reply; the returned record says whether one came."""
+        s = Sent(mid, chat, text, time.perf_counter())
+        self.sent[mid] = s
+        if self.writer is not None and self.connected.is_set():
+            self._write(self.writer, s)
+            with contextlib.suppress(Exception):
+                await self.writer.drain()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(s.done.wait(), timeout)
+        return s
+
+    async def close(self) -> None:
+        self.closing = True
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(BaseException):
+                await self.task

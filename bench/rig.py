@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import hashlib
 import http.client
 import json
 import os
 import select
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -27,6 +29,8 @@ from typing import Any
 from bench import ROOT, BenchError
 from bench.chat import Chat
 from bench.procfs import Procs, cmdline, process_tree
+from nanoclaw.runtime.procfs import children as descendants
+from nanoclaw.runtime.warm import is_waiting
 
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
@@ -113,7 +117,9 @@ class Rig:
         return env
 
     def start_host(self) -> None:
-        self.host_log = open(self.tmp / "host.out", "wb")
+        if self.host_log is not None:
+            self.host_log.close()
+        self.host_log = open(self.tmp / "host.out", "ab")  # a restarted host appends
         self.host_started = time.perf_counter()
         self.host = subprocess.Popen(
             [sys.executable, "-m", "nanoclaw", "run"], cwd=self.tmp, env=self.host_env(),
@@ -197,6 +203,7 @@ class Rig:
         info: dict[str, Any] = {}
         try:
             info = self.stop_host()
+            self._kill_orphans(info)
         finally:
             stop(self.fake, 5)
             if self.host_log is not None:
@@ -222,3 +229,108 @@ class Rig:
             return json.loads(conn.getresponse().read())
         finally:
             conn.close()
+
+    # ---- what the chaos soak (bench/chaos.py) kills ------------------------------------
+    @property
+    def install_id(self) -> str:
+        """The host's install id (`lifecycle.containers.install_id`): the mark in each
+        agent's environment and the label on each of its containers."""
+        return hashlib.sha1(str(self.data.resolve()).encode()).hexdigest()[:8]
+
+    def marked_pids(self) -> list[int]:
+        """Processes started by this host's runtimes (`NANOCLAW_INSTALL` = the install id
+        in their environment): agents of the process runtime (also those a killed
+        containers worker left behind), bwrap processes, the warm pool's spares."""
+        mark = f"NANOCLAW_INSTALL={self.install_id}".encode()
+        out = []
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                try:
+                    with open(f"/proc/{name}/environ", "rb") as f:
+                        if mark in f.read().split(b"\0"):
+                            out.append(int(name))
+                except OSError:
+                    continue
+        return sorted(out)
+
+    def agent_roots(self) -> list[int]:
+        """The top process of each agent that has a session (spares left out)."""
+        marked = set(self.marked_pids())
+        roots = [p for p in marked if _ppid(p) not in marked]
+        return [p for p in roots if not is_waiting(p)]
+
+    def worker_pids(self) -> dict[str, int]:
+        """Worker name -> pid, from the `workers` table, for workers alive under this host."""
+        if self.host is None or self.host.poll() is not None:
+            return {}
+        try:
+            conn = sqlite3.connect(f"file:{self.data / 'nanoclaw.db.central'}?mode=ro",
+                                   uri=True, timeout=5)
+            try:
+                rows = conn.execute("SELECT name, pid FROM workers WHERE pid > 0").fetchall()
+            finally:
+                conn.close()
+        except sqlite3.Error:
+            return {}
+        return {name: pid for name, pid in rows if _ppid(pid) == self.host.pid}
+
+    def kill_host_tree(self, agents_too: bool) -> list[int]:
+        """SIGKILL the host and every descendant (and, with `agents_too`, every process of
+        its install, as systemd's KillMode=mixed kills what is left in the unit's cgroup
+        once the main process died). Each is stopped first, top down, so nothing forks a
+        process the kill would miss."""
+        if self.host is None:
+            return []
+        stopped: list[int] = []
+        for _ in range(10):
+            new = [p for p in [self.host.pid, *descendants(self.host.pid)] if p not in stopped]
+            if agents_too:
+                new += [p for p in self.marked_pids() if p not in stopped and p not in new]
+            if not new:
+                break
+            for p in new:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(p, signal.SIGSTOP)
+                stopped.append(p)
+        for p in stopped:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(p, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.host.wait(10)
+        return stopped
+
+    def docker_agents(self) -> list:
+        """This install's running agent containers (docker runtime)."""
+        import docker
+
+        client = docker.from_env(timeout=30)
+        try:
+            return client.containers.list(filters={"label": f"nanoclaw.install={self.install_id}"})
+        finally:
+            client.close()
+
+    def _kill_orphans(self, info: dict[str, Any]) -> None:
+        """After the host stopped: agents of its install still running (a killed host's
+        adopted ones), and for docker its containers."""
+        left = self.marked_pids()
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        if left:
+            info["leftover_agents_killed"] = left
+        if self.runtime == "docker":
+            with contextlib.suppress(Exception):
+                gone = []
+                for c in self.docker_agents():
+                    c.remove(force=True)
+                    gone.append(c.name)
+                if gone:
+                    info["leftover_containers_removed"] = gone
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None

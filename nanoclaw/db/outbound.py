@@ -21,8 +21,10 @@ made. Change it rarely, and say so in the release notes.
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
 import stat
+import tempfile
 import time
 import urllib.parse
 from contextlib import contextmanager
@@ -112,21 +114,39 @@ def agent_db(paths: SessionPaths) -> Iterator[sqlite3.Connection | None]:
     if st.st_size > MAX_OUTBOUND:
         raise HostileDB(f"outbound.db is larger than {MAX_OUTBOUND >> 20} MiB",
                         "its database grew too large")
-    conn = sqlite3.connect(f"file:{urllib.parse.quote(paths.outbound)}?mode=ro", uri=True,
-                           isolation_level=None, timeout=0.5)
-    deadline = time.thread_time() + READ_BOUND_S
-    conn.set_progress_handler(lambda: 1 if time.thread_time() > deadline else 0, 1000)
+    scratch: str | None = None
+    conn = _open(f"file:{urllib.parse.quote(paths.outbound)}?mode=ro")
     try:
         try:
-            conn.execute("PRAGMA trusted_schema=OFF")
-            conn.execute("PRAGMA mmap_size=0")
             have = set(conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master"))
         except sqlite3.OperationalError as e:
-            if "locked" in str(e):
+            if getattr(e, "sqlite_errorname", "") != "SQLITE_READONLY_ROLLBACK":
                 raise
-            raise HostileDB(f"outbound.db unreadable: {e}") from None
-        except sqlite3.DatabaseError as e:
-            raise HostileDB(f"outbound.db unreadable: {e}") from None
+            # The agent was killed mid-write: its journal must be rolled back before the
+            # file can be read, which a read-only open cannot do. Roll back a private
+            # copy instead (the agent's own files stay as they are; its next start rolls
+            # them back itself) and read that.
+            conn.close()
+            scratch = tempfile.mkdtemp(prefix="nanoclaw-outbound-")
+            _copy_pair(paths.outbound, scratch)
+            conn = _open(f"file:{urllib.parse.quote(os.path.join(scratch, 'outbound.db'))}"
+                         "?mode=rw")
+            have = set(conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master"))
+    except sqlite3.OperationalError as e:
+        conn.close()
+        _drop(scratch)
+        if "locked" in str(e):
+            raise
+        raise HostileDB(f"outbound.db unreadable: {e}") from None
+    except sqlite3.DatabaseError as e:
+        conn.close()
+        _drop(scratch)
+        raise HostileDB(f"outbound.db unreadable: {e}") from None
+    except HostileDB:
+        conn.close()
+        _drop(scratch)
+        raise
+    try:
         if have != OUTBOUND_SCHEMA:
             odd = sorted(f"{t} {str(n)[:40]!r}" for t, n, _, _ in have - OUTBOUND_SCHEMA)
             missing = sorted(f"{t} {n}" for t, n, _, _ in OUTBOUND_SCHEMA - have)
@@ -149,6 +169,45 @@ def agent_db(paths: SessionPaths) -> Iterator[sqlite3.Connection | None]:
             raise HostileDB(f"outbound.db unreadable: {e}") from None
     finally:
         conn.close()
+        _drop(scratch)
+
+
+def _open(uri: str) -> sqlite3.Connection:
+    """A connection with the hostile-file settings: no trusted schema, no mmap, and a
+    progress handler that interrupts any statement past READ_BOUND_S of CPU."""
+    conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=0.5)
+    deadline = time.thread_time() + READ_BOUND_S
+    conn.set_progress_handler(lambda: 1 if time.thread_time() > deadline else 0, 1000)
+    conn.execute("PRAGMA trusted_schema=OFF")
+    conn.execute("PRAGMA mmap_size=0")
+    return conn
+
+
+def _copy_pair(path: str, into: str) -> None:
+    """Copy the agent's database and its journal into a private folder: regular files
+    only, never through a link, each at most MAX_OUTBOUND bytes (else HostileDB)."""
+    for suffix in ("", "-journal"):
+        try:
+            fd = os.open(path + suffix, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise HostileDB(f"outbound.db{suffix} cannot be opened: {e.strerror}") from None
+        with os.fdopen(fd, "rb") as src:
+            st = os.fstat(src.fileno())
+            if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_OUTBOUND:
+                raise HostileDB(f"outbound.db{suffix} is not a regular file of at most"
+                                f" {MAX_OUTBOUND >> 20} MiB")
+            data = src.read(MAX_OUTBOUND + 1)
+        if len(data) > MAX_OUTBOUND:
+            raise HostileDB(f"outbound.db{suffix} grew past {MAX_OUTBOUND >> 20} MiB")
+        with open(os.path.join(into, "outbound.db" + suffix), "wb") as dst:
+            dst.write(data)
+
+
+def _drop(scratch: str | None) -> None:
+    if scratch is not None:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 class SessionOutbound:
