@@ -313,7 +313,7 @@ def outbox_doubles(rig: Rig) -> dict[str, Any]:
     """The host's side: terminal sends per message in `channel_outbox` (more than one is
     a second answer queued, whether or not it reached the client), failed sends."""
     try:
-        conn = sqlite3.connect(f"file:{rig.data / 'nanoclaw.db.central'}?mode=ro", uri=True,
+        conn = sqlite3.connect(f"file:{rig.data / 'nanoclaw.db'}?mode=ro", uri=True,
                                timeout=10)
         try:
             doubles = conn.execute(

@@ -264,7 +264,7 @@ class Rig:
         if self.host is None or self.host.poll() is not None:
             return {}
         try:
-            conn = sqlite3.connect(f"file:{self.data / 'nanoclaw.db.central'}?mode=ro",
+            conn = sqlite3.connect(f"file:{self.data / 'nanoclaw.db'}?mode=ro",
                                    uri=True, timeout=5)
             try:
                 rows = conn.execute("SELECT name, pid FROM workers WHERE pid > 0").fetchall()

@@ -168,7 +168,7 @@ class Settings(BaseSettings):
     # Derived paths.
     @property
     def db_path(self) -> Path:
-        return self.data_dir / "nanoclaw.db.central"
+        return self.data_dir / "nanoclaw.db"
 
     @property
     def sessions_dir(self) -> Path:

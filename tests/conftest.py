@@ -244,7 +244,7 @@ class Host:
     def ready(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
             raise AssertionError(f"host exited {self.proc.returncode}:\n{self.output()}")
-        ws = self.workers() if (self.data / "nanoclaw.db.central").exists() else []
+        ws = self.workers() if (self.data / "nanoclaw.db").exists() else []
         return bool(ws) and all(w["state"] in ("STARTING", "RUNNING") and w["pid"] for w in ws) \
             and self.sock.exists()
 
@@ -268,7 +268,7 @@ class Host:
     def db(self):
         import sqlite3
 
-        conn = sqlite3.connect(str(self.data / "nanoclaw.db.central"), timeout=10)
+        conn = sqlite3.connect(str(self.data / "nanoclaw.db"), timeout=10)
         conn.row_factory = sqlite3.Row
         return conn
 

@@ -160,7 +160,7 @@ def test_host_as_a_regular_user(fake_model, bwrap_works):
         assert "warm pool off for bwrap" in log
         procs = [w["pid"] for w in h.workers()] + agent_pids(h.data)
         assert procs and all(os.stat(f"/proc/{p}").st_uid == uid for p in procs)
-        assert os.stat(h.data / "nanoclaw.db.central").st_uid == uid
+        assert os.stat(h.data / "nanoclaw.db").st_uid == uid
     finally:
         h.cleanup()
         shutil.rmtree(base, ignore_errors=True)

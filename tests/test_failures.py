@@ -37,7 +37,7 @@ def test_bad_setting_names_the_setting(host_factory):
 def test_corrupt_database_is_one_clear_line(host_factory):
     h = host_factory("corrupt")
     h.data.mkdir(parents=True)
-    (h.data / "nanoclaw.db.central").write_bytes(b"this is not a database" * 100)
+    (h.data / "nanoclaw.db").write_bytes(b"this is not a database" * 100)
     r = _run(h)
     assert r.returncode == 2
     assert "is unusable" in _one_line(r)

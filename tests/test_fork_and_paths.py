@@ -17,7 +17,7 @@ from pathlib import Path
 
 from conftest import Host, wait_for
 
-DB_FILES = ("nanoclaw.db.central", "nanoclaw.db.central-wal", "nanoclaw.db.central-shm")
+DB_FILES = ("nanoclaw.db", "nanoclaw.db-wal", "nanoclaw.db-shm")
 SYS_KCMP = {"x86_64": 312, "aarch64": 272}.get(platform.machine())
 KCMP_FILE = 0
 
@@ -57,9 +57,9 @@ def inherited_handles(h: Host) -> list[str]:
 
     1. Counts. A worker holds exactly one Store (store.py: "Workers hold one `Store`
        each, opened after fork"; the web chat, which opens a second, is off here).
-       SQLite gives each connection one fd on nanoclaw.db.central and one on -wal, and each
+       SQLite gives each connection one fd on nanoclaw.db and one on -wal, and each
        process one fd on -shm. So every worker must show exactly one fd on each file.
-       An inherited orchestrator handle shows as a second fd on nanoclaw.db.central and -wal
+       An inherited orchestrator handle shows as a second fd on nanoclaw.db and -wal
        (the worker's own connection then shares the inherited -shm fd and SQLite's
        in-memory lock state: the real danger).
     2. Identity, where kcmp(2) is allowed: no worker fd on those files shares an open

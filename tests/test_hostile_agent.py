@@ -115,7 +115,7 @@ def test_a_hostile_agent_leaves_the_host_and_other_sessions_untouched(make_host,
     s = first_session(h, attacker)
     (v,) = [x for x in h.q("SELECT * FROM sessions") if x["id"] != s["id"]]
     vroot = h.data / "sessions" / v["agent_group_id"] / v["id"]
-    outside = [canary.dir, vroot, h.base / "groups" / "global", h.data / "nanoclaw.db.central",
+    outside = [canary.dir, vroot, h.base / "groups" / "global", h.data / "nanoclaw.db",
                Path("/etc/passwd"), Path("/etc/shadow")]
     owners = _owners(*outside)
 

@@ -78,9 +78,9 @@ def test_another_local_user_reads_nothing_and_the_token_stays_off_the_logs(old_i
     assert r.returncode == 0 and r.stdout == "readable by all\n", r.stderr
 
     assert oct(data.stat().st_mode & 0o777) == oct(logs.stat().st_mode & 0o777) == "0o700"
-    for new in (data / "nanoclaw.db.central", logs / "nanoclaw.error.log"):  # made by this run
+    for new in (data / "nanoclaw.db", logs / "nanoclaw.error.log"):  # made by this run
         assert new.stat().st_mode & 0o077 == 0, new  # the umask, not only the dirs
-    for path in (data / "nanoclaw.db.central", inbound, data / "web-token", logs / "nanoclaw.log",
+    for path in (data / "nanoclaw.db", inbound, data / "web-token", logs / "nanoclaw.log",
                  logs / "nanoclaw.error.log"):
         assert path.exists(), path
         r = as_nobody("cat", str(path))

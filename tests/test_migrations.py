@@ -25,7 +25,7 @@ def build_old(data_dir: Path, n: int) -> None:
     """A database as a release with only the first `n` migrations left it: each applied
     by hand, in order, with its ledger row."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(str(data_dir / "nanoclaw.db.central"))
+    conn = sqlite3.connect(str(data_dir / "nanoclaw.db"))
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY,"
                  " name TEXT NOT NULL UNIQUE, applied_at TEXT NOT NULL)")
@@ -109,7 +109,7 @@ def test_the_ledger_names_are_unique():
 def test_an_old_database_is_upgraded_once_and_keeps_its_rows(tmp_path, n):
     data = tmp_path / "data"
     build_old(data, n)
-    conn = central.connect(data / "nanoclaw.db.central")
+    conn = central.connect(data / "nanoclaw.db")
     try:
         assert central.migrate(conn) == NAMES[n:]  # every later one, in order
         assert central.migrate(conn) == []  # and only once
@@ -151,10 +151,22 @@ def test_opening_twice_applies_nothing_twice(tmp_path):
     after: list[list[tuple[int, str, str]]] = []
     for _ in range(2):
         Store.open(data).close()
-        conn = central.connect(data / "nanoclaw.db.central")
+        conn = central.connect(data / "nanoclaw.db")
         try:
             after.append(ledger(conn))
         finally:
             conn.close()
     assert [name for _, name, _ in after[0]] == NAMES
     assert after[1] == after[0]  # the same rows, the same stamps: nothing ran again
+
+
+def test_the_central_db_keeps_the_file_name_earlier_installs_wrote(tmp_path):
+    """An install's data is `data/nanoclaw.db`: a host that looked under another name
+    would start on an empty database beside the owner's (a module-path rewrite once
+    turned the file name into `nanoclaw.db.central`)."""
+    from nanoclaw.config import Settings
+
+    assert Settings(data_dir=tmp_path / "data").db_path == tmp_path / "data" / "nanoclaw.db"
+    central.open_central(tmp_path / "data").close()
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()
+                  if p.name.startswith("nanoclaw.db")) [:1] == ["nanoclaw.db"]

@@ -99,7 +99,7 @@ def test_a_file_migrated_by_another_build_is_refused(tmp_path):
 
 
 def test_an_old_central_db_is_upgraded_in_order_with_its_data(tmp_path):
-    conn = central.connect(tmp_path / "nanoclaw.db.central")
+    conn = central.connect(tmp_path / "nanoclaw.db")
     first = central_migrations.MIGRATIONS[:2]
     assert central.migrate(conn, first) == [n for n, _ in first]
     conn.execute("INSERT INTO agent_groups (id, name, folder, created_at) VALUES"

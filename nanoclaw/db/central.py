@@ -1,4 +1,4 @@
-"""The central database `data/nanoclaw.db.central`: connection, transactions, migrations.
+"""The central database `data/nanoclaw.db`: connection, transactions, migrations.
 
 WAL and foreign keys on; every write is one explicit `BEGIN IMMEDIATE` transaction.
 Migrations are applied by name, in order (a ledger row each, in the same transaction), so
@@ -95,7 +95,7 @@ def _statements(sql: str) -> list[str]:
 def open_central(data_dir: Path, *, create: bool = True) -> sqlite3.Connection:
     """Open (and migrate) the central DB, turning every way it can be broken into one
     clear DataError line: missing or unwritable folder, not a database, corrupt."""
-    path = data_dir / "nanoclaw.db.central"
+    path = data_dir / "nanoclaw.db"
     try:
         if create:
             data_dir.mkdir(parents=True, exist_ok=True)
