@@ -120,11 +120,60 @@ def _connect(path: str, readonly: bool) -> sqlite3.Connection:
         conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=5.0)
     else:
         conn = sqlite3.connect(path, isolation_level=None, timeout=5.0)
-        conn.execute("PRAGMA journal_mode=PERSIST")
+        try:
+            conn.execute("PRAGMA journal_mode=PERSIST")
+        except sqlite3.OperationalError as e:
+            if "disk I/O error" not in str(e) or not os.path.exists(path + "-journal"):
+                conn.close()
+                raise
+            conn.close()
+            _roll_back_in_place(path)
+            conn = sqlite3.connect(path, isolation_level=None, timeout=5.0)
+            conn.execute("PRAGMA journal_mode=PERSIST")
     conn.execute("PRAGMA busy_timeout=5000")
     conn.execute("PRAGMA mmap_size=0")
     conn.row_factory = sqlite3.Row
     return conn
+
+
+def _roll_back_in_place(path: str) -> None:
+    """A write cut short (the agent killed mid-transaction) leaves a hot journal, and
+    SQLite rolls it back at the next open in the default DELETE mode, which unlinks the
+    journal. In a sandbox the journal is a bind-mounted file that cannot be unlinked, so
+    that open fails ("disk I/O error") at every start. Roll back a copy in a private
+    folder instead, write the result back into the same file, and empty the journal
+    (an empty journal is not hot)."""
+    import fcntl
+    import shutil
+    import tempfile
+
+    scratch = tempfile.mkdtemp(prefix="outbound-rollback-")
+    try:
+        copy = os.path.join(scratch, "outbound.db")
+        shutil.copyfile(path, copy)
+        shutil.copyfile(path + "-journal", copy + "-journal")
+        c = sqlite3.connect(copy, isolation_level=None)
+        try:
+            c.execute("PRAGMA schema_version").fetchone()  # the rollback happens here
+        finally:
+            c.close()
+        with open(copy, "rb") as src, open(path, "r+b") as dst:
+            data = src.read()
+            # SQLite's own exclusive lock (its PENDING byte and SHARED range), so a reader
+            # meets "database is locked" (try again), never a half-written file
+            fcntl.lockf(dst.fileno(), fcntl.LOCK_EX, 1, 0x40000000)
+            fcntl.lockf(dst.fileno(), fcntl.LOCK_EX, 510, 0x40000002)
+            dst.seek(0)
+            dst.write(data)
+            dst.truncate()
+            dst.flush()
+            os.fsync(dst.fileno())
+        with open(path + "-journal", "r+b") as j:
+            j.truncate(0)
+            j.flush()
+            os.fsync(j.fileno())
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 @contextmanager
