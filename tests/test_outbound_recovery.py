@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -33,10 +34,10 @@ WRITER = textwrap.dedent("""
 """)
 
 
-def test_a_write_cut_short_by_kill_is_read_as_committed_not_refused(tmp_path):
-    paths = sessiondb.create(str(tmp_path / "s"))
-    import sqlite3
-
+def cut_write_short(root) -> sessiondb.SessionPaths:
+    """A session whose outbound.db holds one committed row ('kept') and a hot journal:
+    its writer was killed in the middle of a second, larger transaction."""
+    paths = sessiondb.create(str(root))
     c = sqlite3.connect(paths.outbound, isolation_level=None)
     c.execute("PRAGMA journal_mode=PERSIST")
     c.execute("INSERT INTO messages_out (id, seq, kind, content, timestamp) VALUES"
@@ -49,6 +50,11 @@ def test_a_write_cut_short_by_kill_is_read_as_committed_not_refused(tmp_path):
     finally:
         os.kill(w.pid, signal.SIGKILL)
         w.wait(10)
+    return paths
+
+
+def test_a_write_cut_short_by_kill_is_read_as_committed_not_refused(tmp_path):
+    paths = cut_write_short(tmp_path / "s")
     with pytest.raises(sqlite3.OperationalError):  # what a plain read-only open meets
         ro = sqlite3.connect(f"file:{paths.outbound}?mode=ro", uri=True)
         try:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
@@ -17,8 +16,7 @@ import textwrap
 import pytest
 from conftest import ROOT
 
-from nanoclaw.db import session as sessiondb
-from test_outbound_recovery import WRITER
+from test_outbound_recovery import cut_write_short
 
 CHECK = textwrap.dedent("""
     import sys
@@ -32,21 +30,7 @@ CHECK = textwrap.dedent("""
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
                     reason="a bind mount in a private mount namespace needs root and unshare")
 def test_the_runner_recovers_a_write_cut_short_under_a_bind_mounted_journal(tmp_path):
-    paths = sessiondb.create(str(tmp_path / "s"))
-    import sqlite3
-
-    c = sqlite3.connect(paths.outbound, isolation_level=None)
-    c.execute("PRAGMA journal_mode=PERSIST")
-    c.execute("INSERT INTO messages_out (id, seq, kind, content, timestamp) VALUES"
-              " ('kept', 1, 'chat', '{}', '2026-01-01T00:00:00Z')")
-    c.close()
-    w = subprocess.Popen([sys.executable, "-c", WRITER, paths.outbound],
-                         stdout=subprocess.PIPE, text=True)
-    try:
-        assert w.stdout.readline().strip() == "mid-write"
-    finally:
-        os.kill(w.pid, signal.SIGKILL)
-        w.wait(10)
+    paths = cut_write_short(tmp_path / "s")
     journal = paths.outbound + "-journal"
     script = (f'mount --bind "{journal}" "{journal}" && '
               f'"{sys.executable}" -c \'{CHECK}\' "{paths.outbound}" "{ROOT / "container"}"')
