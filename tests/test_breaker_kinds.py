@@ -15,11 +15,23 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import wait_for
 
-from nanoclaw.breaker import (LOCAL, LOCAL_CAP, LOCAL_PAUSE, LOCAL_PAUSE_AFTER, LOCAL_WINDOW,
-                              LOCAL_WORKERS, PLATFORM, SCHEDULE, WINDOW, delay_for,
-                              next_attempt, restart_kind)
+from conftest import wait_for
+from fakes.clock import FakeClock
+from nanoclaw.breaker import (
+    LOCAL,
+    LOCAL_CAP,
+    LOCAL_PAUSE,
+    LOCAL_PAUSE_AFTER,
+    LOCAL_WINDOW,
+    LOCAL_WORKERS,
+    PLATFORM,
+    SCHEDULE,
+    WINDOW,
+    delay_for,
+    next_attempt,
+    restart_kind,
+)
 from nanoclaw.channels import load_builtin
 from nanoclaw.db.store import Store
 from nanoclaw.host.registry import WORKERS
@@ -63,12 +75,8 @@ def test_platform_channels_get_the_seeds_schedule_everything_else_is_local():
 
 
 # ---- the supervisor, on an injected clock -----------------------------------------------
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
+def Clock() -> FakeClock:
+    return FakeClock(start=1_000_000.0)
 
 
 class FakeProc:

@@ -14,8 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, wait_for
 
+from conftest import ROOT, wait_for
+from fakes.clock import FakeClock
 from nanoclaw.db.store import Store
 from nanoclaw.host.runner import heartbeat_path, last_beat
 from nanoclaw.host.supervisor import Supervisor, silence, verdict
@@ -25,12 +26,8 @@ BOUND = 10.0
 
 
 # ---- the decision, on a fake clock ---------------------------------------------------
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
+def Clock() -> FakeClock:
+    return FakeClock(start=1_000_000.0)
 
 
 class FakeProc:
