@@ -79,9 +79,10 @@ class WebChannel(WebApi, Channel):
         shown = "127.0.0.1" if self.settings.web_host in ("127.0.0.1", "0.0.0.0") else \
             self.settings.web_host
         self.url = f"http://{shown}:{self.port}/"
-        self.store.set_state("web_url", self.url)
-        # the token admits as the owner: on the terminal only, never in logs/ (H4)
+        # the token admits as the owner: on the terminal only, never in logs/ (H4); shown
+        # before the address is published, so whoever reads web_url finds the line there
         terminal("web chat: open {}#token={} in a browser", self.url, self.token)
+        self.store.set_state("web_url", self.url)
         logger.info("web chat listening on {} (the address with its token is on the"
                     " terminal; the token is in {})", self.url,
                     self.settings.data_dir / "web-token")
