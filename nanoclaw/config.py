@@ -127,6 +127,9 @@ class Settings(BaseSettings):
     idle_ceiling: float = Field(default=1800.0, gt=0)
     claim_tolerance: float = Field(default=60.0, gt=0)
     send_attempts: int = Field(default=5, ge=1, le=50)
+    # A platform call (one send, all its parts) that has not answered in this long is
+    # given up and retried: a stalled platform holds a channel's queue no longer.
+    send_timeout: float = Field(default=120.0, ge=1, le=3600)
     agent_pair_limit: int = Field(default=10, ge=1, le=1000)  # agent→agent msgs per minute
     retry_base: float = Field(default=5.0, gt=0, le=600)  # agent retries: retry_base·2^tries
 

@@ -10,7 +10,11 @@ and the send is neither lost nor doubled; a refusal fails the send at once, a se
 keeps failing is failed after its attempts and the agent told; a user's edit reaches the
 agent once, as an edit; the bot's own edits, reactions and files go out; a user's file
 reaches the agent; a card's button maps back to its option and the card shows the
-choice; typing is shown while an answer is awaited, where the platform has it.
+choice; typing is shown while an answer is awaited, where the platform has it. A send
+whose post landed but whose answer was lost (the worker killed inside the call, or the
+platform stalling until the send timed out) shows once where the platform can tell
+(`idempotent_sends`: Discord's enforced nonce, Slack's metadata marker) and at least once
+where it cannot (Telegram, WhatsApp Cloud: sent again, never lost).
 
 What only one platform does (its markup, its gateway or socket, its liveness) stays in
 tests/test_channel_<platform>.py. A platform without threads, user edits or bot edits
@@ -23,7 +27,9 @@ from __future__ import annotations
 
 import base64
 import importlib
+import os
 import random
+import signal
 
 import pytest
 from conftest import Host, wait_for
@@ -33,7 +39,8 @@ from fakes.fake_discord import FakeDiscord
 from fakes.fake_graph import FakeGraph
 from fakes.fake_slack import FakeSlack
 from fakes.fake_telegram import FakeTelegram
-from fakes.hosts import enqueue, error_log, inbound_events, outbox, session_inbound, wire_chat
+from fakes.hosts import (enqueue, error_log, inbound_events, log, outbox, session_inbound,
+                         wire_chat)
 from nanoclaw.channels import LAZY
 
 FAKES = {"telegram": FakeTelegram, "discord": FakeDiscord, "slack": FakeSlack,
@@ -48,7 +55,8 @@ def world(request, tmp_path_factory):
     model = FakeModel(port=0, delay_ms=0)
     model.start()
     h = Host(tmp_path_factory.mktemp(request.param), model.url, {
-        **fake.host_env(), "NANOCLAW_SEND_ATTEMPTS": "2", "NANOCLAW_WEB_ENABLED": "false"})
+        **fake.host_env(), "NANOCLAW_SEND_ATTEMPTS": "2", "NANOCLAW_WEB_ENABLED": "false",
+        "NANOCLAW_SEND_TIMEOUT": "5"})
     try:
         h.start()
         wait_for(lambda: fake.connected(h), 30, what=f"{request.param} connected")
@@ -277,3 +285,47 @@ def test_typing_is_shown_while_an_answer_is_awaited(world):
     answer(fake, chat, "echo: think first")
     assert fake.typing_calls(chat)
     assert fake.typing_calls(fake.chat(98)) == []  # only where an answer is awaited
+
+
+def _once_or_again(fake: PlatformFake, host: Host, chat: str, idem: str, text: str) -> None:
+    """After a send whose answer was lost: one message where the platform can tell, else
+    the same message again (at least once); never none, and the row says which."""
+    row = sent_row(host, idem)
+    shown = [s for s in fake.bot_sent(chat) if s.text == text]
+    if fake.idempotent_sends:
+        assert len(shown) == 1, [s.text for s in fake.bot_sent(chat)]
+    else:
+        assert len(shown) == 2, [s.text for s in fake.bot_sent(chat)]
+    assert row["platform_message_id"] in [s.id for s in shown]
+    assert row["attempt_at"] is None  # nothing is uncertain any more
+
+
+def test_a_send_cut_off_by_a_crash_inside_the_call_is_not_doubled_where_it_can_tell(world):
+    fake, host = world
+    chat = fake.chat(12)
+    name = f"channel:{fake.channel}"
+    before = host.worker_pid(name)
+    fake.land_then_stall(chat)  # the post is made; its answer never comes
+    try:
+        enqueue(host, "cut-12", fake.channel, fake.platform_id(chat), {"text": "only once"})
+        wait_for(lambda: fake.bot_sent(chat), 30, what="the post landed")
+        assert outbox(host, "cut-12")["attempt_at"]  # recorded before the call
+        os.kill(before, signal.SIGKILL)  # inside the call: the platform has it, we don't know
+        wait_for(lambda: host.worker_pid(name) not in (None, before), 30, what="restarted")
+    finally:
+        fake.release()
+    _once_or_again(fake, host, chat, "cut-12", "only once")
+
+
+def test_a_send_whose_answer_stalls_is_given_up_then_retried_and_not_doubled(world):
+    fake, host = world
+    chat = fake.chat(13)
+    fake.land_then_stall(chat)
+    try:
+        enqueue(host, "stall-13", fake.channel, fake.platform_id(chat), {"text": "held up"})
+        row = sent_row(host, "stall-13")  # NANOCLAW_SEND_TIMEOUT: 5 s, then the retry
+        assert row["attempts"] == 2
+        assert "did not answer within 5s" in log(host)
+    finally:
+        fake.release()
+    _once_or_again(fake, host, chat, "stall-13", "held up")

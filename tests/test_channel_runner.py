@@ -233,3 +233,83 @@ def test_a_reply_ends_typing_and_unwired_chats_never_show_it(env):
     assert [(t, pid) for t, pid, _ in adapter.typed] == [(clock() - 2 * TYPING_EVERY,
                                                          "fakechat:1")]
     assert [c[1] for c in adapter.calls] == ["fakechat:1"] and runner.typing == {}
+
+
+class SplitPlatform(Channel):
+    """A platform that takes a send in three parts; `crash_after` parts in, the worker
+    "dies" (the attempt never returns); `shown` is what users see. It cannot tell what
+    it already has (Telegram, WhatsApp): no `find_sent`."""
+
+    name = "fakechat"
+
+    def __init__(self, settings, host, crash_after=None):
+        super().__init__(settings, host)
+        self.crash_after = crash_after
+        self.shown: list[tuple[str, int, str]] = []  # (send key, part, platform id)
+        self.asked: list[float] = []
+
+    async def deliver(self, platform_id, thread_id, message):
+        for i in range(3):
+            if i < len(message.parts):
+                continue
+            pid = f"pm-{len(self.shown) + 1}"
+            self.shown.append((message.idem_key, i, pid))  # it reached the platform…
+            if self.crash_after is not None and len(self.shown) == self.crash_after:
+                self.crash_after = None
+                raise asyncio.CancelledError  # …and the worker died before it heard back
+            message.sent(pid)
+        return message.parts[0]
+
+
+class HistoryPlatform(SplitPlatform):
+    """One that can tell, from its history (Slack's marker)."""
+
+    async def find_sent(self, platform_id, thread_id, message, since):
+        self.asked.append(since)
+        return {i: pid for key, i, pid in self.shown if key == message.idem_key}
+
+
+class BrokenHistoryPlatform(SplitPlatform):
+    """One whose history cannot be read just now (a missing scope, an outage)."""
+
+    async def find_sent(self, platform_id, thread_id, message, since):
+        self.asked.append(since)
+        raise ConnectionError("history unavailable")
+
+
+def _crash_then_restart(env, kind: type[SplitPlatform]) -> tuple[Store, SplitPlatform]:
+    store, s = env
+    clock = FakeClock()
+    store.enqueue_send("k1", "fakechat", "fakechat:1", None, "chat", {"text": "long"})
+    first = ChannelRunner(store, s, "fakechat", clock=clock)
+    dying = kind(s, first, crash_after=2)
+
+    async def crash():
+        first.adapter = dying
+        with pytest.raises(asyncio.CancelledError):
+            await first.tick(clock())
+    asyncio.run(crash())
+    row = db_row(store, "SELECT * FROM channel_outbox")
+    assert row["status"] == "pending" and row["attempt_at"] and json.loads(row["parts"]) == ["pm-1"]
+    second = ChannelRunner(store, s, "fakechat", clock=clock)  # the restarted worker
+    after = kind(s, second)
+    after.shown = list(dying.shown)  # the same platform
+    _drive(second, after, clock, lambda: _status(store) == "sent")
+    row = db_row(store, "SELECT * FROM channel_outbox")
+    assert row["platform_message_id"] == "pm-1" and row["attempt_at"] is None
+    return store, after
+
+
+def test_a_split_send_cut_off_by_a_crash_resumes_and_shows_each_part_once(env):
+    store, after = _crash_then_restart(env, HistoryPlatform)
+    assert [(i, pid) for _, i, pid in after.shown] == [(0, "pm-1"), (1, "pm-2"), (2, "pm-3")]
+    assert len(after.asked) == 1  # the part in flight was looked for, once
+    parts = json.loads(db_row(store, "SELECT parts FROM channel_outbox")["parts"])
+    assert parts == ["pm-1", "pm-2", "pm-3"]
+
+
+@pytest.mark.parametrize("kind", [SplitPlatform, BrokenHistoryPlatform])
+def test_where_the_platform_cannot_tell_only_the_part_in_flight_goes_again(env, kind):
+    store, after = _crash_then_restart(env, kind)
+    assert [i for _, i, _ in after.shown] == [0, 1, 1, 2]  # at least once; part 0 never again
+    assert len(after.asked) == (kind is BrokenHistoryPlatform)

@@ -423,3 +423,40 @@ def test_the_page_shows_whatsapps_login_code_while_a_login_waits(host):
     assert "qr" not in call(url, "/api/whatsapp", token=token)[1]  # expired long ago
     wac.write_status(d, "linked", me="15550000000@s.whatsapp.net")
     assert call(url, "/api/whatsapp", token=token)[1] == {"state": "linked"}
+
+
+def test_a_reply_given_twice_is_shown_once(tmp_path, monkeypatch):
+    """An attempt whose result was not stored (a timeout) sends the same reply again: the
+    page's event stream carries it once (and the page drops an id it has shown, app.js)."""
+    import asyncio
+
+    from nanoclaw import config
+    from nanoclaw.agents.groups import ensure_defaults
+    from nanoclaw.channels.base import OutboundMessage
+    from nanoclaw.channels.runner import ChannelRunner
+    from nanoclaw.channels.web import WebChannel
+    from nanoclaw.db.store import Store
+
+    for k, v in {"NANOCLAW_DATA_DIR": tmp_path / "data", "NANOCLAW_LOGS_DIR": tmp_path / "logs",
+                 "NANOCLAW_GROUPS_DIR": tmp_path / "groups"}.items():
+        monkeypatch.setenv(k, str(v))
+    s = config.load()
+    store = Store.open(s.data_dir)
+    ensure_defaults(store, s)
+
+    async def go() -> list[dict]:
+        ch = WebChannel(s, ChannelRunner(store, s, "web"))
+        await ch.setup()
+        try:
+            for text in ("first", "first", "second"):
+                msg = OutboundMessage("web:r-1" if text == "first" else "web:r-2", "chat",
+                                      {"text": text})
+                assert await ch.deliver("local", None, msg) == msg.idem_key
+            status, body = await asyncio.to_thread(
+                call, ch.url, "/api/events?wait=0", None, ch.token)
+            assert status == 200
+            return body["events"]
+        finally:
+            await ch.teardown()
+    events = [e for e in asyncio.run(go()) if e["type"] == "reply"]
+    assert [(e["id"], e["text"]) for e in events] == [("web:r-1", "first"), ("web:r-2", "second")]

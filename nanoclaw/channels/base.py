@@ -4,7 +4,8 @@ channel worker does next: `Unavailable` (nobody to send to yet: wait, don't coun
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 from nanoclaw.config import Settings
@@ -33,10 +34,34 @@ class SendError(Exception):
 
 @dataclass
 class OutboundMessage:
+    """One send. A message the platform takes in several parts (a long text split, then
+    its files) keeps the ids of the parts already sent in `parts`, which the worker
+    stores as each is sent (`sent`): an attempt after a failure, or after a crash of the
+    worker, resumes at the first part not yet sent instead of repeating the others.
+
+    `uncertain_since` is set when an earlier attempt may have been cut off inside the
+    platform's call (a crash, a timeout): the part then in flight may have reached the
+    platform. An adapter that can tell (`find_sent`) is asked before it is sent again."""
+
     idem_key: str
     kind: str
     content: dict[str, Any]
     in_reply_to: str | None = None  # the platform message id being answered, if any
+    parts: list[str] = field(default_factory=list)
+    uncertain_since: float | None = None
+    record: Callable[[str], None] | None = field(default=None, repr=False)
+
+    def sent(self, platform_message_id: Any) -> None:
+        """Part `len(parts)` reached the platform under this id: stored before the next."""
+        pid = str(platform_message_id)
+        if self.record is not None:
+            self.record(pid)
+        self.parts.append(pid)
+
+    def part_key(self, index: int) -> str:
+        """A short stable key for one part of this send (a nonce, a marker), at most 25
+        characters: the same for every attempt, different for every part and send."""
+        return hashlib.sha256(f"{self.idem_key}\0{index}".encode()).hexdigest()[:25]
 
 
 class ChannelHost(Protocol):
@@ -99,7 +124,10 @@ class Channel:
         raise NotImplementedError
 
     # Optional: `async set_typing(platform_id, thread_id)`; `async open_dm(handle) ->
-    # platform_id` (the runner resolves `@dm:<handle>` destinations with it).
+    # platform_id` (the runner resolves `@dm:<handle>` destinations with it);
+    # `async find_sent(platform_id, thread_id, message, since) -> {part index: id}`: the
+    # parts of `message` the platform shows as sent since `since` (epoch seconds), asked
+    # before an uncertain part is sent again (`OutboundMessage.uncertain_since`).
 
 
 class Registry:

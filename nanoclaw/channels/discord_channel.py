@@ -109,7 +109,6 @@ class DiscordChannel(DiscordInbound, DiscordOutbound, Channel):
         self.ready = asyncio.Event()
         self.gone = asyncio.Event()
         self.last_ok = time.monotonic()
-        self.parts: dict[str, list[int]] = {}
         c = self.client
         c.event(self.on_ready)
         c.event(self.on_resumed)

@@ -4,8 +4,10 @@ indicator or a DM, with discord.py's errors sorted into the worker's vocabulary.
 
 Discord renders Markdown itself: agent text passes through, split at 2000 characters
 without leaving a fenced code block open across messages (`markdown.discord_markdown`).
-A split half sent when the send failed is resumed, not repeated (`parts`, by
-idempotency key).
+A split half sent when the send failed is resumed, not repeated (`message.parts`, kept
+by the worker), and every part carries an enforced nonce (`part_key`): a part whose post
+landed but whose answer was lost (a crash, a timeout) is answered by Discord with the
+message it already made when it is sent again, so it shows once.
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ class DiscordOutbound:
 
     client: discord.Client
     ready: asyncio.Event
-    parts: dict[str, list[int]]
 
     async def deliver(self, platform_id: str, thread_id: str | None,
                       message: OutboundMessage) -> str | None:
@@ -89,7 +90,7 @@ class DiscordOutbound:
             raise SendError("empty message", permanent=True)
         steps: list[tuple[str | None, bool]] = [(t, False) for t in chunks] or [(None, True)]
         steps[-1] = (steps[-1][0], True)  # the last message carries buttons and files
-        done = self.parts.setdefault(message.idem_key, [])
+        done = message.parts
         target = reply_target(message.in_reply_to)  # an edit (`edit<n>:<id>`) answers <id>
         target = target.rsplit(":", 1)[-1] if target else None
         for i, (text, last) in enumerate(steps):
@@ -103,9 +104,10 @@ class DiscordOutbound:
             if i == 0 and target and target.isdigit():
                 kwargs["reference"] = discord.MessageReference(
                     message_id=int(target), channel_id=channel_id, fail_if_not_exists=False)
-            sent = await asyncio.wait_for(ch.send(content=text, **kwargs), 60)
-            done.append(sent.id)
-        self.parts.pop(message.idem_key, None)
+            # the part's nonce, enforced: Discord answers a repeat of it (an attempt cut
+            # off after the post landed) with the message it already made
+            sent = await ch.send(content=text, nonce=message.part_key(i), **kwargs)
+            message.sent(sent.id)
         return str(done[0])
 
     async def set_typing(self, platform_id: str, thread_id: str | None) -> None:

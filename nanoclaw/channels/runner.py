@@ -119,14 +119,25 @@ class ChannelRunner:
 
     async def _send(self, row: dict[str, Any]) -> None:
         assert self.adapter is not None
-        msg = OutboundMessage(row["idem_key"], row["kind"], json.loads(row["content"]),
-                              row["in_reply_to"])
+        msg = OutboundMessage(
+            row["idem_key"], row["kind"], json.loads(row["content"]), row["in_reply_to"],
+            parts=[str(p) for p in json.loads(row["parts"] or "[]")],
+            uncertain_since=_ts(row["attempt_at"]) if row["attempt_at"] else None,
+            record=lambda part: self.store.record_part(row["id"], part))
         attempt = row["attempts"] + 1
         try:
             pid = row["platform_id"]
             if pid.startswith("@dm:"):
                 pid = await self._open_dm(pid[4:])
-            pmid = await self.adapter.deliver(pid, row["thread_id"], msg)
+            self.store.begin_send(row["id"])  # from here the platform may have it
+            async with asyncio.timeout(self.settings.send_timeout):
+                if msg.uncertain_since is not None:
+                    await self._find_sent(pid, row, msg)
+                pmid = await self.adapter.deliver(pid, row["thread_id"], msg)
+        except TimeoutError:  # asyncio.timeout's: the platform stalled
+            self._retry(row, attempt, f"{self.channel_type} did not answer within"
+                        f" {self.settings.send_timeout:g}s", self._backoff(attempt))
+            return
         except Unavailable as e:
             self.store.park_send(row["id"], iso(self.clock() + PARK_SECONDS))
             logger.debug("send {} parked: {}", row["id"], e)
@@ -144,6 +155,29 @@ class ChannelRunner:
         self.store.mark_sent(row["id"], pmid)
         if msg.content.get("operation") is None:
             self.typing.pop((pid, row["thread_id"]), None)
+
+    async def _find_sent(self, pid: str, row: dict[str, Any], msg: OutboundMessage) -> None:
+        """An earlier attempt was cut off inside the platform's call: the part then in
+        flight may have landed. Ask the platform (where it can tell) and count what it
+        shows as sent, so nothing shows twice; where it cannot, the part goes again."""
+        assert self.adapter is not None and msg.uncertain_since is not None
+        finder = getattr(self.adapter, "find_sent", None)
+        if finder is None:
+            return
+        try:
+            found = await finder(pid, row["thread_id"], msg, msg.uncertain_since)
+        except Exception as e:  # sending again is the lesser harm than never sending
+            logger.warning("send {} to {}:{}: could not check what already reached the"
+                           " platform ({}: {}); sending what is missing again", row["id"],
+                           self.channel_type, pid, type(e).__name__, e)
+            return
+        before = len(msg.parts)
+        while len(msg.parts) in found:
+            msg.sent(found[len(msg.parts)])
+        if len(msg.parts) > before:
+            logger.info("send {} to {}:{}: {} part(s) had reached the platform before an"
+                        " attempt was cut off; not sent again", row["id"], self.channel_type,
+                        pid, len(msg.parts) - before)
 
     async def _open_dm(self, handle: str) -> str:
         """A cold DM (approvals): ask the adapter for the DM chat, cache it in user_dms."""

@@ -66,7 +66,6 @@ class SlackChannel(SlackInbound, SlackOutbound, Channel):
                 raise ConfigError(f"SLACK_APP_TOKEN was rejected: {e.response['error']}") from None
             raise
         self.last_ok = time.monotonic()
-        self.parts: dict[str, list[str]] = {}
         self.watchdog = asyncio.create_task(self._watch())
         logger.info("slack connected as <@{}> (Socket Mode)", self.bot_user)
 

@@ -6,7 +6,10 @@ their `error` code (FATAL: the token; PERMANENT: this send can never work).
 Agent Markdown goes out as mrkdwn (`markdown.slack_mrkdwn`): 40,000 characters per
 message, 3,000 per block. Slack shows no typing indicator to bots, so there is no
 `set_typing`. A split half sent when the send failed is resumed, not repeated
-(`parts`, by idempotency key).
+(`message.parts`, kept by the worker). Slack takes no idempotency key, so each part
+carries a marker in its message metadata (the send's key and the part's index): before a
+part whose answer was lost (a crash, a timeout) is posted again, the chat's history is
+read for it (`find_sent`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from nanoclaw.channels.text import card_links, encode_choice, load_files, parse_
 
 LIMIT = 40_000
 BLOCK_LIMIT = 3000
+MARKER = "nanoclaw_send"  # the metadata event type of every part we post
 FATAL = {"invalid_auth", "not_authed", "account_inactive", "token_revoked", "token_expired"}
 PERMANENT = {"channel_not_found", "not_in_channel", "is_archived", "msg_too_long",
              "no_text", "message_not_found", "cant_update_message", "invalid_blocks",
@@ -37,7 +41,6 @@ class SlackOutbound:
     """The sends; the connection they use (web, parts, die) is the channel's."""
 
     web: AsyncWebClient
-    parts: dict[str, list[str]]
     die: Callable[[str], None]
 
     async def deliver(self, platform_id: str, thread_id: str | None,
@@ -92,30 +95,53 @@ class SlackOutbound:
             blocks = [_section(text), {"type": "actions", "elements": [
                 {"type": "button", "text": {"type": "plain_text", "text": label[:75]}, "url": url}
                 for label, url in card_links(c)[:5]]}]
-        done = self.parts.setdefault(message.idem_key, [])
+        done = message.parts
         for i, chunk in enumerate(chunks):
             if i < len(done):
                 continue
             last = i == len(chunks) - 1
             r = await self.web.chat_postMessage(channel=channel, text=chunk, thread_ts=thread,
-                                                blocks=blocks if last else None)
-            done.append(str(r["ts"]))
+                                                blocks=blocks if last else None,
+                                                metadata=_marker(message, i))
+            message.sent(str(r["ts"]))
         for j, f in enumerate(files):
             if len(chunks) + j < len(done):
                 continue
             r = await self.web.files_upload_v2(channel=channel, thread_ts=thread,
                                                content=f.data, filename=f.name)
             fid = (r.get("file") or {}).get("id") or (r.get("files") or [{}])[0].get("id")
-            done.append(str(fid))
-        self.parts.pop(message.idem_key, None)
+            message.sent(str(fid))
         if not done:
             raise SendError("empty message", permanent=True)
         return done[0]
+
+    async def find_sent(self, platform_id: str, thread_id: str | None,
+                        message: OutboundMessage, since: float) -> dict[int, str]:
+        """The parts of `message` Slack shows in the chat (or thread) since `since`, by the
+        marker each part carries in its metadata: none is posted twice."""
+        channel = platform_id.split(":", 1)[1] if platform_id.startswith("slack:") else platform_id
+        args: dict[str, Any] = {"channel": channel, "oldest": f"{since - 5:.6f}",
+                                "include_all_metadata": True, "limit": 200}
+        r = await (self.web.conversations_replies(ts=thread_id, **args) if thread_id
+                   else self.web.conversations_history(**args))
+        found: dict[int, str] = {}
+        for m in r.get("messages") or []:
+            meta = m.get("metadata") or {}
+            payload = meta.get("event_payload") or {}
+            if meta.get("event_type") == MARKER and payload.get("key") == message.idem_key \
+                    and isinstance(payload.get("part"), int):
+                found.setdefault(payload["part"], str(m.get("ts")))
+        return found
 
     async def open_dm(self, handle: str) -> str:
         user = handle.split(":", 1)[1] if handle.startswith("slack:") else handle
         r = await self.web.conversations_open(users=user)
         return f"slack:{r['channel']['id']}"
+
+
+def _marker(message: OutboundMessage, part: int) -> dict[str, Any]:
+    """What a posted part carries so `find_sent` can recognise it after a lost answer."""
+    return {"event_type": MARKER, "event_payload": {"key": message.idem_key, "part": part}}
 
 
 def _first(markdown: str, limit: int) -> str:

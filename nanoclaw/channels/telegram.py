@@ -64,7 +64,6 @@ class TelegramChannel(TelegramInbound, TelegramOutbound, Channel):
         self.me = self.bot.bot
         self.username = (self.me.username or "").lower()
         self.last_ok = time.monotonic()
-        self.parts: dict[str, list[int]] = {}  # idem key → chunk ids already sent
         self.poller = asyncio.create_task(self._poll_forever())
         self.poller.add_done_callback(self._poller_done)
         logger.info("telegram connected as @{} (id {})", self.me.username, self.me.id)

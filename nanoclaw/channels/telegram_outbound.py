@@ -51,7 +51,6 @@ class TelegramOutbound:
     """The sends; the connection they use (bot, parts, die...) is the channel's."""
 
     bot: Bot
-    parts: dict[str, list[int]]
     die: Callable[[str], None]
 
     async def deliver(self, platform_id: str, thread_id: str | None,
@@ -103,7 +102,7 @@ class TelegramOutbound:
                                            for label, url in card_links(c)])
         files = load_files(c)  # a bad file is a permanent SendError
         chunks = telegram_html(plain_text(c), LIMIT)
-        done = self.parts.setdefault(message.idem_key, [])  # resume a half-sent split
+        done = message.parts  # resume a half-sent split
         target = _int_or_none(reply_target(message.in_reply_to))
         for i, chunk in enumerate(chunks):
             if i < len(done):
@@ -114,14 +113,13 @@ class TelegramOutbound:
                 reply_parameters=ReplyParameters(target, allow_sending_without_reply=True)
                 if target and i == 0 else None,
                 reply_markup=markup if last else None)
-            done.append(sent.message_id)
+            message.sent(sent.message_id)
         for j, f in enumerate(files):
             if len(chunks) + j < len(done):
                 continue
             sent = await self.bot.send_document(chat_id, InputFile(f.data, filename=f.name),
                                                 message_thread_id=thread)
-            done.append(sent.message_id)
-        self.parts.pop(message.idem_key, None)
+            message.sent(sent.message_id)
         if not done:
             raise SendError("empty message", permanent=True)
         return str(done[0])

@@ -192,6 +192,10 @@ class WebChannel(WebApi, Channel):
         if ev is None:
             raise SendError(f"unknown operation {message.content.get('operation')!r}",
                             permanent=True)
+        if ev["type"] in ("reply", "card") and any(
+                e.get("id") == ev["id"] and e["type"] == ev["type"]
+                for e in self.events.get(platform_id, ())):
+            return ev["id"]  # shown already (an attempt whose result was not stored)
         self._push(platform_id, ev)
         await self._notify()
         return ev.get("id") if ev["type"] in ("reply", "card") else str(ev.get("id"))

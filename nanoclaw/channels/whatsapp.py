@@ -74,7 +74,6 @@ class WhatsAppChannel(Channel):
         self.lids: dict[str, str] = {}                       # LID → phone JID
         self.known: OrderedDict[str, WAMessage] = OrderedDict()
         self.sent: OrderedDict[str, None] = OrderedDict()    # ids we sent (self-chat echo)
-        self.parts: dict[str, list[str]] = {}                # idem key → chunk ids sent
         self.cards = self._load_cards()
         await self.client.connect()
         self.watchdog = asyncio.create_task(self._watch())
@@ -299,17 +298,16 @@ class WhatsAppChannel(Channel):
             text += "\n\nReply with the number."
         files = load_files(c)
         chunks = whatsapp_text(text, LIMIT)
-        done = self.parts.setdefault(message.idem_key, [])
+        done = message.parts
         quote = self.known.get(reply_target(message.in_reply_to) or "")
         for i, chunk in enumerate(chunks):
             if i >= len(done):
-                done.append(await self.client.send_text(chat, chunk, quote if i == 0 else None))
+                message.sent(await self.client.send_text(chat, chunk, quote if i == 0 else None))
                 self._remember(self.sent, done[-1], None)
         for j, f in enumerate(files):
             if len(chunks) + j >= len(done):
-                done.append(await self.client.send_file(chat, f.name, f.data))
+                message.sent(await self.client.send_file(chat, f.name, f.data))
                 self._remember(self.sent, done[-1], None)
-        self.parts.pop(message.idem_key, None)
         if not done:
             raise SendError("empty message", permanent=True)
         if q:

@@ -208,7 +208,6 @@ class WhatsAppCloudChannel(Channel):
             raise ConfigError("WHATSAPP_PHONE_NUMBER_ID is not set (whatsapp-cloud needs it"
                               " with WHATSAPP_ACCESS_TOKEN)")
         self.graph = Graph(self.settings)
-        self.parts: dict[str, list[str]] = {}  # idem key → ids of the parts already sent
         self.token_told = False
         try:  # the token and the number, once: say at start-up what is wrong
             await asyncio.wait_for(self.graph.call("GET", self.graph.phone_id), 15)
@@ -292,23 +291,22 @@ class WhatsAppCloudChannel(Channel):
             raise SendError(f"unknown operation {op!r}", permanent=True)
         parts = self._payloads(c)
         files = load_files(c)  # a bad file is a permanent SendError
-        done = self.parts.setdefault(message.idem_key, [])  # resume a half-sent split
+        done = message.parts  # resume a half-sent split
         target = reply_target(message.in_reply_to)
         for i, p in enumerate(parts):
             if i < len(done):
                 continue
             if i == 0 and target and target.startswith("wamid."):
                 p = {**p, "context": {"message_id": target}}
-            done.append(await self.graph.send(to, p))
+            message.sent(await self.graph.send(to, p))
         for j, f in enumerate(files):
             if len(parts) + j < len(done):
                 continue
             mime = mimetypes.guess_type(f.name)[0] or "application/octet-stream"
             media = await self.graph.upload(f.name, f.data, mime)
             kind = "image" if mime in IMAGES else "document"
-            done.append(await self.graph.send(to, {kind: {"id": media, **(
+            message.sent(await self.graph.send(to, {kind: {"id": media, **(
                 {"filename": f.name} if kind == "document" else {})}, "type": kind}))
-        self.parts.pop(message.idem_key, None)
         if not done:
             raise SendError("empty message", permanent=True)
         return done[0]

@@ -313,5 +313,8 @@ MIGRATIONS: list[tuple[str, str]] = [
      "ALTER TABLE pending_approvals ADD COLUMN decided_by TEXT;\n"
      "ALTER TABLE pending_approvals ADD COLUMN decided_at TEXT;\n"),
     ("question-card-ids", QUESTION_CARDS),
+    ("send-parts",  # a split send's parts already sent; when its first attempt began
+     "ALTER TABLE channel_outbox ADD COLUMN parts TEXT;\n"
+     "ALTER TABLE channel_outbox ADD COLUMN attempt_at TEXT;\n"),
 ]
 check_ledger(MIGRATIONS)

@@ -119,11 +119,26 @@ class QueueQueries(Queries):
             " AND status='pending'", (channel_type,)).fetchone()
         return row[0]
 
+    def begin_send(self, send_id: int) -> None:
+        """An attempt is about to call the platform: from now until its result is stored,
+        the send may have reached the platform (`attempt_at`, kept from the first)."""
+        with atomic(self.conn):
+            self.conn.execute("UPDATE channel_outbox SET attempt_at=COALESCE(attempt_at, ?)"
+                              " WHERE id=?", (utcnow(), send_id))
+
+    def record_part(self, send_id: int, platform_message_id: str) -> None:
+        """One more part of a split send reached the platform (stored before the next)."""
+        with atomic(self.conn):
+            self.conn.execute("UPDATE channel_outbox SET parts=json_insert("
+                              "COALESCE(parts, '[]'), '$[#]', ?) WHERE id=?",
+                              (platform_message_id, send_id))
+
     def mark_sent(self, send_id: int, platform_message_id: str | None) -> None:
         with atomic(self.conn):
             self.conn.execute(
                 "UPDATE channel_outbox SET status='sent', platform_message_id=?, sent_at=?,"
-                " attempts=attempts+1 WHERE id=?", (platform_message_id, utcnow(), send_id))
+                " attempts=attempts+1, attempt_at=NULL WHERE id=?",
+                (platform_message_id, utcnow(), send_id))
         self.nudge("delivery")  # it records the result in the session
 
     def mark_send_error(self, send_id: int, error: str, next_attempt_at: str | None) -> None:
@@ -131,8 +146,9 @@ class QueueQueries(Queries):
         with atomic(self.conn):
             self.conn.execute(
                 "UPDATE channel_outbox SET attempts=attempts+1, error=?, next_attempt_at=?,"
-                " status=? WHERE id=?",
-                (error, next_attempt_at, "pending" if next_attempt_at else "failed", send_id))
+                " status=?, attempt_at=CASE WHEN ? THEN attempt_at END WHERE id=?",
+                (error, next_attempt_at, "pending" if next_attempt_at else "failed",
+                 next_attempt_at is not None, send_id))
         if next_attempt_at is None:
             self.nudge("delivery")  # it tells the agent
 

@@ -2,7 +2,9 @@
 event loop, a record of every call, and scripted misbehaviour (`inject`): an HTTP
 status (with `retry_after` for 429s), a stall (the request hangs until released), or a
 dropped connection, for the next `count` calls of a method that match some parameters;
-an error may carry the platform's own `description`."""
+an error may carry the platform's own `description`. A `land_then_stall` rule lets the
+call do what it does (the message is posted) and then holds its answer until released:
+the client never learns that it landed, as when a crash or a timeout cuts it off."""
 
 from __future__ import annotations
 
@@ -15,6 +17,9 @@ from typing import Any, Callable
 from aiohttp import web
 
 
+HOLD = web.RequestKey("land_then_stall", bool)  # this request's answer is held back
+
+
 @dataclass
 class Rule:
     method: str
@@ -23,6 +28,7 @@ class Rule:
     retry_after: float | None = None
     stall: bool = False
     drop: bool = False
+    land_then_stall: bool = False
     match: dict[str, Any] = field(default_factory=dict)
     hits: int = 0
     description: str | None = None
@@ -33,7 +39,7 @@ class Call:
     method: str
     params: dict[str, Any]
     at: float
-    outcome: str = "ok"  # ok | injected:<status> | stalled | dropped
+    outcome: str = "ok"  # ok | injected:<status> | stalled | dropped | landed-stalled
 
 
 class FakeServer:
@@ -61,7 +67,9 @@ class FakeServer:
         self.loop = asyncio.new_event_loop()
         asyncio.set_event_loop(self.loop)
         self._release = asyncio.Event()
-        self.runner = web.AppRunner(self.app(), handle_signals=False)
+        app = self.app()
+        app.middlewares.append(self._hold_answer)
+        self.runner = web.AppRunner(app, handle_signals=False)
         self.loop.run_until_complete(self.runner.setup())
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
         self.loop.run_until_complete(site.start())
@@ -94,8 +102,9 @@ class FakeServer:
     # ---- misbehaviour -----------------------------------------------------------------
     def inject(self, method: str, count: int = 1, status: int | None = None,
                retry_after: float | None = None, stall: bool = False, drop: bool = False,
-               description: str | None = None, **match: Any) -> Rule:
-        rule = Rule(method, count, status, retry_after, stall, drop, match,
+               description: str | None = None, land_then_stall: bool = False,
+               **match: Any) -> Rule:
+        rule = Rule(method, count, status, retry_after, stall, drop, land_then_stall, match,
                     description=description)
         with self.lock:
             self.rules.append(rule)
@@ -136,6 +145,9 @@ class FakeServer:
         rule = self.take(method, params)
         if rule is None:
             return None
+        if rule.land_then_stall:  # done as usual; `_hold_answer` keeps the answer back
+            request[HOLD] = True
+            return None
         if rule.stall:
             self.record(method, params, "stalled")
             release = self._release
@@ -154,6 +166,20 @@ class FakeServer:
         if rule.description is not None:
             return error(rule.status or 500, rule.retry_after, description=rule.description)
         return error(rule.status or 500, rule.retry_after)
+
+    @web.middleware
+    async def _hold_answer(self, request: web.Request, handler: Callable[..., Any]) -> Any:
+        response = await handler(request)
+        if request.get(HOLD):
+            release = self._release
+            assert release is not None
+            try:
+                await asyncio.wait_for(release.wait(), 600)
+            except asyncio.TimeoutError:
+                pass
+            if request.transport is not None:
+                request.transport.abort()  # the answer is lost with the connection
+        return response
 
     # ---- queries ----------------------------------------------------------------------
     def calls_of(self, method: str, outcome: str | None = "ok") -> list[Call]:

@@ -41,6 +41,9 @@ class PlatformFake:
     threads = True             # users can post in threads of a chat
     edit_events = True         # the platform tells bots when a user edits a message
     bot_edits = True           # a bot can edit its own message (a card shows the choice)
+    # whether a send whose answer was lost can be told from one that never landed (an
+    # enforced nonce, a marker in the history); where not, it is sent again (at least once)
+    idempotent_sends = False
 
     def clicker(self, chat: str) -> str:
         """Who a click in `chat` comes from, as the action event names them."""
@@ -107,4 +110,8 @@ class PlatformFake:
 
     def refuse_sends(self, chat: str) -> Rule:
         """The next post to `chat` is refused for good (no access, no such chat)."""
+        raise NotImplementedError
+
+    def land_then_stall(self, chat: str) -> Rule:
+        """The next post to `chat` is made (users see it), but its answer never comes."""
         raise NotImplementedError

@@ -47,6 +47,7 @@ class Session:
 
 class FakeDiscord(FakeServer, PlatformFake):
     channel, limit, typing, reply_refs, user = "discord", 2000, True, True, "31"
+    idempotent_sends = True  # an enforced nonce answers a repeat with the first message
 
     def __init__(self, token: str = "discord-test-token") -> None:
         super().__init__()
@@ -62,6 +63,7 @@ class FakeDiscord(FakeServer, PlatformFake):
         self.live: list[tuple[web.WebSocketResponse, Session | None]] = []
         self.next_id = 1_000_000
         self.messages: dict[str, dict[str, Any]] = {}
+        self.nonces: dict[tuple[str, str], str] = {}  # (channel, enforced nonce) → message
         self.callbacks: list[dict[str, Any]] = []
         self.attachments: dict[str, bytes] = {}
         self.clicked: dict[str, str] = {}  # interaction id → message id
@@ -282,6 +284,9 @@ class FakeDiscord(FakeServer, PlatformFake):
         return [c for c in self.calls_of("POST /channels/{id}/typing")
                 if c.params.get("channel_id") == chat]
 
+    def land_then_stall(self, chat: str) -> Rule:
+        return self.inject("POST /channels/{id}/messages", land_then_stall=True, channel_id=chat)
+
     def rate_limit(self, chat: str, seconds: float) -> Rule:
         return self.inject("POST /channels/{id}/messages", status=429, retry_after=seconds,
                            channel_id=chat)
@@ -439,6 +444,12 @@ class FakeDiscord(FakeServer, PlatformFake):
             content = body.get("content") or ""
             if len(content) > 2000:
                 return _json({"message": "Invalid Form Body", "code": 50035}, 400)
+            nonce = body.get("nonce")
+            if nonce is not None and len(str(nonce)) > 25:
+                return _json({"message": "Invalid Form Body", "code": 50035}, 400)
+            if body.get("enforce_nonce") and (p[1], str(nonce)) in self.nonces:
+                # Discord: the same author, the same nonce within minutes → that message
+                return _json(self.messages[self.nonces[(p[1], str(nonce))]])
             mid = self.snowflake()
             m = {"id": mid, "channel_id": p[1], "type": 0, "content": content, "author": BOT,
                  "timestamp": "2026-01-01T00:00:00.000000+00:00", "edited_timestamp": None,
@@ -453,6 +464,9 @@ class FakeDiscord(FakeServer, PlatformFake):
                 m["message_reference"] = body["message_reference"]
             with self.lock:
                 self.messages[mid] = m
+                if nonce is not None:
+                    m["nonce"] = str(nonce)
+                    self.nonces[(p[1], str(nonce))] = mid
             return _json(m)
         if len(p) == 4 and p[0] == "channels" and p[2] == "messages" and verb == "PATCH":
             m = self.messages.get(p[3])

@@ -332,6 +332,9 @@ class FakeGraph(FakeServer, PlatformFake):
         return [c for c in self.calls_of("read") if c.params.get("message_id") in ids
                 and c.params.get("typing_indicator")]
 
+    def land_then_stall(self, chat: str) -> Rule:
+        return self.inject("messages", land_then_stall=True, to=chat)
+
     def rate_limit(self, chat: str, seconds: float) -> Rule:
         return self.graph_error("messages", 130429, status=429, retry_after=seconds, to=chat)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 from aiohttp import WSMsgType, web
 
@@ -34,6 +34,7 @@ def _ok(**data: Any) -> web.Response:
 
 class FakeSlack(FakeServer, PlatformFake):
     channel, limit, typing, reply_refs, user = "slack", 40_000, False, False, "UCLICK01"
+    idempotent_sends = True  # each part's metadata marker is found in the history
 
     def __init__(self, bot_token: str = "xoxb-test", app_token: str = "xapp-test") -> None:
         super().__init__()
@@ -62,7 +63,7 @@ class FakeSlack(FakeServer, PlatformFake):
 
     def ts(self) -> str:
         with self.lock:
-            self.clock += 0.000100
+            self.clock = max(self.clock + 0.000100, time.time())  # Slack's ts is a time
             return f"{self.clock:.6f}"
 
     # ---- test side --------------------------------------------------------------------
@@ -223,6 +224,9 @@ class FakeSlack(FakeServer, PlatformFake):
     def typing_calls(self, chat: str) -> list[Call]:
         return []  # Slack shows bots no typing indicator
 
+    def land_then_stall(self, chat: str) -> Rule:
+        return self.inject("chat.postMessage", land_then_stall=True, channel=chat)
+
     def rate_limit(self, chat: str, seconds: float) -> Rule:
         return self.inject("chat.postMessage", status=429, retry_after=seconds, channel=chat)
 
@@ -311,8 +315,32 @@ class FakeSlack(FakeServer, PlatformFake):
         blocks = p.get("blocks")
         if isinstance(blocks, str):
             blocks = json.loads(blocks)
-        m = self._post(p["channel"], text, p.get("thread_ts"), blocks=blocks)
+        meta = p.get("metadata")
+        if isinstance(meta, str):
+            meta = json.loads(meta)
+        m = self._post(p["channel"], text, p.get("thread_ts"), blocks=blocks,
+                       **({"metadata": meta} if meta else {}))
         return _ok(channel=p["channel"], ts=m["ts"], message=m)
+
+    def _history(self, p: dict, keep: Callable[[dict], bool]) -> web.Response:
+        """Newest first, from `oldest` on; metadata only when asked for, as Slack does."""
+        oldest = float(p.get("oldest") or 0)
+        with self.lock:
+            ms = [dict(m) for m in self.messages.values()
+                  if m.get("channel") == p.get("channel") and float(m["ts"]) >= oldest
+                  and keep(m)]
+        if str(p.get("include_all_metadata")).lower() not in ("true", "1"):
+            for m in ms:
+                m.pop("metadata", None)
+        ms.sort(key=lambda m: float(m["ts"]), reverse=True)
+        return _ok(messages=ms[:int(p.get("limit") or 100)], has_more=False)
+
+    async def _m_conversations_history(self, p: dict) -> web.Response:
+        return self._history(p, lambda m: not m.get("thread_ts") or m["thread_ts"] == m["ts"])
+
+    async def _m_conversations_replies(self, p: dict) -> web.Response:
+        ts = str(p.get("ts"))
+        return self._history(p, lambda m: m["ts"] == ts or m.get("thread_ts") == ts)
 
     async def _m_chat_update(self, p: dict) -> web.Response:
         m = self.messages.get(str(p.get("ts")))

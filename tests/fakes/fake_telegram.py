@@ -280,6 +280,9 @@ class FakeTelegram(FakeServer, PlatformFake):
     def typing_calls(self, chat: str) -> list[Call]:
         return [c for c in self.calls_of("sendChatAction") if str(c.params.get("chat_id")) == chat]
 
+    def land_then_stall(self, chat: str) -> Rule:
+        return self.inject("sendMessage", land_then_stall=True, chat_id=chat)
+
     def rate_limit(self, chat: str, seconds: float) -> Rule:
         return self.inject("sendMessage", status=429, retry_after=seconds, chat_id=chat)
 

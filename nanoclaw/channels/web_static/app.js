@@ -172,6 +172,7 @@
       return;
     }
     c.last = Math.max(c.last, ev.at || 0);
+    if ((ev.type === "reply" || ev.type === "card") && c.nodes.has(ev.id)) return;  // shown
     if (ev.type === "reply" || ev.type === "card") {
       c.lastAgent = Math.max(c.lastAgent, ev.at || 0);
       if (here) typing.hidden = true;
