@@ -33,6 +33,7 @@ write the files through the two classes.
 from __future__ import annotations
 
 import os
+import sqlite3
 import stat
 import time
 from typing import Any
@@ -103,6 +104,27 @@ def reset_outbound(paths: SessionPaths,
         pass
     create(paths.root, owner)
     return why
+
+
+def damaged(e: BaseException) -> bool:
+    """Whether an error from SQLite says the file itself is damaged (not a database, a
+    malformed page), not that it is busy, full or unreadable just now."""
+    return isinstance(e, sqlite3.DatabaseError) and not isinstance(e, sqlite3.OperationalError)
+
+
+def set_aside_inbound(paths: SessionPaths) -> str:
+    """A damaged inbound.db (`damaged`) is renamed aside, kept for a look and never read
+    again, and a fresh one made in its place; returns the name it was kept under. Its
+    agent must be stopped first: a running one holds the old file."""
+    aside = f"{paths.inbound}.damaged-{int(time.time() * 1000)}"
+    os.rename(paths.inbound, aside)
+    for tail in ("-journal", "-wal", "-shm"):
+        try:
+            os.unlink(paths.inbound + tail)
+        except FileNotFoundError:
+            pass
+    _create_inbound(paths)
+    return os.path.basename(aside)
 
 
 def _create_inbound(paths: SessionPaths) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +18,8 @@ from nanoclaw import nudge
 from nanoclaw.approvals import cards, registration
 from nanoclaw.channels.text import EDITED
 from nanoclaw.config import Settings
-from nanoclaw.db.session import SessionInbound, SessionPaths, create, of
+from nanoclaw.db.session import (SessionInbound, SessionPaths, create, damaged, of,
+                                  set_aside_inbound)
 from nanoclaw.db.store import Store
 from nanoclaw.errors import NotAllowed, NotFound
 from nanoclaw.log import logger
@@ -304,11 +306,33 @@ class Router:
         content = {"sender": ev.sender_name or uid or "unknown", "senderId": uid,
                    "senderName": ev.sender_name, "text": ev.text,
                    "attachments": ev.attachments, "replyTo": ev.reply_to}
-        SessionInbound(self._paths(session)).insert(
-            id=f"{ev.message_id}:{w['agent_group_id']}", kind="chat",
-            content=content, trigger=trigger, platform_id=ev.platform_id,
-            channel_type=ev.channel_type, thread_id=ev.thread_id)
+        row = dict(id=f"{ev.message_id}:{w['agent_group_id']}", kind="chat", content=content,
+                   trigger=trigger, platform_id=ev.platform_id, channel_type=ev.channel_type,
+                   thread_id=ev.thread_id)
+        try:
+            SessionInbound(self._paths(session)).insert(**row)
+        except sqlite3.DatabaseError as e:
+            if not damaged(e):
+                raise
+            self._set_aside(session, ev, e)
+            SessionInbound(self._paths(session)).insert(**row)  # the fresh one
         self.store.touch_session(session["id"])
+
+    def _set_aside(self, session: dict[str, Any], ev: Event, why: Exception) -> None:
+        """The session's inbound.db is damaged: stop its agent, keep the file aside, start
+        a fresh one and say so in the chat, once, in words; the message that found it
+        goes on into the fresh file, so the conversation carries on from it."""
+        sid = session["id"]
+        self.store.request_container(sid, "kill", "inbound.db damaged")
+        kept = set_aside_inbound(self._paths(session))
+        logger.error("session {}: quarantined: its inbound.db is damaged ({}); kept as {},"
+                     " a fresh one made", sid, why, kept)
+        self.store.enqueue_send(
+            f"{sid}:damaged:{kept}", ev.channel_type, ev.platform_id, ev.thread_id, "chat",
+            {"text": f"This conversation's stored messages were damaged (inbound.db: {why});"
+                     f" the file was set aside as {kept} and the conversation carries on from"
+                     " your last message. Anything earlier that was not answered yet needs"
+                     " to be sent again."}, session_id=sid, message_out_id=f"damaged:{kept}")
 
     def _deny(self, session: dict[str, Any], ev: Event, reason: str) -> None:
         """Answer a refused command without waking the agent (the original's broken path):
