@@ -34,3 +34,23 @@ class NotAllowed(NanoclawError):
 class Refused(NanoclawError):
     """Understood and allowed, but refused as asked (a bad value, a state that does not
     permit it, nobody to approve). Nothing was changed; the message says why."""
+
+
+class DiskFull(Refused):
+    """The data directory has no space left: nothing was stored. Input is refused with
+    this message until space returns; workers wait for it instead of crashing."""
+
+    def __init__(self, where: object) -> None:
+        super().__init__(f"the host's disk is full ({where} has no space left), so nothing"
+                         " new can be stored; free some space there and send it again")
+
+
+def disk_full(e: BaseException) -> bool:
+    """Whether an error says the disk (or the database's quota) is full."""
+    import errno
+    import sqlite3
+
+    if isinstance(e, sqlite3.OperationalError):
+        return getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or \
+            "disk is full" in str(e)
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)

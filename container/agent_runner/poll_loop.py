@@ -60,6 +60,16 @@ class TurnState:
     follow_read: float = 0.0
 
 
+def disk_full(e: BaseException) -> bool:
+    """An error that says the disk is full (a file write, or SQLite's)."""
+    import errno
+    import sqlite3
+
+    if isinstance(e, sqlite3.OperationalError):
+        return getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 def touch(path: str) -> None:
     """The heartbeat: its own mtime, never a file a link there points at."""
     try:
@@ -236,12 +246,23 @@ class PollLoop:
         if self.provider is None:
             self.notify(state, f"Error: {self.provider_error}")
             return
-        for attempt in (1, 2):
+        attempt = 0
+        while attempt < 2:
+            attempt += 1
             self.absorb(state)
             prompt = format_batch(state.batch.rows, state.batch.destinations, self.config.tz)
+            written = state.written
             try:
                 err = self.run_query(state, prompt, self.system(state.batch))
             except Exception as exc:  # a bug must still reach the user, not kill the loop
+                if disk_full(exc) and state.written == written:
+                    # the host's fault, not the user's: nothing was answered yet, so wait
+                    # for space and answer again (one more model call, never an error)
+                    log.error("no space left for the session's files (%s): waiting for"
+                              " space, then answering again", exc)
+                    self.wait_for_space()
+                    attempt -= 1
+                    continue
                 log.exception("query crashed")
                 err = ProviderError(f"internal error: {type(exc).__name__}: {exc}")
             if err is None:
@@ -254,6 +275,20 @@ class PollLoop:
                         getattr(err, "classification", "error"), err)
             self.notify(state, f"Error: {err}")
             return
+
+    def wait_for_space(self, need: int = 1 << 20) -> None:
+        """Until the session's folder has `need` bytes free again (the heartbeat kept
+        fresh, so the host does not take a wait for a hang; a stop ends it)."""
+        where = os.path.dirname(self.config.heartbeat) or "."
+        while True:
+            st = os.statvfs(where)
+            if st.f_bavail * st.f_frsize >= need:
+                log.warning("space again: carrying on")
+                return
+            touch(self.config.heartbeat)
+            if self.should_stop():
+                raise Shutdown()
+            time.sleep(1.0)
 
     def run_query(self, state: TurnState, prompt: str, system: str) -> ProviderError | None:
         assert self.provider is not None

@@ -20,6 +20,7 @@ from typing import Any
 
 from nanoclaw import jsonin
 from nanoclaw.channels.base import Channel, OutboundMessage, Unavailable
+from nanoclaw.errors import Refused
 from nanoclaw.log import logger
 from nanoclaw.util import new_id
 
@@ -123,10 +124,15 @@ class CliChannel(Channel):
                     self.clients.setdefault(chat, set()).add(writer)
                     self.host.kick(chat)
                 if frame["type"] == "message":
-                    await self.host.inbound(chat, frame["id"], {
-                        "text": frame["text"], "sender_id": self.user, "sender_name": self.user,
-                        "is_mention": True, "is_group": False})
-                    writer.write(_frame({"type": "ack", "id": frame["id"]}))
+                    try:
+                        await self.host.inbound(chat, frame["id"], {
+                            "text": frame["text"], "sender_id": self.user,
+                            "sender_name": self.user, "is_mention": True, "is_group": False})
+                    except Refused as e:  # not stored (a full disk): no ack, the reason
+                        writer.write(_frame({"type": "error", "id": frame["id"],
+                                             "error": str(e)}))
+                    else:
+                        writer.write(_frame({"type": "ack", "id": frame["id"]}))
                 else:
                     writer.write(_frame({"type": "subscribed", "chat": chat}))
                 await writer.drain()

@@ -26,8 +26,8 @@ from nanoclaw.channels.base import (
     Unavailable,
 )
 from nanoclaw.config import Settings
-from nanoclaw.errors import ConfigError
 from nanoclaw.db.store import Store
+from nanoclaw.errors import ConfigError, DiskFull, disk_full
 from nanoclaw.log import logger
 from nanoclaw.nudge import Poller
 from nanoclaw.util import is_approval_card, iso
@@ -53,8 +53,13 @@ class ChannelRunner:
     # ---- ChannelHost ------------------------------------------------------------------
     async def inbound(self, platform_id: str, message_id: str, payload: dict[str, Any],
                       thread_id: str | None = None, kind: str = "chat") -> bool:
-        _, new = self.store.enqueue_inbound(self.channel_type, platform_id, message_id, payload,
-                                            thread_id, kind)
+        try:
+            _, new = self.store.enqueue_inbound(self.channel_type, platform_id, message_id,
+                                                payload, thread_id, kind)
+        except Exception as e:  # not stored: the adapter does not acknowledge it
+            if disk_full(e):
+                raise DiskFull(self.settings.data_dir) from None
+            raise
         if new and kind == "chat" and hasattr(self.adapter, "set_typing") and (
                 payload.get("is_mention") or not payload.get("is_group")) and self._wired(platform_id):
             now = self.clock()
@@ -224,13 +229,26 @@ class ChannelRunner:
         try:
             await adapter.setup()
             poll = Poller.for_settings(self.settings, listener is not None)
+            full = False
             while not stop.is_set():
                 if adapter.fatal:
                     raise ConfigError(adapter.fatal)
                 if adapter.dead:
                     raise ChannelDead(adapter.dead)
                 now = self.clock()
-                did = await self.tick(now)
+                try:
+                    did = await self.tick(now)
+                except Exception as e:  # a result that cannot be stored: wait for space
+                    if not disk_full(e):
+                        raise
+                    if not full:
+                        logger.error("{}; sends wait for space ({})",
+                                     DiskFull(self.settings.data_dir), e)
+                    full, did = True, False
+                else:
+                    if full:
+                        logger.warning("space again: sends carry on")
+                    full = False
                 wait = poll.next(did, now)
                 if self.typing:
                     wait = min(wait, 1.0)

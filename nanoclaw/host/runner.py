@@ -31,7 +31,7 @@ from typing import Any
 
 from nanoclaw import nudge
 from nanoclaw.config import Settings
-from nanoclaw.errors import ConfigError
+from nanoclaw.errors import ConfigError, DiskFull, disk_full
 from nanoclaw.log import logger
 from nanoclaw.util import unlink_if_ours
 
@@ -39,6 +39,7 @@ from nanoclaw.util import unlink_if_ours
 EXIT_OK = 0
 EXIT_CRASH = 1
 EXIT_CONFIG = 78  # bad configuration: not restarted until asked (EX_CONFIG)
+FULL_WAIT = 1.0   # seconds between passes while the disk is full
 
 
 class Worker:
@@ -172,10 +173,19 @@ def _run_sync(worker: Worker, stop: dict, heart: Heartbeat) -> None:
         logger.info("worker started (pid {})", os.getpid())
         poll = nudge.Poller.for_settings(s, listener is not None)
         try:
+            full = False
             while not stop["flag"]:
                 now = time.time()
                 heart.beat(now)
-                did = worker.loop_once(now)
+                try:
+                    did = worker.loop_once(now)
+                except Exception as e:
+                    if not disk_full(e):
+                        raise
+                    full = _disk_full(e, full)
+                    did = FULL_WAIT
+                else:
+                    full = _disk_full(None, full)
                 # float: seconds to its next due time; a sleep beats at least every `every`
                 wait = did if isinstance(did, float) else poll.next(did, now)
                 waiter.wait(min(wait, heart.every))
@@ -183,6 +193,17 @@ def _run_sync(worker: Worker, stop: dict, heart: Heartbeat) -> None:
             worker.shutdown()
     finally:
         waiter.close()
+
+
+def _disk_full(e: BaseException | None, was: bool) -> bool:
+    """Say once that the disk is full and this worker waits for space (a pass that
+    cannot write is tried again every FULL_WAIT s: nothing crashes, nothing restarts),
+    and once that it carries on. Returns whether it is full now."""
+    if e is not None and not was:
+        logger.error("{}; waiting for space ({}: {})", DiskFull("data/"), type(e).__name__, e)
+    elif e is None and was:
+        logger.warning("space again on data/: carrying on")
+    return e is not None
 
 
 def _run_async(worker: Worker, stop_flag: dict, heart: Heartbeat) -> int:

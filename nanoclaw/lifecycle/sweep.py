@@ -16,6 +16,7 @@ from nanoclaw.config import Settings
 from nanoclaw.db.session import (HEARTBEAT, HostileDB, SessionInbound, SessionOutbound,
                                   SessionPaths, of)
 from nanoclaw.db.store import Store
+from nanoclaw.errors import disk_full
 from nanoclaw.log import logger
 from nanoclaw.util import iso, parse_iso
 
@@ -75,6 +76,8 @@ class Sweep:
                 self._session(s, now)
                 self.errors.pop(s["id"], None)
             except Exception as e:  # one bad session never stops the sweep
+                if disk_full(e):
+                    raise  # not this session's fault: the worker waits for space
                 if self.errors.get(s["id"]) != str(e):
                     self.errors[s["id"]] = str(e)
                     logger.error("sweep of session {} failed: {}", s["id"], e)
