@@ -4,8 +4,10 @@ the user's timezone. The series id ties the occurrences together; actions addres
 task by id or series and reach its live (pending or paused) occurrence.
 
 After an occurrence completes, `recur` inserts the next one computed from *now* (so
-missed runs are not replayed) and clears the old row's recurrence, both in one
-transaction: a crash in between cannot fire an occurrence twice.
+missed runs are not replayed; a clock stepped forward fires the late one once), or from
+the occurrence itself when the clock reads earlier (stepped back: a slot never fires
+twice), and clears the old row's recurrence, both in one transaction: a crash in
+between cannot fire an occurrence twice.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from croniter import croniter
 
 from nanoclaw.db.session import SessionInbound, SessionPaths
 from nanoclaw.errors import Refused
-from nanoclaw.util import iso, new_id
+from nanoclaw.util import iso, new_id, parse_iso
 
 
 class TaskError(Refused, ValueError):
@@ -117,5 +119,13 @@ def list_tasks(paths: SessionPaths, status: str | None = None) -> list[dict[str,
 
 
 def recur(paths: SessionPaths, tz: str, now: float) -> list[str]:
-    """Clone each completed row that still has a cron into its next occurrence."""
-    return SessionInbound(paths).recur(lambda cron: next_run(cron, tz, now))
+    """Clone each completed row that still has a cron into its next occurrence: the first
+    after now, and never at or before the occurrence that just ran. A clock stepped back
+    (NTP) while it ran would otherwise make `now` earlier than that occurrence, and the
+    same slot would fire again; a clock stepped forward skips the missed slots."""
+    def after(cron: str, ran: str | None) -> str:
+        try:
+            return next_run(cron, tz, max(now, parse_iso(ran or "")))
+        except ValueError:  # no time it ran at: from now
+            return next_run(cron, tz, now)
+    return SessionInbound(paths).recur(after)

@@ -78,10 +78,11 @@ class InboundTasks:
             return [dict(r) for r in conn.execute(
                 "SELECT * FROM messages_in WHERE kind='task' ORDER BY seq")]
 
-    def recur(self, next_run: Callable[[str], str]) -> list[str]:
+    def recur(self, next_run: Callable[[str, str | None], str]) -> list[str]:
         """Clone each finished occurrence that still has a cron into its next one (due at
-        `next_run(cron)`) and clear the old one's cron, in one transaction: a crash in
-        between cannot fire an occurrence twice. Returns the new ids."""
+        `next_run(cron, its process_after)`) and clear the old one's cron, in one
+        transaction: a crash in between cannot fire an occurrence twice. Returns the new
+        ids."""
         made: list[str] = []
         with self._read() as conn:  # cheap check first
             if not conn.execute("SELECT 1 FROM messages_in WHERE status IN"
@@ -100,7 +101,8 @@ class InboundTasks:
                     " thread_id, content, source_session_id, on_wake) VALUES"
                     " (?,?,?,?,'pending',?,?,?,0,1,?,?,?,?,?,0)",
                     (nid, self._next_seq(conn, out_max), r["kind"], utcnow(),
-                     next_run(r["recurrence"]), r["recurrence"], r["series_id"] or r["id"],
+                     next_run(r["recurrence"], r["process_after"]), r["recurrence"],
+                     r["series_id"] or r["id"],
                      r["platform_id"], r["channel_type"], r["thread_id"], r["content"],
                      r["source_session_id"]))
                 conn.execute("UPDATE messages_in SET recurrence=NULL WHERE id=?", (r["id"],))
