@@ -104,6 +104,29 @@ class Settings(BaseSettings):
     # an approved template (`name` or `name:language`) sent when a reply falls outside
     # the 24-hour window, asking the user to write again
     whatsapp_template: str = Field(default="", validation_alias="WHATSAPP_TEMPLATE")
+    # GitHub: issue and PR comments as chat (channels/github.py). Enabled by a bot
+    # account's token; /webhook/github is served only with GITHUB_WEBHOOK_SECRET, and
+    # without it the reconcile poll alone brings comments in (no public URL needed).
+    github_token: str = Field(default="", validation_alias="GITHUB_TOKEN")
+    github_webhook_secret: str = Field(default="", validation_alias="GITHUB_WEBHOOK_SECRET")
+    github_bot_username: str = Field(default="", validation_alias="GITHUB_BOT_USERNAME")
+    github_api_base: str = Field(default="https://api.github.com",
+                                 validation_alias="GITHUB_API_BASE")
+    github_repos: str = Field(default="", validation_alias="GITHUB_REPOS")  # owner/repo,…
+    github_poll_interval: float = Field(default=60.0, ge=0.05, le=3600,
+                                        validation_alias="GITHUB_POLL_INTERVAL")
+    github_attachment_hosts: str = Field(
+        default="github.com,user-images.githubusercontent.com,"
+        "private-user-images.githubusercontent.com,objects.githubusercontent.com",
+        validation_alias="GITHUB_ATTACHMENT_HOSTS")
+    github_members_only_reply: str = Field(default="",
+                                           validation_alias="GITHUB_MEMBERS_ONLY_REPLY")
+    # Linear: issue comments as chat (channels/linear.py), through /webhook/linear.
+    linear_api_key: str = Field(default="", validation_alias="LINEAR_API_KEY")
+    linear_webhook_secret: str = Field(default="", validation_alias="LINEAR_WEBHOOK_SECRET")
+    linear_api_url: str = Field(default="https://api.linear.app/graphql",
+                                validation_alias="LINEAR_API_URL")
+    linear_webhook_tolerance: float = Field(default=60.0, gt=0, le=3600)  # replay, seconds
     # WhatsApp Web, as a linked device: `nanoclaw channels login whatsapp` links it (QR, or
     # a pairing code for WHATSAPP_PHONE_NUMBER); its keys stay in data/channels/whatsapp/.
     whatsapp_enabled: bool = False
@@ -134,7 +157,7 @@ class Settings(BaseSettings):
     retry_base: float = Field(default=5.0, gt=0, le=600)  # agent retries: retry_base·2^tries
 
     @field_validator("anthropic_base_url", "telegram_api_base", "discord_api_base",
-                     "whatsapp_api_base")
+                     "whatsapp_api_base", "github_api_base", "linear_api_url")
     @classmethod
     def _url(cls, v: str) -> str:
         if not v.startswith(("http://", "https://")):

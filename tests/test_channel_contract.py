@@ -20,7 +20,9 @@ What only one platform does (its markup, its gateway or socket, its liveness) st
 tests/test_channel_<platform>.py. A platform without threads, user edits or bot edits
 (WhatsApp Cloud) says so in its fake (`threads`, `edit_events`, `bot_edits`): the thread
 and user-edit tests skip for it, and the bot-edit ones check that an edit fails, saying
-so, instead. WhatsApp Web cannot join: its fake is of our own client seam, in-process
+so, instead; where every message is in a thread (GitHub issues, Linear issues:
+`top_level` false), the first test checks the answer went to the message's thread.
+WhatsApp Web cannot join: its fake is of our own client seam, in-process
 (tests/test_channel_whatsapp.py says what that leaves uncovered)."""
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ from conftest import Host, wait_for
 
 from fakes.contract import PlatformFake, Sent
 from fakes.fake_discord import FakeDiscord
+from fakes.fake_github import FakeGitHub
 from fakes.fake_graph import FakeGraph
+from fakes.fake_linear import FakeLinear
 from fakes.fake_slack import FakeSlack
 from fakes.fake_telegram import FakeTelegram
 from fakes.hosts import (enqueue, error_log, inbound_events, log, outbox, session_inbound,
@@ -44,7 +48,8 @@ from fakes.hosts import (enqueue, error_log, inbound_events, log, outbox, sessio
 from nanoclaw.channels import LAZY
 
 FAKES = {"telegram": FakeTelegram, "discord": FakeDiscord, "slack": FakeSlack,
-         "whatsapp-cloud": FakeGraph}
+         "whatsapp-cloud": FakeGraph, "github": FakeGitHub,
+         "linear": FakeLinear}
 
 
 @pytest.fixture(scope="module", params=sorted(FAKES))
@@ -96,9 +101,13 @@ def test_a_message_is_stored_once_and_answered_in_its_chat(world):
     if fake.reply_refs:
         assert reply.reply_to == mid
     (ev,) = events(host, fake, chat)
-    assert ev["message_id"] == mid and ev["kind"] == "chat" and ev["thread_id"] is None
+    assert ev["message_id"] == mid and ev["kind"] == "chat"
+    assert ev["thread_id"] == (None if fake.top_level else reply.thread)  # answered in it
     assert ev["payload"]["text"] == "hello there" and ev["payload"]["sender_name"] == "Ann"
-    row = host.q("SELECT * FROM channel_outbox WHERE platform_id=?", (fake.platform_id(chat),))
+    # the platform shows the reply a moment before the worker stores its result
+    row = wait_for(lambda: (rows := host.q("SELECT * FROM channel_outbox WHERE platform_id=?",
+                                           (fake.platform_id(chat),)))
+                   and rows[0]["status"] == "sent" and rows, 30, what="the send's result")
     assert [(r["status"], r["platform_message_id"]) for r in row] == [("sent", reply.id)]
     fake.redeliver_last()  # the platform sends the same message again
     after = fake.user_says(chat, "and one more")

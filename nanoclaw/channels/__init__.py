@@ -29,6 +29,8 @@ LAZY = {
     "web": ("nanoclaw.channels.web:WebChannel", lambda s: s.web_enabled, False),
     "whatsapp-cloud": ("nanoclaw.channels.whatsapp_cloud:WhatsAppCloudChannel",
                        lambda s: bool(s.whatsapp_access_token), False),
+    "github": ("nanoclaw.channels.github:GitHubChannel", lambda s: bool(s.github_token), True),
+    "linear": ("nanoclaw.channels.linear:LinearChannel", lambda s: bool(s.linear_api_key), True),
 }
 
 
@@ -36,13 +38,20 @@ LAZY = {
 # (`channels/webhook.py`) at /webhook/<name> while the channel is enabled.
 WEBHOOKS: dict[str, str] = {
     "whatsapp-cloud": "nanoclaw.channels.whatsapp_cloud_webhook:CloudWebhook",
+    "github": "nanoclaw.channels.github_webhook:GitHubWebhook",
+    "linear": "nanoclaw.channels.linear_webhook:LinearWebhook",
 }
+# What a channel's webhook needs besides the channel being on (github without a secret
+# only polls: no door, no public URL).
+WEBHOOK_NEEDS = {"github": lambda s: bool(s.github_webhook_secret)}
 
 
 def webhook_names(settings) -> list[str]:
     """The enabled channels whose platform calls us: the door serves these."""
     reg = load_builtin()
-    return sorted(n for n in WEBHOOKS if n in reg.names() and reg.get(n).enabled(settings))
+    return sorted(n for n in WEBHOOKS if n in reg.names() and reg.get(n).enabled(settings)
+                  and WEBHOOK_NEEDS.get(n, bool)(settings))
+
 
 def load_builtin() -> Registry:
     """Register the built-in adapters (once each; none is imported until it runs)."""

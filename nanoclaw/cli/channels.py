@@ -51,8 +51,10 @@ def report(settings: Settings) -> list[str]:
     for name in reg.names():
         on = reg.get(name).enabled(settings)
         line = f"{name:<16} {'on' if on else 'off'}"
-        if name in WEBHOOKS and on:
+        if name in hooks:  # on, and served (github without a secret only polls)
             line += f"   platform calls {url}/webhook/{name}"
+        elif name in WEBHOOKS and on:
+            line += "   polling only (no webhook secret)"
         st = status_of(settings, name) if name in LOGINS else None
         if st:
             line += f"   ({st})"

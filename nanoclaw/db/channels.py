@@ -133,6 +133,15 @@ class ChannelQueries(Queries):
         except ValueError:
             return None
 
+    def sent_card_message_id(self, channel_type: str, question_id: str,
+                             platform_id: str) -> str | None:
+        """The platform message id of the card sent to a chat under that id (to edit it)."""
+        row = self._row("SELECT platform_message_id FROM channel_outbox WHERE channel_type=?"
+                        " AND platform_id=? AND status='sent' AND"
+                        " json_extract(content, '$.questionId')=? ORDER BY id DESC LIMIT 1",
+                        (channel_type, platform_id, question_id))
+        return row["platform_message_id"] if row else None
+
     def card_answered(self, channel_type: str, platform_id: str, question_id: str) -> bool:
         """Whether a click (or a number) answering this card in that chat is stored."""
         return self._exists("SELECT 1 FROM inbound_events WHERE channel_type=? AND"

@@ -265,6 +265,8 @@ class Router:
             if uid and mg["unknown_sender_policy"] == "request_approval":
                 registration.ask_sender(self.store, ev.to_row(), mg, w["agent_group_id"], uid,
                                         ev.sender_name)
+            elif ev.is_mention and isinstance(ev.payload.get("members_only_reply"), str):
+                self._notice(ev, ev.payload["members_only_reply"])  # the channel's one line
             return None
         session = session or self._create_session(w, mg, ev, mode)
         denial = gates.command_gate(self.store, ev.text, uid, w["agent_group_id"])
