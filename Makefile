@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: run test bench chaos image install lock clean
+.PHONY: run demo test bench chaos image install lock clean
 
 # Only hashed, locked packages: requirements.lock pins every package of the host and its
 # tests (pip and setuptools too) with its sha256 hashes; wheels only, so nothing is built
@@ -19,6 +19,11 @@ install: $(BIN)/.installed
 run: install
 	$(BIN)/nanoclaw run
 
+# Everything offline, before you have a key: a fake model with canned answers beside the
+# host, a dummy key, the web chat's address printed (nanoclaw/devtools/demo.py).
+demo: install
+	$(BIN)/python -m nanoclaw.devtools.demo
+
 test: install
 	$(BIN)/pytest
 
@@ -32,6 +37,8 @@ chaos: install
 	$(BIN)/python -m bench.chaos $(CHAOS_ARGS)
 
 # The agent image for the docker runtime (needs a Docker engine; see container/build.sh).
+# It also puts the pinned OpenCode CLI into the host's cache (from the npm registry,
+# integrity-checked: nanoclaw/runtime/opencode.py), which the process and bwrap runtimes use.
 image: install
 	$(BIN)/nanoclaw image build
 

@@ -64,7 +64,8 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "chaos.json"
 # model broker"), a quarantine (delivery/delivery.py: "This conversation's agent was
 # stopped ...", sent to the chat, not in reply to a message).
 ERROR_MARKS = ("could not be processed", "could not reach the model",
-               "could not reach the host", "Error:", "agent was stopped")
+               "cannot reach the model", "could not reach the host", "Error:",
+               "agent was stopped")
 # Settings that keep a soak fast (each exists; see README): an agent killed mid-turn is
 # retried after retry_base·2^tries s (default 5).
 SOAK_ENV = {"NANOCLAW_RETRY_BASE": "1"}

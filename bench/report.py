@@ -58,6 +58,8 @@ def figures(r: dict[str, Any]) -> dict[str, float | None]:
         "cold_turn_ms_p50_bwrap_nopool": g("sandboxes", "bwrap-nopool", "cold_turn_ms", "p50"),
         "cold_turn_ms_p50_docker": g("sandboxes", "docker", "cold_turn_ms", "p50"),
         "spawn_overhead_ms_docker": g("sandboxes", "docker", "spawn_overhead_ms"),
+        "warm_turn_ms_p50_openai": g("providers", "openai", "warm_turn_ms", "p50"),
+        "warm_turn_ms_p99_openai": g("providers", "openai", "warm_turn_ms", "p99"),
     }
 
 
@@ -98,6 +100,8 @@ LABELS = {
     "cold_turn_ms_p50_bwrap_nopool": "bwrap, no warm pool: cold turn p50 (ms)",
     "cold_turn_ms_p50_docker": "docker: cold turn p50 (ms)",
     "spawn_overhead_ms_docker": "docker: per-spawn overhead (ms)",
+    "warm_turn_ms_p50_openai": "openai provider: warm turn p50 (ms)",
+    "warm_turn_ms_p99_openai": "openai provider: warm turn p99 (ms)",
 }
 
 

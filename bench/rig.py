@@ -79,9 +79,10 @@ class Rig:
         self.seen: dict[int, str] = {}  # every host/agent pid observed, for the last resort
         self.spares: Procs = {}  # the warm pool's, at the last tree()
 
-    def start_fake(self) -> str:
+    def start_fake(self, module: str = "fake_model") -> str:
+        """The zero-delay fake (`fake_model`, or `fake_openai` for the openai provider)."""
         self.fake = subprocess.Popen(
-            [sys.executable, "-m", "nanoclaw.devtools.fake_model", "--port", "0",
+            [sys.executable, "-m", f"nanoclaw.devtools.{module}", "--port", "0",
              "--delay-ms", "0"],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             preexec_fn=_die_with_parent, start_new_session=True)
@@ -221,7 +222,7 @@ class Rig:
 
     def fake_call(self, method: str, path: str) -> Any:
         """The fake's own HTTP side: /_fake/reset, /_fake/requests (recorded calls)."""
-        host, port = self.fake_url.removeprefix("http://").split(":")
+        host, port = self.fake_url.removeprefix("http://").split("/")[0].split(":")
         conn = http.client.HTTPConnection(host, int(port), timeout=10)
         try:
             conn.request(method, path, body=b"{}" if method == "POST" else None,

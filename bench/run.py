@@ -3,7 +3,8 @@
 Starts the fake model (`python -m nanoclaw.devtools.fake_model`, its own process, zero
 delay) and a real host (`nanoclaw run`, `NANOCLAW_RUNTIME=process`, provider `anthropic`,
 everything in a temp dir), runs every phase of `bench.phases.PHASES` against it, then the
-sandbox runtimes (`bench.sandboxes`), and reports on stdout as a table and in
+sandbox runtimes (`bench.sandboxes`) and the other providers (`bench.providers`: `openai`
+against the fake OpenAI-compatible server), and reports on stdout as a table and in
 `bench/results.json`. Why this module: the options and the order of things; what each
 phase measures is in `bench/phases.py`. The host and the fake are always stopped
 (SIGTERM, then SIGKILL), also on errors and Ctrl-C; every wait is bounded.
@@ -23,6 +24,7 @@ from typing import Any
 
 from bench.phases import PHASES
 from bench.procfs import CLK_TCK
+from bench.providers import run_providers
 from bench.report import publish
 from bench.rig import Rig, stop
 from bench.sandboxes import run_sandboxes
@@ -49,6 +51,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sandboxes", default="auto",
                    help="cold turns in sandbox runtimes too: auto (those that run here),"
                         " none, or a list like bwrap,docker")
+    p.add_argument("--providers", default="openai",
+                   help="warm turns with other providers too, each against its own"
+                        " zero-delay fake, beside anthropic's: openai, or none")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, dbs)")
     a = p.parse_args(argv)
@@ -114,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     results["host_error_log_lines"] = len(errors)
     if status == 0 and args.sandboxes != "none":
         results["sandboxes"] = run_sandboxes(args)
+    if status == 0 and args.providers != "none":
+        results["providers"] = run_providers(args)
     if not publish(results, errors, args.out):
         status = status or 1
     return status

@@ -9,8 +9,14 @@
 #      (--require-hashes); only wheels whose hash is in the lock go into the build
 #      context, where they are installed with --no-index --require-hashes in a build
 #      stage, so the wheels never reach the final image;
-#   3. `docker build`, labelled with a hash of what it is built from. An image with the
-#      same hash is up to date and is not rebuilt (--force rebuilds).
+#   3. the pinned OpenCode CLI (the `opencode` provider): nanoclaw/runtime/opencode.py
+#      (`install`, the same code the process and bwrap runtimes use) fetches its npm
+#      registry tarball at the pinned version into the host's cache (once), refused
+#      unless it matches the registry integrity hash pinned there; its one binary goes
+#      into the build context;
+#   4. `docker build`, labelled with a hash of what it is built from (the OpenCode pin
+#      too). An image with the same hash is up to date and is not rebuilt (--force
+#      rebuilds).
 # Settings: NANOCLAW_IMAGE (tag), NANOCLAW_BASE_IMAGE (skip step 1), DEBIAN_MIRROR.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -27,9 +33,17 @@ command -v docker >/dev/null || die "no docker command (apt-get install docker.i
 docker version --format '{{.Server.Version}}' >/dev/null 2>&1 \
   || die "no Docker engine answers${DOCKER_HOST:+ at $DOCKER_HOST}; start one (see .ci/run)"
 
+if [ -x "$root/.venv/bin/python" ]; then py="$root/.venv/bin/python"; else py=python3; fi
+# "<version> <package> <integrity>" of the OpenCode CLI this machine gets (step 3)
+# (run as a script, -I: it needs only the standard library, not the host's packages)
+oc_py=("$py" -I "$root/nanoclaw/runtime/opencode.py")
+pin=$("${oc_py[@]}" pin) \
+  || die "cannot read the OpenCode pin (nanoclaw/runtime/opencode.py)"
+
 # Same recipe as nanoclaw.runtime.sandbox.image_hash.
-hash=$(cd "$here" && for n in Dockerfile requirements.txt build.sh; do
-         printf '%s\0' "$n"; cat "$n" 2>/dev/null || true; printf '\0'; done \
+hash=$( (cd "$here" && for n in Dockerfile requirements.txt build.sh; do
+           printf '%s\0' "$n"; cat "$n" 2>/dev/null || true; printf '\0'; done
+         printf 'opencode\0%s\0' "$pin") \
        | sha256sum | cut -c1-16)
 have=$(docker image inspect --format '{{ index .Config.Labels "nanoclaw.image-hash" }}' \
          "$image" 2>/dev/null || true)
@@ -76,7 +90,6 @@ fi
 say "base image: $base"
 
 # ---- 2. wheels -------------------------------------------------------------------------
-if [ -x "$root/.venv/bin/python" ]; then py="$root/.venv/bin/python"; else py=python3; fi
 "$py" -m pip --version >/dev/null 2>&1 || die "no pip for $py (make install, or python3-pip)"
 case "$(uname -m)" in
   x86_64) arch=x86_64 ;; aarch64|arm64) arch=aarch64 ;; *) die "unsupported arch $(uname -m)" ;;
@@ -94,7 +107,17 @@ out=$("$py" -m pip download --disable-pip-version-check --progress-bar off --des
 printf '%s\n' "$out" \
   | grep -Ev '^(Collecting|  File was already|  Using cached|Saved|Successfully)' || true
 
-# ---- 3. build --------------------------------------------------------------------------
+# ---- 3. OpenCode ------------------------------------------------------------------------
+# A new download: the OpenCode CLI's platform binary (about 60 MB) from the npm registry,
+# at the version pinned in nanoclaw/runtime/opencode.py and refused unless its sha512
+# is the registry integrity hash pinned there. Kept in the host's cache, so it is fetched
+# once per version (the process and bwrap runtimes use the same file).
+say "OpenCode $pin"
+out=$("${oc_py[@]}" install 2>&1) || die "$(printf '%s\n' "$out" | tail -1)"
+opencode=$(printf '%s\n' "$out" | tail -1)
+[ -x "$opencode" ] || die "no OpenCode binary at $opencode"
+
+# ---- 4. build --------------------------------------------------------------------------
 ctx=$(mktemp -d /var/tmp/nanoclaw-image.XXXXXX)
 trap 'rm -rf "$ctx"' EXIT
 cp "$here/Dockerfile" "$here/requirements.txt" "$ctx/"
@@ -108,6 +131,7 @@ done
 pins=$(grep -cE '^[A-Za-z0-9]' "$lock")
 got=$(find "$ctx/wheels" -name '*.whl' | wc -l)
 [ "$got" -ge "$pins" ] || die "$got locked wheels for $pins pins in $lock (see $wheels)"
+ln "$opencode" "$ctx/opencode" 2>/dev/null || cp "$opencode" "$ctx/opencode"
 say "building $image"
 DOCKER_BUILDKIT=0 docker build --network host --build-arg "BASE=$base" \
   --label "nanoclaw.image-hash=$hash" -t "$image" "$ctx" 2>&1 | grep -v '^DEPRECATED\|legacy builder\|BuildKit is\|buildx\|^ *https://docs.docker.com/go/buildx' || true

@@ -5,7 +5,7 @@ Chat channels in, one sandboxed agent per conversation, every hand-off a row in 
 The layout is the architecture. **A folder imports only the folders listed above it**
 (`tests/test_import_graph.py` fails when an import breaks this):
 
-    config log util errors nudge breaker jsonin hostile   core: the modules at this level
+    config log logfiles util errors nudge breaker jsonin hostile upstreams   core
     db/         one storage class per DB file: Store (central, mixins by table group),
                 SessionInbound and SessionOutbound; the migrations and their ledgers
     runtime/    the sandboxes: docker, bwrap, process, the warm pool

@@ -7,18 +7,20 @@ broker; every other process starts with an environment scrubbed of them.
 
 from __future__ import annotations
 
+import json
 import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic import AliasChoices, Field, PrivateAttr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from nanoclaw.errors import ConfigError
 
 # Environment names that carry a secret: removed from every child's environment.
-SECRET_ENV = ("ANTHROPIC_API_KEY", "CLAUDE_CODE_OAUTH_TOKEN", "ANTHROPIC_AUTH_TOKEN")
+SECRET_ENV = ("ANTHROPIC_API_KEY", "CLAUDE_CODE_OAUTH_TOKEN", "ANTHROPIC_AUTH_TOKEN",
+              "OPENAI_API_KEY")
 
 
 class SettingsError(ConfigError):
@@ -34,12 +36,18 @@ class Settings(BaseSettings):
     logs_dir: Path = Path("logs")
     groups_dir: Path = Path("groups")
     runtime: Literal["auto", "docker", "bwrap", "process"] = "auto"
-    provider: Literal["claude", "anthropic"] = "claude"
+    provider: Literal["claude", "anthropic", "openai", "opencode"] = "claude"
     model: str = "claude-sonnet-4-5"
     fallback_model: str = ""  # for groups without their own: used while `model` is overloaded
     assistant_name: str = "Andy"
     timezone: str = Field(default="", validation_alias=AliasChoices("NANOCLAW_TIMEZONE", "TZ"))
     log_level: Literal["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # logs/ stays small (nanoclaw/logfiles.py): each host log rotates past this size,
+    # keeping log_keep old copies; container logs are kept this many days, this much in all
+    log_rotate_mb: float = Field(default=20.0, gt=0, le=10240)
+    log_keep: int = Field(default=5, ge=0, le=100)
+    container_log_days: float = Field(default=14.0, gt=0, le=3650)
+    container_logs_mb: float = Field(default=500.0, gt=0)
 
     # Credentials: only the broker uses them.
     anthropic_api_key: str = Field(default="", validation_alias="ANTHROPIC_API_KEY")
@@ -47,6 +55,13 @@ class Settings(BaseSettings):
     anthropic_base_url: str = Field(
         default="https://api.anthropic.com", validation_alias="ANTHROPIC_BASE_URL"
     )
+    # The default OpenAI-compatible upstream (NANOCLAW_PROVIDER=openai); further named
+    # upstreams (local ones need no key) in NANOCLAW_UPSTREAMS (nanoclaw/upstreams.py).
+    openai_api_key: str = Field(default="", validation_alias="OPENAI_API_KEY")
+    openai_base_url: str = Field(default="https://api.openai.com/v1",
+                                 validation_alias="OPENAI_BASE_URL")
+    upstreams: str = ""  # JSON: {name: {url, api?, key_env?}}
+    fallback_upstream: str = ""  # for groups without their own fallback upstream
     broker_port: int = Field(default=0, ge=0, le=65535)
     daily_token_budget: int = Field(default=0, ge=0)  # per agent group; 0: no budget
 
@@ -127,6 +142,51 @@ class Settings(BaseSettings):
     linear_api_url: str = Field(default="https://api.linear.app/graphql",
                                 validation_alias="LINEAR_API_URL")
     linear_webhook_tolerance: float = Field(default=60.0, gt=0, le=3600)  # replay, seconds
+    # Microsoft Teams (Bot Framework): activities through /webhook/teams (channels/teams.py).
+    teams_app_id: str = Field(default="", validation_alias="TEAMS_APP_ID")
+    teams_app_password: str = Field(default="", validation_alias="TEAMS_APP_PASSWORD")
+    teams_app_tenant_id: str = Field(default="", validation_alias="TEAMS_APP_TENANT_ID")
+    teams_app_type: str = Field(default="MultiTenant", validation_alias="TEAMS_APP_TYPE",
+                                pattern=r"(?i)^(multi|single)(tenant)?$")
+    teams_openid_metadata_url: str = Field(
+        default="https://login.botframework.com/v1/.well-known/openidconfiguration",
+        validation_alias="TEAMS_OPENID_METADATA_URL")
+    teams_token_url: str = Field(  # `{tenant}`: TEAMS_APP_TENANT_ID, else botframework.com
+        default="https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token",
+        validation_alias="TEAMS_TOKEN_URL")
+    teams_service_url_allow: str = Field(
+        default="smba.trafficmanager.net,smba.infra.gcc.teams.microsoft.com,"
+        "smba.infra.gov.teams.microsoft.us,smba.infra.dod.teams.microsoft.us",
+        validation_alias="TEAMS_SERVICE_URL_ALLOW")
+    teams_service_url: str = Field(default="https://smba.trafficmanager.net/teams",
+                                   validation_alias="TEAMS_SERVICE_URL")
+    teams_attachment_hosts: str = Field(default="*.sharepoint.com",
+                                        validation_alias="TEAMS_ATTACHMENT_HOSTS")
+    # Google Chat: HTTP endpoint events through /webhook/googlechat (channels/googlechat.py),
+    # replies through the Chat REST API as the service account.
+    google_chat_service_account_file: str = Field(
+        default="", validation_alias="GOOGLE_CHAT_SERVICE_ACCOUNT_FILE")
+    google_chat_credentials: str = Field(default="", validation_alias="GOOGLE_CHAT_CREDENTIALS")
+    google_chat_api_base: str = Field(default="https://chat.googleapis.com",
+                                      validation_alias="GOOGLE_CHAT_API_BASE")
+    # who may call /webhook/googlechat: the project number (classic Chat tokens) and/or
+    # the app's URL (add-on ID tokens), comma-separated
+    google_chat_audience: str = Field(default="", validation_alias="GOOGLE_CHAT_AUDIENCE")
+    google_chat_certs_url: str = Field(
+        default="https://www.googleapis.com/service_accounts/v1/metadata/x509/"
+        "chat@system.gserviceaccount.com", validation_alias="GOOGLE_CHAT_CERTS_URL")
+    google_chat_id_certs_url: str = Field(default="https://www.googleapis.com/oauth2/v1/certs",
+                                          validation_alias="GOOGLE_CHAT_ID_CERTS_URL")
+    # Webex: a bot (channels/webex.py); messages through the device WebSocket by default
+    # (no public URL), or through /webhook/webex with WEBEX_MODE=webhook.
+    webex_bot_token: str = Field(default="", validation_alias="WEBEX_BOT_TOKEN")
+    webex_api_base: str = Field(default="https://webexapis.com/v1",
+                                validation_alias="WEBEX_API_BASE")
+    webex_device_url: str = Field(default="https://wdm-a.wbx2.com/wdm/api/v1/devices",
+                                  validation_alias="WEBEX_DEVICE_URL")
+    webex_mode: str = Field(default="websocket", pattern=r"^(websocket|webhook)$",
+                            validation_alias="WEBEX_MODE")
+    webex_webhook_secret: str = Field(default="", validation_alias="WEBEX_WEBHOOK_SECRET")
     # WhatsApp Web, as a linked device: `nanoclaw channels login whatsapp` links it (QR, or
     # a pairing code for WHATSAPP_PHONE_NUMBER); its keys stay in data/channels/whatsapp/.
     whatsapp_enabled: bool = False
@@ -153,16 +213,52 @@ class Settings(BaseSettings):
     # A platform call (one send, all its parts) that has not answered in this long is
     # given up and retried: a stalled platform holds a channel's queue no longer.
     send_timeout: float = Field(default=120.0, ge=1, le=3600)
+    # A model call whose answer goes silent this long mid-stream is given up and retried
+    # by the agent (its normal retry path), never waited on for good.
+    model_stall_timeout: float = Field(default=120.0, ge=0.5, le=3600)
     agent_pair_limit: int = Field(default=10, ge=1, le=1000)  # agent→agent msgs per minute
     retry_base: float = Field(default=5.0, gt=0, le=600)  # agent retries: retry_base·2^tries
 
-    @field_validator("anthropic_base_url", "telegram_api_base", "discord_api_base",
-                     "whatsapp_api_base", "github_api_base", "linear_api_url")
+    @field_validator("anthropic_base_url", "openai_base_url", "telegram_api_base",
+                     "discord_api_base", "whatsapp_api_base", "github_api_base",
+                     "linear_api_url", "teams_openid_metadata_url", "teams_token_url",
+                     "teams_service_url", "google_chat_api_base", "google_chat_certs_url",
+                     "google_chat_id_certs_url", "webex_api_base", "webex_device_url")
     @classmethod
     def _url(cls, v: str) -> str:
         if not v.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return v.rstrip("/")
+
+    @field_validator("upstreams")
+    @classmethod
+    def _upstreams(cls, v: str) -> str:
+        from nanoclaw.upstreams import check_named
+
+        if not v.strip():
+            return ""
+        try:
+            data = json.loads(v)
+        except ValueError:
+            raise ValueError("must be a JSON object of name: {url, api?, key_env?}") from None
+        return json.dumps(check_named(data))
+
+    @property
+    def named_upstreams(self) -> dict[str, dict[str, str]]:
+        """NANOCLAW_UPSTREAMS, parsed (checked when the settings were read)."""
+        return json.loads(self.upstreams) if self.upstreams else {}
+
+    _upstream_keys: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    def upstream_key(self, env_name: str) -> str:
+        """A named upstream's key (the broker's copy only; see `with_upstream_keys`)."""
+        return self._upstream_keys.get(env_name, "")
+
+    def with_upstream_keys(self, keys: dict[str, str]) -> "Settings":
+        """A copy holding the named upstreams' keys, by environment name (the broker's)."""
+        out = self.model_copy()
+        out._upstream_keys = dict(keys)
+        return out
 
     @field_validator("slack_api_base")
     @classmethod
@@ -278,10 +374,11 @@ def _system_tz() -> str:
         return "UTC"
 
 
-def load() -> Settings:
-    """Read settings; raise SettingsError with one line naming the first bad setting."""
+def load(env_file: str | Path | None = None) -> Settings:
+    """Read settings (from `env_file` instead of `.env` when given); raise SettingsError
+    with one line naming the first bad setting."""
     try:
-        s = Settings()
+        s = Settings(_env_file=env_file) if env_file is not None else Settings()
     except ValidationError as e:
         err = e.errors()[0]
         loc = str(err["loc"][0]) if err["loc"] else "?"
@@ -301,8 +398,17 @@ def get() -> Settings:
     return load()
 
 
+def secret_names(environ: dict[str, str] | None = None) -> tuple[str, ...]:
+    """SECRET_ENV plus the key variables NANOCLAW_UPSTREAMS names (`key_env`)."""
+    from nanoclaw.upstreams import key_envs
+
+    return SECRET_ENV + key_envs((environ if environ is not None else os.environ)
+                                 .get("NANOCLAW_UPSTREAMS", ""))
+
+
 def scrubbed_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The current environment minus every secret, plus `extra`."""
-    env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
+    names = secret_names()
+    env = {k: v for k, v in os.environ.items() if k not in names}
     env.update(extra or {})
     return env

@@ -6,6 +6,7 @@ append mode, so several processes share the files line by line.
 
 Every message is one line: newlines and other control characters in it are escaped
 (`\\n`, `\\x1b`, …), so text that came from an agent or a chat cannot forge log lines.
+Both files rotate by size (`logfiles.py`).
 `terminal(...)` writes a line to the terminal (stderr) only, never to the files: for
 what another local user must not read there (the web chat's token).
 """
@@ -46,14 +47,19 @@ def _to_files(record: dict) -> bool:
     return not record["extra"].get(_TERMINAL_ONLY)
 
 
-def setup(worker: str, logs_dir: Path, level: str = "INFO", stderr: bool = True) -> None:
+def setup(worker: str, logs_dir: Path, level: str = "INFO", stderr: bool = True, *,
+          rotate_mb: float = 20.0, keep: int = 5) -> None:
+    """Both files rotate past `rotate_mb`, `keep` old copies each (`logfiles.py`: one
+    shared rotation for every process; `watch` reopens the new file)."""
+    from nanoclaw.logfiles import Rotator
+
     logger.remove()
     logger.configure(extra={"worker": worker}, patcher=_escape)
     logs_dir.mkdir(parents=True, exist_ok=True)
-    logger.add(logs_dir / "nanoclaw.log", format=FORMAT, level=level, enqueue=False,
-               filter=_to_files)
-    logger.add(logs_dir / "nanoclaw.error.log", format=FORMAT, level="WARNING", enqueue=False,
-               filter=_to_files)
+    for name, lvl in (("nanoclaw.log", level), ("nanoclaw.error.log", "WARNING")):
+        path = logs_dir / name
+        logger.add(path, format=FORMAT, level=lvl, enqueue=False, filter=_to_files,
+                   watch=True, rotation=Rotator(path, int(rotate_mb * 2**20), keep))
     if stderr:
         logger.add(sys.stderr, format=FORMAT, level=level)
 

@@ -242,6 +242,22 @@ def test_rate_limit_is_retried_after_retry_after(session, fake, start):
     wait_for(lambda: len(session.out()) == 2, "notice and answer")
     texts = [r["text"] for r in session.out()]
     assert texts == ["The model is busy (HTTP 429, rate limited); retrying…", "echo: busy?"]
+    assert all(r["in_reply_to"] == mid for r in session.out())
+
+
+def test_a_model_that_stalls_mid_answer_is_given_up_then_retried(session, fake, start):
+    """The answer's first events come, then silence: the call is given up after
+    `model_stall_s` (container.json; the host's NANOCLAW_MODEL_STALL_TIMEOUT) and the
+    retry's answer is the user's reply, once; the stalled one never reaches them."""
+    session.configure(model_stall_s=1)
+    fake.inject(stall_ms=8000)  # far longer than the bound
+    start()
+    mid = session.chat("still there?")
+    assert session.reply_to(mid)["text"] == "echo: still there?"
+    session.completed(mid)
+    calls = model_calls(fake)
+    assert len(calls) == 2 and calls[0]["body"]["messages"] == calls[1]["body"]["messages"]
+    assert [r["text"] for r in session.out()].count("echo: still there?") == 1
 
 
 def test_unknown_provider_answers_with_error(tmp_path, fake, start):

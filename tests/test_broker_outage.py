@@ -203,7 +203,7 @@ def test_the_brokers_upstream_502_follows_the_model_policy():
 
     upstream = provider.classify(error(502, **{proxy.UPSTREAM_HEADER: "unreachable"}))
     assert upstream.retryable and upstream.classification == "upstream"
-    assert "could not reach the model API" in str(upstream)
+    assert "cannot reach the model API" in str(upstream) and "doctor" in str(upstream)
     busy = provider.classify(error(529))
     assert busy.retryable and busy.classification == "overloaded"
 

@@ -426,7 +426,7 @@ def test_the_door_serves_github_only_with_a_secret(world, monkeypatch):
     from nanoclaw.cli.channels import report
 
     line = next(x for x in report(config.load()) if x.startswith("github "))
-    assert "polling only" in line and "/webhook/github" not in line
+    assert "no webhook" in line and "/webhook/github" not in line
     monkeypatch.setenv("GITHUB_WEBHOOK_SECRET", SECRET)
     assert "github" in webhook_names(config.load())
     line = next(x for x in report(config.load()) if x.startswith("github "))

@@ -156,7 +156,7 @@ def crash(h: Host) -> None:
 
 
 def answered_once(c, mid: str, text: str) -> None:
-    assert c.wait_reply(mid, 30)["text"] == text
+    assert c.wait_reply(mid, 60)["text"] == text  # a restart and a retry, on a busy machine
     time.sleep(0.3)  # a second agent's reply would follow the first
     assert len({f["id"] for f in c.replies_to(mid)}) == 1, c.replies_to(mid)
 

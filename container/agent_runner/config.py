@@ -32,6 +32,9 @@ RUNNER_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # breaker schedule (nanoclaw/breaker.py SCHEDULE, 900 s) + 30 s for the broker to start.
 # tests/test_broker_outage.py checks both sides.
 DEFAULT_BROKER_WAIT_S = 930.0
+# How long a model call may go silent (no byte of its answer) before it is given up and
+# retried (container.json `model_stall_s`, the host's NANOCLAW_MODEL_STALL_TIMEOUT).
+DEFAULT_MODEL_STALL_S = 120.0
 SERVER_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
 
 
@@ -44,6 +47,13 @@ class Config:
     provider: str = DEFAULT_PROVIDER
     model: str = DEFAULT_MODEL
     fallback_model: str | None = None  # while `model` stays overloaded (429/529/5xx)
+    # the broker's upstream for this group's calls (<broker>/up/NAME) and its API
+    # ("anthropic" or "openai"); its fallback's (another upstream, maybe the other API)
+    upstream: str | None = None
+    upstream_api: str | None = None
+    fallback_upstream: str | None = None
+    fallback_upstream_api: str | None = None
+    opencode_bin: str | None = None  # the pinned OpenCode binary (as this sandbox sees it)
     assistant_name: str = "Andy"
     agent_group_id: str = ""
     max_messages_per_prompt: int = 10
@@ -56,6 +66,7 @@ class Config:
     # how long a model call waits for an unreachable broker (agent_runner/broker.py);
     # the host writes it from its breaker's longest step
     broker_wait_s: float = DEFAULT_BROKER_WAIT_S
+    model_stall_s: float = DEFAULT_MODEL_STALL_S
 
     @property
     def inbound(self) -> str:
@@ -116,6 +127,11 @@ def load(env: Mapping[str, str] = os.environ) -> Config:
         broker_wait = min(max(broker_wait, 1.0), 86400.0)
     except (TypeError, ValueError):
         broker_wait = DEFAULT_BROKER_WAIT_S
+    try:
+        stall = float(data.get("model_stall_s") or DEFAULT_MODEL_STALL_S)
+        stall = min(max(stall, 0.5), 3600.0)
+    except (TypeError, ValueError):
+        stall = DEFAULT_MODEL_STALL_S
     return Config(
         session_dir=session_dir,
         group_dir=group_dir,
@@ -124,6 +140,11 @@ def load(env: Mapping[str, str] = os.environ) -> Config:
         provider=str(data.get("provider") or DEFAULT_PROVIDER),
         model=str(data.get("model") or DEFAULT_MODEL),
         fallback_model=str(data["fallback_model"]) if data.get("fallback_model") else None,
+        upstream=_name(data.get("upstream")),
+        upstream_api=_api(data.get("upstream_api")),
+        fallback_upstream=_name(data.get("fallback_upstream")),
+        fallback_upstream_api=_api(data.get("fallback_upstream_api")),
+        opencode_bin=str(data["opencode_bin"]) if data.get("opencode_bin") else None,
         assistant_name=str(data.get("assistant_name") or "Andy"),
         agent_group_id=str(data.get("agent_group_id") or ""),
         max_messages_per_prompt=limit,
@@ -134,7 +155,20 @@ def load(env: Mapping[str, str] = os.environ) -> Config:
         runner_root=env.get("NANOCLAW_RUNNER_ROOT") or RUNNER_ROOT,
         db_dir=db_dir,
         broker_wait_s=broker_wait,
+        model_stall_s=stall,
     )
+
+
+UPSTREAM_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}\Z")
+
+
+def _name(value: Any) -> str | None:
+    """An upstream's name (it becomes part of a URL path): anything else is dropped."""
+    return value if isinstance(value, str) and UPSTREAM_NAME.match(value) else None
+
+
+def _api(value: Any) -> str | None:
+    return value if value in ("anthropic", "openai") else None
 
 
 def _mcp_servers(value: Any) -> dict[str, dict[str, Any]]:

@@ -233,7 +233,8 @@ class PollLoop:
             return
         state.raw_command = True
         err = self.run_query(state, "/compact", self.system(state.batch))
-        self.notify(state, f"Error: {err}" if err else "Conversation compacted.")
+        self.notify(state, f"Error: {err}" if err else "Conversation compacted.",
+                    "error" if err else None)
 
     # -- the query
     def system(self, batch: Batch) -> str:
@@ -244,7 +245,7 @@ class PollLoop:
 
     def answer(self, state: TurnState) -> None:
         if self.provider is None:
-            self.notify(state, f"Error: {self.provider_error}")
+            self.notify(state, f"Error: {self.provider_error}", "error")
             return
         attempt = 0
         while attempt < 2:
@@ -273,7 +274,7 @@ class PollLoop:
                 continue
             log.warning("query failed classification=%s error=%s",
                         getattr(err, "classification", "error"), err)
-            self.notify(state, f"Error: {err}")
+            self.notify(state, f"Error: {err}", "error")
             return
 
     def wait_for_space(self, need: int = 1 << 20) -> None:
@@ -315,7 +316,7 @@ class PollLoop:
                     self.waiting(state, ev)
                 elif isinstance(ev, Notice):
                     log.info("notice for the user text=%s", ev.text[:200])
-                    self.notify(state, ev.text)
+                    self.notify(state, ev.text, "notice")
                 elif isinstance(ev, Error):
                     return ev.error
                 elif isinstance(ev, Result):
@@ -375,7 +376,9 @@ class PollLoop:
                     ev.attempt, ev.max_attempts, ev.delay_s, ev.reason)
         if not state.retry_noticed and ev.status is not None:  # a blip of the connection
             state.retry_noticed = True  # (the broker restarting) is not worth a message
-            self.notify(state, f"The model is busy ({ev.reason}); retrying…")
+            self.notify(state, f"The host cannot reach the model API just now ({ev.reason});"
+                        " retrying…" if ev.unreachable else
+                        f"The model is busy ({ev.reason}); retrying…", "notice")
 
     def waiting(self, state: TurnState, ev: Waiting) -> None:
         """The broker is down (a host worker restarting): no error, and after a while
@@ -385,7 +388,7 @@ class PollLoop:
         if not state.wait_noticed and ev.waited_s >= WAIT_NOTICE_S:
             state.wait_noticed = True
             self.notify(state, "(The host is restarting its connection to the model; I will"
-                               " answer as soon as it is back.)")
+                               " answer as soon as it is back.)", "notice")
 
     def set_continuation(self, value: str | None) -> None:
         if value == self.continuation:
@@ -432,15 +435,20 @@ class PollLoop:
         self.write(state, target[0], state.first_bare, target[1])
         return None
 
-    def notify(self, state: TurnState, text: str) -> None:
+    def notify(self, state: TurnState, text: str, status: str | None = None) -> None:
+        """A line from the runner itself to the chat that asked: the answer to a command
+        (`status` None), a word while the answer is on its way (`notice`) or the turn's
+        failure (`error`); `status` lets a client that waits for the answer tell them
+        apart (`nanoclaw send`)."""
         target = state.batch.origin()
         if target is None:
             log.error("nowhere to send notice text=%s", text[:200])
             return
-        self.write(state, target[0], text, target[1])
+        self.write(state, target[0], text, target[1], status)
 
     def write(self, state: TurnState, address: Address, text: str,
-              reply_to: str | None) -> None:
-        out_id, seq = self.outbound.write_message("chat", {"text": text}, address, reply_to)
+              reply_to: str | None, status: str | None = None) -> None:
+        content = {"text": text, **({"status": status} if status else {})}
+        out_id, seq = self.outbound.write_message("chat", content, address, reply_to)
         state.written += 1
         log.info("reply written id=%s seq=%d channel=%s", out_id, seq, address.channel_type)

@@ -23,6 +23,19 @@ per agent group and day (the host's timezone); a group over its daily token budg
 gets a JSON error whose message the runner shows the user as "Error: …", for every
 route: nothing is forwarded past the budget.
 
+More than one upstream (`nanoclaw/upstreams.py`): the bare `/v1/messages` goes to the
+group's Anthropic-style upstream, `/up/NAME/<path>` to upstream NAME, by the route table
+of its API (`API_ROUTES`: Chat Completions for OpenAI-style). A group reaches only its
+own upstream and its fallback's (`allowed`); each gets its own credential
+(`x-api-key`, or `Authorization: Bearer` for OpenAI-style) and its usage, from either
+answer format, counts into the same daily budget. A streamed Chat Completions call is
+made to report its usage (`stream_options.include_usage`), so an agent cannot leave it
+out; an answer without any is counted by its size. A loopback upstream (Ollama on the
+host) is reached the same way, so sandboxes keep network `none`.
+
+`GET /_nanoclaw/upstream/NAME` with the check token of `host_state` (`nanoclaw doctor`)
+sends one cheap request (its model list) to NAME and says how it answered.
+
 An agent must tell this broker being down (it waits for the restart) from the model
 failing (its retry policy): every answer carries `BOOT_HEADER`, the broker's own 502
 carries `UPSTREAM_HEADER`, and `GET HEALTH_PATH` answers without a token
@@ -32,6 +45,7 @@ carries `UPSTREAM_HEADER`, and `GET HEALTH_PATH` answers without a token
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import secrets
@@ -46,7 +60,8 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from nanoclaw.broker.usage import Meter
+from nanoclaw import upstreams
+from nanoclaw.broker.usage import Meter, estimate
 from nanoclaw.config import Settings
 from nanoclaw.db.store import Store
 from nanoclaw.log import logger
@@ -83,6 +98,10 @@ BUDGET_STATUS = 403
 BOOT_HEADER = "x-nanoclaw-broker"
 UPSTREAM_HEADER = "x-nanoclaw-upstream-error"
 HEALTH_PATH = "/_nanoclaw/health"
+CHECK_PATH = "/_nanoclaw/upstream/{name}"
+CHECK_HEADER = "x-nanoclaw-check"
+CHECK_STATE = "broker_check_token"  # host_state: what `nanoclaw doctor` sends
+UP_PREFIX = "/up/"
 
 
 def _error(status: int, kind: str, message: str, **headers: str) -> web.Response:
@@ -124,17 +143,26 @@ ROUTES: dict[tuple[str, str], Route] = {
     ("POST", "/v1/messages"): Route(metered=True),
     ("POST", "/v1/messages/count_tokens"): Route(metered=False),
 }
+# Below `/up/NAME`, by the upstream's API: paths under its base URL as its clients send
+# them. OpenAI-style: chat completions (metered) and the model list (free); nothing else
+# (no embeddings, images, files, fine-tuning: spend outside the meter).
+API_ROUTES: dict[str, dict[tuple[str, str], Route]] = {
+    "anthropic": ROUTES,
+    "openai": {("POST", "/chat/completions"): Route(metered=True),
+               ("GET", "/models"): Route(metered=False)},
+}
 
 # The characters a query may hold (RFC 3986's query, less `#`): it is forwarded as it came.
 QUERY = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/?%]*")
 
 
-def route(method: str, target: str) -> tuple[Route | None, str]:
+def route(method: str, target: str, table: dict[tuple[str, str], Route] = ROUTES
+          ) -> tuple[Route | None, str]:
     """The route for a raw request target (path and query as they arrived, before any
     normalisation), or None and why it is refused. Only an exact allowlisted path
     passes; the shapes a normaliser would rewrite get their own reason in the refusal."""
     path, _, query = target.partition("?")
-    found = ROUTES.get((method, path))
+    found = table.get((method, path))
     if found is not None and QUERY.fullmatch(query):
         return found, ""
     if found is not None:
@@ -150,13 +178,23 @@ def route(method: str, target: str) -> tuple[Route | None, str]:
     elif "\\" in path:
         why = "backslashes in the path are not forwarded"
     else:
-        why = "only POST /v1/messages and POST /v1/messages/count_tokens are forwarded"
+        why = "only " + " and ".join(f"{m} {p}" for m, p in table) + " are forwarded"
     return None, why
+
+
+def split_upstream(target: str) -> tuple[str | None, str]:
+    """`/up/NAME/rest` → (NAME, `/rest`); any other target → (None, target)."""
+    if not target.startswith(UP_PREFIX):
+        return None, target
+    name, slash, rest = target[len(UP_PREFIX):].partition("/")
+    return name, slash + rest
 
 
 class Broker:
     def __init__(self, store: Store, settings: Settings):
         self.store, self.settings = store, settings
+        self.upstreams = upstreams.configured(settings)
+        self.check_token = secrets.token_urlsafe(24)
         self.session: aiohttp.ClientSession | None = None
         self.boot = secrets.token_hex(8)  # this process; a restarted broker has another
 
@@ -167,12 +205,32 @@ class Broker:
     async def _stamp(self, request: web.Request, response: web.StreamResponse) -> None:
         response.headers[BOOT_HEADER] = self.boot
 
-    def credential_headers(self) -> dict[str, str]:
-        if self.settings.anthropic_api_key:
-            return {"x-api-key": self.settings.anthropic_api_key}
-        if self.settings.claude_code_oauth_token:
-            return {"authorization": f"Bearer {self.settings.claude_code_oauth_token}"}
-        return {}
+    def credential_headers(self, up: upstreams.Upstream | None = None) -> dict[str, str]:
+        return upstreams.credential_headers(up or self.upstreams["anthropic"], self.settings)
+
+    def allowed(self, session: dict[str, Any]) -> tuple[str, str | None]:
+        """The upstream the session's group uses and its fallback's (None: none)."""
+        group = session["agent_group_id"]
+        cfg = self.store.container_config(group)
+        ag = self.store.agent_group(group) or {}
+        provider = upstreams.group_provider(session, cfg, ag)  # as containers.py writes it
+        return upstreams.group_upstreams(provider, cfg, self.settings)
+
+    def pick(self, session: dict[str, Any], name: str | None
+             ) -> tuple[upstreams.Upstream | None, str]:
+        """The upstream a request goes to (a bare path: the group's Anthropic-style one),
+        or None and why the group may not use it."""
+        primary, fallback = self.allowed(session)
+        mine = [n for n in (primary, fallback) if n]
+        if name is None:
+            name = next((n for n in mine if n in self.upstreams
+                         and self.upstreams[n].api == "anthropic"), "anthropic")
+        if name not in self.upstreams:
+            return None, f"there is no upstream called {name[:40]!r}"
+        if name not in mine:
+            return None, (f"agent group {session['agent_group_id']} may not use upstream"
+                          f" {name!r} (its upstreams: {', '.join(mine)})")
+        return self.upstreams[name], ""
 
     def authenticate(self, request: web.Request) -> dict[str, Any] | None:
         token = request.headers.get("x-api-key", "")
@@ -191,48 +249,79 @@ class Broker:
             return _error(401, "authentication_error", "invalid session token")
         group = session["agent_group_id"]
         meter = None
-        target = request.raw_path  # as it arrived: aiohttp neither decodes nor normalises it
-        found, why = route(request.method, target)
+        raw = request.raw_path  # as it arrived: aiohttp neither decodes nor normalises it
+        name, target = split_upstream(raw)
+        up, why = self.pick(session, name)
+        if up is None:
+            logger.warning("refused {} {!r} of agent group {}: {}", request.method, raw[:200],
+                           group, why)
+            return _error(403, "permission_error", f"NanoClaw's broker refused: {why}.",
+                          **{"x-should-retry": "false"})
+        found, why = route(request.method, target, API_ROUTES[up.api])
         if found is None:
             logger.warning("refused {} {!r} of agent group {}: {}", request.method,
-                           target[:200], group, why)
+                           raw[:200], group, why)
             return _error(404, "not_found_error",
-                          f"NanoClaw's broker does not forward {request.method} {target[:200]}:"
+                          f"NanoClaw's broker does not forward {request.method} {raw[:200]}:"
                           f" {why}.", **{"x-should-retry": "false"})
         refusal = self.over_budget(group)  # every route: nothing passes past the budget
         if refusal is not None:
             return refusal
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP}
-        headers.update(self.credential_headers())
+        headers.update(self.credential_headers(up))
         # encoded=True: yarl sends exactly the checked path and query, not a normalised
         # form (it would drop a bare `?`, so that is dropped here, where it is seen)
         path, _, query = target.partition("?")
-        url = URL(str(URL(self.settings.anthropic_base_url)).rstrip("/") + path
-                  + (f"?{query}" if query else ""), encoded=True)
+        url = URL(up.url.rstrip("/") + path + (f"?{query}" if query else ""), encoded=True)
         body = await request.read()
+        if found.metered and up.api == "openai":
+            body = usage_asked(body)
         assert self.session is not None
+        sent = 0
         try:
             async with self.session.request(request.method, url, headers=headers, data=body,
-                                            allow_redirects=False) as up:
-                resp = web.StreamResponse(status=up.status, headers={
-                    k: v for k, v in up.headers.items() if k.lower() not in HOP
+                                            allow_redirects=False) as answer:
+                resp = web.StreamResponse(status=answer.status, headers={
+                    k: v for k, v in answer.headers.items() if k.lower() not in HOP
                     and k.lower() != "content-encoding"})
                 await resp.prepare(request)
-                if found.metered and up.status == 200:
-                    meter = Meter(up.headers.get("content-type", ""))
-                async for chunk in up.content.iter_any():
+                if found.metered and answer.status == 200:
+                    meter = Meter(answer.headers.get("content-type", ""))
+                async for chunk in answer.content.iter_any():
                     if meter is not None:
                         meter.feed(chunk)
+                        sent += len(chunk)
                     await resp.write(chunk)
                 await resp.write_eof()
                 return resp
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-            logger.error("upstream {} unreachable: {}", self.settings.anthropic_base_url, e)
-            return _error(502, "api_error", f"the host could not reach the model API: {e}",
-                          **{UPSTREAM_HEADER: "unreachable"})
+            logger.error("upstream {} ({}) unreachable: {}", up.name, up.url, e)
+            return _error(502, "api_error", f"the host could not reach the model API"
+                          f" ({up.name}): {e}", **{UPSTREAM_HEADER: "unreachable"})
         finally:  # also when the agent went away mid-stream: what was streamed was billed
             if meter is not None:
-                self.record(group, meter.finish())
+                self.record(group, meter.finish() or estimate(len(body), sent))
+
+    # ---- the doctor's check -----------------------------------------------------------
+    async def check(self, request: web.Request) -> web.Response:
+        """One cheap request (the model list) to a configured upstream, with its key."""
+        if not secrets.compare_digest(request.headers.get(CHECK_HEADER, ""), self.check_token):
+            return _error(401, "authentication_error", "invalid check token")
+        up = self.upstreams.get(request.match_info["name"])
+        if up is None:
+            return _error(404, "not_found_error", "no such upstream")
+        url = up.url.rstrip("/") + ("/v1/models" if up.api == "anthropic" else "/models")
+        headers = {**self.credential_headers(up), "anthropic-version": "2023-06-01"}
+        assert self.session is not None
+        try:
+            async with self.session.get(url, headers=headers, allow_redirects=False,
+                                        timeout=aiohttp.ClientTimeout(total=10)) as answer:
+                text = (await answer.content.read(2000)).decode("utf-8", "replace")
+                return web.json_response({"ok": answer.status == 200, "status": answer.status,
+                                          "detail": text[:300]})
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            return web.json_response({"ok": False, "status": None,
+                                      "detail": f"{type(e).__name__}: {e}"[:300]})
 
     # ---- usage and budgets ------------------------------------------------------------
     def today(self) -> str:
@@ -268,6 +357,7 @@ class Broker:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.on_response_prepare.append(self._stamp)
         app.router.add_get(HEALTH_PATH, self.health, allow_head=False)  # before the catch-all
+        app.router.add_get(CHECK_PATH, self.check, allow_head=False)
         app.router.add_route("*", "/{tail:.*}", self.handle)
         # an agent that goes away cancels its upstream call; stopping waits 2 s at most
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0,
@@ -283,15 +373,33 @@ class Broker:
         await site.start()
         sock = bind_unix(self.settings.broker_socket)
         await web.SockSite(runner, sock).start()
+        self.store.set_state(CHECK_STATE, self.check_token)
         self.store.set_state("broker_port", str(port))
         self.store.set_state("broker_url", f"http://127.0.0.1:{port}")
         if not self.credential_headers():
             logger.warning("no ANTHROPIC_API_KEY or CLAUDE_CODE_OAUTH_TOKEN set: requests are"
                            " forwarded without a credential")
-        logger.info("broker listening on 127.0.0.1:{} → {}", port,
-                    self.settings.anthropic_base_url)
+        logger.info("broker listening on 127.0.0.1:{} → {}", port, ", ".join(
+            f"{u.name}={u.url}" for u in self.upstreams.values()))
         try:
             await stop.wait()
         finally:
             await runner.cleanup()
             await self.session.close()
+
+
+def usage_asked(body: bytes) -> bytes:
+    """A streamed Chat Completions request, made to end with its usage chunk
+    (`stream_options.include_usage`), so the meter sees what it cost."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body
+    if not isinstance(data, dict) or not data.get("stream"):
+        return body
+    options = data.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage") is True:
+        return body
+    data["stream_options"] = {**(options if isinstance(options, dict) else {}),
+                              "include_usage": True}
+    return json.dumps(data).encode()

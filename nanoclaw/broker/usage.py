@@ -6,6 +6,12 @@ bytes of the current SSE line: it parses only `data:` lines that mention `"usage
 output count), so text deltas pass at the cost of a substring search. A plain JSON
 answer is kept (up to a cap) and read at the end. `Meter.usage` is then the request's
 usage, ready for `Store.add_usage`.
+
+Both answer formats are read: the Messages API's (above) and Chat Completions' (the
+`usage` of the last stream chunk, or of the `chat.completion` JSON: `prompt_tokens`, of
+which `prompt_tokens_details.cached_tokens` were cache reads, and `completion_tokens`),
+counted in the same four fields. `estimate` stands in (4 bytes a token) for an answer
+that reported no usage at all.
 """
 
 from __future__ import annotations
@@ -56,7 +62,9 @@ class Meter:
             return
         if not isinstance(ev, dict):
             return
-        if ev.get("type") == "message_start":
+        if "choices" in ev or str(ev.get("object", "")).startswith("chat.completion"):
+            self._take_openai(ev.get("usage"))
+        elif ev.get("type") == "message_start":
             self._take((ev.get("message") or {}).get("usage"))
         elif ev.get("type") == "message_delta":
             self._take(ev.get("usage"))  # cumulative counts: the latest wins
@@ -67,13 +75,35 @@ class Meter:
                 if isinstance(usage.get(k), int):
                     self.usage[k] = usage[k]
 
+    def _take_openai(self, usage: Any) -> None:
+        if not isinstance(usage, dict):
+            return
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        details = usage.get("prompt_tokens_details")
+        cached = details.get("cached_tokens") if isinstance(details, dict) else None
+        cached = cached if isinstance(cached, int) and cached > 0 else 0
+        if isinstance(prompt, int):
+            self.usage["input_tokens"] = max(prompt - cached, 0)
+            self.usage["cache_read_input_tokens"] = cached
+        if isinstance(completion, int):
+            self.usage["output_tokens"] = completion
+
     def finish(self) -> dict[str, int]:
         if not self.sse and self.buf:
             try:
                 body = json.loads(bytes(self.buf))
                 if isinstance(body, dict) and body.get("type") == "message":
                     self._take(body.get("usage"))
+                elif isinstance(body, dict) and body.get("object") == "chat.completion":
+                    self._take_openai(body.get("usage"))
             except ValueError:
                 pass
             self.buf.clear()
         return self.usage
+
+
+def estimate(request_bytes: int, answer_bytes: int) -> dict[str, int]:
+    """Usage for an answer that reported none (some local servers): 4 bytes a token."""
+    if not answer_bytes:
+        return {}
+    return {"input_tokens": request_bytes // 4 + 1, "output_tokens": answer_bytes // 4 + 1}

@@ -31,6 +31,12 @@ LAZY = {
                        lambda s: bool(s.whatsapp_access_token), False),
     "github": ("nanoclaw.channels.github:GitHubChannel", lambda s: bool(s.github_token), True),
     "linear": ("nanoclaw.channels.linear:LinearChannel", lambda s: bool(s.linear_api_key), True),
+    "teams": ("nanoclaw.channels.teams:TeamsChannel",
+              lambda s: bool(s.teams_app_id and s.teams_app_password), True),
+    "googlechat": ("nanoclaw.channels.googlechat:GoogleChatChannel",
+                   lambda s: bool(s.google_chat_service_account_file
+                                  or s.google_chat_credentials), True),
+    "webex": ("nanoclaw.channels.webex:WebexChannel", lambda s: bool(s.webex_bot_token), True),
 }
 
 
@@ -40,10 +46,14 @@ WEBHOOKS: dict[str, str] = {
     "whatsapp-cloud": "nanoclaw.channels.whatsapp_cloud_webhook:CloudWebhook",
     "github": "nanoclaw.channels.github_webhook:GitHubWebhook",
     "linear": "nanoclaw.channels.linear_webhook:LinearWebhook",
+    "teams": "nanoclaw.channels.teams_webhook:TeamsWebhook",
+    "googlechat": "nanoclaw.channels.googlechat_webhook:ChatWebhook",
+    "webex": "nanoclaw.channels.webex_webhook:WebexWebhook",
 }
 # What a channel's webhook needs besides the channel being on (github without a secret
 # only polls: no door, no public URL).
-WEBHOOK_NEEDS = {"github": lambda s: bool(s.github_webhook_secret)}
+WEBHOOK_NEEDS = {"github": lambda s: bool(s.github_webhook_secret),
+                 "webex": lambda s: s.webex_mode == "webhook"}
 
 
 def webhook_names(settings) -> list[str]:

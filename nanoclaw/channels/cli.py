@@ -3,8 +3,9 @@ so only the host's user can talk to it; that user is the owner).
 
 Client → host: `{"type": "message", "text": str, "chat"?: name, "id"?: str}` answered
 by `{"type": "ack", "id"}` once the message is durable; `{"type": "subscribe",
-"chat"?: name}`. Host → client: `{"type": "reply", "id", "chat", "text", "in_reply_to"}`
-and `{"type": "error", "error"}` for a bad frame (the connection stays open). Any
+"chat"?: name}`. Host → client: `{"type": "reply", "id", "chat", "text", "in_reply_to",
+"kind"}` (`kind`: `reply`, `notice` or `error`, see `reply_kind`) and `{"type":
+"error", "error"}` for a bad frame (the connection stays open). Any
 number of clients; a chat's replies go to every client on it, and wait (durably, in
 the outbox) while none is connected.
 """
@@ -31,6 +32,14 @@ MAX_LINE = 1 << 20
 
 def _frame(obj: dict[str, Any]) -> bytes:
     return (json.dumps(obj, ensure_ascii=False) + "\n").encode()
+
+
+def reply_kind(content: dict[str, Any]) -> str:
+    """What an agent's line is, for a client that waits for an answer (`nanoclaw send`):
+    `error` (the turn failed), `notice` (a word while it works: "…; retrying…") or
+    `reply`, as the runner marked it (`status` in the row's content)."""
+    status = content.get("status")
+    return status if status in ("notice", "error") else "reply"
 
 
 class BadFrame(ValueError):
@@ -153,7 +162,8 @@ class CliChannel(Channel):
             text = f"[{message.content['operation']}] {json.dumps(message.content)}"
         reply_to = message.in_reply_to.rsplit(":", 1)[0] if message.in_reply_to else None
         frame = _frame({"type": "reply", "id": message.idem_key, "chat": platform_id,
-                        "text": text, "in_reply_to": reply_to})
+                        "text": text, "in_reply_to": reply_to,
+                        "kind": reply_kind(message.content)})
         sent = 0
         for w in writers:
             try:

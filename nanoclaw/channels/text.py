@@ -40,6 +40,20 @@ def split_text(text: str, limit: int) -> list[str]:
     return [c for c in out if c] or [""]
 
 
+def split_bytes(text: str, max_bytes: int, limit: int | None = None) -> list[str]:
+    """`split_text` at `limit` characters (default `max_bytes`), each chunk re-split until
+    its UTF-8 fits `max_bytes` (platforms that count bytes: Teams, Google Chat, Webex)."""
+    out: list[str] = []
+    for chunk in split_text(text, limit or max_bytes):
+        size = len(chunk.encode())
+        if size <= max_bytes:
+            out.append(chunk)
+        else:
+            out.extend(split_bytes(chunk, max_bytes,
+                                   max(1, len(chunk) * max_bytes // size * 9 // 10)))
+    return out
+
+
 def _cut(rest: str, limit: int) -> tuple[int, int]:
     for sep in ("\n\n", "\n", " "):
         i = rest.rfind(sep, 0, limit + len(sep))

@@ -16,7 +16,9 @@ exists for the page (its group is made on first use); any other is made by
 `POST /api/chats`, wired to the one agent group picked, or, without one, like the
 terminal chat `cli:local` (as a send to a chat not made yet does: `ensure_web_chat`).
 
-The HTTP API is in `web_api.py` (`WebApi`, its handlers).
+The HTTP API is in `web_api.py` (`WebApi`, its handlers); the console's views beside the
+chats (status, usage, approvals, errors, files an agent sent) in `web_console.py`
+(`ConsoleApi`), which also renders replies' Markdown for the page (`markdown_html`).
 
 Each chat's recent history is rebuilt from the central DB at start-up, so a restart
 of the worker (or a reload of the page) shows the conversation so far.
@@ -40,10 +42,12 @@ from nanoclaw.channels.base import Channel, OutboundMessage, SendError
 from nanoclaw.channels.text import card_links, parse_question, plain_text, reply_target
 from nanoclaw.channels.web_api import (
     CHAT_NAME,
+    MAX_BODY,
     WebApi,
     create_web_chat,
     ensure_web_chat,
 )
+from nanoclaw.channels.web_console import ConsoleApi, file_ref, markdown_html
 from nanoclaw.db.store import Store
 from nanoclaw.log import logger, terminal
 from nanoclaw.util import local_user_id, parse_iso
@@ -54,7 +58,7 @@ KEEP = 500          # events kept per chat
 HISTORY = 200       # events rebuilt from the DB per chat at start-up
 
 
-class WebChannel(WebApi, Channel):
+class WebChannel(WebApi, ConsoleApi, Channel):
     name = "web"
 
     @classmethod
@@ -71,8 +75,9 @@ class WebChannel(WebApi, Channel):
         self.events: dict[str, list[dict[str, Any]]] = {}
         self.changed = asyncio.Condition()
         self._history()
-        app = web.Application(client_max_size=2 << 20, middlewares=[self._guard])
+        app = web.Application(client_max_size=MAX_BODY, middlewares=[self._guard])
         self.routes(app)
+        self.console_routes(app)  # status, usage, approvals, errors (web_console.py)
         self.runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await self.runner.setup()
         self.port = await self._listen()
@@ -149,7 +154,8 @@ class WebChannel(WebApi, Channel):
                 continue
             if r["dir"] == "in" and r["kind"] == "chat":
                 self._push(r["platform_id"], {"type": "message", "id": r["id"], "at": at,
-                                              "text": body.get("text", "")})
+                                              "text": body.get("text", ""),
+                                              "files": _names(body.get("attachments"))})
             elif r["dir"] == "in" and r["kind"] == "action" and isinstance(body, dict):
                 self._push(r["platform_id"], {"type": "answered", "label": body.get("option"),
                                               "question_id": body.get("question_id"), "at": at})
@@ -163,7 +169,9 @@ class WebChannel(WebApi, Channel):
     def _render(self, mid: str, c: dict[str, Any], in_reply_to: str | None) -> dict[str, Any] | None:
         op = c.get("operation")
         if op == "edit":
-            return {"type": "edit", "id": str(c.get("messageId")), "text": str(c.get("text") or "")}
+            text = str(c.get("text") or "")
+            return {"type": "edit", "id": str(c.get("messageId")), "text": text,
+                    "html": markdown_html(text)}
         if op == "reaction":
             return {"type": "reaction", "id": str(c.get("messageId")),
                     "emoji": str(c.get("emoji") or "")}
@@ -174,9 +182,10 @@ class WebChannel(WebApi, Channel):
             return {"type": "card", "id": mid, "question_id": q.question_id, "title": q.title,
                     "question": q.question, "options": [o["label"] for o in q.options],
                     "selected": [o["selectedLabel"] for o in q.options]}
-        files = [{"name": str(f.get("name") or "file"), "data": f["data"]}
-                 for f in c.get("files") or [] if isinstance(f, dict) and f.get("data")]
-        return {"type": "reply", "id": mid, "text": plain_text(c),
+        files = [ref for f in c.get("files") or [] if isinstance(f, dict)
+                 for ref in [file_ref(self.settings, f)] if ref]
+        text = plain_text(c)
+        return {"type": "reply", "id": mid, "text": text, "html": markdown_html(text),
                 "links": [{"label": a, "url": u} for a, u in card_links(c)], "files": files,
                 "in_reply_to": reply_target(in_reply_to)}
 
@@ -206,6 +215,12 @@ class WebChannel(WebApi, Channel):
 
     async def open_dm(self, handle: str) -> str:
         return "local"  # the page has one user: the owner
+
+
+def _names(attachments: Any) -> list[str]:
+    """The names of a message's attachments (the page shows names, not the data)."""
+    return [str(a.get("name") or "file") for a in attachments or [] if isinstance(a, dict)] \
+        if isinstance(attachments, list) else []
 
 
 def _token(path: Path) -> str:

@@ -16,17 +16,22 @@ API (JSON; every /api call needs the token):
   POST /api/chats   {name, agent?} → 201 {ok, chat}; `agent` is an agent group's id (or
        folder). 400 for a bad name, 404 for an unknown agent, 409 when the chat exists;
        a refused or failed create leaves nothing behind.
-  POST /api/send    {chat?, text, id?}           → {ok, id}
+  POST /api/send    {chat?, text, id?, files?}   → {ok, id}; `files`: [{name, type?,
+       data (base64)}], at most MAX_FILES of MAX_FILE_BYTES together; `text` may be
+       empty when files are sent.
   POST /api/answer  {chat?, question_id, index}  → {ok, option}
   GET  /api/whatsapp → {state, qr?}: WhatsApp Web's link state; while
        `nanoclaw channels login whatsapp` waits, `qr` is the code as an SVG image, so
        the page shows it to scan (refreshed as the login replaces it).
   (`chat` defaults to `local`.)
+The console's views (status, usage, approvals, errors, files) are `web_console.py`'s.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import hmac
 import json
 import re
@@ -47,6 +52,9 @@ STATIC = Path(__file__).with_name("web_static")
 CHAT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
 MSG_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 MAX_TEXT = 100_000
+MAX_FILES, MAX_FILE_BYTES = 10, 8 << 20  # files per message, their bytes together
+MAX_BODY = MAX_FILE_BYTES * 4 // 3 + (1 << 20)  # as base64 in JSON, plus the text
+FILE_NAME = re.compile(r"^[^/\\\x00-\x1f]{1,128}\Z")
 LONG_POLL = 25.0
 
 
@@ -252,8 +260,9 @@ class WebApi:
     async def _send(self, request: web.Request) -> web.Response:
         body = await self._body(request)
         chat = self._chat(body.get("chat"))
-        text = body.get("text")
-        if not isinstance(text, str) or not text.strip() or len(text) > MAX_TEXT:
+        text = body.get("text", "")
+        files = _files(body.get("files"))
+        if not isinstance(text, str) or len(text) > MAX_TEXT or not (text.strip() or files):
             raise _bad("text must be a non-empty string of at most 100000 characters")
         mid = body.get("id") or new_id("web")
         if not isinstance(mid, str) or not MSG_ID.match(mid):
@@ -261,9 +270,10 @@ class WebApi:
         ensure_web_chat(self.store, chat)
         new = await self.host.inbound(chat, mid, {
             "text": text, "sender_id": self.owner, "sender_name": self.user,
-            "is_mention": True, "is_group": False})
+            "is_mention": True, "is_group": False, "attachments": files})
         if new:
-            self._push(chat, {"type": "message", "id": mid, "text": text})
+            self._push(chat, {"type": "message", "id": mid, "text": text,
+                              "files": [f["name"] for f in files]})
             await self._notify()
         return web.json_response({"ok": True, "id": mid})
 
@@ -285,6 +295,31 @@ class WebApi:
                           "label": card.selected_label(index)})
         await self._notify()
         return web.json_response({"ok": True, "option": option})
+
+
+def _files(value: Any) -> list[dict[str, str]]:
+    """A message's files as the router's attachments ({name, type, data}); 400 for a
+    bad list, name or encoding, or more than MAX_FILES / MAX_FILE_BYTES."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > MAX_FILES:
+        raise _bad(f"files must be a list of at most {MAX_FILES} {{name, type?, data}}")
+    out, total = [], 0
+    for f in value:
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or \
+                not FILE_NAME.match(f["name"]) or not isinstance(f.get("data"), str):
+            raise _bad("each file needs a name (1-128 characters, no '/') and base64 data")
+        kind = f.get("type") or "application/octet-stream"
+        if not isinstance(kind, str) or len(kind) > 100:
+            raise _bad("a file's type must be a MIME type")
+        try:
+            total += len(base64.b64decode(f["data"], validate=True))
+        except (binascii.Error, ValueError):
+            raise _bad(f"file {f['name']!r}: data is not base64") from None
+        if total > MAX_FILE_BYTES:
+            raise _bad(f"files may hold at most {MAX_FILE_BYTES >> 20} MiB together")
+        out.append({"name": f["name"], "type": kind, "data": f["data"]})
+    return out
 
 
 def _since(buf: list[dict[str, Any]], after: int) -> list[dict[str, Any]]:

@@ -78,6 +78,9 @@ class Webhook:
     `verify` and `receive`; `handshake` where the platform subscribes by a GET."""
 
     name = "webhook"
+    # what a stored event is answered with: (content type, body); a platform that reads
+    # the answer (Google Chat: JSON or nothing) sets its own
+    accepted: tuple[str, str] = ("text/plain", "ok\n")
 
     def __init__(self, settings: Settings, host: DoorHost):
         self.settings, self.host = settings, host
@@ -228,7 +231,8 @@ class Door:
             return web.Response(status=500, text="failed\n")
         if new:
             logger.debug("webhook {}: {} new event(s)", hook.name, new)
-        return web.Response(status=200, text="ok\n")
+        kind, body = hook.accepted
+        return web.Response(status=200, text=body, content_type=kind)
 
     async def serve(self, stop: asyncio.Event) -> None:
         runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=2.0)

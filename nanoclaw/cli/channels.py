@@ -54,7 +54,7 @@ def report(settings: Settings) -> list[str]:
         if name in hooks:  # on, and served (github without a secret only polls)
             line += f"   platform calls {url}/webhook/{name}"
         elif name in WEBHOOKS and on:
-            line += "   polling only (no webhook secret)"
+            line += "   no webhook: it fetches from the platform itself"
         st = status_of(settings, name) if name in LOGINS else None
         if st:
             line += f"   ({st})"

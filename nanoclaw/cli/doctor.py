@@ -1,6 +1,9 @@
 """`nanoclaw doctor`: checks the installation and says what is wrong in plain words:
 the settings, the sandbox user, which runtime agents get here (and why not the others),
-the agent image, the warm pool, the host, its database and workers."""
+the agent image, the warm pool, the host, its database and workers, and each model
+upstream (one cheap request through the broker, and which groups use it); and, with the
+fix for each (`doctor_checks.py`), the credential, each channel's token, the webhook door,
+free disk and the size of logs/."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import argparse
 import os
 
 from nanoclaw import config
+from nanoclaw.cli import doctor_checks
 from nanoclaw.cli.common import CliError, open_store
 from nanoclaw.cli.host import host_pid
 from nanoclaw.config import Settings, SettingsError
@@ -76,6 +80,54 @@ def image_freshness(settings: Settings) -> tuple[bool | None, str]:
                   f" container/ is now {want}): run make image")
 
 
+def upstream_report(settings: Settings, store, host_up: bool) -> list[tuple[bool | None, str]]:
+    """Each configured model upstream, which groups use it, and — with the host up — how
+    it answers one cheap request (its model list) sent through the broker with its key."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from nanoclaw import upstreams
+    from nanoclaw.broker.proxy import CHECK_HEADER, CHECK_PATH, CHECK_STATE
+
+    users: dict[str, list[str]] = {}
+    for g in store.groups_overview():
+        up, fb = upstreams.group_upstreams(g["provider"] or settings.provider, g, settings)
+        users.setdefault(up, []).append(g["folder"])
+        if fb:
+            users.setdefault(fb, []).append(f"{g['folder']} (fallback)")
+    default_openai = type(settings).model_fields["openai_base_url"].default
+    broker_url = store.get_state("broker_url") if host_up else None
+    token = store.get_state(CHECK_STATE) if host_up else None
+    out: list[tuple[bool | None, str]] = []
+    for up in upstreams.configured(settings).values():
+        if up.name == "openai" and up.name not in users and not settings.openai_api_key \
+                and up.url == default_openai:
+            continue  # not set up, and nobody uses it
+        who = ", ".join(users.get(up.name, [])) or "no group"
+        what = f"upstream {up.name} ({up.api}-style, {up.url}; used by {who})"
+        if not (broker_url and token):
+            out.append((None, f"{what}: not checked (the host's broker is not running)"))
+            continue
+        req = urllib.request.Request(broker_url + CHECK_PATH.format(name=up.name),
+                                     headers={CHECK_HEADER: token})
+        try:
+            with urllib.request.urlopen(req, timeout=15) as resp:
+                found = json.loads(resp.read())
+        except (OSError, ValueError) as e:
+            out.append((False, f"{what}: the broker did not answer the check ({e})"))
+            continue
+        if found.get("ok"):
+            out.append((True, f"{what} answers"))
+        elif found.get("status") is None:
+            out.append((False, f"{what} is unreachable: {found.get('detail')}"))
+        else:
+            out.append((False, f"{what} answered HTTP {found['status']}"
+                        f"{' (check its key; fix: nanoclaw setup)' if found['status'] in (401, 403) else ''}:"
+                        f" {str(found.get('detail'))[:160]}"))
+    return out
+
+
 def door_report(settings: Settings) -> list[str]:
     """The webhook door's address and each platform's path on it; a linked channel's
     last state (logged out, conflict: what to do is in it)."""
@@ -120,6 +172,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             say(ok, line)
     pid = host_pid(s)
     say(bool(pid), f"host {'running, pid ' + str(pid) if pid else 'is not running (make run)'}")
+    for ok, line in doctor_checks.report(s, bool(pid)):  # credential, tokens, door, disk, logs
+        if ok is None:
+            print(f"{'-':<3}  {line}")
+        else:
+            say(ok, line)
     if s.db_path.exists():
         try:
             store = open_store(s)
@@ -130,6 +187,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
                     " see logs/nanoclaw.error.log")
             failed = store.count_sends("failed")
             say(failed == 0, f"{failed} send(s) failed for good")
+            for ok, line in upstream_report(s, store, bool(pid)):
+                if ok is None:
+                    print(f"{'-':<3}  {line}")
+                else:
+                    say(ok, line)
         except CliError as e:
             say(False, str(e))
     else:

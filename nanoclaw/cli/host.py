@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from nanoclaw import config
+from nanoclaw.cli import credentials
 from nanoclaw.cli.common import CliError, load_settings, open_store
 from nanoclaw.config import Settings
 from nanoclaw.util import RUNNER_DIR
@@ -38,10 +39,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     (DB, logs, sockets, sessions) is the host user's alone unless made readable on
     purpose (H4); the re-exec in scrub_environment keeps it."""
     os.umask(0o077)
-    from nanoclaw.host.orchestrator import run_host, scrub_environment
+    from nanoclaw.host import orchestrator
 
-    scrub_environment(sys.argv[1:])
-    return run_host(load_settings())
+    orchestrator.scrub_environment(sys.argv[1:])
+    settings = load_settings()
+    # after the re-exec the secrets are no longer in our environment, but passed on
+    problem = credentials.missing(settings, {**os.environ, **orchestrator._SECRETS})
+    if problem:  # the first thing on the screen, before the workers' lines
+        print(credentials.banner(problem), file=sys.stderr, flush=True)
+    return orchestrator.run_host(settings)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -93,24 +99,43 @@ def cmd_workers(args: argparse.Namespace) -> int:
 
 def cmd_logs(args: argparse.Namespace) -> int:
     s = load_settings()
+    if getattr(args, "tidy", False):
+        from nanoclaw import logfiles
+
+        done = logfiles.tidy_settings(s)
+        print("\n".join(done) if done else f"nothing to tidy in {s.logs_dir}")
+        return 0
     path = s.logs_dir / ("nanoclaw.error.log" if args.errors else "nanoclaw.log")
     if not path.exists():
         raise CliError(f"no log yet at {path}")
-    with open(path, "rb") as f:
-        lines = f.readlines()[-args.lines:]
-        sys.stdout.write(b"".join(lines).decode(errors="replace"))
-        if not args.follow:
-            return 0
-        try:
-            while True:
-                chunk = f.readline()
-                if chunk:
-                    sys.stdout.write(chunk.decode(errors="replace"))
-                    sys.stdout.flush()
-                else:
-                    time.sleep(0.3)
-        except KeyboardInterrupt:
-            return 0
+    f = open(path, "rb")
+    lines = f.readlines()[-args.lines:]
+    sys.stdout.write(b"".join(lines).decode(errors="replace"))
+    if not args.follow:
+        f.close()
+        return 0
+    try:
+        while True:
+            chunk = f.readline()
+            if chunk:
+                sys.stdout.write(chunk.decode(errors="replace"))
+                sys.stdout.flush()
+            elif _rotated(path, f):  # the log was rotated: go on in the new file
+                f.close()
+                f = open(path, "rb")
+            else:
+                time.sleep(0.3)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        f.close()
+
+
+def _rotated(path: Path, f) -> bool:
+    try:
+        return os.stat(path).st_ino != os.fstat(f.fileno()).st_ino
+    except FileNotFoundError:
+        return False  # not created again yet
 
 
 def cmd_service(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nanoclaw.cli import admin, agent, channels, chat, doctor, host
+from nanoclaw.cli import admin, agent, channels, chat, doctor, host, setup
 from nanoclaw.cli.common import CliError
 
 # importing `agent` installs the approval handler of an agent's `ncl` command, which
@@ -42,9 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("-f", "--follow", action="store_true")
     lg.add_argument("-n", "--lines", type=int, default=50)
     lg.add_argument("--errors", action="store_true", help="the warnings-and-errors log")
+    lg.add_argument("--tidy", action="store_true", help="rotate the logs past their size and"
+                    " prune old container logs now (as the sweep worker does hourly)")
     lg.set_defaults(fn=host.cmd_logs)
     sub.add_parser("doctor", help="check the installation, the runtime and the warm pool; say"
                    " what is wrong").set_defaults(fn=doctor.cmd_doctor)
+    setup.add_parser(sub)
     channels.add_parser(sub)
     admin.add_parsers(sub)
     im = sub.add_parser("image", help="build the agent image (container/build.sh)")

@@ -12,7 +12,7 @@ from nanoclaw.cli.ops import arg, op, verb
 from nanoclaw.errors import Refused
 from nanoclaw.util import FOLDER_NAME
 
-PROVIDERS = ["claude", "anthropic"]
+PROVIDERS = ["claude", "anthropic", "openai", "opencode"]
 
 
 # ---- value parsers ------------------------------------------------------------------------
@@ -28,6 +28,21 @@ def budget_arg(text: str) -> int | None:
         raise Refused(f"bad daily token budget {text!r}: give a whole number of tokens, 0 for"
                       " no limit, or none for the default")
     return n
+
+
+def upstream_arg(text: str, settings, none_ok: bool) -> str | None:
+    """`--upstream` / `--fallback-upstream`: a configured upstream's name; `default` (or
+    `none` for the fallback) clears it."""
+    from nanoclaw import upstreams
+
+    name = text.strip().lower()
+    if name in ("default",) + (("none",) if none_ok else ()):
+        return None
+    known = upstreams.configured(settings)
+    if name not in known:
+        raise Refused(f"unknown upstream {text!r} (configured: {', '.join(known)};"
+                      " more in NANOCLAW_UPSTREAMS)")
+    return name
 
 
 def budget_text(own: int | None, default: int) -> str:
@@ -58,13 +73,18 @@ verb("groups", "agent groups")
 @op("groups", "list", read=True, agent=True, group_scope=True, own="group",
     args=[arg("--group", help="only this agent group")])
 def groups_list(a, store, settings) -> None:
+    from nanoclaw import upstreams
+
     only = store.find_agent_group(a.group)["id"] if a.group else None
     rows = store.groups_overview(only)
     for r in rows:
         own, default = r.pop("daily_token_budget"), settings.daily_token_budget
         r["daily_budget"] = (own if own is not None else default) or None
         r["fallback"] = r["fallback"] or settings.fallback_model or None
-    table(rows, ["id", "name", "folder", "provider", "model", "fallback", "daily_budget"])
+        r["upstream"] = r["upstream"] or f"({upstreams.default_for(r['provider'] or 'claude')})"
+        r["fallback_upstream"] = r["fallback_upstream"] or settings.fallback_upstream or None
+    table(rows, ["id", "name", "folder", "provider", "model", "fallback", "upstream",
+                 "fallback_upstream", "daily_budget"])
 
 
 @op("groups", "add", read=False, agent=True, aliases=("create",),
@@ -89,6 +109,12 @@ def groups_add(a, store, settings) -> None:
     arg("--fallback-model", metavar="MODEL|none",
         help="answer with this model while the group's own stays overloaded"
              " (none: back to NANOCLAW_FALLBACK_MODEL)"),
+    arg("--upstream", metavar="NAME|default",
+        help="where the broker sends the group's model calls: anthropic, openai or a name"
+             " from NANOCLAW_UPSTREAMS (default: its provider's)"),
+    arg("--fallback-upstream", metavar="NAME|none",
+        help="the upstream --fallback-model is on, when not the group's own (none: back"
+             " to NANOCLAW_FALLBACK_UPSTREAM)"),
     arg("--cli-scope", choices=["disabled", "group", "global"],
         help="what the agent's in-sandbox `ncl` may reach (see README)"),
     arg("--skills", metavar="all|none|A,B",
@@ -106,6 +132,10 @@ def groups_update(a, store, settings) -> None:
         cols["skills"] = skills_arg(a.skills)
     if a.fallback_model:  # none: back to NANOCLAW_FALLBACK_MODEL
         cols["fallback_model"] = None if a.fallback_model == "none" else a.fallback_model
+    if a.upstream:
+        cols["upstream"] = upstream_arg(a.upstream, settings, none_ok=False)
+    if a.fallback_upstream:
+        cols["fallback_upstream"] = upstream_arg(a.fallback_upstream, settings, none_ok=True)
     store.update_group_config(g["id"], name=a.name, **cols)
     print(f"updated {g['id']}{note}")
 

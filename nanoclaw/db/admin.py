@@ -15,7 +15,7 @@ from nanoclaw.util import utcnow
 
 # what `update_group_config` may set (the names are written into the statement)
 CONFIG_COLUMNS = ("provider", "model", "fallback_model", "cli_scope", "skills",
-                  "daily_token_budget", "additional_mounts")
+                  "daily_token_budget", "additional_mounts", "upstream", "fallback_upstream")
 
 
 class AdminQueries(Queries):
@@ -34,8 +34,10 @@ class AdminQueries(Queries):
         """Every agent group (or one) with its provider, models and own daily budget."""
         where, args = ("WHERE g.id=?", (agent_group_id,)) if agent_group_id else ("", ())
         return self._rows(
-            "SELECT g.id, g.name, g.folder, c.provider, c.model, c.fallback_model AS fallback,"
-            " c.daily_token_budget FROM agent_groups g LEFT JOIN container_configs c"
+            "SELECT g.id, g.name, g.folder, COALESCE(NULLIF(c.provider, ''), g.agent_provider)"
+            " AS provider, c.model, c.fallback_model AS fallback, c.upstream,"
+            " c.fallback_upstream, c.daily_token_budget FROM agent_groups g"
+            " LEFT JOIN container_configs c"
             f" ON c.agent_group_id=g.id {where} ORDER BY g.created_at", args)
 
     def folder_taken(self, folder: str) -> bool:

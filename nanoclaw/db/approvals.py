@@ -71,6 +71,16 @@ class ApprovalQueries(Queries):
     def open_requests(self) -> list[dict[str, Any]]:
         return self._rows("SELECT * FROM pending_approvals WHERE status='pending'")
 
+    def approval_card(self, card_id: str) -> dict[str, Any] | None:
+        """The newest card the host queued for an approval (its content), on any channel."""
+        row = self._row("SELECT content FROM channel_outbox WHERE session_id IS NULL AND"
+                        " json_extract(content, '$.questionId')=? ORDER BY id DESC LIMIT 1",
+                        (card_id,))
+        try:
+            return json.loads(row["content"]) if row else None
+        except ValueError:
+            return None
+
     # ---- unknown senders ----------------------------------------------------------------
     def sender_asked(self, messaging_group_id: str, sender: str) -> bool:
         """Whether an approval for this sender in this chat is open."""

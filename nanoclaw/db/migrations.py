@@ -316,5 +316,9 @@ MIGRATIONS: list[tuple[str, str]] = [
     ("send-parts",  # a split send's parts already sent; when its first attempt began
      "ALTER TABLE channel_outbox ADD COLUMN parts TEXT;\n"
      "ALTER TABLE channel_outbox ADD COLUMN attempt_at TEXT;\n"),
+    ("model-upstreams",  # which upstream the broker forwards a group's calls to (and its
+     # fallback's); NULL: the default of the group's provider (nanoclaw/upstreams.py)
+     "ALTER TABLE container_configs ADD COLUMN upstream TEXT;\n"
+     "ALTER TABLE container_configs ADD COLUMN fallback_upstream TEXT;\n"),
 ]
 check_ledger(MIGRATIONS)

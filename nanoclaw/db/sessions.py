@@ -24,6 +24,16 @@ class SessionQueries(Queries):
         return self._rows("SELECT * FROM sessions WHERE status='active' AND agent_group_id=?",
                           (agent_group_id,))
 
+    def sessions_overview(self, limit: int = 200) -> list[dict[str, Any]]:
+        """Active sessions with their agent group and chat, newest activity first (the
+        web console's status view)."""
+        return self._rows(
+            "SELECT s.id, s.agent_group_id, g.name AS agent_name, g.folder, s.thread_id,"
+            " m.channel_type, m.platform_id, s.container_status, s.spawned_at, s.last_active"
+            " FROM sessions s JOIN agent_groups g ON g.id=s.agent_group_id"
+            " LEFT JOIN messaging_groups m ON m.id=s.messaging_group_id"
+            " WHERE s.status='active' ORDER BY s.last_active DESC LIMIT ?", (limit,))
+
     def watched_sessions(self, active_since: str) -> list[dict[str, Any]]:
         """Active sessions whose agent runs or that were active since `active_since`."""
         return self._rows("SELECT * FROM sessions WHERE status='active' AND"

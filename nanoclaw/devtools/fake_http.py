@@ -66,13 +66,28 @@ class Handler(BaseHTTPRequestHandler):
                 "error": {"type": ERROR_TYPES.get(status, "api_error"), "message": message}}
         self._send_json(status, body, extra)
 
-    def _send_sse(self, data: bytes) -> None:
+    def _send_sse(self, data: bytes, stall_ms: int = 0) -> None:
+        """The events as one chunked body; with `stall_ms`, the first half of the events,
+        then silence that long (a model API stalling mid-stream), then the rest."""
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data))
+        if stall_ms:
+            events = data.split(b"\n\n")
+            head = b"\n\n".join(events[:len(events) // 2]) + b"\n\n"
+            data = data[len(head):]
+            try:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(head), head))
+                self.wfile.flush()
+                time.sleep(stall_ms / 1000)
+            except OSError:
+                return
+        try:
+            self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data))
+        except OSError:  # the client gave up during the stall
+            pass
 
     def _authorized(self) -> bool:
         auth = self.headers.get("Authorization", "")
@@ -161,7 +176,7 @@ class Handler(BaseHTTPRequestHandler):
             message = api_message(body, blocks, f"msg_fake_{self.fake.next_id()}",
                                   self.fake.extra_input_tokens)
             if body.get("stream"):
-                self._send_sse(sse_events(message))
+                self._send_sse(sse_events(message), inj.stall_ms if inj else 0)
             else:
                 self._send_json(200, message)
         else:

@@ -37,12 +37,15 @@ class Injection:
     delay_ms: int = 0
     drop: bool = False
     message: str | None = None
+    stall_ms: int = 0  # fake_openai: stream the head, then go silent this long
 
 
 # --- the server --------------------------------------------------------------------------
 
 class FakeModel:
     """The fake API server; `start()` serves on a daemon thread until `stop()`."""
+
+    handler: type = Handler  # the request handler (fake_openai.py serves another API)
 
     def __init__(self, port: int = 0, delay_ms: int = 0, reply: str | None = None) -> None:
         self.port = port
@@ -62,7 +65,7 @@ class FakeModel:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> "FakeModel":
-        handler = type("Handler", (Handler,), {"fake": self})
+        handler = type("Handler", (self.handler,), {"fake": self})
         self._server = ThreadingHTTPServer(("127.0.0.1", self.port), handler)
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
@@ -78,12 +81,14 @@ class FakeModel:
             self._server = None
 
     def inject(self, status: int | None = None, count: int = 1, retry_after: float | None = None,
-               delay_ms: int = 0, drop: bool = False, message: str | None = None) -> None:
+               delay_ms: int = 0, drop: bool = False, message: str | None = None,
+               stall_ms: int = 0) -> None:
         """Make the next `count` API requests fail, wait or drop (queued in order)."""
         if status == 429 and retry_after is None:
             retry_after = 1
         with self._lock:
-            self._injections.append(Injection(count, status, retry_after, delay_ms, drop, message))
+            self._injections.append(Injection(count, status, retry_after, delay_ms, drop, message,
+                                              stall_ms))
 
     def clear(self) -> None:
         """Forget recorded requests and pending injections."""

@@ -40,7 +40,7 @@ _SECRETS: dict[str, str] = {}
 def scrub_environment(argv: list[str]) -> None:
     """If a secret is in our environment, re-exec without it (it would otherwise show in
     /proc/<pid>/environ of every forked worker), passing the values on a pipe."""
-    found = {k: os.environ[k] for k in SECRET_ENV if os.environ.get(k)}
+    found = {k: os.environ[k] for k in config.secret_names() if os.environ.get(k)}
     if found:
         r, w = os.pipe()
         os.write(w, json.dumps(found).encode())
@@ -115,11 +115,15 @@ def _child_main(name: str, settings: Settings) -> None:
         settings = settings.model_copy(update={
             "anthropic_api_key": secrets.get("ANTHROPIC_API_KEY") or settings.anthropic_api_key,
             "claude_code_oauth_token": secrets.get("CLAUDE_CODE_OAUTH_TOKEN")
-            or settings.claude_code_oauth_token})
+            or settings.claude_code_oauth_token,
+            "openai_api_key": secrets.get("OPENAI_API_KEY") or settings.openai_api_key,
+        }).with_upstream_keys({k: v for k, v in secrets.items() if k not in SECRET_ENV})
     else:
         settings = settings.model_copy(update={"anthropic_api_key": "",
-                                               "claude_code_oauth_token": ""})
-    log.setup(name, settings.logs_dir, settings.log_level, stderr=True)
+                                               "claude_code_oauth_token": "",
+                                               "openai_api_key": ""})
+    log.setup(name, settings.logs_dir, settings.log_level, stderr=True,
+              rotate_mb=settings.log_rotate_mb, keep=settings.log_keep)
     sys.exit(run_worker(make_worker(name, settings)))
 
 
@@ -171,7 +175,8 @@ def run_host(settings: Settings, *, tick: float = 0.1) -> int:
     except OSError as e:  # before the log exists: the terminal is all there is
         print(f"nanoclaw: cannot start: {e}", file=sys.stderr)
         return 2
-    log.setup("host", settings.logs_dir, settings.log_level)
+    log.setup("host", settings.logs_dir, settings.log_level,
+              rotate_mb=settings.log_rotate_mb, keep=settings.log_keep)
     problem = settings.agent_uid_problem()
     if problem:
         logger.error("cannot start: {}", problem)

@@ -27,13 +27,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from nanoclaw import breaker, hostile
+from nanoclaw import breaker, hostile, upstreams
 from nanoclaw.agents import mounts
 from nanoclaw.config import Settings
 from nanoclaw.db import session as sessiondb
 from nanoclaw.db.store import Store
 from nanoclaw.log import logger
-from nanoclaw.runtime import Runtime, SpawnSpec
+from nanoclaw.runtime import Runtime, SpawnSpec, opencode
 from nanoclaw.runtime.warm import WarmSpec
 from nanoclaw.util import RUNNER_DIR, iso, token_hash
 
@@ -311,7 +311,7 @@ class Containers:
     def _providers(self) -> list[str]:
         """The providers warm agents import ahead: the default and every group's."""
         names = {self.settings.provider} | {p.strip().lower() for p in self.store.providers_in_use()}
-        return sorted(names & {"claude", "anthropic"})
+        return sorted(names & {"claude", "anthropic", "openai", "opencode"})
 
     def _paths(self, s: dict[str, Any]) -> sessiondb.SessionPaths:
         return sessiondb.of(self.settings, s)
@@ -342,9 +342,19 @@ class Containers:
     def _write_config(self, s: dict[str, Any], ag: dict[str, Any],
                       paths: sessiondb.SessionPaths) -> None:
         cfg = self.store.container_config(ag["id"])
-        provider = (s["agent_provider"] or cfg.get("provider") or ag["agent_provider"]
-                    or "claude").strip().lower() or "claude"
+        provider = upstreams.group_provider(s, cfg, ag)
+        upstream, fallback_upstream = upstreams.group_upstreams(provider, cfg, self.settings)
+        known = upstreams.configured(self.settings)
         data = {"provider": provider, "model": cfg.get("model") or self.settings.model,
+                # where the broker forwards its calls (<broker>/up/NAME) and in which API
+                "upstream": upstream, "upstream_api": getattr(known.get(upstream), "api", None),
+                "fallback_upstream": fallback_upstream,
+                "fallback_upstream_api": getattr(known.get(fallback_upstream or ""), "api",
+                                                 None),
+                # the pinned OpenCode binary as the agent sees it: the host's cache
+                # (process; bwrap binds it in), the agent image's own (docker)
+                "opencode_bin": opencode.agent_path(self.runtime.name)
+                if provider == "opencode" else None,
                 "fallback_model": cfg.get("fallback_model") or self.settings.fallback_model
                 or None,
                 "assistant_name": cfg.get("assistant_name") or self.settings.assistant_name,
@@ -355,7 +365,8 @@ class Containers:
                 # what the agent is shown; the host enforces it (agent_cli.py) either way
                 "cli_scope": cfg.get("cli_scope") or "group",
                 # the runner waits this long for a broker the breaker keeps down
-                "broker_wait_s": broker_wait_s()}
+                "broker_wait_s": broker_wait_s(),
+                "model_stall_s": self.settings.model_stall_timeout}
         tmp = paths.config + ".tmp"  # db/ is the host's: the agent cannot touch either
         with open(tmp, "w") as f:
             f.write(json.dumps(data, indent=2))

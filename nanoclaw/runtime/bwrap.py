@@ -120,6 +120,11 @@ class BwrapRuntime(ProcessRuntime):
         etc = ETC if via_socket else (*ETC, "resolv.conf")
         binds += [("--ro-bind-try", f"/etc/{n}", f"/etc/{n}") for n in etc]
         binds += [("--ro-bind", root, root) for root in _python_roots()]
+        from nanoclaw.runtime import opencode  # here: `python -m nanoclaw.runtime.opencode`
+
+        oc = opencode.binary()  # the host's pinned OpenCode CLI, where the image has its own
+        if oc is not None:
+            binds.append(("--ro-bind", str(oc), opencode.IN_SANDBOX))
         binds += [("--bind" if m.writable else "--ro-bind", str(m.source), m.target)
                   for m in mounts]
         # /tmp first: mounted after the binds it would hide any of them under /tmp (a

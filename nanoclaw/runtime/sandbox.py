@@ -17,6 +17,7 @@ Inside every sandbox:
 | `/app/skills` | `container/skills` (the runner links the enabled ones for the CLI) | ro |
 | `/etc/passwd`, `/etc/group` | two lines: root and `agent` (the sandbox user) | ro |
 | `/run/nanoclaw` | the broker's socket folder (network `none` only) | ro |
+| `/opt/opencode/bin/opencode` | the pinned OpenCode CLI: the image's, or the host's (bwrap) | ro |
 
 Nothing else of the host is visible, so nothing else can leak: no `.env`, no central
 DB, no other session, not even the host's account names. The agent can write its output
@@ -183,8 +184,11 @@ def prepare(spec: SpawnSpec, uid: int, gid: int) -> None:
 
 def image_hash(container_dir: Path) -> str:
     """What the agent image is built from; a changed hash means `make image` again."""
+    from nanoclaw.runtime import opencode  # here: `python -m nanoclaw.runtime.opencode`
+
     h = hashlib.sha256()
     for n in ("Dockerfile", "requirements.txt", "build.sh"):
         p = container_dir / n
         h.update(n.encode() + b"\0" + (p.read_bytes() if p.exists() else b"") + b"\0")
+    h.update(b"opencode\0" + opencode.pin().encode() + b"\0")  # the CLI the image carries
     return h.hexdigest()[:16]

@@ -150,12 +150,7 @@ class FakeServer:
             return None
         if rule.stall:
             self.record(method, params, "stalled")
-            release = self._release
-            assert release is not None
-            try:
-                await asyncio.wait_for(release.wait(), 600)
-            except asyncio.TimeoutError:
-                pass
+            await self._released()
             return web.Response(status=504)  # the client gave up long ago
         if rule.drop:
             self.record(method, params, "dropped")
@@ -167,16 +162,20 @@ class FakeServer:
             return error(rule.status or 500, rule.retry_after, description=rule.description)
         return error(rule.status or 500, rule.retry_after)
 
+    async def _released(self) -> None:
+        """Until `release()` (or ten minutes: the client has given up long before)."""
+        release = self._release
+        assert release is not None
+        try:
+            await asyncio.wait_for(release.wait(), 600)
+        except asyncio.TimeoutError:
+            pass
+
     @web.middleware
     async def _hold_answer(self, request: web.Request, handler: Callable[..., Any]) -> Any:
         response = await handler(request)
         if request.get(HOLD):
-            release = self._release
-            assert release is not None
-            try:
-                await asyncio.wait_for(release.wait(), 600)
-            except asyncio.TimeoutError:
-                pass
+            await self._released()
             if request.transport is not None:
                 request.transport.abort()  # the answer is lost with the connection
         return response

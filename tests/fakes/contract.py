@@ -41,6 +41,7 @@ class PlatformFake:
     threads = True             # users can post in threads of a chat
     edit_events = True         # the platform tells bots when a user edits a message
     bot_edits = True           # a bot can edit its own message (a card shows the choice)
+    bot_reactions = True       # a bot can react to a message (not Teams: no such API)
     top_level = True           # users can post in a chat outside any thread (not GitHub)
     # whether a send whose answer was lost can be told from one that never landed (an
     # enforced nonce, a marker in the history); where not, it is sent again (at least once)

@@ -75,6 +75,7 @@ class Retrying:
     delay_s: float
     reason: str
     status: int | None = None  # the HTTP status; None for a dropped connection
+    unreachable: bool = False  # the broker is up but cannot reach the model API
 
 
 @dataclass(frozen=True)
@@ -190,3 +191,5 @@ class Registry:
 REGISTRY = Registry()
 REGISTRY.register("anthropic", "agent_runner.providers.anthropic:AnthropicProvider")
 REGISTRY.register("claude", "agent_runner.providers.claude:ClaudeProvider")
+REGISTRY.register("openai", "agent_runner.providers.openai:OpenAIProvider")
+REGISTRY.register("opencode", "agent_runner.providers.opencode:OpenCodeProvider")

@@ -2,6 +2,9 @@
 // posts messages, card answers and new chats.
 // The token comes from the URL fragment (never sent to the server) or the prompt, and
 // is kept in this browser's localStorage; the address keeps only `#chat=<open chat>`.
+// Replies come rendered from Markdown by the server (raw HTML off: web_console.py); files
+// are sent as base64 with a message and downloaded with the token (fetch, then a blob).
+// The other views (status, usage, approvals, errors) are console.js's.
 // A chat is unread while an agent's reply or card in it is newer than what was on
 // screen when it was last open (kept per chat in localStorage, in server time).
 "use strict";
@@ -26,8 +29,10 @@
     return c && CHAT_NAME.test(c) ? c : null;
   }
 
-  function writeFragment() {   // the token never stays in the address
-    history.replaceState(null, "", location.pathname + "#chat=" + encodeURIComponent(open));
+  function writeFragment() {   // the token never stays in the address; the view stays
+    const view = new URLSearchParams(location.hash.slice(1)).get("view");
+    history.replaceState(null, "", location.pathname + "#chat=" + encodeURIComponent(open) +
+      (view ? "&view=" + encodeURIComponent(view) : ""));
   }
 
   function askToken() {
@@ -51,9 +56,10 @@
     const r = await fetch(path, opts);
     if (r.status === 401) { askToken(); throw new Error("unauthorized"); }
     const data = await r.json();
-    if (!r.ok) throw new Error(data.error || r.statusText);
+    if (!r.ok) { const e = new Error(data.error || r.statusText); e.status = r.status; throw e; }
     return data;
   }
+  window.nanoclaw = { api };   // for console.js
 
   // ---- chats --------------------------------------------------------------------------
   function chatOf(name) {
@@ -148,12 +154,35 @@
   // ---- events -------------------------------------------------------------------------
   function scroll(c) { c.log.scrollTop = c.log.scrollHeight; }
 
-  function bubble(c, cls, text, id) {
+  function setBody(body, text, html) {   // html: the server's safe rendering of Markdown
+    if (typeof html === "string") {
+      body.classList.add("md");
+      body.innerHTML = html;
+      body.querySelectorAll("a").forEach((a) => { a.target = "_blank"; a.rel = "noopener noreferrer"; });
+    } else {
+      body.textContent = text;
+    }
+  }
+
+  async function download(url, name) {   // with the token, which a plain link cannot carry
+    try {
+      const r = await fetch(url, { headers: { Authorization: "Bearer " + token } });
+      if (!r.ok) throw new Error("HTTP " + r.status);
+      const href = URL.createObjectURL(await r.blob());
+      const a = document.createElement("a");
+      a.href = href; a.download = name; document.body.appendChild(a); a.click(); a.remove();
+      setTimeout(() => URL.revokeObjectURL(href), 10000);
+    } catch (e) {
+      status.textContent = "download failed: " + e.message; status.classList.add("bad");
+    }
+  }
+
+  function bubble(c, cls, text, id, html) {
     const el = document.createElement("div");
     el.className = "msg " + cls;
     const body = document.createElement("div");
     body.className = "body";
-    body.textContent = text;
+    setBody(body, text, html);
     el.appendChild(body);
     if (id) { el.dataset.id = id; c.nodes.set(id, el); }
     c.log.appendChild(el);
@@ -179,9 +208,9 @@
       if (here || (firstVisit && initial)) markSeen(c);   // a first visit starts all read
     }
     if (ev.type === "message") {
-      if (!c.nodes.has(ev.id)) bubble(c, "me", ev.text, ev.id);
+      if (!c.nodes.has(ev.id)) attachedNames(bubble(c, "me", ev.text, ev.id), ev.files);
     } else if (ev.type === "reply") {
-      const el = bubble(c, "agent", ev.text, ev.id);
+      const el = bubble(c, "agent", ev.text, ev.id, ev.html);
       for (const l of ev.links || []) {
         const a = document.createElement("a");
         a.href = l.url; a.textContent = l.label; a.target = "_blank"; a.rel = "noopener";
@@ -189,8 +218,14 @@
       }
       for (const f of ev.files || []) {
         const a = document.createElement("a");
-        a.href = "data:application/octet-stream;base64," + f.data;
-        a.download = f.name; a.textContent = "📎 " + f.name;
+        a.className = "file";
+        if (f.url) {
+          a.href = "#"; a.onclick = (e) => { e.preventDefault(); download(f.url, f.name); };
+        } else {
+          a.href = "data:application/octet-stream;base64," + f.data;
+          a.download = f.name;
+        }
+        a.textContent = "📎 " + f.name;
         el.appendChild(document.createElement("br")); el.appendChild(a);
       }
     } else if (ev.type === "card") {
@@ -213,7 +248,7 @@
       if (el) settle(el, ev.label);
     } else if (ev.type === "edit") {
       const el = c.nodes.get(ev.id);
-      if (el) el.querySelector(".body").textContent = ev.text;
+      if (el) setBody(el.querySelector(".body"), ev.text, ev.html);
     } else if (ev.type === "reaction") {
       const el = c.nodes.get(ev.id);
       if (el) {
@@ -273,19 +308,57 @@
     }
   }
 
+  function attachedNames(el, names) {
+    for (const n of names || []) {
+      const s = document.createElement("div");
+      s.className = "file"; s.textContent = "📎 " + n;
+      el.appendChild(s);
+    }
+    return el;
+  }
+
+  function readFile(f) {   // base64 of one file
+    return new Promise((resolve, reject) => {
+      const r = new FileReader();
+      r.onload = () => resolve(String(r.result).split(",", 2)[1] || "");
+      r.onerror = () => reject(r.error);
+      r.readAsDataURL(f);
+    });
+  }
+
+  function showAttached() {
+    const picked = [...$("files").files];
+    $("attached").hidden = !picked.length;
+    $("attached").textContent = picked.map((f) => "📎 " + f.name).join("  ");
+  }
+
   async function send(ev) {
     ev.preventDefault();
     const box = $("text");
-    const text = box.value, c = chatOf(open);
-    if (!text.trim()) return;
+    const text = box.value, c = chatOf(open), picked = [...$("files").files];
+    if (!text.trim() && !picked.length) return;
+    let files;
+    try {
+      files = await Promise.all(picked.map(async (f) =>
+        ({ name: f.name, type: f.type || "application/octet-stream", data: await readFile(f) })));
+    } catch (e) {
+      status.textContent = "cannot read the file: " + e.message; status.classList.add("bad");
+      return;
+    }
     const id = "web-" + Date.now() + "-" + Math.random().toString(36).slice(2, 8);
-    bubble(c, "me", text, id);
+    attachedNames(bubble(c, "me", text, id), picked.map((f) => f.name));
     box.value = "";
+    $("files").value = "";
+    showAttached();
     scroll(c);
+    const body = files.length ? { chat: c.name, text, id, files } : { chat: c.name, text, id };
     for (let i = 0; i < 5; i++) {   // at least once; the id makes a resend harmless
-      try { await api("/api/send", { chat: c.name, text, id }); return; }
-      catch (e) { status.textContent = "send failed, retrying…"; status.classList.add("bad");
-                  await sleep(1000); }
+      try { await api("/api/send", body); return; }
+      catch (e) {
+        if (e.status === 400) { status.textContent = "not sent: " + e.message; status.classList.add("bad"); return; }
+        status.textContent = "send failed, retrying…"; status.classList.add("bad");
+        await sleep(1000);
+      }
     }
   }
 
@@ -331,6 +404,7 @@
   $("new-chat-form").addEventListener("submit", createChat);
   $("new-cancel").addEventListener("click", () => $("new-chat-dialog").close());
   $("composer").addEventListener("submit", send);
+  $("files").addEventListener("change", showAttached);
   $("text").addEventListener("keydown", (e) => {
     if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("composer").requestSubmit(); }
   });
