@@ -300,3 +300,23 @@ def test_a_fetched_message_is_stored_well_formed_or_skipped(m):
         assert isinstance(payload["is_mention"], bool) and isinstance(payload["is_group"], bool)
         assert thread is None or isinstance(thread, str)
         assert all(isinstance(a, dict) for a in payload["attachments"])
+
+
+@pytest.mark.parametrize("url, ok", [
+    ("wss://mercury-connection-a.wbx2.com/v1/apps/wx2/registrations/x/messages", True),
+    ("wss://wbx2.com/x", True),
+    ("wss://evil.example/x", False),
+    ("ws://mercury.wbx2.com/x", False),           # not TLS
+    ("wss://wbx2.com.evil.example/x", False),
+    ("wss://169.254.169.254/latest/meta-data", False),
+    ("ws://127.0.0.1:1/x", False),                 # loopback, but not the device endpoint's
+])
+def test_a_websocket_the_platform_names_is_called_only_on_webex(url, ok, monkeypatch):
+    """The device registration hands us a URL: decided without connecting to it."""
+    from nanoclaw import config
+    from nanoclaw.channels.webex import socket_allowed
+
+    monkeypatch.setenv("WEBEX_DEVICE_URL", "https://wdm-a.wbx2.com/wdm/api/v1/devices")
+    assert socket_allowed(url, config.load()) is ok
+    monkeypatch.setenv("WEBEX_DEVICE_URL", "http://127.0.0.1:8443/devices")  # a fake's
+    assert socket_allowed("ws://127.0.0.1:8443/socket", config.load())

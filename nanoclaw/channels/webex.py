@@ -23,6 +23,7 @@ import mimetypes
 import time
 import uuid
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -54,6 +55,22 @@ def room_of(platform_id: str) -> dict[str, str]:
     if not platform_id.startswith("webex:") or not ID.fullmatch(room):
         raise SendError(f"not a Webex room: {platform_id[:80]!r}", permanent=True)
     return {"toPersonId" if person else "roomId": room}
+
+
+# Where Webex's own services live: a WebSocket URL the device registration hands us is
+# connected to only on one of these (or the registration endpoint's own host: tests).
+SOCKET_DOMAINS = ("wbx2.com", "ciscospark.com", "webex.com")
+
+
+def socket_allowed(url: str, settings: Settings) -> bool:
+    """Whether a WebSocket URL the platform handed us may be called (wss on a Webex
+    domain, or the configured registration endpoint's scheme-mapped host)."""
+    u, dev = urlsplit(url), urlsplit(settings.webex_device_url)
+    host = (u.hostname or "").lower()
+    if host and host == (dev.hostname or "").lower() and u.port == dev.port:
+        return u.scheme == ("wss" if dev.scheme == "https" else "ws")
+    return u.scheme == "wss" and any(host == d or host.endswith("." + d)
+                                     for d in SOCKET_DOMAINS)
 
 
 class WebexChannel(Channel):
@@ -106,6 +123,9 @@ class WebexChannel(Channel):
         got = await self.api.call("POST", self.settings.webex_device_url, json=DEVICE)
         if not isinstance(got.get("webSocketUrl"), str):
             raise WebexError(200, "the device registration named no webSocketUrl")
+        if not socket_allowed(got["webSocketUrl"], self.settings):
+            raise WebexError(200, "the device registration named a WebSocket outside Webex"
+                                  f" ({got['webSocketUrl'][:80]!r}); not connecting")
         store.set_state(key, json.dumps({"url": got.get("url"),
                                          "webSocketUrl": got["webSocketUrl"]}))
         return got["webSocketUrl"]
