@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: run demo test bench chaos image install lock clean
+.PHONY: run demo test test-servers bench chaos image install lock clean
 
 # Only hashed, locked packages: requirements.lock pins every package of the host and its
 # tests (pip and setuptools too) with its sha256 hashes; wheels only, so nothing is built
@@ -24,7 +24,18 @@ run: install
 demo: install
 	$(BIN)/python -m nanoclaw.devtools.demo
 
-test: install
+# The real servers the tests run offline that are not Debian packages: a Synapse homeserver
+# in its own venv, from its own hashed lock (tests/servers/synapse.lock).
+SYNAPSE_VENV ?= .venv-synapse
+$(SYNAPSE_VENV)/bin/.installed: tests/servers/synapse.lock
+	$(PYTHON) -m venv $(SYNAPSE_VENV)
+	$(SYNAPSE_VENV)/bin/python -m pip install -q --require-hashes --only-binary :all: \
+	  -r tests/servers/synapse.lock
+	touch $@
+
+test-servers: $(SYNAPSE_VENV)/bin/.installed
+
+test: install test-servers
 	$(BIN)/pytest
 
 bench: install
@@ -51,7 +62,7 @@ image: install
 LOCK_TOOLS ?= /tmp/nanoclaw-lock-tools
 UV_VERSION ?= 0.13.9
 LOCK_ARGS ?=
-UV_COMPILE = $(LOCK_TOOLS)/bin/uv pip compile --no-config --quiet --generate-hashes \
+UV_COMPILE = $(LOCK_TOOLS)/bin/uv pip compile --no-config --quiet --generate-hashes --only-binary :all: \
   --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
   --custom-compile-command 'make lock' $(LOCK_ARGS)
 
@@ -65,10 +76,14 @@ p = tomllib.load(open("pyproject.toml", "rb"))
 host = digest({"build-system.requires": p["build-system"]["requires"],
                "dependencies": p["project"]["dependencies"],
                "optional-dependencies": p["project"].get("optional-dependencies", {})})
-lines = (l.split("#")[0].strip() for l in open("container/requirements.in"))
-image = digest(sorted(l for l in lines if l))
+def listed(src):
+    lines = (l.split("#")[0].strip() for l in open(src))
+    return digest(sorted(l for l in lines if l))
 for path, d, src in (("requirements.lock", host, "pyproject.toml"),
-                     ("container/requirements.txt", image, "container/requirements.in")):
+                     ("container/requirements.txt", listed("container/requirements.in"),
+                      "container/requirements.in"),
+                     ("tests/servers/synapse.lock", listed("tests/servers/synapse.in"),
+                      "tests/servers/synapse.in")):
     text = open(path).read()
     open(path, "w").write(f"# inputs-sha256: {d} ({src}; after a change there: make lock)\n" + text)
 endef
@@ -81,7 +96,8 @@ lock:
 	$(PYTHON) -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"], "pip", sep="\n")' \
 	  | $(UV_COMPILE) --extra dev -o requirements.lock pyproject.toml -
 	$(UV_COMPILE) -o container/requirements.txt container/requirements.in
+	$(UV_COMPILE) -o tests/servers/synapse.lock tests/servers/synapse.in
 	$(PYTHON) -c "$$LOCK_STAMP"
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(SYNAPSE_VENV) build *.egg-info

@@ -23,7 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 HOST_LOCK = ROOT / "requirements.lock"
 IMAGE_IN = ROOT / "container" / "requirements.in"
 IMAGE_LOCK = ROOT / "container" / "requirements.txt"
-LOCKS = [HOST_LOCK, IMAGE_LOCK]
+SYNAPSE_LOCK = ROOT / "tests" / "servers" / "synapse.lock"  # the matrix tests' homeserver
+LOCKS = [HOST_LOCK, IMAGE_LOCK, SYNAPSE_LOCK]
+SOURCES = {IMAGE_LOCK: IMAGE_IN, SYNAPSE_LOCK: ROOT / "tests" / "servers" / "synapse.in"}
 # What the locks are compiled for (the Makefile's UV_COMPILE): CPython 3.11, x86_64 Linux.
 ENV = {"python_version": "3.11", "python_full_version": "3.11.0", "sys_platform": "linux",
        "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
@@ -43,8 +45,7 @@ def inputs_digest(lock: Path) -> str:
         return _digest({"build-system.requires": p["build-system"]["requires"],
                         "dependencies": p["project"]["dependencies"],
                         "optional-dependencies": p["project"].get("optional-dependencies", {})})
-    lines = (line.split("#")[0].strip() for line in IMAGE_IN.read_text().splitlines())
-    return _digest(sorted(line for line in lines if line))
+    return _digest(sorted(declared(lock)))
 
 
 def entries(lock: Path) -> list[str]:
@@ -69,14 +70,14 @@ def declared(lock: Path) -> list[str]:
         return [*p["build-system"]["requires"], *p["project"]["dependencies"],
                 *(r for extra in p["project"].get("optional-dependencies", {}).values()
                   for r in extra), "pip"]
-    lines = (line.split("#")[0].strip() for line in IMAGE_IN.read_text().splitlines())
+    lines = (line.split("#")[0].strip() for line in SOURCES[lock].read_text().splitlines())
     return [line for line in lines if line]
 
 
 @pytest.mark.parametrize("lock", LOCKS, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_lock_is_compiled_from_the_inputs_as_they_are(lock):
     first = lock.read_text().splitlines()[0]
-    src = "pyproject.toml" if lock == HOST_LOCK else "container/requirements.in"
+    src = "pyproject.toml" if lock == HOST_LOCK else SOURCES[lock].relative_to(ROOT).as_posix()
     assert first.startswith(f"# inputs-sha256: {inputs_digest(lock)} "), \
         STALE.format(lock.relative_to(ROOT), src)
 
