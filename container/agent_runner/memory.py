@@ -7,6 +7,11 @@ each extra MCP server's `instructions`, and links the enabled skills where the C
 them (`skills.sync`). The Claude Code CLI loads that file, the group's own `CLAUDE.md`
 (the agent's memory, which it edits) and the skills by itself; the `anthropic` provider
 gets the same text in its system prompt from `memory()`, with the list of skills.
+
+The `welcome` skill's instructions are composed only while the group folder holds the
+marker the host leaves in a new agent's folder (`WELCOME_MARKER`): the first answer that
+goes out removes it (`welcomed`), so an agent introduces itself once, in its first
+conversation, and agents made before the marker existed never do.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from agent_runner.config import Config
 
 log = logging.getLogger("agent_runner")
 
+WELCOME_MARKER = ".nanoclaw-welcome"  # the host's: agents/groups.py ensure_group_folder
 HEADER = ("<!-- Composed by the agent runner at every start; edits here are lost. The agent's"
           " own memory is the CLAUDE.md of its working directory. -->")
 
@@ -34,10 +40,29 @@ def _read(path: str) -> str:
 def _skills(config: Config) -> list[tuple[str, str]]:
     found = []
     for skill in skills.enabled(config):
+        if skill.name == "welcome" and not welcome_due(config):
+            continue
         text = _read(os.path.join(skill.path, "instructions.md"))
         if text:
             found.append((skill.name, text))
     return found
+
+
+def welcome_due(config: Config) -> bool:
+    return os.path.lexists(os.path.join(config.group_dir, WELCOME_MARKER))
+
+
+def welcomed(config: Config) -> bool:
+    """After an answer went out: the agent has introduced itself (True when this removed
+    the marker, so the composed memory is to be written again without the welcome)."""
+    try:
+        os.unlink(os.path.join(config.group_dir, WELCOME_MARKER))
+        return True
+    except FileNotFoundError:
+        return False
+    except OSError as exc:  # the agent's own folder: it may have made the name a folder
+        log.warning("cannot remove the welcome marker error=%s", exc)
+        return False
 
 
 def compose_text(config: Config) -> str:

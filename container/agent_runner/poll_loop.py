@@ -267,6 +267,8 @@ class PollLoop:
                 log.exception("query crashed")
                 err = ProviderError(f"internal error: {type(exc).__name__}: {exc}")
             if err is None:
+                if memory.welcomed(self.config):  # introduced: not again, anywhere
+                    self.composed = memory.compose(self.config)
                 return
             if attempt == 1 and self.provider.is_session_invalid(err):
                 log.warning("continuation unusable, starting fresh error=%s", err)

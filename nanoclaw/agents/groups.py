@@ -19,6 +19,7 @@ GLOBAL_CLAUDE_MD = """# Shared memory
 Facts and preferences every agent of this host should know. Agents can read this file
 but not change it; edit it on the host.
 """
+WELCOME_MARKER = ".nanoclaw-welcome"  # read and removed by the runner (agent_runner/memory.py)
 GROUP_CLAUDE_MD = """# {name}
 
 This folder is the agent's own workspace and memory. Notes written here persist across
@@ -36,7 +37,8 @@ def ensure_group_folder(settings: Settings, folder: str, name: str,
                         memory: str | None = None) -> None:
     """`groups/global` (the host's, readable by every sandbox user) and the group's own
     folder, made for the sandbox user, with a first CLAUDE.md (`memory`, or the
-    default). The group folder is the agent's: written through `hostile.py`."""
+    default) and, when new, the marker that has its first answer introduce it. The
+    group folder is the agent's: written through `hostile.py`."""
     glob = settings.groups_dir / "global"
     glob.mkdir(parents=True, exist_ok=True)
     os.chmod(glob, 0o755)  # the sandbox user reads global/ through its read-only mount
@@ -46,9 +48,12 @@ def ensure_group_folder(settings: Settings, folder: str, name: str,
         os.chmod(md, 0o644)
     owner = settings.agent_owner()
     with hostile.Folder.open(settings.group_dir(folder), create=True, owner=owner) as g:
-        if memory is not None or g.stat("CLAUDE.md") is None:
+        new = g.stat("CLAUDE.md") is None
+        if memory is not None or new:
             text = memory if memory is not None else GROUP_CLAUDE_MD.format(name=name)
             g.write("CLAUDE.md", text.encode(), owner=owner)
+        if new:  # a new agent: its first answer introduces it (container/skills/welcome)
+            g.write(WELCOME_MARKER, b"", owner=owner)
 
 
 def migrate_sessions(settings: Settings) -> int:
