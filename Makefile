@@ -50,8 +50,9 @@ chaos: install
 # The agent image for the docker runtime (needs a Docker engine; see container/build.sh).
 # It also puts the pinned OpenCode CLI into the host's cache (from the npm registry,
 # integrity-checked: nanoclaw/runtime/opencode.py), which the process and bwrap runtimes use.
+# CJK_FONTS=1: Chinese, Japanese and Korean fonts in the image (NANOCLAW_CJK_FONTS)
 image: install
-	$(BIN)/nanoclaw image build
+	$(if $(CJK_FONTS),NANOCLAW_CJK_FONTS=$(CJK_FONTS) )$(BIN)/nanoclaw image build
 
 # Recompile the locks after a change to pyproject.toml or container/requirements.in (the
 # tests say "run make lock" until then): requirements.lock from pyproject.toml (runtime,

@@ -14,10 +14,15 @@
 #      registry tarball at the pinned version into the host's cache (once), refused
 #      unless it matches the registry integrity hash pinned there; its one binary goes
 #      into the build context;
-#   4. `docker build`, labelled with a hash of what it is built from (the OpenCode pin
-#      too). An image with the same hash is up to date and is not rebuilt (--force
-#      rebuilds).
-# Settings: NANOCLAW_IMAGE (tag), NANOCLAW_BASE_IMAGE (skip step 1), DEBIAN_MIRROR.
+#   3b. the pinned agent-browser CLI (agents' browser tool) the same way:
+#      nanoclaw/runtime/agent_browser.py; Debian's chromium is installed in the image by
+#      apt (the build has the host's network: --network host);
+#   4. `docker build`, labelled with a hash of what it is built from (the OpenCode and
+#      agent-browser pins too) and whether it carries CJK fonts. An image with the same
+#      hash and fonts is up to date and is not rebuilt (--force rebuilds).
+# Settings: NANOCLAW_IMAGE (tag), NANOCLAW_BASE_IMAGE (skip step 1), DEBIAN_MIRROR,
+# NANOCLAW_CJK_FONTS=1 (Chinese, Japanese and Korean fonts for the browser's screenshots
+# and PDFs: fonts-noto-cjk, about 100 MB more; `make image CJK_FONTS=1`).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$here")
@@ -39,16 +44,24 @@ if [ -x "$root/.venv/bin/python" ]; then py="$root/.venv/bin/python"; else py=py
 oc_py=("$py" -I "$root/nanoclaw/runtime/opencode.py")
 pin=$("${oc_py[@]}" pin) \
   || die "cannot read the OpenCode pin (nanoclaw/runtime/opencode.py)"
+ab_py=("$py" -I "$root/nanoclaw/runtime/agent_browser.py")
+ab_pin=$("${ab_py[@]}" pin) \
+  || die "cannot read the agent-browser pin (nanoclaw/runtime/agent_browser.py)"
+case "${NANOCLAW_CJK_FONTS:-0}" in
+  1|true|yes|on) cjk=1 ;; 0|false|no|off|"") cjk=0 ;;
+  *) die "NANOCLAW_CJK_FONTS must be 1 or 0, not ${NANOCLAW_CJK_FONTS}" ;;
+esac
 
 # Same recipe as nanoclaw.runtime.sandbox.image_hash.
 hash=$( (cd "$here" && for n in Dockerfile requirements.txt build.sh; do
            printf '%s\0' "$n"; cat "$n" 2>/dev/null || true; printf '\0'; done
-         printf 'opencode\0%s\0' "$pin") \
+         printf 'opencode\0%s\0' "$pin"; printf 'agent-browser\0%s\0' "$ab_pin") \
        | sha256sum | cut -c1-16)
-have=$(docker image inspect --format '{{ index .Config.Labels "nanoclaw.image-hash" }}' \
+have=$(docker image inspect --format \
+         '{{ index .Config.Labels "nanoclaw.image-hash" }} {{ index .Config.Labels "nanoclaw.cjk-fonts" }}' \
          "$image" 2>/dev/null || true)
-if [ "$force" = 0 ] && [ "$have" = "$hash" ]; then
-  say "image $image is up to date ($hash)"
+if [ "$force" = 0 ] && [ "$have" = "$hash $cjk" ]; then
+  say "image $image is up to date ($hash$([ $cjk = 1 ] && echo ', with CJK fonts'))"
   exit 0
 fi
 
@@ -116,6 +129,10 @@ say "OpenCode $pin"
 out=$("${oc_py[@]}" install 2>&1) || die "$(printf '%s\n' "$out" | tail -1)"
 opencode=$(printf '%s\n' "$out" | tail -1)
 [ -x "$opencode" ] || die "no OpenCode binary at $opencode"
+say "agent-browser $ab_pin"
+out=$("${ab_py[@]}" install 2>&1) || die "$(printf '%s\n' "$out" | tail -1)"
+browser=$(printf '%s\n' "$out" | tail -1)
+[ -x "$browser" ] || die "no agent-browser binary at $browser"
 
 # ---- 4. build --------------------------------------------------------------------------
 ctx=$(mktemp -d /var/tmp/nanoclaw-image.XXXXXX)
@@ -132,10 +149,12 @@ pins=$(grep -cE '^[A-Za-z0-9]' "$lock")
 got=$(find "$ctx/wheels" -name '*.whl' | wc -l)
 [ "$got" -ge "$pins" ] || die "$got locked wheels for $pins pins in $lock (see $wheels)"
 ln "$opencode" "$ctx/opencode" 2>/dev/null || cp "$opencode" "$ctx/opencode"
+ln "$browser" "$ctx/agent-browser" 2>/dev/null || cp "$browser" "$ctx/agent-browser"
 say "building $image"
 DOCKER_BUILDKIT=0 docker build --network host --build-arg "BASE=$base" \
+  --build-arg "CJK_FONTS=$cjk" --label "nanoclaw.cjk-fonts=$cjk" \
   --label "nanoclaw.image-hash=$hash" -t "$image" "$ctx" 2>&1 | grep -v '^DEPRECATED\|legacy builder\|BuildKit is\|buildx\|^ *https://docs.docker.com/go/buildx' || true
 docker image inspect "$image" --format '{{ index .Config.Labels "nanoclaw.image-hash" }}' \
   2>/dev/null | grep -qx "$hash" || die "the build failed (see the output above)"
 size=$(docker image inspect "$image" --format '{{.Size}}')
-say "built $image ($hash): $((size / 1000000)) MB"
+say "built $image ($hash$([ $cjk = 1 ] && echo ', with CJK fonts')): $((size / 1000000)) MB"

@@ -67,6 +67,9 @@ class Settings(BaseSettings):
 
     # Sandboxes (docker and bwrap runtimes).
     image: str = "nanoclaw-agent:latest"
+    # Chinese, Japanese and Korean fonts in the agent image (`make image` reads it), for
+    # the browser's screenshots and PDFs; about 100 MB more. `nanoclaw doctor` suggests it.
+    cjk_fonts: bool = False
     container_network: Literal["none", "host"] = "none"  # none: the broker socket only
     container_memory: str = "1g"
     container_pids: int = Field(default=512, ge=0)

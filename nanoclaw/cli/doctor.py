@@ -17,18 +17,50 @@ from nanoclaw.cli.host import host_pid
 from nanoclaw.config import Settings, SettingsError
 
 
-def runtime_report(settings: Settings) -> list[tuple[bool | None, str]]:
-    """Which runtime agents get here and why not the others; whether the warm pool is in
-    effect. (ok, line) pairs; ok None is a plain note."""
+def probe_runtimes(settings: Settings) -> tuple[dict[str, bool], str]:
+    """Which sandbox runtimes work here, and the one `auto` picks."""
     from nanoclaw.log import logger
-    from nanoclaw.runtime import AUTO_ORDER, RUNTIMES, WHY_NOT, mountns
+    from nanoclaw.runtime import AUTO_ORDER, RUNTIMES
 
     logger.disable("nanoclaw.runtime")  # the probes' debug lines are not for this screen
     try:
         usable = {n: bool(RUNTIMES[n].available(settings)) for n in AUTO_ORDER}
     finally:
         logger.enable("nanoclaw.runtime")
-    auto = next((n for n in AUTO_ORDER if usable[n]), "process")
+    return usable, next((n for n in AUTO_ORDER if usable[n]), "process")
+
+
+def image_label(settings: Settings, name: str) -> str | None:
+    from nanoclaw.runtime import docker as docker_rt
+
+    try:
+        return (docker_rt.client(timeout=5).images.get(settings.image).labels or {}).get(name)
+    except Exception:  # noqa: BLE001 - no engine or no image: nothing to read
+        return None
+
+
+def recent_texts(store, n: int = 100) -> list[str]:
+    """What people said last (the text of the last `n` chat events), for the CJK check."""
+    import json
+
+    out = []
+    for (payload,) in store.conn.execute("SELECT payload FROM inbound_events WHERE"
+                                         " kind='chat' ORDER BY id DESC LIMIT ?", (n,)):
+        try:
+            text = json.loads(payload).get("text")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(text, str):
+            out.append(text)
+    return out
+
+
+def runtime_report(settings: Settings) -> list[tuple[bool | None, str]]:
+    """Which runtime agents get here and why not the others; whether the warm pool is in
+    effect. (ok, line) pairs; ok None is a plain note."""
+    from nanoclaw.runtime import WHY_NOT, mountns
+
+    usable, auto = probe_runtimes(settings)
     out: list[tuple[bool | None, str]] = []
     for n, ok in usable.items():
         if not ok:
@@ -187,7 +219,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
                     " see logs/nanoclaw.error.log")
             failed = store.count_sends("failed")
             say(failed == 0, f"{failed} send(s) failed for good")
-            for ok, line in upstream_report(s, store, bool(pid)):
+            runtime = s.runtime if s.runtime != "auto" else probe_runtimes(s)[1]
+            for ok, line in upstream_report(s, store, bool(pid)) + doctor_checks.cjk_fonts(
+                    s, recent_texts(store), image_label(s, "nanoclaw.cjk-fonts"), runtime):
                 if ok is None:
                     print(f"{'-':<3}  {line}")
                 else:

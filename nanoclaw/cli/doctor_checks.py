@@ -1,7 +1,8 @@
 """The checks `nanoclaw doctor` adds for a first-time owner, each with the one command
 that fixes what it finds: the model credential (set? accepted upstream?), each enabled
 channel's token (one cheap call to its platform), the webhook door, free disk space
-under `data/` and `logs/`, and the size of `logs/`.
+under `data/` and `logs/`, the size of `logs/`, and CJK fonts for agents' browser where
+the owner's timezone or recent messages say they are wanted.
 
 Each check returns (ok, line) pairs: ok True or False, or None for a plain note (what
 cannot be told, and why).
@@ -9,8 +10,10 @@ cannot be told, and why).
 
 from __future__ import annotations
 
+import re
 import shutil
 import socket
+import subprocess
 from pathlib import Path
 
 from nanoclaw import logfiles
@@ -125,6 +128,56 @@ def logs_size(settings: Settings) -> list[Check]:
     if size > allowed:
         return [(False, f"{line}. Fix: nanoclaw logs --tidy")]
     return [(True, line)]
+
+
+# The signals the original's setup reads: a CJK timezone, or CJK text in what people say.
+CJK_ZONES = {"Asia/Tokyo", "Asia/Shanghai", "Asia/Chongqing", "Asia/Harbin", "Asia/Urumqi",
+             "Asia/Seoul", "Asia/Pyongyang", "Asia/Taipei", "Asia/Hong_Kong", "Asia/Macau",
+             "Japan", "PRC", "ROK", "ROC", "Hongkong"}
+CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
+
+
+def cjk_wanted(tz: str, texts: list[str]) -> str | None:
+    """Why CJK fonts look wanted (the timezone, or recent messages), or None."""
+    if tz in CJK_ZONES:
+        return f"the timezone is {tz}"
+    with_cjk = sum(1 for t in texts if CJK.search(t))
+    if with_cjk and with_cjk * 5 >= len(texts):  # a fifth of recent messages or more
+        return f"{with_cjk} of the last {len(texts)} messages are in Chinese, Japanese or Korean"
+    return None
+
+
+def host_has_cjk_fonts() -> bool | None:
+    """Whether the host has a CJK font (the bwrap and process runtimes' browser uses the
+    host's fonts); None when fontconfig cannot say."""
+    if not shutil.which("fc-list"):
+        return None
+    try:
+        out = subprocess.run(["fc-list", ":lang=zh", "family"], capture_output=True,
+                             text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(out.strip())
+
+
+def cjk_fonts(settings: Settings, texts: list[str], image_cjk: str | None,
+              runtime: str) -> list[Check]:
+    """A suggestion (never a failure) to add CJK fonts when they look wanted and the
+    agents' browser has none: without them screenshots and PDFs show empty boxes."""
+    why = cjk_wanted(settings.tz, texts)
+    if runtime == "docker":
+        if settings.cjk_fonts and image_cjk != "1":
+            return [(False, "NANOCLAW_CJK_FONTS=1 but the agent image has no CJK fonts."
+                            " Fix: make image")]
+        have = image_cjk == "1"
+    else:
+        have = bool(host_has_cjk_fonts())
+    if not why or have:
+        return []
+    fix = ("add NANOCLAW_CJK_FONTS=1 to .env, then make image" if runtime == "docker"
+           else "apt-get install fonts-noto-cjk")
+    return [(None, f"CJK fonts suggested ({why}): without them the agents' browser shows"
+                   f" Chinese, Japanese and Korean text as empty boxes. Fix: {fix}")]
 
 
 def report(settings: Settings, host_up: bool) -> list[Check]:

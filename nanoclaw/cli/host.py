@@ -169,7 +169,8 @@ def cmd_image(args: argparse.Namespace) -> int:
     if not script.exists():
         raise CliError(f"no build script at {script}")
     cmd = [str(script), *(["--force"] if args.force else [])]
-    code = subprocess.call(cmd, env=config.scrubbed_env({"NANOCLAW_IMAGE": s.image}))
+    code = subprocess.call(cmd, env=config.scrubbed_env({
+        "NANOCLAW_IMAGE": s.image, "NANOCLAW_CJK_FONTS": "1" if s.cjk_fonts else "0"}))
     if code:
         raise CliError(f"the image build failed (exit {code}); the reason is printed above")
     return 0

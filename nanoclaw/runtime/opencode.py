@@ -116,9 +116,24 @@ def install(root: Path | None = None) -> Path:
         raise RuntimeError(f"OpenCode {VERSION} has no package for {sys.platform}/"
                            f"{platform.machine()} pinned here")
     pkg, url = pkgs[0], tarball_url(pkgs[0])
-    algo, _, want = PACKAGES[pkg].partition("-")
-    root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=root, prefix=".download-") as tmp:
+    fetch_member(f"OpenCode {VERSION}", url, PACKAGES[pkg], "package/bin/opencode",
+                 root / "node_modules" / pkg / "bin" / "opencode", root)
+    found = binary(root)
+    if found is None:
+        raise RuntimeError(f"OpenCode {VERSION} was unpacked but {root} holds no binary")
+    return found
+
+
+def fetch_member(what: str, url: str, integrity: str, member: str, dest: Path,
+                 work: Path) -> Path:
+    """Download `what`: the npm tarball at `url` (into a temporary folder in `work`),
+    refuse it unless its digest is `integrity` (npm's `dist.integrity`,
+    `sha512-<base64>`), and write its one file `member` to `dest` (0755, replaced whole;
+    nothing else is made when it fails). Raises RuntimeError (one line). Also used for
+    the agent-browser CLI (`agent_browser.py`)."""
+    algo, _, want = integrity.partition("-")
+    work.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=work, prefix=".download-") as tmp:
         tgz = Path(tmp) / "package.tgz"
         digest = hashlib.new(algo)
         try:
@@ -128,33 +143,28 @@ def install(root: Path | None = None) -> Path:
                     f.write(chunk)
         except (urllib.error.URLError, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", None) or exc
-            raise RuntimeError(f"cannot download OpenCode {VERSION} from {url}: {reason}"
-                               ) from None
+            raise RuntimeError(f"cannot download {what} from {url}: {reason}") from None
         got = base64.b64encode(digest.digest()).decode()
         if got != want:
             raise RuntimeError(f"{url} does not match its pinned integrity"
                                f" ({algo}-{want[:16]}…, got {algo}-{got[:16]}…): refused")
         # only the one file we need, checked to be a plain file, written by us
+        part = Path(tmp) / "member.part"
         try:
             with tarfile.open(tgz, "r:gz") as tar:
-                member = tar.getmember("package/bin/opencode")
-                src = tar.extractfile(member) if member.isfile() else None
+                info = tar.getmember(member)
+                src = tar.extractfile(info) if info.isfile() else None
                 if src is None:
-                    raise KeyError("package/bin/opencode is not a file")
-                dest_dir = root / "node_modules" / pkg / "bin"
-                dest_dir.mkdir(parents=True, exist_ok=True)
-                part = dest_dir / ".opencode.part"
+                    raise KeyError(f"{member} is not a file")
                 with src, open(part, "wb") as out:
                     while chunk := src.read(1 << 20):
                         out.write(chunk)
         except (tarfile.TarError, KeyError, OSError) as exc:
             raise RuntimeError(f"{url}: not the expected package ({exc})") from None
         part.chmod(0o755)
-        os.replace(part, dest_dir / "opencode")
-    found = binary(root)
-    if found is None:
-        raise RuntimeError(f"OpenCode {VERSION} was unpacked but {root} holds no binary")
-    return found
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(part, dest)
+    return dest
 
 
 def main(argv: list[str]) -> int:

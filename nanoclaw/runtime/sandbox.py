@@ -184,11 +184,12 @@ def prepare(spec: SpawnSpec, uid: int, gid: int) -> None:
 
 def image_hash(container_dir: Path) -> str:
     """What the agent image is built from; a changed hash means `make image` again."""
-    from nanoclaw.runtime import opencode  # here: `python -m nanoclaw.runtime.opencode`
+    from nanoclaw.runtime import agent_browser, opencode  # here: `python -m …`
 
     h = hashlib.sha256()
     for n in ("Dockerfile", "requirements.txt", "build.sh"):
         p = container_dir / n
         h.update(n.encode() + b"\0" + (p.read_bytes() if p.exists() else b"") + b"\0")
-    h.update(b"opencode\0" + opencode.pin().encode() + b"\0")  # the CLI the image carries
+    h.update(b"opencode\0" + opencode.pin().encode() + b"\0")  # the CLIs the image carries
+    h.update(b"agent-browser\0" + agent_browser.pin().encode() + b"\0")
     return h.hexdigest()[:16]
