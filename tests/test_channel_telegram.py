@@ -216,3 +216,30 @@ def test_agent_question_is_answered_by_a_click_end_to_end(host, tg):
             c.close()
     assert wait_for(acked, 30, what="tool took the answer")[0] == "completed"
     assert not host.q("SELECT * FROM pending_questions")
+
+
+def test_a_chat_that_refuses_every_send_does_not_loop_the_agent(host, tg):
+    """The agent is told its answer was refused; its answer to that note goes to the same
+    chat and is refused too, and it is not told again (within ten minutes): two sends,
+    one note, then quiet, instead of an agent answering its own failure notes."""
+    import time
+
+    chat = 131
+    wire_chat(host, "telegram", f"telegram:{chat}")
+    rule = tg.inject("sendMessage", count=100, status=403, chat_id=str(chat))  # every send
+    tg.user_message(chat, "hello?")
+
+    def failed() -> list[dict]:
+        return host.q("SELECT * FROM channel_outbox WHERE platform_id=? AND status='failed'",
+                      (f"telegram:{chat}",))
+
+    try:
+        wait_for(lambda: len(failed()) >= 2, 60, what="the answer and its note's answer fail")
+        time.sleep(3)  # an agent turn here takes well under a second: a loop would show
+        assert len(failed()) == 2, [r["content"] for r in failed()]
+    finally:
+        rule.count = 0
+    notes = [m for m in session_inbound(host, "telegram", f"telegram:{chat}")
+             if "could not be delivered" in (m["content"] or "")]
+    assert len(notes) == 1, notes
+    assert "not telling its agent again of a failed send" in log(host)

@@ -4,7 +4,9 @@ Each pass: for every watched session whose `outbound.db` moved (a `stat`), queue
 `messages_out` rows in the central `channel_outbox` (idempotency key
 `<session>:<message id>`, so a crash between the two writes duplicates nothing); then
 record the channels' results in the session's `delivered` table. A send that finally
-failed is told to the agent (a row in its inbound, which wakes it) and logged. Each
+failed is told to the agent (a row in its inbound, which wakes it; once in
+`FAILURE_NOTE_EVERY` per chat, so an agent answering the note into the same refusing
+chat is not told again and again) and logged. Each
 watched session folder gets a link to this worker's nudge socket, so its agent wakes us
 as soon as it writes (`nudge.advertise`).
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import time
 from typing import Any
 
 from nanoclaw import hostile, nudge
@@ -34,6 +37,10 @@ from nanoclaw.log import logger, one_line
 from nanoclaw.util import is_safe_name, iso, utcnow
 
 WATCH_RECENT = 600.0  # seconds: sessions active this recently are watched every tick
+# A chat the platform keeps refusing is told to the agent once in this long: the agent's
+# answer to that note goes to the same chat, fails the same way, and would be told again
+# and answered again, a loop that spends the model on nothing.
+FAILURE_NOTE_EVERY = 600.0
 FULL_SCAN = 30.0      # seconds between scans of every active session
 
 
@@ -45,6 +52,7 @@ class Delivery:
         self.quarantined: set[str] = set()    # `<session>:quarantine:<inode>` already told
         self._paths: dict[str, SessionPaths] = {}
         self.sessions: dict[str, dict[str, Any]] = {}
+        self.failure_told: dict[tuple[str, str, str], float] = {}  # (session, chat) → told
         self.version = -1
         self.last_full = 0.0
         from nanoclaw.delivery.agent_route import AgentRouter
@@ -260,7 +268,8 @@ class Delivery:
             raise ValueError(f"file not sent: {e.strerror}") from None
         return out
 
-    def _record_results(self) -> bool:
+    def _record_results(self, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
         rows = self.store.unrecorded_sends()
         for r in rows:
             s = self.store.session(r["session_id"]) if r["session_id"] else None
@@ -272,8 +281,19 @@ class Delivery:
                 if status == "failed":
                     logger.error("send to {}:{} failed for good after {} attempts: {}",
                                  r["channel_type"], r["platform_id"], r["attempts"], r["error"])
-                    self._tell_agent(s, paths, f"Your message to {r['channel_type']}:"
-                                     f"{r['platform_id']} could not be delivered: {r['error']}")
+                    key = (s["id"], r["channel_type"], r["platform_id"])
+                    told = self.failure_told.get(key)
+                    if told is not None and now - told < FAILURE_NOTE_EVERY:
+                        logger.warning("session {}: not telling its agent again of a failed send"
+                                       " to {}:{} (told {:.0f} s ago)", s["id"],
+                                       r["channel_type"], r["platform_id"], now - told)
+                    else:
+                        self.failure_told[key] = now
+                        self._tell_agent(s, paths, f"Your message to {r['channel_type']}:"
+                                         f"{r['platform_id']} could not be delivered:"
+                                         f" {r['error']}. Further failures there are not"
+                                         f" reported for {FAILURE_NOTE_EVERY / 60:.0f} minutes;"
+                                         " don't retry there now.")
             self.store.mark_recorded(r["id"])
         return bool(rows)
 
