@@ -17,6 +17,8 @@ Starts the fake model and a real host (`bench.rig.Rig`, process runtime by defau
   agent process of the install, as systemd's KillMode=mixed kills the rest of the unit's
   cgroup), after which the host is started again `--restart-delay` s later, as
   `Restart=always` would, and the killer waits until it answers before the next kill.
+  A kind drawn while nothing of it is up is drawn again at the next slot, and the soak
+  does not end (for at most `COVER_S` after its traffic) before every kind was hit once.
 
 The host breaker (`data/circuit-breaker.json`) paces host starts on the seed's schedule
 over an hour (0, 0, 10, 30, 120 ... s): with a host kill every few seconds it would soon
@@ -70,6 +72,7 @@ ERROR_MARKS = ("could not be processed", "could not reach the model",
 # retried after retry_base·2^tries s (default 5).
 SOAK_ENV = {"NANOCLAW_RETRY_BASE": "1"}
 KINDS = ("worker", "agent", "host")
+COVER_S = 30.0  # after the traffic, at most this long for a kind not yet hit (see soak)
 SLOW_S = 30.0  # a wait past this is counted (the target: none)
 
 
@@ -164,7 +167,8 @@ class Killer:
                 return
             kind = self.draw()
             what = await getattr(self, f"kill_{kind}")()
-            if what is None:
+            if what is None:  # drawn again at the next slot: every kind gets its kills
+                self.bag.append(kind)
                 self.skipped[kind] += 1
                 self.log.append({"t": round(time.perf_counter() - self.t0, 2),
                                  "target": kind, "skipped": "nothing of that kind up"})
@@ -390,6 +394,12 @@ async def soak(rig: Rig, args: argparse.Namespace, results: dict[str, Any]) -> N
     try:
         await traffic(client, random.Random(f"{args.seed}:traffic"), args, rig.run_id,
                       killer.kills)
+        # a short soak can end before every kind of target was drawn: let the killer go
+        # on (bounded) until it has hit each once, the host answering between kills
+        deadline = time.perf_counter() + COVER_S
+        while args.kill_every > 0 and time.perf_counter() < deadline and not all(
+                any(t.split(":")[0] == k for t in killer.kills) for k in KINDS):
+            await asyncio.sleep(0.1)
         killer.stop.set()
         await killing  # finishes a host restart under way
         if rig.host is None or rig.host.poll() is not None or not await answering(rig, 60):

@@ -395,3 +395,30 @@ def test_anthropic_sdk_is_imported_lean(tmp_path):
                          env={**os.environ, "PYTHONPATH": str(ROOT / "container")}, check=True)
     assert int(out.stdout.strip()) < 1500, out.stdout  # a plain `import anthropic`: ~3,400
     assert "aiohttp" not in json.dumps(out.stderr)
+
+
+def test_an_answer_and_the_rows_it_answers_are_one_commit(session, fake, start):
+    """kill -9 between writing the answer and marking its rows done used to have the next
+    runner answer them again (seen once in the chaos soak). The answer now marks them
+    completed in its own transaction: a runner stopped right after it (no `complete`
+    of its own) leaves nothing to answer twice."""
+    import sys
+
+    from nanoclaw.devtools.runner_harness import ROOT
+
+    sys.path.insert(0, str(ROOT / "container"))
+    from agent_runner.db import Address, Inbound, Outbound
+
+    mid = session.chat("hello")
+    inbound = Inbound(session.paths.inbound)
+    outbound = Outbound(session.paths.outbound, inbound, session.paths.root)
+    outbound.claim([mid])
+    outbound.write_answer([("chat", {"text": "the answer"}, Address("telegram", "tg:1"), mid,
+                            None)], [mid])
+    # the runner is killed here, before its own complete(); the next one starts:
+    assert outbound.delete_stale_claims() == 0
+    start()
+    later = session.chat("and now?")
+    assert session.reply_to(later)["text"] == "echo: and now?"
+    assert [last_user_text(c).count("hello") for c in model_calls(fake)] == [0]
+    assert [r["text"] for r in session.out() if r["in_reply_to"] == mid] == ["the answer"]

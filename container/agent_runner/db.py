@@ -322,20 +322,36 @@ class Outbound:
     def write_message(self, kind: str, content: dict[str, Any], to: Address,
                       in_reply_to: str | None, out_id: str | None = None) -> tuple[str, int]:
         """Append one `messages_out` row; returns (id, seq)."""
-        out_id = out_id or new_out_id()
+        return self.write_answer([(kind, content, to, in_reply_to, out_id)], ())[0]
+
+    def write_answer(self, rows: list[tuple[str, dict[str, Any], Address, str | None,
+                                            str | None]],
+                     answered: Iterable[str]) -> list[tuple[str, int]]:
+        """Append `messages_out` rows (kind, content, to, in_reply_to, out id or None) and
+        mark the inbound rows they answer completed, in one transaction: a runner killed
+        after it has neither lost the answer nor leaves the rows to be answered again by
+        the next one. Returns each row's (id, seq)."""
+        out, now, answered = [], utcnow(), list(answered)
         with _write(self.path) as conn:
             in_max = self.inbound.max_seq()
             out_max = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM messages_out").fetchone()[0]
             top = max(in_max, out_max)
-            seq = top + 1 if top % 2 == 0 else top + 2
-            conn.execute(
-                "INSERT INTO messages_out (id, seq, in_reply_to, timestamp, kind, platform_id,"
-                " channel_type, thread_id, content) VALUES (?,?,?,?,?,?,?,?,?)",
-                (out_id, seq, in_reply_to, utcnow(), kind, to.platform_id, to.channel_type,
-                 to.thread_id, json.dumps(content)),
-            )
-        nudge.send_host(self.session_dir)  # committed: the host may look now
-        return out_id, seq
+            for kind, content, to, in_reply_to, out_id in rows:
+                out_id = out_id or new_out_id()
+                seq = top + 1 if top % 2 == 0 else top + 2
+                top = seq
+                conn.execute(
+                    "INSERT INTO messages_out (id, seq, in_reply_to, timestamp, kind,"
+                    " platform_id, channel_type, thread_id, content) VALUES (?,?,?,?,?,?,?,?,?)",
+                    (out_id, seq, in_reply_to, now, kind, to.platform_id, to.channel_type,
+                     to.thread_id, json.dumps(content)))
+                out.append((out_id, seq))
+            conn.executemany(
+                "INSERT OR REPLACE INTO processing_ack (message_id, status, status_changed)"
+                " VALUES (?, 'completed', ?)", [(i, now) for i in answered])
+        if out:
+            nudge.send_host(self.session_dir)  # committed: the host may look now
+        return out
 
     def by_seq(self, seq: int) -> dict[str, Any] | None:
         with _read(self.path) as conn:

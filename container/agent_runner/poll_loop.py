@@ -324,7 +324,8 @@ class PollLoop:
                 elif isinstance(ev, Result):
                     if not ev.more:  # this result answers the pushed rows too
                         self.absorb(state)
-                    follow = None if state.raw_command else self.deliver(state, ev.text)
+                    follow = None if state.raw_command else self.deliver(
+                        state, ev.text, final=not ev.more)
                     self.absorb(state)  # the next turn is about them
                     if follow:
                         query.push(follow)
@@ -402,18 +403,32 @@ class PollLoop:
         self.continuation = value
 
     # -- output
-    def deliver(self, state: TurnState, text: str) -> str | None:
-        """Write the result's `<message>` blocks; return a follow-up to push, if any."""
+    def deliver(self, state: TurnState, text: str, final: bool = True) -> str | None:
+        """Write the result's `<message>` blocks; return a follow-up to push, if any. A
+        `final` result that answers in full (every block has its destination) marks the
+        batch's rows completed in the same transaction as the answer, so a kill -9 right
+        after it neither loses the answer nor has the next runner answer again."""
         batch = state.batch
         parsed = parse_reply(text)
-        unknown = []
+        unknown, blocks = [], []
         for name, body in parsed.blocks:
             dest = batch.destination(name)
             if dest is None:
                 unknown.append(name)
                 continue
             address, reply_to = batch.address_for(dest.channel)
-            self.write(state, address, body, reply_to or batch.asker_id)
+            blocks.append((address, body, reply_to or batch.asker_id))
+        claimed = set(state.claimed)
+        answered = [r.id for r in batch.rows if r.id in claimed] \
+            if final and blocks and not unknown else []
+        if blocks:
+            written = self.outbound.write_answer(
+                [("chat", {"text": body}, address, reply_to, None)
+                 for address, body, reply_to in blocks], answered)
+            for (out_id, seq), (address, _, _) in zip(written, blocks):
+                state.written += 1
+                log.info("reply written id=%s seq=%d channel=%s", out_id, seq,
+                         address.channel_type)
         if unknown:
             if not state.corrected:
                 state.corrected = True
