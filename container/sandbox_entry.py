@@ -7,6 +7,13 @@ HTTP client (the `anthropic` SDK, the Claude Code CLI) works unchanged and nothi
 the broker is reachable. The relay is a few threads in the runner's own process: no
 extra process, nothing to supervise. Without the variable this just runs the runner.
 
+The egress door (`nanoclaw/broker/egress.py`) is reached the same way: with
+`$NANOCLAW_EGRESS_SOCKET` set, a second relay, and once the session is known
+`HTTP_PROXY`/`HTTPS_PROXY` (and the lower-case names) point at it with the session's
+token as the proxy password, `NO_PROXY` keeps the broker's relay direct. Every HTTP
+client that honours those (urllib, requests, httpx, curl, Node with a proxy agent) uses
+the web through the door; nothing else leaves the sandbox.
+
 Warm start (`NANOCLAW_WARM=1`): the host starts a sandbox before any session needs it.
 The runner imports everything a turn needs (the providers in `NANOCLAW_WARM_PRELOAD`),
 then waits on stdin for one JSON line, `{"env": {...}, "cwd": "..."}`: the session's
@@ -61,14 +68,29 @@ def _serve(listener: socket.socket, target: str) -> None:
             threading.Thread(target=_pump, args=(a, b), daemon=True).start()
 
 
-def start_relay(target: str) -> str:
+def start_relay(target: str, name: str = "broker-relay") -> str:
     """Listen on 127.0.0.1 (any free port) and relay each connection to `target`."""
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))
     listener.listen(64)
     threading.Thread(target=_serve, args=(listener, target), daemon=True,
-                     name="broker-relay").start()
+                     name=name).start()
     return f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+
+PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")
+LOCAL = "127.0.0.1,localhost,::1"
+
+
+def use_egress(relay: str) -> None:
+    """Point every HTTP client at the egress relay, with the session's token (the
+    broker's: the door looks it up the same way) as the proxy password."""
+    token = os.environ.get("ANTHROPIC_API_KEY", "")
+    url = relay.replace("http://", f"http://nanoclaw:{token}@", 1) if token else relay
+    for name in PROXY_VARS:
+        os.environ[name] = url
+    for name in ("NO_PROXY", "no_proxy"):
+        os.environ[name] = LOCAL
 
 
 def preload(providers: list[str]) -> None:
@@ -102,15 +124,30 @@ def wait_for_session() -> bool:
 
 
 def main() -> None:
-    target = os.environ.pop("NANOCLAW_BROKER_SOCKET", "")
-    relay = start_relay(target) if target else None
+    setup = connect()
     if os.environ.pop("NANOCLAW_WARM", "") == "1":
         preload([p for p in os.environ.pop("NANOCLAW_WARM_PRELOAD", "").split(",") if p])
         if not wait_for_session():
             return
-    if relay:
-        os.environ["ANTHROPIC_BASE_URL"] = relay
+    setup()
     runpy.run_module("agent_runner", run_name="__main__", alter_sys=True)
+
+
+def connect():
+    """Start the relays now; the returned function points the environment at them once
+    the session (its token) is known."""
+    target = os.environ.pop("NANOCLAW_BROKER_SOCKET", "")
+    relay = start_relay(target) if target else None
+    door = os.environ.pop("NANOCLAW_EGRESS_SOCKET", "")
+    egress = start_relay(door, "egress-relay") if door else None
+
+    def setup() -> None:
+        if relay:
+            os.environ["ANTHROPIC_BASE_URL"] = relay
+        if egress:
+            use_egress(egress)
+
+    return setup
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ The layout is the architecture. **A folder imports only the folders listed above
     routing/    the router worker's logic: inbound events to sessions, the gates
     delivery/   the delivery worker's logic: the agent's output, its actions
     lifecycle/  the containers and sweep workers' logic
-    broker/     the credential broker worker's logic
+    broker/     the credential broker's and the egress door's logic
     host/       the parent process: orchestrator, supervisor, the worker loop
     cli/        the `nanoclaw` command and the agent's `ncl`
     devtools/   the fake model and harnesses tests and benches use

@@ -43,10 +43,13 @@ LOCAL_WINDOW = 2 * LOCAL_PAUSE   # > LOCAL_PAUSE, so a paced loop keeps its coun
 
 # The workers that touch no platform, by the names `nanoclaw/host/registry.py` runs
 # (tests/test_breaker_kinds.py checks every name it can run is classified on purpose).
-# `webhooks` is local: it only listens (a local HTTP door), it never connects out. Every
+# `webhooks` is local: it only listens (a local HTTP door), it never connects out;
+# `egress` too: what it connects out to is each agent's own request, no login a crash
+# loop would repeat. Every
 # other `channel:<name>`, and a name not known here, gets the cautious platform schedule.
 LOCAL_CHANNELS = ("cli", "web")
 LOCAL_WORKERS = frozenset(["router", "delivery", "sweep", "containers", "broker", "webhooks",
+                           "egress",
                            *(f"channel:{c}" for c in LOCAL_CHANNELS)])
 
 

@@ -64,6 +64,15 @@ class Settings(BaseSettings):
     fallback_upstream: str = ""  # for groups without their own fallback upstream
     broker_port: int = Field(default=0, ge=0, le=65535)
     daily_token_budget: int = Field(default=0, ge=0)  # per agent group; 0: no budget
+    # The egress door (nanoclaw/broker/egress.py): with network `none`, a sandbox reaches
+    # the web only through it, as its agent group's policy allows (`groups update --web`).
+    egress_enabled: bool = True
+    egress_ports: str = Field(default="80,443", pattern=r"^\s*\d{1,5}(\s*,\s*\d{1,5})*\s*$")
+    egress_daily_mb: float = Field(default=1024.0, ge=0)  # per agent group and day; 0: none
+    egress_connections: int = Field(default=16, ge=1, le=4096)  # at once, per agent group
+    # TESTS ONLY: `host:port` pairs, the host exactly as a request writes it, that the
+    # door lets through to whatever address they are (a test's own server on 127.0.0.1)
+    egress_test_allow: str = Field(default="", pattern=r"^([^,:\s]+:\d{1,5}(,[^,:\s]+:\d{1,5})*)?$")
 
     # Sandboxes (docker and bwrap runtimes).
     image: str = "nanoclaw-agent:latest"
@@ -190,6 +199,58 @@ class Settings(BaseSettings):
     webex_mode: str = Field(default="websocket", pattern=r"^(websocket|webhook)$",
                             validation_alias="WEBEX_MODE")
     webex_webhook_secret: str = Field(default="", validation_alias="WEBEX_WEBHOOK_SECRET")
+    # iMessage through a BlueBubbles Server on a Mac (channels/imessage.py): polled by
+    # default (no public URL); with BLUEBUBBLES_WEBHOOK_SECRET also through /webhook/imessage.
+    bluebubbles_url: str = Field(default="", validation_alias="BLUEBUBBLES_URL")
+    bluebubbles_password: str = Field(default="", validation_alias="BLUEBUBBLES_PASSWORD")
+    bluebubbles_webhook_secret: str = Field(default="",
+                                            validation_alias="BLUEBUBBLES_WEBHOOK_SECRET")
+    bluebubbles_poll_interval: float = Field(default=2.0, ge=0.05, le=600,
+                                             validation_alias="BLUEBUBBLES_POLL_INTERVAL")
+    bluebubbles_send_method: str = Field(default="apple-script",
+                                         pattern=r"^(apple-script|private-api)$",
+                                         validation_alias="BLUEBUBBLES_SEND_METHOD")
+    bluebubbles_attachment_wait: float = Field(default=120.0, ge=0, le=86400,
+                                               validation_alias="BLUEBUBBLES_ATTACHMENT_WAIT")
+    # Email (channels/email_channel.py): IMAP (IDLE) + SMTP with any mailbox, or Resend
+    # (its API to send; /webhook/resend or polling to receive). A chat is an address.
+    email_imap_host: str = Field(default="", validation_alias="EMAIL_IMAP_HOST")
+    email_imap_port: int = Field(default=993, ge=1, le=65535, validation_alias="EMAIL_IMAP_PORT")
+    email_imap_tls: str = Field(default="tls", pattern=r"^(tls|none)$",
+                                validation_alias="EMAIL_IMAP_TLS")
+    email_imap_folder: str = Field(default="INBOX", validation_alias="EMAIL_IMAP_FOLDER")
+    email_smtp_host: str = Field(default="", validation_alias="EMAIL_SMTP_HOST")
+    email_smtp_port: int = Field(default=587, ge=1, le=65535, validation_alias="EMAIL_SMTP_PORT")
+    email_smtp_tls: str = Field(default="starttls", pattern=r"^(starttls|tls|none)$",
+                                validation_alias="EMAIL_SMTP_TLS")
+    email_username: str = Field(default="", validation_alias="EMAIL_USERNAME")
+    email_password: str = Field(default="", validation_alias="EMAIL_PASSWORD")
+    email_address: str = Field(default="", validation_alias=AliasChoices(
+        "EMAIL_ADDRESS", "RESEND_FROM_ADDRESS"))
+    email_from_name: str = Field(default="", validation_alias=AliasChoices(
+        "EMAIL_FROM_NAME", "RESEND_FROM_NAME"))
+    email_ca_file: str = Field(default="", validation_alias="EMAIL_CA_FILE")
+    email_authserv_id: str = Field(default="", validation_alias="EMAIL_AUTHSERV_ID")
+    email_require_auth: str = Field(default="dkim_or_spf",
+                                    pattern=r"^(dkim|spf|dkim_or_spf|none)$",
+                                    validation_alias="EMAIL_REQUIRE_AUTH")
+    email_poll_interval: float = Field(default=60.0, ge=0.05, le=3600,
+                                       validation_alias="EMAIL_POLL_INTERVAL")
+    resend_api_key: str = Field(default="", validation_alias="RESEND_API_KEY")
+    resend_api_url: str = Field(default="https://api.resend.com",
+                                validation_alias="RESEND_API_URL")
+    resend_webhook_secret: str = Field(default="", validation_alias="RESEND_WEBHOOK_SECRET")
+    # Matrix: a bot account (channels/matrix.py), messages by /sync long poll (no public
+    # URL). MATRIX_ACCESS_TOKEN, or MATRIX_USER_ID + MATRIX_PASSWORD (logs in once; the
+    # session is kept in data/channels/matrix/, with the E2EE keys when MATRIX_E2EE=1).
+    matrix_homeserver: str = Field(default="", validation_alias="MATRIX_HOMESERVER")
+    matrix_access_token: str = Field(default="", validation_alias="MATRIX_ACCESS_TOKEN")
+    matrix_user_id: str = Field(default="", validation_alias="MATRIX_USER_ID")
+    matrix_password: str = Field(default="", validation_alias="MATRIX_PASSWORD")
+    matrix_device_id: str = Field(default="", validation_alias="MATRIX_DEVICE_ID")
+    matrix_e2ee: bool = Field(default=False, validation_alias="MATRIX_E2EE")
+    matrix_sync_timeout: float = Field(default=30.0, ge=0.5, le=300,
+                                       validation_alias="MATRIX_SYNC_TIMEOUT")
     # WhatsApp Web, as a linked device: `nanoclaw channels login whatsapp` links it (QR, or
     # a pairing code for WHATSAPP_PHONE_NUMBER); its keys stay in data/channels/whatsapp/.
     whatsapp_enabled: bool = False
@@ -226,10 +287,18 @@ class Settings(BaseSettings):
                      "discord_api_base", "whatsapp_api_base", "github_api_base",
                      "linear_api_url", "teams_openid_metadata_url", "teams_token_url",
                      "teams_service_url", "google_chat_api_base", "google_chat_certs_url",
-                     "google_chat_id_certs_url", "webex_api_base", "webex_device_url")
+                     "google_chat_id_certs_url", "webex_api_base", "webex_device_url",
+                     "resend_api_url")
     @classmethod
     def _url(cls, v: str) -> str:
         if not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return v.rstrip("/")
+
+    @field_validator("matrix_homeserver", "bluebubbles_url")
+    @classmethod
+    def _optional_url(cls, v: str) -> str:
+        if v and not v.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return v.rstrip("/")
 
@@ -307,6 +376,12 @@ class Settings(BaseSettings):
     def broker_socket(self) -> Path:
         """The broker's unix socket; its folder is mounted into every sandbox."""
         return self.data_dir / "broker" / "broker.sock"
+
+    @property
+    def egress_socket(self) -> Path:
+        """The egress door's unix socket, beside the broker's (the same folder is
+        mounted into every sandbox with network `none`)."""
+        return self.data_dir / "broker" / "egress.sock"
 
     @property
     def breaker_file(self) -> Path:

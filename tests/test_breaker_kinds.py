@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import wait_for
 from fakes.clock import FakeClock
+
 from nanoclaw.breaker import (
     LOCAL,
     LOCAL_CAP,
@@ -38,8 +38,8 @@ from nanoclaw.host.registry import WORKERS
 from nanoclaw.host.supervisor import Supervisor
 from nanoclaw.log import logger
 
-LOCALS = ["router", "delivery", "sweep", "containers", "broker", "webhooks", "channel:cli",
-          "channel:web"]
+LOCALS = ["router", "delivery", "sweep", "containers", "broker", "webhooks", "egress",
+          "channel:cli", "channel:web"]
 
 
 # ---- the schedules and who gets which ---------------------------------------------------

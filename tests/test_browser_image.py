@@ -20,11 +20,12 @@ import io
 import json
 import os
 import tarfile
+from http.server import BaseHTTPRequestHandler
 
 import pytest
-from conftest import ROOT, _absent
+from conftest import IMAGE, ROOT, _absent
 
-from nanoclaw.cli import doctor, doctor_checks
+from nanoclaw.cli import doctor_checks
 from nanoclaw.config import Settings
 from nanoclaw.db.store import Store
 from nanoclaw.runtime import agent_browser
@@ -55,6 +56,9 @@ def test_the_image_browses_and_takes_a_screenshot(docker_client, agent_image):
     assert out.strip().splitlines()[-1].strip() == "0", "no CJK fonts in the plain image"
     labels = docker_client.images.get(agent_image).labels
     assert labels["nanoclaw.cjk-fonts"] == "0"
+    env = dict(e.split("=", 1) for e in docker_client.images.get(agent_image).attrs["Config"]["Env"])
+    for k, v in agent_browser.environment().items():  # as the runtimes set it
+        assert env[k] == v, k
 
 
 def test_the_cjk_variant_has_the_fonts(docker_client, agent_image):
@@ -88,7 +92,7 @@ def test_doctor_suggests_the_fonts_and_says_when_the_image_lacks_them(tmp_path):
     store.conn.execute("INSERT INTO inbound_events (channel_type, platform_id, message_id,"
                        " kind, payload, received_at) VALUES ('cli', 'local', 'bad', 'chat',"
                        " 'not json', '2026-01-01T00:00:00.000Z')")
-    texts = doctor.recent_texts(store)
+    texts = store.recent_texts()
     assert sorted(texts) == sorted(["こんにちは", "明日の天気は？", "thanks"])
     s = Settings(data_dir=tmp_path / "data")
     [(ok, line)] = doctor_checks.cjk_fonts(s, texts, "0", "docker")
@@ -156,3 +160,75 @@ def test_the_pin_is_part_of_the_image_recipe(monkeypatch):
     assert sandbox.image_hash(ROOT / "container") != before
     recipe = (ROOT / "container" / "build.sh").read_text()
     assert "printf 'agent-browser\\0%s\\0' \"$ab_pin\"" in recipe
+
+
+# --- the whole way: a chat, an agent in docker, the browser through the door ----------------
+class _Page(BaseHTTPRequestHandler):
+    hits: list[str] = []
+
+    def do_GET(self):  # noqa: N802
+        _Page.hits.append(self.path)
+        body = PAGE.encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.mark.parametrize("runtime", ["docker", "bwrap"])
+def test_an_agent_browses_through_the_door_and_sends_the_screenshot(tmp_path, fake_model,
+                                                                    runtime, request):
+    """A Telegram user asks; the agent (docker's image, or bwrap with the host's Chromium
+    and cached agent-browser; network none) runs agent-browser, which reaches the test
+    page only through the egress door (its one way out), and the PNG it made reaches the
+    chat as a file. The door logged the destination for the group."""
+    image = request.getfixturevalue("agent_image") if runtime == "docker" else IMAGE
+    if runtime == "bwrap":
+        request.getfixturevalue("bwrap_works")
+        if agent_browser.binary() is None:
+            _absent("no cached agent-browser (container/build.sh installs it)")
+    from http.server import ThreadingHTTPServer
+    from threading import Thread
+
+    from conftest import Host, wait_for
+    from fakes.fake_telegram import FakeTelegram
+    from fakes.hosts import wire_chat
+
+    page = ThreadingHTTPServer(("127.0.0.1", 0), _Page)
+    Thread(target=page.serve_forever, daemon=True).start()
+    port = page.server_address[1]
+    tg = FakeTelegram().start()
+    h = Host(tmp_path / "h", fake_model.url, {
+        "TELEGRAM_BOT_TOKEN": tg.token, "TELEGRAM_API_BASE": tg.url,
+        "NANOCLAW_TELEGRAM_POLL_TIMEOUT": "1", "NANOCLAW_WEB_ENABLED": "false",
+        "NANOCLAW_RUNTIME": runtime, "NANOCLAW_IMAGE": image,
+        "NANOCLAW_PROVIDER": "anthropic", "NANOCLAW_WARM_POOL": "0",
+        "NANOCLAW_EGRESS_PORTS": f"80,443,{port}",
+        "NANOCLAW_EGRESS_TEST_ALLOW": f"127.0.0.1:{port}"})
+    try:
+        h.start()
+        chat = tg.chat(1)
+        wire_chat(h, tg.channel, tg.platform_id(chat))
+        # (no & < > in it: the agent sees the message XML-escaped, the fake model acts
+        # on what it sees)
+        browse = (f"set -e; agent-browser open http://127.0.0.1:{port}/; agent-browser"
+                  " snapshot; agent-browser screenshot shot.png; agent-browser close")
+        tg.user_says(chat, f"[[tool:bash {json.dumps({'command': browse})}]]")
+        first = wait_for(lambda: tg.bot_sent(chat), 120, what="the browsing turn's answer")
+        assert 'heading \\"Hello from the page\\"' in json.dumps([s.text for s in first]), first
+        tg.user_says(chat, f"[[tool:send_file {json.dumps({'path': 'shot.png'})}]]")
+        sent = wait_for(lambda: [s for s in tg.bot_sent(chat) if s.files], 60,
+                        what="the screenshot in the chat")
+        (name, data), = sent[0].files
+        assert name == "shot.png" and data.startswith(b"\x89PNG\r\n\x1a\n"), name
+        assert _Page.hits, "the page was never fetched"
+        rows = h.q("SELECT host, port, allowed FROM egress_log")
+        assert {"host": "127.0.0.1", "port": port, "allowed": 1} in rows, rows
+    finally:
+        h.cleanup()
+        tg.stop()
+        page.shutdown()

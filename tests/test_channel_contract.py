@@ -37,11 +37,14 @@ import pytest
 from conftest import Host, wait_for
 
 from fakes.contract import PlatformFake, Sent
+from fakes.fake_bluebubbles import FakeBlueBubbles
 from fakes.fake_discord import FakeDiscord
+from fakes.fake_email import FakeEmail
 from fakes.fake_github import FakeGitHub
 from fakes.fake_google_chat import FakeGoogleChat
 from fakes.fake_graph import FakeGraph
 from fakes.fake_linear import FakeLinear
+from fakes.fake_matrix import FakeMatrix
 from fakes.fake_slack import FakeSlack
 from fakes.fake_teams import FakeTeams
 from fakes.fake_telegram import FakeTelegram
@@ -53,7 +56,8 @@ from nanoclaw.channels import LAZY
 FAKES = {"telegram": FakeTelegram, "discord": FakeDiscord, "slack": FakeSlack,
          "whatsapp-cloud": FakeGraph, "github": FakeGitHub,
          "linear": FakeLinear, "teams": FakeTeams, "googlechat": FakeGoogleChat,
-         "webex": FakeWebex}
+         "webex": FakeWebex, "imessage": FakeBlueBubbles,
+         "matrix": FakeMatrix, "email": FakeEmail}
 
 
 @pytest.fixture(scope="module", params=sorted(FAKES))

@@ -37,6 +37,14 @@ LAZY = {
                    lambda s: bool(s.google_chat_service_account_file
                                   or s.google_chat_credentials), True),
     "webex": ("nanoclaw.channels.webex:WebexChannel", lambda s: bool(s.webex_bot_token), True),
+    "email": ("nanoclaw.channels.email_channel:EmailChannel",
+              lambda s: bool(s.email_imap_host and s.email_smtp_host) or bool(s.resend_api_key),
+              True),
+    "imessage": ("nanoclaw.channels.imessage:IMessageChannel",
+                 lambda s: bool(s.bluebubbles_url and s.bluebubbles_password), False),
+    "matrix": ("nanoclaw.channels.matrix:MatrixChannel",
+               lambda s: bool(s.matrix_homeserver and (s.matrix_access_token or (
+                   s.matrix_user_id and s.matrix_password))), True),
 }
 
 
@@ -49,18 +57,27 @@ WEBHOOKS: dict[str, str] = {
     "teams": "nanoclaw.channels.teams_webhook:TeamsWebhook",
     "googlechat": "nanoclaw.channels.googlechat_webhook:ChatWebhook",
     "webex": "nanoclaw.channels.webex_webhook:WebexWebhook",
+    "resend": "nanoclaw.channels.resend_webhook:ResendWebhook",  # the `email` channel's
+    "imessage": "nanoclaw.channels.imessage_webhook:IMessageWebhook",
 }
 # What a channel's webhook needs besides the channel being on (github without a secret
 # only polls: no door, no public URL).
 WEBHOOK_NEEDS = {"github": lambda s: bool(s.github_webhook_secret),
-                 "webex": lambda s: s.webex_mode == "webhook"}
+                 "webex": lambda s: s.webex_mode == "webhook",
+                 "resend": lambda s: bool(s.resend_api_key and s.resend_webhook_secret),
+                 "imessage": lambda s: bool(s.bluebubbles_webhook_secret)}
 
 
 def webhook_names(settings) -> list[str]:
     """The enabled channels whose platform calls us: the door serves these."""
     reg = load_builtin()
-    return sorted(n for n in WEBHOOKS if n in reg.names() and reg.get(n).enabled(settings)
-                  and WEBHOOK_NEEDS.get(n, bool)(settings))
+    return sorted(n for n in WEBHOOKS if (c := WEBHOOK_CHANNEL.get(n, n)) in reg.names()
+                  and reg.get(c).enabled(settings) and WEBHOOK_NEEDS.get(n, bool)(settings))
+
+
+# A webhook named for the platform that calls it, not for its channel: the door serves
+# /webhook/resend, and what it stores is the `email` channel's (resend_webhook.py).
+WEBHOOK_CHANNEL = {"resend": "email"}
 
 
 def load_builtin() -> Registry:

@@ -7,7 +7,9 @@ signature holds (DESIGN §6, channels.md §1.2):
    address (`NANOCLAW_WEBHOOK_RATE` a minute, else 429 with Retry-After: behind a tunnel
    every request comes from 127.0.0.1, so one platform's flood must not starve another);
 2. the platform's signature, on the raw bytes as received: a re-serialised body breaks
-   HMACs (bad or missing: 401, nothing stored);
+   HMACs; for a platform that signs nothing, a shared secret in the URL's query,
+   compared in constant time (BlueBubbles: `verify_request`) (bad or missing: 401,
+   nothing stored);
 3. every event in the body stored durably in `inbound_events`, the platform's message
    id as the key, so a redelivery is stored once;
 4. then 2xx. A storage failure answers 503, so the platform retries; a failure in one
@@ -91,6 +93,12 @@ class Webhook:
     def verify(self, raw: bytes, headers: Mapping[str, str]) -> bool:
         """Whether the raw body carries the platform's valid signature."""
         raise NotImplementedError
+
+    def verify_request(self, raw: bytes, headers: Mapping[str, str],
+                       query: Mapping[str, str]) -> bool:
+        """`verify`, given the URL's query too: for a platform that signs nothing and
+        puts a shared secret in the URL it calls (BlueBubbles)."""
+        return self.verify(raw, headers)
 
     async def receive(self, raw: bytes, headers: Mapping[str, str]) -> int:
         """Store every event of a verified body through `host.inbound`; returns how many
@@ -206,7 +214,7 @@ class Door:
                                                 actual_size=request.content_length)
         raw = await request.read()  # aiohttp refuses a body over client_max_size (413)
         try:
-            ok = hook.verify(raw, request.headers)
+            ok = hook.verify_request(raw, request.headers, request.query)
         except Exception:
             logger.exception("webhook {}: signature check failed", hook.name)
             ok = False

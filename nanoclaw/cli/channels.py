@@ -8,7 +8,7 @@ import argparse
 import json
 import sys
 
-from nanoclaw.channels import WEBHOOKS, load_builtin, webhook_names
+from nanoclaw.channels import WEBHOOK_CHANNEL, WEBHOOKS, load_builtin, webhook_names
 from nanoclaw.cli.common import CliError, load_settings
 from nanoclaw.config import Settings
 
@@ -51,9 +51,11 @@ def report(settings: Settings) -> list[str]:
     for name in reg.names():
         on = reg.get(name).enabled(settings)
         line = f"{name:<16} {'on' if on else 'off'}"
-        if name in hooks:  # on, and served (github without a secret only polls)
-            line += f"   platform calls {url}/webhook/{name}"
-        elif name in WEBHOOKS and on:
+        # the webhooks this channel's platforms call (email's is /webhook/resend)
+        served = [h for h in sorted(hooks) if WEBHOOK_CHANNEL.get(h, h) == name]
+        if served:  # on, and served (github without a secret only polls)
+            line += "   platform calls " + ", ".join(f"{url}/webhook/{h}" for h in served)
+        elif on and any(WEBHOOK_CHANNEL.get(h, h) == name for h in WEBHOOKS):
             line += "   no webhook: it fetches from the platform itself"
         st = status_of(settings, name) if name in LOGINS else None
         if st:

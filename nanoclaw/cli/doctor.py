@@ -39,22 +39,6 @@ def image_label(settings: Settings, name: str) -> str | None:
         return None
 
 
-def recent_texts(store, n: int = 100) -> list[str]:
-    """What people said last (the text of the last `n` chat events), for the CJK check."""
-    import json
-
-    out = []
-    for (payload,) in store.conn.execute("SELECT payload FROM inbound_events WHERE"
-                                         " kind='chat' ORDER BY id DESC LIMIT ?", (n,)):
-        try:
-            text = json.loads(payload).get("text")
-        except (ValueError, AttributeError):
-            continue
-        if isinstance(text, str):
-            out.append(text)
-    return out
-
-
 def runtime_report(settings: Settings) -> list[tuple[bool | None, str]]:
     """Which runtime agents get here and why not the others; whether the warm pool is in
     effect. (ok, line) pairs; ok None is a plain note."""
@@ -221,7 +205,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             say(failed == 0, f"{failed} send(s) failed for good")
             runtime = s.runtime if s.runtime != "auto" else probe_runtimes(s)[1]
             for ok, line in upstream_report(s, store, bool(pid)) + doctor_checks.cjk_fonts(
-                    s, recent_texts(store), image_label(s, "nanoclaw.cjk-fonts"), runtime):
+                    s, store.recent_texts(), image_label(s, "nanoclaw.cjk-fonts"), runtime):
                 if ok is None:
                     print(f"{'-':<3}  {line}")
                 else:

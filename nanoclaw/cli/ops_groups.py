@@ -83,8 +83,9 @@ def groups_list(a, store, settings) -> None:
         r["fallback"] = r["fallback"] or settings.fallback_model or None
         r["upstream"] = r["upstream"] or f"({upstreams.default_for(r['provider'] or 'claude')})"
         r["fallback_upstream"] = r["fallback_upstream"] or settings.fallback_upstream or None
+        r["web"] = store.web_policy(r["id"])
     table(rows, ["id", "name", "folder", "provider", "model", "fallback", "upstream",
-                 "fallback_upstream", "daily_budget"])
+                 "fallback_upstream", "daily_budget", "web"])
 
 
 @op("groups", "add", read=False, agent=True, aliases=("create",),
@@ -119,7 +120,10 @@ def groups_add(a, store, settings) -> None:
         help="what the agent's in-sandbox `ncl` may reach (see README)"),
     arg("--skills", metavar="all|none|A,B",
         help="which skills of container/skills the agent gets (`nanoclaw skills` lists"
-             " them); from its next start")])
+             " them); from its next start"),
+    arg("--web", metavar="off|on|allow:A,B|deny:X",
+        help="what the agent may reach on the web through the egress door: nothing,"
+             " anything public, only these domains or all but these (subdomains match)")])
 def groups_update(a, store, settings) -> None:
     g = store.find_agent_group(a.id)
     cols = {k: v for k, v in (("provider", a.provider), ("model", a.model),
@@ -136,7 +140,18 @@ def groups_update(a, store, settings) -> None:
         cols["upstream"] = upstream_arg(a.upstream, settings, none_ok=False)
     if a.fallback_upstream:
         cols["fallback_upstream"] = upstream_arg(a.fallback_upstream, settings, none_ok=True)
+    web = None
+    if a.web is not None:
+        from nanoclaw.broker.egress_policy import GroupPolicy
+
+        try:
+            web = str(GroupPolicy.parse(a.web))
+        except ValueError as e:
+            raise Refused(str(e)) from None
+        note += f" (web: {web})"
     store.update_group_config(g["id"], name=a.name, **cols)
+    if web is not None:
+        store.set_web_policy(g["id"], web)
     print(f"updated {g['id']}{note}")
 
 

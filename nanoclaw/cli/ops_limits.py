@@ -1,7 +1,8 @@
 """`nanoclaw mounts …` and `usage`: what an agent group may reach and spend. Extra mounts
 are checked at the door by the rules the containers worker applies at each spawn
 (`agents/mounts.py`); usage is the tokens per day the broker counted (`token_usage`)
-beside the daily budget (`nanoclaw groups update GROUP --daily-token-budget N`)."""
+beside the daily budget (`nanoclaw groups update GROUP --daily-token-budget N`), and
+with `--web` the egress door's log of destinations (`egress_log`)."""
 
 from __future__ import annotations
 
@@ -107,13 +108,18 @@ verb("usage", "tokens used per agent group and day, beside the budget")
 
 @op("usage", read=True, agent=True, args=[
     arg("--days", type=int, default=7, help="this many days up to today (7)"),
-    arg("--group", help="one agent group")])
+    arg("--group", help="one agent group"),
+    arg("--web", action="store_true",
+        help="the egress door's log instead: each destination per group and day, let"
+             " through or refused (and why), connections, bytes")])
 def usage(a, store, settings) -> None:
     """Tokens per agent group and day, with the daily budget in effect now beside them."""
     if a.days < 1:
         raise Refused(f"--days must be 1 or more, not {a.days}")
     today = datetime.now(ZoneInfo(settings.tz)).date()
     since = (today - timedelta(days=a.days - 1)).isoformat()
+    if a.web:
+        return web_usage(store, settings, since, today, a.group)
     rows = store.usage_by_day(since, store.find_agent_group(a.group)["id"] if a.group else None)
     for r in rows:
         r["group"] = r.pop("grp")
@@ -125,3 +131,17 @@ def usage(a, store, settings) -> None:
     print(f"token usage {since} .. {today} ({settings.tz})")
     table(rows, ["group", "day", "requests", "input", "output", "cache_write", "cache_read",
                  "total", "budget"])
+
+
+def web_usage(store, settings, since: str, today, group: str | None) -> None:
+    """`usage --web`: what the egress door let each group reach, or refused, and why."""
+    rows = store.egress_by_day(since, store.find_agent_group(group)["id"] if group else None)
+    for r in rows:
+        r["group"] = r.pop("grp")
+        r["decision"] = "allowed" if r.pop("allowed") else "refused"
+        r["last"] = r.pop("last_at")
+        r["reason"] = r["reason"] or None
+    print(f"web traffic {since} .. {today} ({settings.tz}); daily limit per group:"
+          f" {f'{settings.egress_daily_mb:g} MB' if settings.egress_daily_mb else 'none'}")
+    table(rows, ["group", "day", "host", "port", "decision", "reason", "connections", "bytes",
+                 "last"])

@@ -104,6 +104,31 @@ class ChannelQueries(Queries):
                             " platform_id=? AND message_id=?",
                             (channel_type, platform_id, message_id))
 
+    def inbound_payload(self, channel_type: str, platform_id: str,
+                        message_id: str) -> dict[str, Any] | None:
+        """What a chat's message carried, as stored (email finds the subject it answers)."""
+        row = self._row("SELECT payload FROM inbound_events WHERE channel_type=? AND"
+                        " platform_id=? AND message_id=?", (channel_type, platform_id, message_id))
+        try:
+            got = json.loads(row["payload"]) if row else None
+        except ValueError:
+            return None
+        return got if isinstance(got, dict) else None
+
+    def recent_texts(self, n: int = 100) -> list[str]:
+        """What people said last: the text of the last `n` chat events (doctor's CJK
+        check)."""
+        out = []
+        for (payload,) in self.conn.execute("SELECT payload FROM inbound_events WHERE"
+                                            " kind='chat' ORDER BY id DESC LIMIT ?", (n,)):
+            try:
+                text = json.loads(payload).get("text")
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(text, str):
+                out.append(text)
+        return out
+
     def last_inbound_id(self, channel_type: str, platform_id: str) -> str | None:
         """The platform id of the last message a chat sent us."""
         row = self._row("SELECT message_id FROM inbound_events WHERE channel_type=? AND"

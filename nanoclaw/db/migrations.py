@@ -5,6 +5,8 @@ A name appears once (`check_ledger`, run on import and by `migrate`): a repeated
 would be skipped silently as "already applied".
 """
 
+from nanoclaw.db.migrations_egress import MIGRATIONS as EGRESS_MIGRATIONS
+
 
 def check_ledger(migrations: list[tuple[str, str]]) -> None:
     """Refuse a migration list with a repeated name (review §2, habit 9)."""
@@ -320,5 +322,6 @@ MIGRATIONS: list[tuple[str, str]] = [
      # fallback's); NULL: the default of the group's provider (nanoclaw/upstreams.py)
      "ALTER TABLE container_configs ADD COLUMN upstream TEXT;\n"
      "ALTER TABLE container_configs ADD COLUMN fallback_upstream TEXT;\n"),
+    *EGRESS_MIGRATIONS,  # agent_groups.web, egress_log (migrations_egress.py)
 ]
 check_ledger(MIGRATIONS)

@@ -12,6 +12,7 @@ split by table group into mixins so no file grows past a screenful of intents:
 | `UsageQueries` | `usage.py` | token usage and budgets |
 | `ChannelQueries` | `channels.py` | what a channel runner reads and writes for itself |
 | `AdminQueries` | `admin.py` | what only the admin operations run |
+| `EgressQueries` | `egress.py` | each group's web policy, the egress door's log |
 
 A method that queues work for another worker nudges it after its commit (`nudge`).
 The statements several decisions share, and the mixins' common base, are in `rows.py`.
@@ -27,6 +28,7 @@ from nanoclaw.db.admin import AdminQueries
 from nanoclaw.db.approvals import ApprovalQueries
 from nanoclaw.db.central import data_version, open_central
 from nanoclaw.db.channels import ChannelQueries
+from nanoclaw.db.egress import EgressQueries
 from nanoclaw.db.groups import GroupQueries
 from nanoclaw.db.queues import QueueQueries
 from nanoclaw.db.sessions import SessionQueries
@@ -34,7 +36,7 @@ from nanoclaw.db.usage import UsageQueries
 
 
 class Store(GroupQueries, SessionQueries, QueueQueries, ApprovalQueries, UsageQueries,
-            ChannelQueries, AdminQueries):
+            ChannelQueries, AdminQueries, EgressQueries):
     def __init__(self, conn: sqlite3.Connection, data_dir: Path | None = None):
         self.conn = conn
         self.data_dir = data_dir  # where the workers' nudge sockets are; None: no nudges

@@ -212,6 +212,10 @@ def run_host(settings: Settings, *, tick: float = 0.1) -> int:
                      hung_after=settings.worker_hung_after,
                      beats=lambda name: last_beat(settings, name), kind=restart_kind)
     logger.info("host started (pid {}): workers {}", os.getpid(), ", ".join(names))
+    if settings.container_network == "host":
+        logger.warning("NANOCLAW_CONTAINER_NETWORK=host: sandboxes share the host's network"
+                       " (every port it listens on, the local network, cloud metadata); the"
+                       " egress door and the groups' web policies do not apply")
     listener = nudge.listen(settings, "host")
     waiter = nudge.Waiter(listener)
     signal.signal(signal.SIGCHLD, lambda *_: None)  # only so a worker's exit wakes the waiter

@@ -20,6 +20,7 @@ WORKERS = {
     "sweep": "workers.sweep:SweepWorker",
     "containers": "workers.containers:ContainersWorker",
     "broker": "workers.broker:BrokerWorker",
+    "egress": "workers.egress:EgressWorker",  # unless NANOCLAW_EGRESS_ENABLED=false
 }
 CHANNEL = "workers.channel:ChannelWorker"  # every `channel:<name>`
 WEBHOOKS = "workers.webhooks:WebhooksWorker"  # the door, while a webhook channel is on
@@ -38,7 +39,8 @@ def channel_names(settings: Settings) -> list[str]:
 
 def worker_names(settings: Settings) -> list[str]:
     door = ["webhooks"] if webhook_names(settings) else []
-    return [*WORKERS, *door, *[f"channel:{c}" for c in channel_names(settings)]]
+    core = [w for w in WORKERS if w != "egress" or settings.egress_enabled]
+    return [*core, *door, *[f"channel:{c}" for c in channel_names(settings)]]
 
 
 def make_worker(name: str, settings: Settings) -> Worker:

@@ -10,7 +10,9 @@ Where it comes from (`install`, run by container/build.sh): the npm registry's t
 (`INTEGRITY`, as `npm view agent-browser@VERSION dist.integrity` shows it); only its one
 file for this platform (`MEMBER`) is kept, in `$XDG_CACHE_HOME/nanoclaw/agent-browser/
 <VERSION>`. No npm, no install scripts. The agent image copies it to `IN_SANDBOX`, with
-Debian's chromium beside it; `pin()` is part of the image's recipe hash.
+Debian's chromium beside it; `pin()` is part of the image's recipe hash. The bwrap
+runtime binds the host's cached copy at the same path and sees the host's Chromium
+through its read-only `/usr`; the process runtime puts the cache on the agent's PATH.
 """
 
 from __future__ import annotations
@@ -31,7 +33,20 @@ INTEGRITY = ("sha512-/agCKB5rw1EEK8SKWo4zid7a5kOwlclqALC0P3c69buJvKdhrl/dJkKdfLq
              "xZVkwVEf2fg==")
 MEMBER = "package/bin/agent-browser-linux-x64"  # a glibc x86-64 binary (libc, libm only)
 IN_SANDBOX = "/opt/agent-browser/bin/agent-browser"
-CHROMIUM = "/usr/bin/chromium"  # Debian's, in the image (and on the host for bwrap)
+# Debian's Chromium, in the image (and on the host for bwrap): the binary itself, not the
+# /usr/bin wrapper, which sources /etc/chromium.d (not in a bwrap sandbox's /etc).
+CHROMIUM = "/usr/lib/chromium/chromium"
+# Chromium's own sandbox cannot start inside ours (no user namespaces there): ours is it.
+# /dev/shm is small or absent in a sandbox: shared memory goes to /tmp instead. Loopback
+# goes through the egress door too (Chromium would skip the proxy for it), which refuses
+# it: a page cannot reach the sandbox's own relays through the browser.
+CHROMIUM_ARGS = "--no-sandbox,--disable-dev-shm-usage,--proxy-bypass-list=<-loopback>"
+IN_SANDBOX_DIR = IN_SANDBOX.rsplit("/", 1)[0]
+
+
+def environment() -> dict[str, str]:
+    """What agent-browser needs in an agent's environment (every runtime)."""
+    return {"AGENT_BROWSER_EXECUTABLE_PATH": CHROMIUM, "AGENT_BROWSER_ARGS": CHROMIUM_ARGS}
 
 
 def cache_dir() -> Path:

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from nanoclaw.config import Settings
 from nanoclaw.log import logger
-from nanoclaw.runtime import mountns, procfs, sandbox, warm
+from nanoclaw.runtime import agent_browser, mountns, procfs, sandbox, warm
 from nanoclaw.runtime.base import Mount, SpawnSpec
 from nanoclaw.runtime.process import MARK, ProcessRuntime, _ours, _parse, _starttime
 from nanoclaw.runtime.procfs import children as _children
@@ -125,6 +125,9 @@ class BwrapRuntime(ProcessRuntime):
         oc = opencode.binary()  # the host's pinned OpenCode CLI, where the image has its own
         if oc is not None:
             binds.append(("--ro-bind", str(oc), opencode.IN_SANDBOX))
+        ab = agent_browser.binary()  # the host's pinned agent-browser, driving its Chromium
+        if ab is not None:
+            binds.append(("--ro-bind", str(ab), agent_browser.IN_SANDBOX))
         binds += [("--bind" if m.writable else "--ro-bind", str(m.source), m.target)
                   for m in mounts]
         # /tmp first: mounted after the binds it would hide any of them under /tmp (a
@@ -141,14 +144,15 @@ class BwrapRuntime(ProcessRuntime):
         return a + command
 
     def _path(self) -> str:
-        return ":".join(dict.fromkeys([os.path.dirname(sys.executable), "/usr/local/bin",
+        return ":".join(dict.fromkeys([os.path.dirname(sys.executable),
+                                       agent_browser.IN_SANDBOX_DIR, "/usr/local/bin",
                                        "/usr/bin", "/bin"]))
 
     def _spawn_cold(self, spec: SpawnSpec) -> str:
         uid, gid = sandbox.user(self.settings.agent_uid)
         sandbox.prepare(spec, uid, gid)
         via_socket = self.settings.container_network == "none"
-        env = sandbox.environment(spec, self._path(), via_socket)
+        env = sandbox.environment(spec, self._path(), via_socket, self.settings.egress_enabled)
         env[MARK] = spec.install_id  # bwrap's own; --unsetenv keeps it out of the sandbox
         argv = self.argv(spec, via_socket, uid, gid)
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -208,7 +212,9 @@ class BwrapRuntime(ProcessRuntime):
             etc = sandbox.etc_dir(self.settings.data_dir, uid, gid)
             mounts = [*sandbox.shared_mounts(ws.runner_dir, broker, etc),
                       Mount(s, sandbox.SESSION, True)]
-            env = {**sandbox.base_environment(self._path(), via_socket), "NANOCLAW_WARM": "1",
+            env = {**sandbox.base_environment(self._path(), via_socket,
+                                              self.settings.egress_enabled),
+                   "NANOCLAW_WARM": "1",
                    "NANOCLAW_WARM_PRELOAD": ",".join(ws.preload), MARK: ws.install_id}
             argv = self._argv(mounts, "/", via_socket, uid, gid,
                               [sys.executable, "-m", "sandbox_entry"])

@@ -32,7 +32,7 @@ from nanoclaw.runtime import sandbox
 from nanoclaw.runtime.base import SpawnSpec
 from nanoclaw.runtime.process import _starttime
 
-PATH = "/opt/venv/bin:/usr/local/bin:/usr/bin:/bin"
+PATH = "/opt/venv/bin:/opt/agent-browser/bin:/usr/local/bin:/usr/bin:/bin"  # the image's
 ENDED = ("exited", "dead", "created", "removing")
 RECHECK_S = 10.0  # ask the engine at least this often even while the pid looks alive
 
@@ -93,7 +93,7 @@ class DockerRuntime:
             name=name,
             labels={sandbox.LABEL: spec.install_id, "nanoclaw.session": spec.session_id,
                     "nanoclaw.log": str(spec.log_path)},
-            environment=sandbox.environment(spec, PATH, via_socket),
+            environment=sandbox.environment(spec, PATH, via_socket, s.egress_enabled),
             user=f"{uid}:{gid}", working_dir=sandbox.GROUP, mounts=mounts,
             network_mode=s.container_network, read_only=True,
             tmpfs={"/tmp": "rw,nosuid,nodev,size=256m"}, cap_drop=["ALL"],

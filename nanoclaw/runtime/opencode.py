@@ -125,15 +125,15 @@ def install(root: Path | None = None) -> Path:
 
 
 def fetch_member(what: str, url: str, integrity: str, member: str, dest: Path,
-                 work: Path) -> Path:
-    """Download `what`: the npm tarball at `url` (into a temporary folder in `work`),
+                 cache: Path) -> Path:
+    """Download `what`: the npm tarball at `url` (into a temporary folder in `cache`),
     refuse it unless its digest is `integrity` (npm's `dist.integrity`,
     `sha512-<base64>`), and write its one file `member` to `dest` (0755, replaced whole;
     nothing else is made when it fails). Raises RuntimeError (one line). Also used for
     the agent-browser CLI (`agent_browser.py`)."""
     algo, _, want = integrity.partition("-")
-    work.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=work, prefix=".download-") as tmp:
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as tmp:
         tgz = Path(tmp) / "package.tgz"
         digest = hashlib.new(algo)
         try:

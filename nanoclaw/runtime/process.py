@@ -27,7 +27,7 @@ from pathlib import Path
 
 from nanoclaw.config import Settings
 from nanoclaw.log import logger
-from nanoclaw.runtime import procfs, warm
+from nanoclaw.runtime import agent_browser, procfs, warm
 from nanoclaw.runtime.base import SpawnSpec
 
 MARK = "NANOCLAW_INSTALL"
@@ -81,8 +81,11 @@ def agents(install_id: str) -> list[str]:
 
 def _base_env(runner_dir: Path, install_id: str) -> dict[str, str]:
     """An agent's environment before any session is known (a warm start's too)."""
+    path = os.environ.get("PATH", "/usr/bin:/bin")
+    browser = agent_browser.binary()  # no sandbox here: the host's cached copy, as it is
     return {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "PATH": f"{browser.parent}:{path}" if browser else path,
+        **agent_browser.environment(),
         "LANG": os.environ.get("LANG", "C.UTF-8"),
         "PYTHONPATH": str(runner_dir),
         "PYTHONDONTWRITEBYTECODE": "1",

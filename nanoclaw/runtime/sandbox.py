@@ -16,8 +16,9 @@ Inside every sandbox:
 | `/app/CLAUDE.md` | `container/CLAUDE.md`, the base prompt of every agent's memory | ro |
 | `/app/skills` | `container/skills` (the runner links the enabled ones for the CLI) | ro |
 | `/etc/passwd`, `/etc/group` | two lines: root and `agent` (the sandbox user) | ro |
-| `/run/nanoclaw` | the broker's socket folder (network `none` only) | ro |
+| `/run/nanoclaw` | the broker's and the egress door's socket folder (network `none` only) | ro |
 | `/opt/opencode/bin/opencode` | the pinned OpenCode CLI: the image's, or the host's (bwrap) | ro |
+| `/opt/agent-browser/bin/agent-browser` | the pinned browser CLI: the image's, or the host's (bwrap) | ro |
 
 Nothing else of the host is visible, so nothing else can leak: no `.env`, no central
 DB, no other session, not even the host's account names. The agent can write its output
@@ -35,6 +36,7 @@ from pathlib import Path
 
 from nanoclaw import hostile
 from nanoclaw.log import logger
+from nanoclaw.runtime import agent_browser
 from nanoclaw.runtime.base import Mount, SpawnSpec
 
 SESSION = "/workspace"
@@ -123,23 +125,28 @@ def etc_dir(data_dir: Path, uid: int, gid: int) -> Path:
     return d
 
 
-def base_environment(path: str, via_socket: bool) -> dict[str, str]:
-    """What the sandbox's Python needs before any session is known (a warm start's too)."""
+def base_environment(path: str, via_socket: bool, egress: bool = False) -> dict[str, str]:
+    """What the sandbox's Python needs before any session is known (a warm start's too);
+    with `egress`, the egress door's socket beside the broker's (`broker/egress.py`)."""
     env = {
         "PATH": path,
         "LANG": "C.UTF-8",
         "PYTHONPATH": APP,
         "PYTHONDONTWRITEBYTECODE": "1",
         "PYTHONUNBUFFERED": "1",
+        **agent_browser.environment(),
     }
     if via_socket:  # sandbox_entry relays 127.0.0.1 inside to this socket
         env["NANOCLAW_BROKER_SOCKET"] = f"{BROKER_DIR}/broker.sock"
+        if egress:  # sandbox_entry relays it too and points HTTP(S)_PROXY there
+            env["NANOCLAW_EGRESS_SOCKET"] = f"{BROKER_DIR}/egress.sock"
     return env
 
 
-def environment(spec: SpawnSpec, path: str, via_socket: bool) -> dict[str, str]:
+def environment(spec: SpawnSpec, path: str, via_socket: bool,
+                egress: bool = False) -> dict[str, str]:
     return {
-        **base_environment(path, via_socket),
+        **base_environment(path, via_socket, egress),
         "HOME": SESSION,
         "NANOCLAW_SESSION_DIR": SESSION,
         "NANOCLAW_DB_DIR": DB,
@@ -184,7 +191,7 @@ def prepare(spec: SpawnSpec, uid: int, gid: int) -> None:
 
 def image_hash(container_dir: Path) -> str:
     """What the agent image is built from; a changed hash means `make image` again."""
-    from nanoclaw.runtime import agent_browser, opencode  # here: `python -m …`
+    from nanoclaw.runtime import opencode  # here: `python -m nanoclaw.runtime.opencode`
 
     h = hashlib.sha256()
     for n in ("Dockerfile", "requirements.txt", "build.sh"):

@@ -187,6 +187,11 @@ class McpServer:
 
 # --- opencode serve and its API ------------------------------------------------------------
 
+# What the OpenCode server keeps of the agent's environment besides its own settings.
+PASS_ON = ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy",
+           "AGENT_BROWSER_EXECUTABLE_PATH", "AGENT_BROWSER_ARGS")
+
+
 class Serve:
     """One `opencode serve` process, its HTTP API and its event stream (into `events`)."""
 
@@ -208,7 +213,10 @@ class Serve:
                "OPENCODE_SERVER_PASSWORD": self.password,
                "OPENCODE_DISABLE_MODELS_FETCH": "1", "OPENCODE_DISABLE_AUTOUPDATE": "1",
                "OPENCODE_DISABLE_DEFAULT_PLUGINS": "1",
-               "OPENCODE_DISABLE_PROJECT_CONFIG": "1", "OPENCODE_DISABLE_LSP_DOWNLOAD": "1"}
+               "OPENCODE_DISABLE_PROJECT_CONFIG": "1", "OPENCODE_DISABLE_LSP_DOWNLOAD": "1",
+               # the web through the egress door (sandbox_entry sets these), for its
+               # webfetch tool and the agent-browser its shell runs
+               **{k: v for k, v in os.environ.items() if k in PASS_ON}}
         self.proc = subprocess.Popen(
             [binary, "serve", "--hostname", "127.0.0.1", "--port", str(self.port)],
             cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
