@@ -32,6 +32,7 @@ from urllib.parse import quote
 import aiohttp
 import google.auth.jwt as gjwt
 
+from nanoclaw.channels.text import retry_after_header
 from nanoclaw.config import Settings
 from nanoclaw.errors import ConfigError
 
@@ -151,14 +152,6 @@ class Verifier:
         return claims
 
 
-def _retry_after(headers: Any) -> float | None:
-    try:
-        v = float(headers.get("Retry-After", ""))
-        return v if 0 <= v <= 3600 else None
-    except (TypeError, ValueError):
-        return None
-
-
 def service_account_info(settings: Settings) -> dict[str, Any]:
     raw = settings.google_chat_credentials
     if not raw and settings.google_chat_service_account_file:
@@ -232,7 +225,7 @@ class Chat:
                     msg = f"{err.get('status', '')} {err.get('message', '')}".strip()
                 except (ValueError, AttributeError):
                     msg = data[:200].decode("utf-8", "replace")
-                raise ChatError(r.status, msg[:300], _retry_after(r.headers))
+                raise ChatError(r.status, msg[:300], retry_after_header(r.headers))
             if raw:
                 return data, r.headers.get("Content-Type")
             try:

@@ -24,7 +24,7 @@ from urllib.parse import quote
 
 import aiohttp
 
-from nanoclaw.channels.text import SAFE_FILE
+from nanoclaw.channels.text import SAFE_FILE, retry_after_header
 from nanoclaw.config import Settings
 
 CHANNEL = "imessage"
@@ -161,14 +161,6 @@ def parse_message(m: Any) -> Message | None:
                    _guid(m.get("threadOriginatorGuid")))
 
 
-def _retry_after(headers: Any) -> float | None:
-    try:
-        v = float(headers.get("Retry-After", ""))
-        return v if 0 <= v <= 3600 else None
-    except (TypeError, ValueError):
-        return None
-
-
 class BlueBubbles:
     """The REST API of one BlueBubbles Server. The password travels as a query
     parameter (BlueBubbles has no other way), so no URL is ever logged from here."""
@@ -206,7 +198,7 @@ class BlueBubbles:
             if r.status >= 400:
                 err = body.get("error") if isinstance(body.get("error"), dict) else {}
                 msg = _str(err.get("message"), 300) or _str(body.get("message"), 300)
-                raise BBError(r.status, msg or r.reason or "", _retry_after(r.headers))
+                raise BBError(r.status, msg or r.reason or "", retry_after_header(r.headers))
             return body.get("data")
 
     async def query(self, body: dict[str, Any]) -> list[Any]:
@@ -224,7 +216,7 @@ class BlueBubbles:
         async with self.session().get(url, params={"password": self.password},
                                       allow_redirects=False) as r:
             if r.status != 200:
-                raise BBError(r.status, "download failed", _retry_after(r.headers))
+                raise BBError(r.status, "download failed", retry_after_header(r.headers))
             data = bytearray()
             async for block in r.content.iter_chunked(1 << 16):
                 data += block

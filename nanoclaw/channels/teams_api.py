@@ -26,6 +26,7 @@ from urllib.parse import quote, urlsplit
 import aiohttp
 import jwt
 
+from nanoclaw.channels.text import retry_after_header
 from nanoclaw.config import Settings
 
 ISSUER = "https://api.botframework.com"
@@ -74,14 +75,6 @@ def allowed(url: str, allow: set[str]) -> bool:
 
 def service_hosts(settings: Settings) -> set[str]:
     return hosts(settings.teams_service_url_allow)
-
-
-def _retry_after(headers: Any) -> float | None:
-    try:
-        v = float(headers.get("Retry-After", ""))
-        return v if 0 <= v <= 3600 else None
-    except (TypeError, ValueError):
-        return None
 
 
 # ---- inbound: the JWT ------------------------------------------------------------------
@@ -219,7 +212,7 @@ class Tokens:
                     why = obj.get("error_description") or obj.get("error") if isinstance(
                         obj, dict) else None
                     raise TeamsError(r.status, f"token endpoint: {str(why or body[:200])[:300]}",
-                                     _retry_after(r.headers))
+                                     retry_after_header(r.headers))
             ttl = obj.get("expires_in")
             ttl = float(ttl) if isinstance(ttl, (int, float, str)) and str(ttl).isdigit() else 3600
             self.token, self.until = obj["access_token"], self.clock() + max(0.0, ttl - 60)
@@ -267,7 +260,8 @@ class Connector:
                     msg = f"{err.get('code', '')} {err.get('message', '')}".strip()
                 except (ValueError, AttributeError):
                     msg = raw[:200].decode("utf-8", "replace")
-                raise TeamsError(r.status, msg[:300] or r.reason or "", _retry_after(r.headers))
+                raise TeamsError(r.status, msg[:300] or r.reason or "",
+                                 retry_after_header(r.headers))
             try:
                 obj = json.loads(raw) if raw else {}
             except ValueError:

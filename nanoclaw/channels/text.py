@@ -24,6 +24,15 @@ CALLBACK_LIMIT = 64  # bytes (Telegram's callback_data limit)
 MAX_FILE = 50 << 20
 
 
+def retry_after_header(headers: Any) -> float | None:
+    """A `Retry-After` in seconds (0 to an hour), or None for none or nonsense."""
+    try:
+        v = float(headers.get("Retry-After", ""))
+        return v if 0 <= v <= 3600 else None
+    except (TypeError, ValueError):
+        return None
+
+
 def split_text(text: str, limit: int) -> list[str]:
     """Split `text` into chunks of at most `limit` characters: at the last paragraph break
     in the second half of the window, else the last line break there, else the last

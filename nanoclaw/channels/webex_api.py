@@ -22,7 +22,13 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from nanoclaw.channels.text import SAFE_FILE, attachment, decode_choice, parse_question
+from nanoclaw.channels.text import (
+    SAFE_FILE,
+    attachment,
+    decode_choice,
+    parse_question,
+    retry_after_header,
+)
 from nanoclaw.config import Settings
 
 CHANNEL = "webex"
@@ -40,14 +46,6 @@ class WebexError(Exception):
 def rest_id(kind: str, uuid: str) -> str:
     """The REST id of a WebSocket activity's object: base64 of `ciscospark://us/<KIND>/<uuid>`."""
     return base64.b64encode(f"ciscospark://us/{kind}/{uuid}".encode()).decode().rstrip("=")
-
-
-def _retry_after(headers: Any) -> float | None:
-    try:
-        v = float(headers.get("Retry-After", ""))
-        return v if 0 <= v <= 3600 else None
-    except (TypeError, ValueError):
-        return None
 
 
 class Webex:
@@ -83,7 +81,8 @@ class Webex:
                     msg = str(json.loads(raw).get("message") or "")
                 except (ValueError, AttributeError):
                     msg = raw[:200].decode("utf-8", "replace")
-                raise WebexError(r.status, msg[:300] or r.reason or "", _retry_after(r.headers))
+                raise WebexError(r.status, msg[:300] or r.reason or "",
+                                 retry_after_header(r.headers))
             try:
                 obj = json.loads(raw) if raw else {}
             except ValueError:
@@ -111,7 +110,7 @@ class Webex:
             raise ValueError(f"not on the API's host ({(u.hostname or '?')[:60]})")
         async with self.session().get(url, allow_redirects=False) as r:
             if r.status != 200:
-                raise WebexError(r.status, "download failed", _retry_after(r.headers))
+                raise WebexError(r.status, "download failed", retry_after_header(r.headers))
             data = bytearray()
             async for block in r.content.iter_chunked(1 << 16):
                 data += block

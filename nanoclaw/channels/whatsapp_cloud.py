@@ -41,6 +41,7 @@ from nanoclaw.channels.text import (
     parse_question,
     plain_text,
     reply_target,
+    retry_after_header,
 )
 from nanoclaw.config import Settings
 from nanoclaw.errors import ConfigError
@@ -117,7 +118,8 @@ class Graph:
             err = obj.get("error") if isinstance(obj, dict) else None
             if r.status >= 400 or isinstance(err, dict):
                 raise GraphError(r.status, err if isinstance(err, dict) else {
-                    "message": body[:200].decode("utf-8", "replace")}, _retry_after(r.headers))
+                    "message": body[:200].decode("utf-8", "replace")},
+                    retry_after_header(r.headers))
             if not isinstance(obj, dict):
                 raise GraphError(r.status, {"message": "not a JSON object", "code": 2})
             return obj
@@ -177,14 +179,6 @@ class Graph:
                     raise ValueError(f"larger than {limit >> 20} MB")
         mime = meta.get("mime_type")
         return bytes(data), mime if isinstance(mime, str) else None
-
-
-def _retry_after(headers: Any) -> float | None:
-    try:
-        v = float(headers.get("Retry-After", ""))
-        return v if 0 <= v <= 3600 else None
-    except (TypeError, ValueError):
-        return None
 
 
 def wa_id(platform_id: str) -> str:
