@@ -117,7 +117,12 @@ class FakeModel:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Fake Anthropic Messages API on 127.0.0.1")
+    return serve(FakeModel, "Fake Anthropic Messages API on 127.0.0.1", argv)
+
+
+def serve(cls: type[FakeModel], description: str, argv: list[str] | None) -> int:
+    """Run one fake (this one, or `fake_openai`'s) as a process until SIGTERM/SIGINT."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--delay-ms", type=int, default=0, help="added to every API answer")
     parser.add_argument("--reply", default=None, help="fixed reply text instead of the echo")
@@ -125,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    fake = FakeModel(port=args.port, delay_ms=args.delay_ms, reply=args.reply).start()
+    fake = cls(port=args.port, delay_ms=args.delay_ms, reply=args.reply).start()
     print(f"listening on {fake.url}", flush=True)
     while not stop.wait(0.5):
         pass

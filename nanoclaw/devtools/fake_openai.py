@@ -22,16 +22,13 @@ Run standalone: `python -m nanoclaw.devtools.fake_openai --port 0 [--delay-ms D]
 
 from __future__ import annotations
 
-import argparse
 import json
-import signal
 import socket
-import threading
 import time
 from typing import Any
 
 from nanoclaw.devtools.fake_http import Handler
-from nanoclaw.devtools.fake_model import FakeModel
+from nanoclaw.devtools.fake_model import FakeModel, serve
 from nanoclaw.devtools.fake_replies import script_reply
 
 MODEL = "gpt-fake-1"
@@ -239,21 +236,7 @@ class FakeOpenAI(FakeModel):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Fake OpenAI-compatible API on 127.0.0.1")
-    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
-    parser.add_argument("--delay-ms", type=int, default=0, help="added to every API answer")
-    parser.add_argument("--reply", default=None, help="fixed reply text instead of the echo")
-    args = parser.parse_args(argv)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    fake = FakeOpenAI(port=args.port, delay_ms=args.delay_ms, reply=args.reply).start()
-    print(f"listening on {fake.url}", flush=True)
-    while not stop.wait(0.5):
-        pass
-    fake.stop()
-    return 0
-
+    return serve(FakeOpenAI, "Fake OpenAI-compatible API on 127.0.0.1", argv)
 
 if __name__ == "__main__":
     raise SystemExit(main())
