@@ -3,7 +3,8 @@ model over the terminal channel and reports latency, throughput, idle CPU and me
 
 Why a package: `run` (options, then every phase in `phases.PHASES`), `rig` (the fake and
 the host), `chat` (the terminal-channel client), `procfs` (CPU and memory from /proc),
-`sandboxes` (cold turns per sandbox runtime), `report` (figures, targets, the table).
+`sandboxes` (cold turns per sandbox runtime), `breakdown` (a warm turn stage by stage),
+`report` (figures, targets, the tables, the comparison with the previous run).
 See `python -m bench.run --help`. This file puts the repository on sys.path (so
 `nanoclaw` imports without an install) and holds the one error type they share."""
 

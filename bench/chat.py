@@ -1,8 +1,9 @@
 """The bench's terminal-channel client: one persistent `cli.sock` connection per chat.
 
 Why a module of its own: every phase (and every sandbox run) talks to the host through
-it, and it is the part that times a turn: send -> ack frame, send -> reply frame. Every
-wait is bounded by REPLY_TIMEOUT.
+it, and it is the part that times a turn: send -> ack frame, send -> reply frame (and keeps the
+last send's wall-clock times, for the per-stage breakdown). Every wait is bounded by
+REPLY_TIMEOUT.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from bench import BenchError
 
@@ -34,6 +36,9 @@ class Chat:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
         self.task: asyncio.Task | None = None
+        # the last send: id, text, wall-clock send and reply times (epoch s), latency (ms);
+        # the per-stage breakdown lines these up with the host's timestamped rows
+        self.last: dict[str, Any] = {}
 
     async def open(self) -> "Chat":
         self.reader, self.writer = await asyncio.wait_for(
@@ -84,6 +89,7 @@ class Chat:
         ack, rep = loop.create_future(), loop.create_future()
         self.acks[mid], self.replies[mid] = ack, rep
         frame = json.dumps({"type": "message", "text": text, "chat": self.name, "id": mid})
+        wall0 = time.time()
         t0 = time.perf_counter()
         self.writer.write(frame.encode() + b"\n")
         try:
@@ -98,7 +104,10 @@ class Chat:
                              f"{REPLY_TIMEOUT:.0f} s") from None
         if text not in str(reply.get("text", "")):
             self.mismatched += 1
-        return (t_ack - t0) * 1000, (t_rep - t0) * 1000
+        turn = (t_rep - t0) * 1000
+        self.last = {"id": mid, "text": text, "sent": wall0, "replied": wall0 + turn / 1000,
+                     "turn_ms": turn}
+        return (t_ack - t0) * 1000, turn
 
     async def close(self) -> None:
         if self.task is not None:

@@ -13,14 +13,18 @@ the rig. The phases:
   handing the session to the warm pool's spare; fresh chats `--cold-gap` s apart),
 - warm: warm turns p50/p95/p99 (one chat, one warm-up, then `--n` back-to-back;
   send -> reply frame) and model calls per turn,
+- stages: those warm turns stage by stage (channel, router, agent claim, model, reply
+  row, delivery, channel), from the rows the host wrote for them (`bench.breakdown`),
 - spaced: warm turns after a `--gap` pause (every poller in the path has backed off to
   its slow interval, as with a human typing),
-- throughput: `--chats` chats, all warmed up, each sending `--messages` back-to-back;
-  CPU per process while they run,
+- throughput: `--chats` new chats start at once (their first replies: the
+  concurrent-start figure), then each sends `--messages` back-to-back; CPU per
+  process while they run,
 - idle: CPU over `--idle-seconds` with every agent up and idle, host (all workers) and
   agents separately, in percent of one core, from /proc/<pid>/stat,
-- memory: PSS (/proc/<pid>/smaps_rollup) of the host and its workers, per agent, and of
-  the warm pool's spare,
+- memory: PSS (/proc/<pid>/smaps_rollup) of the host and its workers, of each live
+  agent (its whole subtree; mean, p50, max, and agents per GB = 1024 / mean), and of
+  the spares (the warm pool's, or a zygote),
 - client: what the client saw (stray or mismatched replies, error frames).
 """
 
@@ -35,8 +39,7 @@ import os
 import time
 from typing import Any
 
-from bench import BenchError
-from bench import procfs
+from bench import BenchError, breakdown, procfs
 from bench.rig import Rig
 
 
@@ -137,16 +140,31 @@ async def warm(rig: Rig, args: argparse.Namespace) -> dict[str, Any]:
     c = await rig.chat("warm")
     await c.send("warm-up")
     await asyncio.to_thread(rig.fake_call, "POST", "/_fake/reset")
-    acks, turns = [], []
+    acks, turns, sends = [], [], []
     for i in range(args.n):
         a, r = await c.send(f"warm {i}")
         acks.append(a)
         turns.append(r)
-    calls = len(await asyncio.to_thread(rig.fake_call, "GET", "/_fake/requests"))
+        sends.append(c.last)
+    requests = await asyncio.to_thread(rig.fake_call, "GET", "/_fake/requests")
+    rig.notes["warm_sends"], rig.notes["warm_requests"] = sends, requests
     out = {"warm_turn_ms": summary(turns), "warm_ack_ms": summary(acks),
-           "model_calls_per_warm_turn": round(calls / max(1, args.n), 2)}
+           "model_calls_per_warm_turn": round(len(requests) / max(1, args.n), 2)}
     out["warm_turn_ms"]["values"] = [round(x, 2) for x in turns]
     return out
+
+
+async def stages(rig: Rig, args: argparse.Namespace) -> dict[str, Any]:
+    """The warm turns of `warm`, stage by stage (`bench.breakdown`), from the rows the
+    host wrote for them, read read-only now that they are over."""
+    say("warm turn by stage (reading the host's rows)")
+    try:
+        bd = await asyncio.to_thread(
+            breakdown.breakdown, rig.data, rig.tmp / "logs", rig.notes.get("warm_sends", []),
+            rig.notes.get("warm_requests", []))
+    except Exception as e:  # noqa: BLE001 - a breakdown that fails must not fail the bench
+        bd = {"turns": 0, "error": f"{type(e).__name__}: {e}"}
+    return {"warm_turn_stages": bd}
 
 
 async def spaced(rig: Rig, args: argparse.Namespace) -> dict[str, Any]:
@@ -216,9 +234,17 @@ async def memory(rig: Rig, args: argparse.Namespace) -> dict[str, Any]:
     host, agents = rig.tree()
     out: dict[str, Any] = {"memory": procfs.memory(host)}
     amem = procfs.memory(agents)
-    roots = {label.split("/")[0] for label in agents.values()}
-    amem["agents"] = len(roots)
-    amem["pss_mb_mean_per_agent"] = round(amem["pss_mb"] / max(1, len(roots)), 2)
+    per_agent: dict[str, float] = {}
+    for label, mb in amem["per_process_pss_mb"].items():
+        root = label.split("/")[0].split(" ")[0]  # "agent:<pid>[/comm] (<pid>)"
+        per_agent[root] = round(per_agent.get(root, 0.0) + mb, 2)
+    amem["agents"] = len(per_agent)
+    amem["pss_mb_mean_per_agent"] = round(amem["pss_mb"] / max(1, len(per_agent)), 2)
+    amem["per_agent_pss_mb"] = dict(sorted(per_agent.items(), key=lambda kv: -kv[1]))
+    if per_agent:
+        amem["pss_mb_p50_per_agent"] = round(pct(list(per_agent.values()), 50) or 0, 2)
+        amem["pss_mb_max_per_agent"] = max(per_agent.values())
+        amem["agents_per_gb"] = round(1024 / max(amem["pss_mb_mean_per_agent"], 0.01), 1)
     out["agent_memory"] = amem
     out["warm_pool_memory"] = procfs.memory(rig.spares)
     return out
@@ -231,4 +257,4 @@ async def client(rig: Rig, args: argparse.Namespace) -> dict[str, Any]:
                        "error_frames": [e for x in chats for e in x.errors]}}
 
 
-PHASES = [fake_round_trip, start, cold, warm, spaced, throughput, idle, memory, client]
+PHASES = [fake_round_trip, start, cold, warm, stages, spaced, throughput, idle, memory, client]

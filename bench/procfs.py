@@ -1,9 +1,11 @@
 """CPU and memory of the host's processes, read from /proc, for the bench.
 
 Why a module of its own: the bench splits the host's tree into the host (itself and its
-workers), the agents and the warm pool's spare, and samples CPU ticks and PSS for each;
-none of that belongs to the host. The descendants of a spare come from
-`nanoclaw.runtime.procfs.children`, which the runtimes use for the same thing.
+workers), the agents and the spares (the warm pool's, or a zygote that forks agents),
+and samples CPU ticks and PSS for each; none of that belongs to the host. The split
+itself (`classify`) is pure, over a process table, so it is tested without processes;
+what makes a process a waiting runner is `nanoclaw.runtime.warm.is_waiting`'s test,
+applied to one process (`waits`).
 """
 
 from __future__ import annotations
@@ -12,10 +14,8 @@ import asyncio
 import os
 import time
 from collections import defaultdict
-from typing import Any, Callable
-
-from nanoclaw.runtime.procfs import children as descendants
-from nanoclaw.runtime.warm import is_waiting
+from collections.abc import Callable, Mapping
+from typing import Any
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
@@ -49,40 +49,106 @@ def cmdline(pid: int) -> str:
         return ""
 
 
-def process_tree(host_pid: int, spares: Procs | None = None) -> tuple[Procs, Procs]:
-    """(host processes, agent processes) under `host_pid`, as pid -> label.
+def _cwd(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return None
 
-    Agents are the subtrees rooted at the children of the `containers` worker; everything
-    else under the host (the host itself and its workers) counts as the host. The warm
-    pool's spares (no session yet) are neither; they go to `spares` when given."""
+
+def waits(pid: int) -> bool:
+    """Whether this one process is an agent runner with no session yet: `python -m
+    sandbox_entry` working in `/` (a warm-pool spare or a zygote; once handed a session a
+    runner works in the agent's folder). `is_waiting` asks the same of a whole subtree."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return False
+    return (os.path.basename(argv[0]).startswith(b"python") and b"sandbox_entry" in argv
+            and _cwd(pid) == "/")
+
+
+def process_table() -> dict[int, list[int]]:
+    """ppid -> child pids, for every process in /proc."""
     children: dict[int, list[int]] = defaultdict(list)
     for name in os.listdir("/proc"):
         if name.isdigit():
             st = _stat(int(name))
             if st is not None:
                 children[int(st[1])].append(int(name))
+    return children
+
+
+def classify(host_pid: int, children: Mapping[int, list[int]], comm: Callable[[int], str],
+             waiting: Callable[[int], bool], cwd: Callable[[int], str | None],
+             ) -> tuple[Procs, Procs, Procs]:
+    """(host, agents, spares) under `host_pid`, as pid -> label, from a process table
+    (`children`: ppid -> pids) and what each process is (`comm`, `waiting` = `waits`,
+    `cwd`). Pure, so tests hand it a made-up table.
+
+    Under the `containers` worker (comm `nc-containers`) each child is one of:
+    - an agent: no waiting runner in its subtree; the whole subtree is that agent;
+    - a warm-pool spare: a waiting runner (the child or below it, e.g. under bwrap)
+      without handed-over children; the whole subtree is the spare;
+    - a zygote: a waiting runner whose children were forked for sessions. The zygote
+      (and whatever leads to it, and its children still in `/`) counts as a spare, and
+      each child that works elsewhere (handed over: its cwd is the agent's folder) is
+      an agent root, its subtree that agent.
+    Everything else under the host (the host itself and its workers) is the host."""
     host: Procs = {}
     agents: Procs = {}
+    spares: Procs = {}
 
-    def walk(pid: int, agent_root: int | None) -> None:
-        comm = _comm(pid)
-        if agent_root is None:
-            host[pid] = "host" if pid == host_pid else comm.removeprefix("nc-")
-        else:
-            agents[pid] = f"agent:{agent_root}" + ("" if pid == agent_root else f"/{comm}")
+    def subtree(pid: int) -> list[int]:
+        out, todo = [], [pid]
+        while todo:
+            p = todo.pop()
+            out.append(p)
+            todo.extend(children.get(p, ()))
+        return out
+
+    def agent(root: int) -> None:
+        for p in subtree(root):
+            agents[p] = f"agent:{root}" + ("" if p == root else f"/{comm(p)}")
+
+    def under_containers(top: int) -> None:
+        runner = next((p for p in subtree(top) if waiting(p)), None)
+        if runner is None:
+            agent(top)
+            return
+        todo = [top]
+        while todo:
+            p = todo.pop()
+            spares[p] = "spare"
+            for c in children.get(p, ()):
+                if p == runner and cwd(c) not in ("/", None):
+                    agent(c)  # forked from the zygote and handed a session
+                else:
+                    todo.append(c)
+
+    def walk(pid: int) -> None:
+        name = comm(pid)
+        host[pid] = "host" if pid == host_pid else name.removeprefix("nc-")
         for child in children.get(pid, ()):
-            if agent_root is None and comm == "nc-containers":
-                if is_waiting(child):  # the warm pool's spare: no session yet
-                    if spares is not None:
-                        spares[child] = "spare"
-                        spares.update({c: "spare" for c in descendants(child)})
-                    continue
-                walk(child, child)
+            if name == "nc-containers":
+                under_containers(child)
             else:
-                walk(child, agent_root)
+                walk(child)
 
-    if _stat(host_pid) is not None:
-        walk(host_pid, None)
+    walk(host_pid)
+    return host, agents, spares
+
+
+def process_tree(host_pid: int, spares: Procs | None = None) -> tuple[Procs, Procs]:
+    """(host processes, agent processes) under `host_pid`, as pid -> label (`classify`
+    on the live /proc). The warm pool's spares and a zygote (no session) are neither;
+    they go to `spares` when given."""
+    if _stat(host_pid) is None:
+        return {}, {}
+    host, agents, spare = classify(host_pid, process_table(), _comm, waits, _cwd)
+    if spares is not None:
+        spares.update(spare)
     return host, agents
 
 

@@ -28,7 +28,7 @@ from typing import Any
 
 from bench import ROOT, BenchError
 from bench.chat import Chat
-from bench.procfs import Procs, cmdline, process_tree
+from bench.procfs import Procs, cmdline, process_tree, waits
 from nanoclaw.runtime.procfs import children as descendants
 from nanoclaw.runtime.warm import is_waiting
 
@@ -77,7 +77,8 @@ class Rig:
         self.host_log = None
         self.chats: dict[str, Chat] = {}
         self.seen: dict[int, str] = {}  # every host/agent pid observed, for the last resort
-        self.spares: Procs = {}  # the warm pool's, at the last tree()
+        self.spares: Procs = {}  # the warm pool's (or a zygote's), at the last tree()
+        self.notes: dict[str, Any] = {}  # what one phase leaves for a later one
 
     def start_fake(self, module: str = "fake_model") -> str:
         """The zero-delay fake (`fake_model`, or `fake_openai` for the openai provider)."""
@@ -255,9 +256,10 @@ class Rig:
         return sorted(out)
 
     def agent_roots(self) -> list[int]:
-        """The top process of each agent that has a session (spares left out)."""
+        """The top process of each agent that has a session (spares left out; an agent
+        forked from a zygote, i.e. whose parent is a waiting runner, is a root too)."""
         marked = set(self.marked_pids())
-        roots = [p for p in marked if _ppid(p) not in marked]
+        roots = [p for p in marked if _ppid(p) not in marked or waits(_ppid(p) or 0)]
         return [p for p in roots if not is_waiting(p)]
 
     def worker_pids(self) -> dict[str, int]:

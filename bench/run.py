@@ -55,6 +55,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="warm turns with other providers too, each against its own"
                         " zero-delay fake, beside anthropic's: openai, or none")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
+    p.add_argument("--compare", type=Path, default=None, metavar="PATH",
+                   help="results to compare with (default: the previous --out file,"
+                        " read before it is overwritten)")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, dbs)")
     a = p.parse_args(argv)
     defaults = (dict(n=10, cold=3, spaced=3, gap=2.5, chats=5, messages=5, idle_seconds=3.0,
@@ -121,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         results["sandboxes"] = run_sandboxes(args)
     if status == 0 and args.providers != "none":
         results["providers"] = run_providers(args)
-    if not publish(results, errors, args.out):
+    if not publish(results, errors, args.out, args.compare):
         status = status or 1
     return status
 

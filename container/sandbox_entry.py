@@ -20,14 +20,30 @@ then waits on stdin for one JSON line, `{"env": {...}, "cwd": "..."}`: the sessi
 environment and working folder, sent once the host has put the session's folders in
 place. EOF instead means the host no longer needs this sandbox: exit 0. A cold turn
 then costs no interpreter start and no SDK import.
+
+Zygote (`NANOCLAW_ZYGOTE=1`, the process runtime): the same preload, once, then one
+process serves every session: for each JSON line on stdin, `{"env", "cwd", "log"}`, it
+forks a child that becomes that session's agent (its own process session, output to
+`log`, then the runner as above) and answers `{"pid": N}` on stdout; when a child ends
+it says `{"exit": N, "code": C}` (C negative: the signal). The children share the
+zygote's imported pages copy-on-write (`gc.freeze()` keeps the collector from touching
+them), so an agent is ready in milliseconds and costs only what it changes. Fork
+safety: the zygote starts no thread and opens no connection or database before it
+forks (it checks: a thread found makes it exit, and the host starts agents cold); each
+child starts the relays itself, re-seeds `random` (Python does at fork) and opens its
+own files. EOF on stdin: the host is gone or done; the zygote exits and its children
+live on, each in its own process session.
 """
 
 from __future__ import annotations
 
+import gc
 import importlib
 import json
 import os
 import runpy
+import select
+import signal
 import socket
 import sys
 import threading
@@ -123,7 +139,117 @@ def wait_for_session() -> bool:
     return True
 
 
+def _say(msg: dict) -> None:
+    os.write(1, (json.dumps(msg) + "\n").encode())
+
+
+def _exit_code(status: int) -> int:
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
+def _reap() -> None:
+    """Report every child that ended (the host keeps its exit code)."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        _say({"exit": pid, "code": _exit_code(status)})
+
+
+def _become_agent(job: dict, wake_r: int, wake_w: int) -> None:
+    """In the forked child: a session of its own, its own output, then the runner.
+    Never returns."""
+    code = 1
+    try:
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+        os.close(wake_r)
+        os.close(wake_w)
+        os.setsid()
+        out = os.open(job["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+        os.close(null)
+        os.close(out)
+        os.environ.update({str(k): str(v) for k, v in job["env"].items()})
+        time.tzset()
+        os.chdir(job.get("cwd") or os.environ.get("NANOCLAW_GROUP_DIR") or "/")
+        for fd in [int(f) for f in os.listdir("/proc/self/fd") if int(f) > 2]:
+            try:  # whatever the zygote had open (the listing's own fd is gone already)
+                os.close(fd)
+            except OSError:
+                pass
+        gc.enable()  # the zygote's objects stay frozen: collections never touch their pages
+        connect()()
+        runpy.run_module("agent_runner", run_name="__main__", alter_sys=True)
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException as e:  # noqa: BLE001 - said in the agent's own log, then exit 1
+        print(f"zygote child failed: {type(e).__name__}: {e}", file=sys.stderr)
+    finally:
+        for f in (sys.stdout, sys.stderr):
+            try:
+                f.flush()
+            except Exception:  # noqa: BLE001
+                pass
+        os._exit(code)
+
+
+def zygote() -> None:
+    """Serve fork requests until stdin ends (see the module's doc)."""
+    if threading.active_count() != 1:
+        print(f"zygote: {threading.active_count() - 1} thread(s) running after the preload;"
+              " forking would copy them half-way: not serving", file=sys.stderr)
+        raise SystemExit(3)
+    gc.collect()
+    gc.freeze()
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    _say({"ready": os.getpid()})
+    buf = b""
+    while True:
+        try:
+            ready, _, _ = select.select([0, wake_r], [], [])
+        except InterruptedError:
+            continue
+        if wake_r in ready:
+            os.read(wake_r, 4096)
+            _reap()
+        if 0 not in ready:
+            continue
+        data = os.read(0, 65536)
+        if not data:
+            return
+        buf += data
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            if not line.strip():
+                continue
+            job = json.loads(line)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                _become_agent(job, wake_r, wake_w)
+            _say({"pid": pid})
+        _reap()
+
+
 def main() -> None:
+    if os.environ.pop("NANOCLAW_ZYGOTE", "") == "1":
+        gc.disable()  # no collections during the preload: fewer holes in shared pages
+        preload([p for p in os.environ.pop("NANOCLAW_WARM_PRELOAD", "").split(",") if p])
+        zygote()
+        return
     setup = connect()
     if os.environ.pop("NANOCLAW_WARM", "") == "1":
         preload([p for p in os.environ.pop("NANOCLAW_WARM_PRELOAD", "").split(",") if p])

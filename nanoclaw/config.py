@@ -84,6 +84,7 @@ class Settings(BaseSettings):
     container_pids: int = Field(default=512, ge=0)
     container_cpus: float = Field(default=2.0, ge=0)
     warm_pool: int = Field(default=1, ge=0, le=16)  # agents started ahead (process, bwrap)
+    zygote: bool = True  # process runtime: agents forked from one that imported the runner
     # the sandbox user when the host runs as root: a uid no local account has (H5)
     agent_uid: int = Field(default=61000, ge=1, le=2**31 - 2)
     mount_allowlist: Path = Path("~/.config/nanoclaw/mount-allowlist.json")
@@ -280,6 +281,9 @@ class Settings(BaseSettings):
     # A model call whose answer goes silent this long mid-stream is given up and retried
     # by the agent (its normal retry path), never waited on for good.
     model_stall_timeout: float = Field(default=120.0, ge=0.5, le=3600)
+    # A `claude` agent closes its Claude Code CLI after this long without a query (0:
+    # never); the next message starts it again, resuming the conversation.
+    claude_idle_s: float = Field(default=300.0, ge=0, le=86400)
     agent_pair_limit: int = Field(default=10, ge=1, le=1000)  # agent→agent msgs per minute
     retry_base: float = Field(default=5.0, gt=0, le=600)  # agent retries: retry_base·2^tries
 

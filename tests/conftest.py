@@ -328,18 +328,17 @@ class Host:
 
 def agent_pids(data_dir: Path, spares: bool = True) -> list[int]:
     """Agent processes started for this data directory (by install mark); without the
-    warm pool's spares when `spares` is false."""
+    warm pool's spares and the zygote when `spares` is false (its forked agents stay)."""
     pids = _marked(data_dir)
     if spares:
         return pids
-    from nanoclaw.runtime.bwrap import _children, _ppid
-    from nanoclaw.runtime.warm import is_waiting
+    from nanoclaw.runtime.procfs import children
+    from nanoclaw.runtime.warm import agent_roots
 
-    out = set(pids)
-    for p in pids:
-        if _ppid(p) not in pids and is_waiting(p):
-            out -= {p, *_children(p)}
-    return sorted(out)
+    out: set[int] = set()
+    for root in agent_roots(set(pids)):
+        out |= {root, *children(root)}
+    return sorted(out & set(pids))
 
 
 def _marked(data_dir: Path) -> list[int]:

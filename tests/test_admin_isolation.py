@@ -285,8 +285,10 @@ def test_doctor_runtime_and_warm_pool_decisions(tmp_path, monkeypatch):
     assert "runtime bwrap is not usable: bubblewrap" in rep[1][1]
     assert rep[2][0] is False and "auto picks process here" in rep[2][1] \
         and "WITHOUT isolation" in rep[2][1]
-    assert rep[3] == (True, "warm pool on: 1 process agent(s) started ahead"
-                            " (NANOCLAW_WARM_POOL)")
+    assert rep[3] == (True, "zygote on: process agents are forked from one that imported"
+                            " the runner (NANOCLAW_ZYGOTE)")
+    assert _report(tmp_path, runtime="auto", zygote=False)[3] == (
+        True, "warm pool on: 1 process agent(s) started ahead (NANOCLAW_WARM_POOL)")
 
     _fake(monkeypatch, docker=False, bwrap=True, root=False)
     rep = _report(tmp_path, runtime="auto", warm_pool=2)

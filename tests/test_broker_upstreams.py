@@ -309,9 +309,9 @@ def test_a_forged_request_with_the_agents_own_token_reaches_no_other_upstream(
     `openai` upstream its group is not allowed is refused, and nothing reaches it."""
     from conftest import agent_pids
 
-    # no warm pool: a cold agent's /proc environ is its session's environment
+    # no warm pool, no zygote: a cold agent's /proc environ is its session's environment
     h = host_factory(OPENAI_BASE_URL=oai.url, OPENAI_API_KEY=OAI_KEY,
-                     NANOCLAW_WARM_POOL="0").start()
+                     NANOCLAW_WARM_POOL="0", NANOCLAW_ZYGOTE="false").start()
     r = h.cli("send", "wake up", "--wait", "60")
     assert r.stdout.strip() == "echo: wake up", r.stderr
     env = {}

@@ -7,6 +7,7 @@ promises with one runner where it can."""
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import uuid
 
@@ -68,6 +69,47 @@ def test_turns_and_tool_round_trips_on_one_warm_cli(session, fake, start):
     composed = (session.group / ".claude" / "CLAUDE.md").read_text()
     assert "ask_user_question" in composed
     assert "ask_user_question" in json.dumps(request["body"]["messages"])  # the CLI read it
+
+
+def children(pid: int) -> dict[int, str]:
+    """The live (not zombie) child processes of `pid` and their command lines, from /proc."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                stat = fh.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                cmdline = fh.read().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError, IndexError):
+            continue
+        if int(stat[1]) == pid and stat[0] != "Z":
+            found[int(entry)] = cmdline
+    return found
+
+
+def test_an_idle_cli_is_released_and_resumed_on_the_next_message(tmp_path, fake, start):
+    """After `claude_idle_s` without a query the CLI process exits while the runner
+    stays; the next message starts it again, resuming the same conversation."""
+    session = Session(tmp_path, provider="claude", claude_idle_s=1)
+    runner = start(session)
+    first = session.chat("my name is Bob")
+    assert session.reply_to(first, SLOW)["text"] == "echo: my name is Bob"
+    ((cli, cmdline),) = children(runner.proc.pid).items()  # the runner's one child:
+    assert "claude_agent_sdk/_bundled/claude" in cmdline  # the Claude Code CLI
+    cont = session.state("continuation:claude")
+    wait_for(lambda: "claude cli released after idle" in runner.text(), "the release", SLOW)
+    wait_for(lambda: not children(runner.proc.pid), "the CLI to exit")
+    assert not os.path.exists(f"/proc/{cli}") and runner.proc.poll() is None
+
+    fake.clear()
+    second = session.chat("what is my name")
+    assert session.reply_to(second, SLOW)["text"] == "echo: what is my name"
+    assert "my name is Bob" in json.dumps(model_calls(fake)[0]["body"]["messages"])
+    assert session.state("continuation:claude") == cont
+    (again,) = children(runner.proc.pid)
+    assert again != cli
+    assert runner.text().count("claude cli starting") == 2
+    assert "claude cli starting resume=True after_idle_release=1" in runner.text()
 
 
 def test_ask_user_question_blocks_until_the_click(session, fake, start):

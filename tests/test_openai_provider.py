@@ -186,10 +186,10 @@ def secrets_in(path: Path, secrets: tuple[str, ...]) -> list[str]:
 
 
 def test_an_openai_agent_answers_through_the_broker_holding_the_only_key(host_factory, oai):
-    # no warm pool: a cold agent's /proc environ is its session's environment
+    # no warm pool, no zygote: a cold agent's /proc environ is its session's environment
     h = host_factory(NANOCLAW_PROVIDER="openai", NANOCLAW_MODEL="gpt-fake-1",
                      OPENAI_BASE_URL=oai.url, OPENAI_API_KEY=OPENAI_SECRET,
-                     NANOCLAW_WARM_POOL="0").start()
+                     NANOCLAW_WARM_POOL="0", NANOCLAW_ZYGOTE="false").start()
     assert chat(h, "hello openai") == "echo: hello openai"
     assert oai.authorizations() == [f"Bearer {OPENAI_SECRET}"]  # the real key, from the broker
     assert calls(oai)[0]["path"] == "/v1/chat/completions"

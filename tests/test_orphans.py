@@ -105,8 +105,11 @@ class Rig:
         if self.client is not None:
             return {c["Id"] for c in self.client.api.containers(
                 filters={"label": f"nanoclaw.install={self.install(h)}"})}
-        pids = set(agent_pids(h.data))  # the top of each marked tree: its id is pid + start
-        return {f"pid:{p}:{_starttime(p)}" for p in pids if ppid(p) not in pids}
+        from nanoclaw.runtime.warm import agent_roots
+
+        pids = set(agent_pids(h.data))  # the top of each marked tree (a spare, the zygote)
+        tops = {p for p in pids if ppid(p) not in pids} | set(agent_roots(pids))  # + its agents
+        return {f"pid:{p}:{_starttime(p)}" for p in tops}
 
     def cleanup(self) -> None:
         for h in self.hosts:

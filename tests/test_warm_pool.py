@@ -1,4 +1,5 @@
-"""The warm pool: a spare agent started ahead serves the next session (process and bwrap),
+"""The warm pool: a spare agent started ahead serves the next session (bwrap, and the
+process runtime with its zygote off, `NANOCLAW_ZYGOTE=false`: tests/test_zygote.py),
 bwrap's handover leaves the host's mount table as it was and never follows a symlink the
 agent planted, spares that keep dying back off, and spares go with their worker."""
 
@@ -40,7 +41,7 @@ def runtime(request):
 
 
 def test_spare_serves_the_next_session_and_is_replaced(host_factory, runtime):
-    h = host_factory(runtime, NANOCLAW_RUNTIME=runtime).start()
+    h = host_factory(runtime, NANOCLAW_RUNTIME=runtime, NANOCLAW_ZYGOTE="false").start()
     wait_for(lambda: len(spares(h)) == 1, 30, what="a spare agent")
     spare = spares(h)[0]
     c = h.client("alice")
@@ -66,7 +67,7 @@ def test_spare_serves_the_next_session_and_is_replaced(host_factory, runtime):
 
 
 def test_spares_go_with_their_worker(host_factory, runtime):
-    h = host_factory(runtime, NANOCLAW_RUNTIME=runtime).start()
+    h = host_factory(runtime, NANOCLAW_RUNTIME=runtime, NANOCLAW_ZYGOTE="false").start()
     wait_for(lambda: len(spares(h)) == 1, 30, what="a spare agent")
     old = spares(h)[0]
     worker = h.worker_pid("containers")

@@ -35,6 +35,10 @@ DEFAULT_BROKER_WAIT_S = 930.0
 # How long a model call may go silent (no byte of its answer) before it is given up and
 # retried (container.json `model_stall_s`, the host's NANOCLAW_MODEL_STALL_TIMEOUT).
 DEFAULT_MODEL_STALL_S = 120.0
+# How long the `claude` provider keeps its CLI after a query (container.json
+# `claude_idle_s`, the host's NANOCLAW_CLAUDE_IDLE_S; 0 = keep it): then it exits, and the
+# next query starts it again with `--resume`.
+DEFAULT_CLAUDE_IDLE_S = 300.0
 SERVER_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
 
 
@@ -67,6 +71,7 @@ class Config:
     # the host writes it from its breaker's longest step
     broker_wait_s: float = DEFAULT_BROKER_WAIT_S
     model_stall_s: float = DEFAULT_MODEL_STALL_S
+    claude_idle_s: float = DEFAULT_CLAUDE_IDLE_S
 
     @property
     def inbound(self) -> str:
@@ -132,6 +137,11 @@ def load(env: Mapping[str, str] = os.environ) -> Config:
         stall = min(max(stall, 0.5), 3600.0)
     except (TypeError, ValueError):
         stall = DEFAULT_MODEL_STALL_S
+    try:
+        idle = data.get("claude_idle_s")
+        idle = DEFAULT_CLAUDE_IDLE_S if idle is None else min(max(float(idle), 0.0), 86400.0)
+    except (TypeError, ValueError):
+        idle = DEFAULT_CLAUDE_IDLE_S
     return Config(
         session_dir=session_dir,
         group_dir=group_dir,
@@ -156,6 +166,7 @@ def load(env: Mapping[str, str] = os.environ) -> Config:
         db_dir=db_dir,
         broker_wait_s=broker_wait,
         model_stall_s=stall,
+        claude_idle_s=idle,
     )
 
 

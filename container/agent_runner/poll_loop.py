@@ -133,13 +133,22 @@ class PollLoop:
         signal = self.inbound.change_signal()
         moved = signal != self._signal
         if not (moved or self.first_poll or now - self._last_read >= SAFETY_NET_S):
+            self.idle()
             return False
         self._signal, self._last_read = signal, now
         rows = self.fetch()
         if not any(r.trigger for r in rows):
+            self.idle()
             return moved
         self.handle(rows)
         return True
+
+    def idle(self) -> None:
+        """Nothing to answer: a provider may give back what it keeps between queries
+        (`claude`: its CLI, after `claude_idle_s`)."""
+        idle = getattr(self.provider, "idle", None)
+        if idle is not None:
+            idle()
 
     # -- fetch and claim
     def fetch(self) -> list[InboundRow]:

@@ -64,7 +64,10 @@ def runtime_report(settings: Settings) -> list[tuple[bool | None, str]]:
     if chosen == "docker":
         out.append(image_freshness(settings))
     n = settings.warm_pool
-    if n <= 0:
+    if chosen == "process" and settings.zygote:
+        out.append((True, "zygote on: process agents are forked from one that imported the"
+                    " runner (NANOCLAW_ZYGOTE)"))
+    elif n <= 0:
         out.append((None, "warm pool off (NANOCLAW_WARM_POOL=0): every agent starts cold"))
     elif chosen == "docker":
         out.append((None, "warm pool not used by docker (a container's mounts are fixed when"

@@ -3,8 +3,9 @@
 The `anthropic` SDK and the Claude Code CLI talk to it exactly as they would to the real
 API (facts it honours: shared/reference/anthropic-api-fake.md): SSE for streaming,
 JSON errors with the right status, both auth headers, Nagle off so a round trip costs a
-few ms. Replies are scripted and deterministic, every request is recorded, and errors,
-delays and dropped connections can be injected in-process or over HTTP (`/_fake/*`).
+few ms. Replies are scripted and deterministic, every request is recorded (with the
+time it arrived, `received_at`), and errors, delays and dropped connections can be
+injected in-process or over HTTP (`/_fake/*`).
 Token counts are estimated (4 characters a token); in-process, `context_tokens` makes a
 longer request fail as the real API does ("prompt is too long", HTTP 400), and
 `extra_input_tokens` inflates the usage a reply reports (a conversation that looks long).
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from http.server import ThreadingHTTPServer
 from typing import Any
@@ -102,6 +104,9 @@ class FakeModel:
             return self._counter
 
     def record(self, entry: dict[str, Any]) -> None:
+        """Keep one request; `received_at` (epoch seconds) is when its body had arrived
+        (the bench lines it up with the host's timestamped rows)."""
+        entry.setdefault("received_at", time.time())
         with self._lock:
             self.requests.append(entry)
 

@@ -366,7 +366,8 @@ class Containers:
                 "cli_scope": cfg.get("cli_scope") or "group",
                 # the runner waits this long for a broker the breaker keeps down
                 "broker_wait_s": broker_wait_s(),
-                "model_stall_s": self.settings.model_stall_timeout}
+                "model_stall_s": self.settings.model_stall_timeout,
+                "claude_idle_s": self.settings.claude_idle_s}
         tmp = paths.config + ".tmp"  # db/ is the host's: the agent cannot touch either
         with open(tmp, "w") as f:
             f.write(json.dumps(data, indent=2))

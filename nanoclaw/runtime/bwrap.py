@@ -76,6 +76,7 @@ def _parents(targets: list[str]) -> list[str]:
 
 class BwrapRuntime(ProcessRuntime):
     name = "bwrap"
+    forks = False  # a child of one zygote would share its pid and mount namespaces
     _works: bool | None = None
 
     def __init__(self, settings: Settings):

@@ -5,7 +5,9 @@ Each agent gets its own session (process group), a scrubbed environment and its 
 in `logs/containers/<session>/<spawn>.log`. Container id `pid:<pid>:<starttime>` lets a
 restarted worker re-attach to an agent that outlived it, without mistaking a recycled pid
 (and a pid whose environment lacks an install's mark is no agent, whatever its start time).
-With a warm pool (`warm.py`) a wake is handed to an agent that already started.
+Agents are forked by a zygote (`zygote.py`, `NANOCLAW_ZYGOTE`, on by default) that
+imported the runner once; without one, a wake is handed to the warm pool's spare
+(`warm.py`), or the runner starts cold.
 
 An agent is not tied to its host: after a crash of the containers worker, or of the whole
 host (`kill -9` of the orchestrator; the workers die with it), a busy agent lives on and
@@ -29,6 +31,7 @@ from nanoclaw.config import Settings
 from nanoclaw.log import logger
 from nanoclaw.runtime import agent_browser, procfs, warm
 from nanoclaw.runtime.base import SpawnSpec
+from nanoclaw.runtime.zygote import Zygote, ZygoteGone, ZygoteKeeper
 
 MARK = "NANOCLAW_INSTALL"
 GONE_S = 5.0          # after SIGKILL, how long to wait for an agent to be gone
@@ -95,12 +98,16 @@ def _base_env(runner_dir: Path, install_id: str) -> dict[str, str]:
 
 class ProcessRuntime:
     name = "process"
+    forks = True  # agents can come from a zygote (a sandbox runtime: each its own sandbox)
 
     def __init__(self, settings: Settings | None = None) -> None:
         self.children: dict[str, subprocess.Popen] = {}
         self.warm_size = settings.warm_pool if settings is not None else 0
         self.pool: warm.WarmPool | None = None
         self.warm_spec: warm.WarmSpec | None = None
+        self.use_zygote = self.forks and settings is not None and settings.zygote
+        self.keeper: ZygoteKeeper | None = None
+        self.forked: dict[str, Zygote] = {}  # container id → the zygote that forked it
 
     @classmethod
     def available(cls, settings: Settings | None = None) -> bool:
@@ -108,21 +115,46 @@ class ProcessRuntime:
 
     # ---- the warm pool ----------------------------------------------------------------
     def prewarm(self, spec: warm.WarmSpec) -> None:
-        """Start keeping warm agents (after orphan cleanup, which would stop them)."""
-        if self.warm_size <= 0:
+        """Start the zygote, or keeping warm agents (after orphan cleanup, which would
+        stop them)."""
+        if self.warm_size <= 0 and not self.use_zygote:
             return
         for old in (spec.logs_dir / "containers" / ".warm").glob("*.log"):
             old.unlink(missing_ok=True)  # a previous worker's spares, gone with it
         self.warm_spec = spec
+        if self.use_zygote:
+            self.keeper = ZygoteKeeper(self._start_zygote)
+            self.keeper.maintain()
+            return
         self.pool = warm.WarmPool(self.warm_size, self._start_warm, self._discard_warm)
         self.pool.maintain()
 
     def maintain(self) -> bool:
+        if self.keeper is not None:
+            return self.keeper.maintain()
         return self.pool.maintain() if self.pool is not None else False
 
     def close(self) -> None:
+        if self.keeper is not None:
+            self.keeper.close()
         if self.pool is not None:
             self.pool.close()
+
+    def _start_zygote(self) -> Zygote:
+        ws = self.warm_spec
+        assert ws is not None
+        env = {**_base_env(ws.runner_dir, ws.install_id), "NANOCLAW_ZYGOTE": "1",
+               "NANOCLAW_WARM_PRELOAD": ",".join(ws.preload)}
+        return Zygote([sys.executable, "-m", "sandbox_entry"], env, warm.warm_log(ws.logs_dir))
+
+    def _fork(self, z: Zygote, spec: SpawnSpec) -> str:
+        env = self._env(spec)
+        env.pop(MARK)  # already in the zygote's own environment, so in the child's
+        spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+        pid = z.fork(env, str(spec.group_dir), spec.log_path)
+        cid = f"pid:{pid}:{_starttime(pid)}"
+        self.forked[cid] = z
+        return cid
 
     def _start_warm(self) -> warm.Warm:
         ws = self.warm_spec
@@ -153,7 +185,19 @@ class ProcessRuntime:
 
     # ---- one agent ----------------------------------------------------------------------
     def spawn(self, spec: SpawnSpec) -> str:
-        """A warm agent when one is ready (and the spawn is the runner), else a cold one."""
+        """A child of the zygote, or a warm agent, when one is ready (and the spawn is the
+        runner), else a cold one."""
+        z = self.keeper.get() if self.keeper is not None and spec.command is None else None
+        if z is not None:
+            assert self.keeper is not None
+            try:
+                cid = self._fork(z, spec)
+                self.keeper.served()
+                return cid
+            except (ZygoteGone, OSError) as e:
+                logger.warning("session {}: zygote not usable ({}); starting cold",
+                               spec.session_id, e)
+                self.keeper.failed(str(e))
         if spec.command is None and self.pool is not None:
             w = self.pool.take()
             if w is not None:
@@ -191,6 +235,16 @@ class ProcessRuntime:
         return cid
 
     def exit_code(self, container_id: str) -> int | None:
+        z = self.forked.get(container_id)
+        if z is not None:  # the zygote reaps it and says how it ended
+            pid = _parse(container_id)[0]
+            z.poll()
+            if pid in z.exits:
+                del self.forked[container_id]
+                return z.exits.pop(pid)
+            if z.alive():
+                return None
+            del self.forked[container_id]  # its zygote went: watch /proc as for any other
         p = self.children.get(container_id)
         if p is not None:
             code = p.poll()
@@ -207,6 +261,9 @@ class ProcessRuntime:
         """SIGTERM to the agent's process group, SIGKILL after `grace`; returns once the
         agent is gone (a zombie is gone: it runs nothing), at most GONE_S after the kill."""
         pid, start = _parse(container_id)
+        z = self.forked.pop(container_id, None)
+        if z is not None and pid is not None:
+            z.unwant(pid)
         if pid is None or _starttime(pid) != start or (container_id not in self.children
                                                        and not _ours(pid)):
             return

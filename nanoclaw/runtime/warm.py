@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from nanoclaw.log import logger
+from nanoclaw.runtime import procfs
 from nanoclaw.runtime.procfs import children
 
 BACKOFF_MIN_S = 1.0
@@ -143,3 +144,30 @@ def is_waiting(pid: int) -> bool:
         except OSError:
             continue
     return False
+
+
+def agent_roots(marked: set[int]) -> list[int]:
+    """Of an install's marked processes, the top process of each agent that has a
+    session: a marked process whose parent is not marked and which is not waiting, or a
+    child of a waiting one that is not waiting itself (an agent the zygote forked: it
+    works in its agent's folder, the zygote in `/`). For tools that look from outside."""
+    out = []
+    for p in marked:
+        parent = procfs.ppid(p)
+        if parent not in marked:
+            if not is_waiting(p):
+                out.append(p)
+        elif procfs.ppid(parent) not in marked and _waits_itself(parent) and not is_waiting(p):
+            out.append(p)
+    return sorted(out)
+
+
+def _waits_itself(pid: int) -> bool:
+    """`pid` itself is a runner waiting in `/` (a zygote, a process runtime's spare)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        return (os.path.basename(argv[0]).startswith(b"python") and b"sandbox_entry" in argv
+                and os.readlink(f"/proc/{pid}/cwd") == "/")
+    except OSError:
+        return False

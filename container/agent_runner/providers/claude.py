@@ -6,6 +6,12 @@ system prompt and continuation stay the same: a warm container answers without
 starting the CLI again. Its messages reach the poll loop through a queue, mapped to
 provider events; each prompt carries a uuid, and a result says which prompts it
 answered, so pushed messages the CLI folds into a running turn are not waited for twice.
+An idle CLI is given back: when the poll loop has nothing to answer it calls `idle()`,
+and after `claude_idle_s` (container.json) since the last query ended the CLI is closed
+(it flushes the conversation file and exits; the runner stays). The next query starts
+it again with `--resume` of the same session, so only the files remain of an idle
+conversation. Both run on the poll loop's thread, so a message that arrives while the
+CLI closes waits for it (and its flushed file) before the CLI is started again.
 
 The nanoclaw tools run in this process as the SDK MCP server `nanoclaw`; the CLI keeps
 its own shell and file tools, with the cron, plan, worktree and question tools blocked
@@ -190,6 +196,8 @@ class ClaudeProvider:
         self._live: _Live | None = None
         self.on_fallback = False  # the CLI answers with the fallback model (told once)
         self.watch = broker.Watch(config.broker_wait_s)
+        self.used = time.monotonic()  # when the last query ended: the idle clock
+        self.released = False  # the CLI was closed for idleness (its restart says so)
 
     # -- the live CLI session
     def live_for(self, q: QueryInput) -> _Live:
@@ -201,7 +209,9 @@ class ClaudeProvider:
         session_id = q.continuation or str(uuid.uuid4())
         options = self.options(q, resume=q.continuation,
                                session_id=None if q.continuation else session_id)
-        log.info("claude cli starting resume=%s", bool(q.continuation))
+        log.info("claude cli starting resume=%s%s", bool(q.continuation),
+                 " after_idle_release=1" if self.released else "")
+        self.released = False
         self._live = _Live(options, key, session_id)
         return self._live
 
@@ -283,6 +293,22 @@ class ClaudeProvider:
 
     def forget(self, continuation: str) -> None:
         self.close()
+        self.released = False
+
+    def idle(self) -> None:
+        """The poll loop has nothing to answer (no query open, nothing pending): after
+        `claude_idle_s` without a query, close the CLI (0: never)."""
+        live, limit = self._live, self.config.claude_idle_s
+        if live is None or not limit > 0:
+            return
+        quiet = time.monotonic() - self.used
+        if quiet < limit:
+            return
+        began = time.monotonic()
+        self.close()
+        self.released = True
+        log.info("claude cli released after idle idle_s=%.1f close_s=%.2f (resumes on the"
+                 " next message)", quiet, time.monotonic() - began)
 
     def close(self) -> None:
         live, self._live = self._live, None
@@ -321,6 +347,12 @@ class ClaudeQuery:
             self._live.interrupt()
 
     def events(self) -> Iterator[Event]:
+        try:
+            yield from self._events()
+        finally:
+            self.p.used = time.monotonic()
+
+    def _events(self) -> Iterator[Event]:
         self.p.watch.learn()
         try:
             self._live = live = self.p.live_for(self.q)
