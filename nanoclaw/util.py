@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import getpass
 import hashlib
+import math
 import os
 import re
 import secrets
@@ -23,9 +24,21 @@ SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 FOLDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
 
 
+_second: tuple[int, str] = (-1, "")  # the last second formatted, and its text
+
+
 def iso(ts: float) -> str:
-    dt = datetime.fromtimestamp(ts, tz=timezone.utc)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+    """UTC ISO-8601 with milliseconds and Z, the format every stored timestamp uses."""
+    # datetime.fromtimestamp's own rounding (to the microsecond, half to even), without
+    # building a datetime: a few stamps per message, in every worker
+    frac, whole = math.modf(ts)
+    sec, us = int(whole), round(frac * 1e6)
+    if us >= 1_000_000:
+        sec, us = sec + 1, us - 1_000_000
+    global _second
+    if _second[0] != sec:
+        _second = (sec, time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(sec)))
+    return f"{_second[1]}{us // 1000:03d}Z"
 
 
 def utcnow() -> str:

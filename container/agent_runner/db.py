@@ -1,8 +1,10 @@
 """The runner's side of the two session databases: read `inbound.db`, write `outbound.db`.
 
-One class per file, intent-named methods, a fresh connection per operation (a kept
-connection would pin a stale snapshot across the bind mount), `BEGIN IMMEDIATE` around
-every write. `outbound.db` keeps its journal in PERSIST mode: in a sandbox both files
+One class per file, intent-named methods, `BEGIN IMMEDIATE` around every write. Each
+thread keeps one connection per file (opening one costs more than most queries): between
+transactions it holds no lock and no snapshot, each read transaction sees the last
+commit (SQLite checks the file's change counter; memory-mapped I/O stays off), and a
+file replaced under it (another inode) or an error drops it for a fresh one. `outbound.db` keeps its journal in PERSIST mode: in a sandbox both files
 are single-file mounts in a read-only folder, so the runner can write them but never
 create or delete a file beside them (the host made both). The runner's seq numbers are odd: the next odd above the highest seq in
 *both* files, computed inside the write transaction so two writers in this sandbox (the
@@ -12,14 +14,15 @@ poll loop and a tool) can never pick the same one.
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import sqlite3
+import threading
 import time
 import urllib.parse
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any, Iterable, Iterator
 
 from agent_runner import nudge
@@ -27,10 +30,21 @@ from agent_runner import nudge
 _B36 = "0123456789abcdefghijklmnopqrstuvwxyz"
 
 
+_second: tuple[int, str] = (-1, "")  # the last second formatted, and its text
+
+
 def iso(ts: float) -> str:
     """UTC ISO-8601 with milliseconds and Z, the format every stored timestamp uses."""
-    dt = datetime.fromtimestamp(ts, tz=timezone.utc)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+    # datetime.fromtimestamp's own rounding (to the microsecond, half to even), without
+    # building a datetime: a few stamps per message, in every worker
+    frac, whole = math.modf(ts)
+    sec, us = int(whole), round(frac * 1e6)
+    if us >= 1_000_000:
+        sec, us = sec + 1, us - 1_000_000
+    global _second
+    if _second[0] != sec:
+        _second = (sec, time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(sec)))
+    return f"{_second[1]}{us // 1000:03d}Z"
 
 
 def utcnow() -> str:
@@ -116,8 +130,7 @@ def _row(r: sqlite3.Row) -> InboundRow:
 
 def _connect(path: str, readonly: bool) -> sqlite3.Connection:
     if readonly:
-        uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
-        conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=5.0)
+        conn = sqlite3.connect(_ro_uri(path), uri=True, isolation_level=None, timeout=5.0)
     else:
         conn = sqlite3.connect(path, isolation_level=None, timeout=5.0)
         try:
@@ -176,19 +189,84 @@ def _roll_back_in_place(path: str) -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+_kept = threading.local()  # per thread: (path, readonly) -> (connection, inode)
+_inherited: list = []  # a forked child's copies: never used, never closed (see below)
+
+
+def _forget_after_fork() -> None:
+    """A connection must not cross a fork: the child starts with none. The parent's are
+    kept referenced, not closed: closing them here could touch the parent's locks."""
+    global _kept
+    _inherited.append(_kept)
+    _kept = threading.local()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
+def _kept_connection(path: str, readonly: bool, attach: str = "") -> sqlite3.Connection:
+    """This thread's connection to `path` (read-only: with `attach` as schema `o`, also
+    read-only), opened when there is none or the file is another one now."""
+    conns: dict[tuple[str, Any], tuple[sqlite3.Connection, int]] = getattr(_kept, "c", None) \
+        or {}
+    _kept.c = conns
+    key = (path, attach or readonly)
+    ino = os.stat(path).st_ino
+    kept = conns.get(key)
+    if kept is not None:
+        if kept[1] == ino:
+            return kept[0]
+        _drop(*key)
+    conn = _connect(path, readonly)
+    if attach:
+        try:
+            conn.execute("ATTACH DATABASE ? AS o", (_ro_uri(attach),))
+        except sqlite3.Error:
+            conn.close()
+            raise
+    conns[key] = (conn, ino)
+    return conn
+
+
+def _ro_uri(path: str) -> str:
+    return "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+
+
+def _drop(path: str, readonly: Any) -> None:
+    kept = getattr(_kept, "c", {}).pop((path, readonly), None)
+    if kept is not None:
+        try:
+            kept[0].close()
+        except sqlite3.Error:
+            pass
+
+
+def close_all() -> None:
+    """Close this thread's kept connections (tests; a runner just exits)."""
+    for path, readonly in list(getattr(_kept, "c", {})):
+        _drop(path, readonly)
+
+
 @contextmanager
-def _read(path: str) -> Iterator[sqlite3.Connection]:
-    conn = _connect(path, readonly=True)
+def _read(path: str, attach: str = "") -> Iterator[sqlite3.Connection]:
+    conn = _kept_connection(path, True, attach)
     try:
         yield conn
+    except sqlite3.Error:
+        _drop(path, attach or True)
+        raise
     finally:
-        conn.close()
+        if conn.in_transaction:  # a cursor left unfinished holds its read lock
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                _drop(path, attach or True)
 
 
 @contextmanager
 def _write(path: str) -> Iterator[sqlite3.Connection]:
     """BEGIN IMMEDIATE … COMMIT, rolled back on any exception."""
-    conn = _connect(path, readonly=False)
+    conn = _kept_connection(path, readonly=False)
     try:
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -197,8 +275,9 @@ def _write(path: str) -> Iterator[sqlite3.Connection]:
             conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
-    finally:
-        conn.close()
+    except sqlite3.Error:
+        _drop(path, False)  # whatever state it is in, the next write starts afresh
+        raise
 
 
 class Inbound:
@@ -223,6 +302,21 @@ class Inbound:
                 " AND (process_after IS NULL OR process_after <= ?) AND (on_wake = 0 OR ?)"
                 " ORDER BY seq DESC",
                 (now_iso, 1 if include_on_wake else 0),
+            ).fetchall()
+        return [_row(r) for r in rows]
+
+    def unanswered(self, now_iso: str, include_on_wake: bool, outbound: str,
+                   limit: int) -> list[InboundRow]:
+        """The newest `limit` due, pending, non-system rows that `outbound` (this runner's
+        outbound.db) has not acked, newest first: the filter runs in SQLite, so a long
+        session's answered rows are neither read nor parsed again at every turn."""
+        with _read(self.path, attach=outbound) as conn:
+            rows = conn.execute(
+                "SELECT * FROM messages_in WHERE status='pending' AND kind != 'system'"
+                " AND (process_after IS NULL OR process_after <= ?) AND (on_wake = 0 OR ?)"
+                " AND id NOT IN (SELECT message_id FROM o.processing_ack)"
+                " ORDER BY seq DESC LIMIT ?",
+                (now_iso, 1 if include_on_wake else 0, limit),
             ).fetchall()
         return [_row(r) for r in rows]
 

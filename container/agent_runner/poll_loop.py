@@ -25,8 +25,20 @@ from agent_runner.config import Config
 from agent_runner.db import Address, Inbound, InboundRow, Outbound, utcnow
 from agent_runner.formatter import format_batch, system_prompt
 from agent_runner.providers import (
-    REGISTRY, Error, Idle, Init, Notice, Provider, ProviderError, ProviderUnavailable,
-    QueryInput, Result, Retrying, ToolEnd, ToolStart, Waiting,
+    REGISTRY,
+    Error,
+    Idle,
+    Init,
+    Notice,
+    Provider,
+    ProviderError,
+    ProviderUnavailable,
+    QueryInput,
+    Result,
+    Retrying,
+    ToolEnd,
+    ToolStart,
+    Waiting,
 )
 from agent_runner.replies import NUDGE, correction, parse_reply
 from agent_runner.scripts import run_script
@@ -48,6 +60,7 @@ class Shutdown(BaseException):
 class TurnState:
     batch: Batch
     claimed: list[str] = field(default_factory=list)
+    completed: set[str] = field(default_factory=set)  # marked so with the answer already
     pending: list[InboundRow] = field(default_factory=list)  # pushed, not yet answered
     raw_command: bool = False
     corrected: bool = False
@@ -153,10 +166,9 @@ class PollLoop:
     # -- fetch and claim
     def fetch(self) -> list[InboundRow]:
         """Pending, due, unacked non-system rows: the newest N, oldest first."""
-        rows = self.inbound.pending(utcnow(), include_on_wake=self.first_poll)
+        rows = self.inbound.unanswered(utcnow(), self.first_poll, self.outbound.path,
+                                       self.config.max_messages_per_prompt)
         self.first_poll = False
-        acked = self.outbound.acked(r.id for r in rows)
-        rows = [r for r in rows if r.id not in acked][: self.config.max_messages_per_prompt]
         rows.reverse()
         return rows
 
@@ -187,14 +199,21 @@ class PollLoop:
                     state.claimed = [i for i in state.claimed if i not in context]
         except Shutdown:
             if state.written or self.tools.sent:
-                self.outbound.complete(state.claimed)
+                self.complete_rest(state)
             else:
                 self.outbound.release(state.claimed)
             log.info("batch interrupted by shutdown n=%d", len(state.claimed))
             raise
-        self.outbound.complete(state.claimed)
+        self.complete_rest(state)
         log.info("batch completed n=%d replies=%d", len(state.claimed),
                  state.written + self.tools.sent)
+
+    def complete_rest(self, state: TurnState) -> None:
+        """Mark the batch's rows completed, but those the answer's own transaction did
+        (one commit fewer per turn, `deliver`)."""
+        rest = [i for i in state.claimed if i not in state.completed]
+        if rest:
+            self.outbound.complete(rest)
 
     def claim(self, state: TurnState, rows: list[InboundRow]) -> None:
         self.outbound.claim(r.id for r in rows)
@@ -434,6 +453,7 @@ class PollLoop:
             written = self.outbound.write_answer(
                 [("chat", {"text": body}, address, reply_to, None)
                  for address, body, reply_to in blocks], answered)
+            state.completed.update(answered)
             for (out_id, seq), (address, _, _) in zip(written, blocks):
                 state.written += 1
                 log.info("reply written id=%s seq=%d channel=%s", out_id, seq,

@@ -197,6 +197,15 @@ class SessionInbound(InboundTasks):
         with self._read() as conn:
             return {r[0] for r in conn.execute("SELECT message_out_id FROM delivered")}
 
+    def delivered_among(self, ids: list[str]) -> set[str]:
+        """Which of `ids` the host has recorded a result for."""
+        if not ids:
+            return set()
+        with self._read() as conn:
+            return {r[0] for r in conn.execute(
+                "SELECT message_out_id FROM delivered WHERE message_out_id IN"
+                f" ({','.join('?' * len(ids))})", ids)}
+
     def mark_delivered(self, message_out_id: str, platform_message_id: str | None,
                        status: str = "delivered", error: str | None = None) -> None:
         with self._write() as conn:

@@ -252,6 +252,21 @@ class SessionOutbound:
         refuses it) rather than loaded."""
         return [r for r in self._messages(due_only=True) if r["id"] not in delivered]
 
+    def after(self, floor: int) -> list[dict[str, Any]]:
+        """Every row above seq `floor`, oldest first, each with `due` (1 when it may be
+        sent now); a due row comes with its content, bounded as in `undelivered`, a row
+        not yet due without it. Delivery's pass reads only what is new since its floor."""
+        with agent_db(self.paths) as out:
+            if out is None:
+                return []
+            rows = out.execute(
+                f"SELECT {OUT_COLUMNS}, (deliver_after IS NULL OR deliver_after <= :now) AS due,"
+                f" CASE WHEN (deliver_after IS NULL OR deliver_after <= :now)"
+                f" AND length(CAST(content AS BLOB)) <= :max THEN content END AS content"
+                f" FROM messages_out WHERE seq > :floor ORDER BY seq",
+                {"max": MAX_CONTENT, "now": utcnow(), "floor": floor}).fetchall()
+        return [dict(r) for r in rows]
+
     def messages(self) -> list[dict[str, Any]]:
         """Every row, by seq, content bounded as in `undelivered` (tests, harnesses)."""
         return self._messages(due_only=False)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
+import threading
 import urllib.parse
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -71,22 +73,98 @@ def _connect(path: str, readonly: bool = False) -> sqlite3.Connection:
     return conn
 
 
+KEPT_MAX = 32  # connections kept per thread, the least recently used closed first
+_kept = threading.local()
+_inherited: list = []  # a forked child's copies: never used, never closed (see below)
+
+
+def _forget_after_fork() -> None:
+    """A connection must not cross a fork: the child starts with none. The parent's are
+    kept referenced, not closed: closing them here could touch the parent's locks."""
+    global _kept
+    _inherited.append(_kept)
+    _kept = threading.local()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
 @contextmanager
 def opened(path: str, readonly: bool = False) -> Iterator[sqlite3.Connection]:
-    """A connection to a host-written session DB (read-only if asked), closed on leaving.
-    Only a regular file is opened (in the process runtime the agent could put a link or
-    a FIFO there; sandboxes cannot reach `db/` at all)."""
+    """A connection to a host-written session DB (read-only if asked). Only a regular
+    file is opened (in the process runtime the agent could put a link or a FIFO there;
+    sandboxes cannot reach `db/` at all).
+
+    Each thread keeps its last KEPT_MAX connections (opening one costs more than the
+    query it serves): one is used again only while the path still names a regular file
+    with the same inode it was opened on; otherwise, or after an error, it is closed and
+    the file opened afresh with the checks above. Between transactions a kept
+    connection holds no lock (journal mode DELETE) and each read sees the last commit."""
     try:
         st = os.stat(path, follow_symlinks=False)
         if not stat.S_ISREG(st.st_mode):
             raise sqlite3.DatabaseError(f"{os.path.basename(path)} is not a regular file")
     except FileNotFoundError:
-        pass
-    conn = _connect(path, readonly)
+        st = None
+    kept: OrderedDict[tuple[str, bool], tuple[sqlite3.Connection, int]] = \
+        getattr(_kept, "c", None) or OrderedDict()
+    _kept.c = kept
+    key = (path, readonly)
+    entry = kept.pop(key, None)
+    if entry is not None and (st is None or entry[1] != st.st_ino):
+        _close(entry[0])
+        entry = None
+    if entry is None:
+        conn = _connect(path, readonly)
+        ino = st.st_ino if st is not None else _inode(path)
+    else:
+        conn, ino = entry
     try:
         yield conn
-    finally:
+    except sqlite3.Error:
+        _close(conn)
+        raise
+    except BaseException:
+        if conn.in_transaction:
+            _close(conn)
+        else:
+            _keep(kept, key, conn, ino)
+        raise
+    _keep(kept, key, conn, ino)
+
+
+def _inode(path: str) -> int:
+    """The inode of the file a fresh connection just made; -1 (not kept) if it is not a
+    regular file or is gone."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return -1
+    return st.st_ino if stat.S_ISREG(st.st_mode) else -1
+
+
+def _keep(kept: OrderedDict, key: tuple[str, bool], conn: sqlite3.Connection,
+          ino: int) -> None:
+    if ino < 0:
+        _close(conn)
+        return
+    kept[key] = (conn, ino)
+    while len(kept) > KEPT_MAX:
+        _close(kept.popitem(last=False)[1][0])
+
+
+def _close(conn: sqlite3.Connection) -> None:
+    try:
         conn.close()
+    except sqlite3.Error:
+        pass
+
+
+def close_kept() -> None:
+    """Close this thread's kept connections (tests, a folder about to be removed)."""
+    kept = getattr(_kept, "c", None)
+    while kept:
+        _close(kept.popitem()[1][0])
 
 
 @contextmanager

@@ -28,8 +28,7 @@ from typing import Any
 
 from nanoclaw import hostile, nudge
 from nanoclaw.config import Settings
-from nanoclaw.db.session import (OUTBOX, HostileDB, SessionInbound, SessionOutbound,
-                                  SessionPaths, of)
+from nanoclaw.db.session import OUTBOX, HostileDB, SessionInbound, SessionOutbound, SessionPaths, of
 from nanoclaw.db.store import Store
 from nanoclaw.delivery import actions
 from nanoclaw.errors import Refused
@@ -48,6 +47,9 @@ class Delivery:
     def __init__(self, store: Store, settings: Settings):
         self.store, self.settings = store, settings
         self.signals: dict[str, Any] = {}     # session id → last seen outbound signal
+        # session id → (outbound inode, seq): every row up to seq was handed on (queued,
+        # routed or refused) or recorded; a pass reads only the rows above it
+        self.floors: dict[str, tuple[int, int]] = {}
         self.errors: dict[str, str] = {}      # session id → last error logged
         self.quarantined: set[str] = set()    # `<session>:quarantine:<inode>` already told
         self._paths: dict[str, SessionPaths] = {}
@@ -100,9 +102,7 @@ class Delivery:
         if sig is None or sig == self.signals.get(s["id"]):
             return False
         try:
-            rows = outbound.undelivered(SessionInbound(paths).delivered_ids())
-            for row in rows:
-                self._route(s, paths, row)
+            rows = self._handed_on(s, paths, outbound, sig)
         except HostileDB as e:
             self._quarantine(s, sig, e)
             self.signals[s["id"]] = sig
@@ -120,6 +120,28 @@ class Delivery:
         self.errors.pop(s["id"], None)
         self.signals[s["id"]] = sig
         return bool(rows)
+
+    def _handed_on(self, s: dict[str, Any], paths: SessionPaths, outbound: SessionOutbound,
+                   sig: Any) -> list[dict[str, Any]]:
+        """Route the session's due rows above its floor that have no recorded result
+        (a row queued again is harmless: the outbox's key dedupes it), then raise the
+        floor to the last row below which nothing waits. The agent's seqs only grow, so
+        a new row is always above the floor; another file (set aside) starts at 0."""
+        inode, floor = self.floors.get(s["id"], (sig[2], 0))
+        if inode != sig[2]:
+            floor = 0
+        rows = outbound.after(floor)
+        done = SessionInbound(paths).delivered_among([r["id"] for r in rows if r["due"]])
+        sent, blocked = [], False
+        for row in rows:
+            if row["due"] and row["id"] not in done:
+                self._route(s, paths, row)
+                sent.append(row)
+            blocked |= not row["due"] or not isinstance(row["seq"], int)  # (the agent's file)
+            if not blocked:
+                floor = row["seq"]
+        self.floors[s["id"]] = (sig[2], floor)
+        return sent
 
     def _quarantine(self, s: dict[str, Any], sig: Any, why: HostileDB) -> None:
         """Stop a session whose agent wrote an outbound.db the host refuses to read, and
