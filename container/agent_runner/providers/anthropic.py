@@ -68,7 +68,8 @@ class AnthropicApi:
     def __init__(self, base_url: str, token: str, stall_s: float = 120.0) -> None:
         self.client = anthropic.Anthropic(  # `read`: the longest silence mid-answer
             api_key=token, base_url=base_url, max_retries=0,
-            timeout=anthropic.Timeout(600.0, connect=10.0, read=stall_s))
+            timeout=anthropic.Timeout(600.0, connect=10.0, read=stall_s),
+            http_client=anthropic.DefaultHttpxClient(verify=tls_context()))
 
     def failure(self, exc: BaseException) -> Failure:
         return failure(exc)
@@ -120,15 +121,48 @@ _WARM_EVENTS = [
 ]
 
 
-def warm_up() -> None:
-    """Run one streamed call against a canned in-memory reply, so a warm agent has every
-    module a real turn loads (request building, SSE parsing, the message types) imported
-    before its session arrives. No network, no credential."""
+_TLS: Any = None
+
+
+def tls_context() -> Any:
+    """The TLS settings of the SDK's HTTP client (its own default: the system's CA
+    bundle), made once per process. Each client would load the bundle again (~140
+    certificates); made in the zygote's warm-up, every agent it forks shares it."""
+    global _TLS
+    if _TLS is None:
+        _TLS = _http().create_ssl_context()
+    return _TLS
+
+
+def _http() -> Any:
     try:  # the SDK's own HTTP package: httpx2 in newer releases, httpx before
         import httpx2 as httpx  # type: ignore[import-not-found]
     except ImportError:
         import httpx
+    return httpx
 
+
+# What a real request loads beyond the canned one below (its transport, HTTP/1.1 and /2
+# state machines): imported in the warm-up, so an agent forked from the zygote shares
+# them instead of importing its own copy at its first call.
+_TRANSPORT = ("httpcore2._sync.connection_pool", "httpcore2._sync.http11",
+              "httpcore2._sync.http2", "httpcore2._backends.sync", "h11", "h2.connection",
+              "anyio.streams.tls", "encodings.idna")
+
+
+def warm_up() -> None:
+    """Run one streamed call against a canned in-memory reply, so a warm agent has every
+    module a real turn loads (request building, SSE parsing, the message types) imported
+    before its session arrives. No network, no credential."""
+    import importlib
+
+    httpx = _http()
+    for name in _TRANSPORT:
+        try:
+            importlib.import_module(name)
+        except ImportError:  # another SDK release, another stack: it loads at first use
+            pass
+    anthropic.DefaultHttpxClient(verify=tls_context()).close()
     body = "".join(f"event: {name}\ndata: {json.dumps(data)}\n\n" for name, data in _WARM_EVENTS)
 
     def reply(request: Any) -> Any:
