@@ -60,11 +60,17 @@ def path(where: Any, name: str) -> Path:
 
 
 # ---- sending ------------------------------------------------------------------------
+_addresses: dict[tuple[str, str], str] = {}  # (data dir, worker) → its socket's path
+
+
 def send(where: Any, *names: str) -> None:
     """Nudge workers by name (`router`, `delivery`, `containers`, `channel:cli`, `host`)."""
-    folder = run_dir(where)
+    data = os.fspath(getattr(where, "data_dir", where))
     for name in names:
-        _send(os.fspath(folder / f"{name}.sock"))
+        addr = _addresses.get((data, name))
+        if addr is None:  # a few per message in every worker: built once
+            addr = _addresses[(data, name)] = os.fspath(path(data, name))
+        _send(addr)
 
 
 def agent(session_root: str | os.PathLike) -> None:
