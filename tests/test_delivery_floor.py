@@ -12,9 +12,9 @@ import sqlite3
 import time
 
 import pytest
+from test_agent_cli import World
 
 from nanoclaw.db import session as sessiondb
-from test_agent_cli import World
 
 
 @pytest.fixture

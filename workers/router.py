@@ -7,6 +7,7 @@ from nanoclaw.channels import load_builtin
 # installs the agent's "cli" action's approval handler: an approved `ncl` command runs
 # in the process that takes the click (the action registry no longer imports it, M1)
 from nanoclaw.cli import agent as agent_cli  # noqa: F401
+from nanoclaw.db import sessionfile
 from nanoclaw.db.store import Store
 from nanoclaw.host.runner import Worker
 from nanoclaw.log import logger
@@ -15,10 +16,14 @@ from nanoclaw.routing.router import Event, Router
 MAX_ATTEMPTS = 3
 
 
+KEPT = 32  # session DB connections kept open (sessionfile.keep_connections)
+
+
 class RouterWorker(Worker):
     name = "router"
 
     def initialize(self) -> None:
+        sessionfile.keep_connections(KEPT)  # on every message's path
         self.store = Store.open(self.settings.data_dir)
         self.router = Router(self.store, self.settings, load_builtin().threaded())
         self.version = -1

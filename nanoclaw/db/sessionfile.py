@@ -73,7 +73,7 @@ def _connect(path: str, readonly: bool = False) -> sqlite3.Connection:
     return conn
 
 
-KEPT_MAX = 32  # connections kept per thread, the least recently used closed first
+KEPT_MAX = 0  # connections kept per thread (see `keep_connections`); 0: none
 _kept = threading.local()
 _inherited: list = []  # a forked child's copies: never used, never closed (see below)
 
@@ -95,11 +95,12 @@ def opened(path: str, readonly: bool = False) -> Iterator[sqlite3.Connection]:
     file is opened (in the process runtime the agent could put a link or a FIFO there;
     sandboxes cannot reach `db/` at all).
 
-    Each thread keeps its last KEPT_MAX connections (opening one costs more than the
-    query it serves): one is used again only while the path still names a regular file
-    with the same inode it was opened on; otherwise, or after an error, it is closed and
-    the file opened afresh with the checks above. Between transactions a kept
-    connection holds no lock (journal mode DELETE) and each read sees the last commit."""
+    In a process that called `keep_connections(n)`, each thread keeps its last n
+    connections (opening one costs more than the query it serves): one is used again
+    only while the path still names a regular file with the same inode it was opened
+    on; otherwise, or after an error, it is closed and the file opened afresh with the
+    checks above. Between transactions a kept connection holds no lock (journal mode
+    DELETE) and each read sees the last commit."""
     try:
         st = os.stat(path, follow_symlinks=False)
         if not stat.S_ISREG(st.st_mode):
@@ -133,6 +134,14 @@ def opened(path: str, readonly: bool = False) -> Iterator[sqlite3.Connection]:
     _keep(kept, key, conn, ino)
 
 
+def keep_connections(n: int) -> None:
+    """Keep the last `n` connections per thread: for the workers on every message's
+    path (router, delivery); the others open a session's DB now and then, and would
+    only hold the memory (~100 KB a connection)."""
+    global KEPT_MAX
+    KEPT_MAX = n
+
+
 def _inode(path: str) -> int:
     """The inode of the file a fresh connection just made; -1 (not kept) if it is not a
     regular file or is gone."""
@@ -145,7 +154,7 @@ def _inode(path: str) -> int:
 
 def _keep(kept: OrderedDict, key: tuple[str, bool], conn: sqlite3.Connection,
           ino: int) -> None:
-    if ino < 0:
+    if ino < 0 or KEPT_MAX <= 0:
         _close(conn)
         return
     kept[key] = (conn, ino)
