@@ -142,7 +142,7 @@ class Handler(BaseHTTPRequestHandler):
         query = self.path.split("?", 1)[1] if "?" in self.path else ""
         self.fake.record({"path": path, "query": query, "method": self.command,
                           "headers": {k.lower(): v for k, v in self.headers.items()},
-                          "body": body})
+                          "body": body, "peer_port": self.client_address[1]})
         inj = self.fake.take_injection()
         delay = (inj.delay_ms if inj and inj.delay_ms else 0) or self.fake.delay_ms
         if delay:

@@ -92,8 +92,11 @@ class Zygote:
             select.select([self._out], [], [], min(left, 0.5))
 
     def poll(self) -> None:
-        """Take in what the zygote said (ended children) without waiting."""
-        self._messages()
+        """Take in what the zygote said (ended children) without waiting (asked once per
+        running agent at every pass of the containers worker: a `select`, not a read
+        that fails, when there is nothing)."""
+        if self._out >= 0 and select.select([self._out], [], [], 0)[0]:
+            self._messages()
 
     def unwant(self, pid: int) -> None:
         """The host stops this child itself and will not ask how it ended."""
