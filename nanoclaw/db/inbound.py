@@ -2,9 +2,10 @@
 (`messages_in`), where replies go (`session_routing`, `destinations`) and what became of
 the agent's output (`delivered`). The agent reads it read-only; only the host writes it.
 
-One class, intent-named methods, a fresh connection per operation (no stale snapshot
-survives), `BEGIN IMMEDIATE` around every write: modelled on the runner's own
-container/agent_runner/db.py. The file carries a migration ledger
+One class, intent-named methods, `BEGIN IMMEDIATE` around every write: modelled on the
+runner's own container/agent_runner/db.py. A connection per operation, except in the
+router and delivery, which keep theirs (`sessionfile.opened`: the same file only; no
+lock or snapshot is held between transactions). The file carries a migration ledger
 (`session_migrations.py`) brought up to date the first time a process opens it.
 
 Seq numbers share one space the agent sees: the host takes even numbers above the
