@@ -37,9 +37,9 @@ def _make(path: Path, value: int) -> None:
     conn.close()
 
 
-def _read(path: Path) -> tuple[int, int]:
+def _read(path: Path) -> tuple[sqlite3.Connection, int]:
     with sessionfile.opened(str(path), readonly=True) as conn:
-        return id(conn), conn.execute("SELECT v FROM t").fetchone()[0]
+        return conn, conn.execute("SELECT v FROM t").fetchone()[0]
 
 
 def test_the_host_keeps_a_connection_only_while_the_file_is_the_same(tmp_path, kept):
@@ -47,12 +47,13 @@ def test_the_host_keeps_a_connection_only_while_the_file_is_the_same(tmp_path, k
     _make(db, 1)
     first, v = _read(db)
     again, _ = _read(db)
-    assert again == first and v == 1  # kept
+    assert again is first and v == 1  # kept
     other = sqlite3.connect(db)  # another process's commit is seen, no lock is held
     other.execute("UPDATE t SET v = 2")
     other.commit()
     other.close()
-    assert _read(db) == (first, 2)
+    conn, v = _read(db)
+    assert conn is first and v == 2
     with sessionfile.transaction(str(db)) as conn:  # a write on the kept rw connection
         conn.execute("UPDATE t SET v = 3")
     assert _read(db)[1] == 3
@@ -60,8 +61,8 @@ def test_the_host_keeps_a_connection_only_while_the_file_is_the_same(tmp_path, k
     new = tmp_path / "new.db"
     _make(new, 9)
     os.replace(new, db)
-    conn_id, v = _read(db)
-    assert v == 9
+    conn, v = _read(db)
+    assert conn is not first and v == 9
     # a link where the file was: refused, as without keeping, never followed
     target = tmp_path / "elsewhere.db"
     _make(target, 7)
@@ -91,19 +92,20 @@ def test_a_forked_child_starts_with_no_connection(tmp_path, kept):
     db = tmp_path / "inbound.db"
     _make(db, 1)
     parent, _ = _read(db)
+    parent_id = id(parent)  # the child's copy of the parent's object has this address too
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: its first use opens its own connection
         try:
             child, v = _read(db)
-            os.write(w, b"ok" if child != parent and v == 1 else b"shared")
+            os.write(w, b"ok" if id(child) != parent_id and v == 1 else b"shared")
         finally:
             os._exit(0)
     os.close(w)
     os.waitpid(pid, 0)
     assert os.read(r, 16) == b"ok"
     os.close(r)
-    assert _read(db)[0] == parent  # the parent's is untouched
+    assert _read(db)[0] is parent  # the parent's is untouched
 
 
 def test_the_runner_keeps_its_connections_and_follows_a_new_file(tmp_path):
@@ -111,10 +113,10 @@ def test_the_runner_keeps_its_connections_and_follows_a_new_file(tmp_path):
     _make(db, 1)
     try:
         with runner_db._write(str(db)) as conn:
-            first = id(conn)
+            first = conn  # held, so a new connection can never reuse its address
             conn.execute("UPDATE t SET v = 2")
         with runner_db._write(str(db)) as conn:
-            assert id(conn) == first
+            assert conn is first
         with runner_db._read(str(db)) as conn:  # its own read-only connection
             assert conn.execute("SELECT v FROM t").fetchone()[0] == 2
         new = tmp_path / "new.db"
@@ -127,6 +129,6 @@ def test_the_runner_keeps_its_connections_and_follows_a_new_file(tmp_path):
                 conn.execute("UPDATE t SET v = 10")
                 conn.execute("SELECT nope FROM t")
         with runner_db._write(str(db)) as conn:
-            assert id(conn) != first and conn.execute("SELECT v FROM t").fetchone()[0] == 9
+            assert conn is not first and conn.execute("SELECT v FROM t").fetchone()[0] == 9
     finally:
         runner_db.close_all()
