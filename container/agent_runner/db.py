@@ -381,16 +381,6 @@ class Outbound:
         with _write(self.path) as conn:
             return conn.execute("DELETE FROM processing_ack WHERE status='processing'").rowcount
 
-    def acked(self, ids: Iterable[str]) -> set[str]:
-        ids = list(ids)
-        if not ids:
-            return set()
-        marks = ",".join("?" * len(ids))
-        with _read(self.path) as conn:
-            rows = conn.execute(
-                f"SELECT message_id FROM processing_ack WHERE message_id IN ({marks})", ids)
-            return {r[0] for r in rows}
-
     def claim(self, ids: Iterable[str]) -> None:
         now = utcnow()
         with _write(self.path) as conn:
