@@ -4,8 +4,7 @@ Why a module of its own: the bench splits the host's tree into the host (itself 
 workers), the agents and the spares (the warm pool's, or a zygote that forks agents),
 and samples CPU ticks and PSS for each; none of that belongs to the host. The split
 itself (`classify`) is pure, over a process table, so it is tested without processes;
-what makes a process a waiting runner is `nanoclaw.runtime.warm.is_waiting`'s test,
-applied to one process (`waits`).
+what makes a process a waiting runner is `nanoclaw.runtime.warm.waits`.
 """
 
 from __future__ import annotations
@@ -16,6 +15,8 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from typing import Any
+
+from nanoclaw.runtime.warm import waits
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
@@ -54,19 +55,6 @@ def _cwd(pid: int) -> str | None:
         return os.readlink(f"/proc/{pid}/cwd")
     except OSError:
         return None
-
-
-def waits(pid: int) -> bool:
-    """Whether this one process is an agent runner with no session yet: `python -m
-    sandbox_entry` working in `/` (a warm-pool spare or a zygote; once handed a session a
-    runner works in the agent's folder). `is_waiting` asks the same of a whole subtree."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
-    except OSError:
-        return False
-    return (os.path.basename(argv[0]).startswith(b"python") and b"sandbox_entry" in argv
-            and _cwd(pid) == "/")
 
 
 def process_table() -> dict[int, list[int]]:

@@ -28,9 +28,9 @@ from typing import Any
 
 from bench import ROOT, BenchError
 from bench.chat import Chat
-from bench.procfs import Procs, cmdline, process_tree, waits
+from bench.procfs import Procs, cmdline, process_tree
 from nanoclaw.runtime.procfs import children as descendants
-from nanoclaw.runtime.warm import is_waiting
+from nanoclaw.runtime.warm import agent_roots
 
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
@@ -258,9 +258,7 @@ class Rig:
     def agent_roots(self) -> list[int]:
         """The top process of each agent that has a session (spares left out; an agent
         forked from a zygote, i.e. whose parent is a waiting runner, is a root too)."""
-        marked = set(self.marked_pids())
-        roots = [p for p in marked if _ppid(p) not in marked or waits(_ppid(p) or 0)]
-        return [p for p in roots if not is_waiting(p)]
+        return agent_roots(set(self.marked_pids()))
 
     def worker_pids(self) -> dict[str, int]:
         """Worker name -> pid, from the `workers` table, for workers alive under this host."""

@@ -60,20 +60,39 @@ def tail(path: Path, lines: int = 5) -> str:
         return ""
 
 
+class Backoff:
+    """After each failure wait longer before trying again (BACKOFF_MIN_S doubling to
+    BACKOFF_MAX_S); a success starts over. The warm pool's and the zygote's."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self.delay = 0.0
+        self.not_before = 0.0
+
+    def due(self) -> bool:
+        return self.clock() >= self.not_before
+
+    def failed(self) -> None:
+        self.delay = min(BACKOFF_MAX_S, max(BACKOFF_MIN_S, self.delay * 2))
+        self.not_before = self.clock() + self.delay
+
+    def succeeded(self) -> None:
+        self.delay = 0.0
+
+
 class WarmPool:
     def __init__(self, size: int, start: Callable[[], Warm], discard: Callable[[Warm], None],
                  clock: Callable[[], float] = time.monotonic):
-        self.size, self._start, self._discard, self.clock = size, start, discard, clock
+        self.size, self._start, self._discard = size, start, discard
         self.ready: list[Warm] = []
-        self.backoff = 0.0
-        self.not_before = 0.0
+        self.backoff = Backoff(clock)
 
     def take(self) -> Warm | None:
         """A live warm agent, oldest first, or None (the caller starts cold)."""
         while self.ready:
             w = self.ready.pop(0)
             if w.proc.poll() is None:
-                self.backoff = 0.0
+                self.backoff.succeeded()
                 return w
             self._died(w)
         return None
@@ -85,12 +104,12 @@ class WarmPool:
             self.ready.remove(w)
             self._died(w)
             did = True
-        while len(self.ready) < self.size and self.clock() >= self.not_before:
+        while len(self.ready) < self.size and self.backoff.due():
             try:
                 self.ready.append(self._start())
             except Exception as e:
                 logger.error("warm pool: cannot start a warm agent: {}", e)
-                self._back_off()
+                self.backoff.failed()
                 break
             did = True
         return did
@@ -104,11 +123,7 @@ class WarmPool:
         logger.warning("warm pool: a warm agent ended before use (exit {}): {}",
                        w.proc.returncode, tail(w.log_path) or "no output")
         self._discard(w)
-        self._back_off()
-
-    def _back_off(self) -> None:
-        self.backoff = min(BACKOFF_MAX_S, max(BACKOFF_MIN_S, self.backoff * 2))
-        self.not_before = self.clock() + self.backoff
+        self.backoff.failed()
 
 
 def hand_over(w: Warm, env: dict[str, str], cwd: str, log_path: Path) -> None:
@@ -130,20 +145,24 @@ def warm_log(logs_dir: Path) -> Path:
     return d / f"{time.time_ns()}.log"
 
 
+def waits(pid: int) -> bool:
+    """Whether this one process is a runner with no session yet: `python -m
+    sandbox_entry` working in `/` (a warm-pool spare or a zygote; once handed a session a
+    runner works in the agent's folder)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        return (os.path.basename(argv[0]).startswith(b"python") and b"sandbox_entry" in argv
+                and os.readlink(f"/proc/{pid}/cwd") == "/")
+    except OSError:
+        return False
+
+
 def is_waiting(pid: int) -> bool:
-    """Whether the agent process tree at `pid` is a spare still waiting for its session:
-    its runner (`python -m sandbox_entry`) sits in `/`; once handed a session it works in
-    the agent's folder. For tools that look from outside (tests, the bench)."""
-    for p in [pid, *children(pid)]:
-        try:
-            with open(f"/proc/{p}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-            if (os.path.basename(argv[0]).startswith(b"python") and b"sandbox_entry" in argv
-                    and os.readlink(f"/proc/{p}/cwd") == "/"):
-                return True
-        except OSError:
-            continue
-    return False
+    """Whether the agent process tree at `pid` is a spare still waiting for its session
+    (its runner `waits`, e.g. under a bwrap). For tools that look from outside (tests,
+    the bench)."""
+    return any(waits(p) for p in [pid, *children(pid)])
 
 
 def agent_roots(marked: set[int]) -> list[int]:
@@ -157,17 +176,7 @@ def agent_roots(marked: set[int]) -> list[int]:
         if parent not in marked:
             if not is_waiting(p):
                 out.append(p)
-        elif procfs.ppid(parent) not in marked and _waits_itself(parent) and not is_waiting(p):
+        elif procfs.ppid(parent) not in marked and waits(parent) and not is_waiting(p):
             out.append(p)
     return sorted(out)
 
-
-def _waits_itself(pid: int) -> bool:
-    """`pid` itself is a runner waiting in `/` (a zygote, a process runtime's spare)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
-        return (os.path.basename(argv[0]).startswith(b"python") and b"sandbox_entry" in argv
-                and os.readlink(f"/proc/{pid}/cwd") == "/")
-    except OSError:
-        return False

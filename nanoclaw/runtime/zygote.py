@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from nanoclaw.log import logger
-from nanoclaw.runtime.warm import BACKOFF_MAX_S, BACKOFF_MIN_S, tail
+from nanoclaw.runtime.warm import Backoff, tail
 
 FORK_TIMEOUT_S = 10.0   # the first request may wait for the zygote's own preload
 
@@ -158,10 +158,9 @@ class ZygoteKeeper:
     """Keeps one zygote up: starts it, restarts it with backoff when it ends."""
 
     def __init__(self, start: Callable[[], Zygote], clock: Callable[[], float] = time.monotonic):
-        self._start, self.clock = start, clock
+        self._start = start
         self.zygote: Zygote | None = None
-        self.backoff = 0.0
-        self.not_before = 0.0
+        self.backoff = Backoff(clock)
 
     def get(self) -> Zygote | None:
         z = self.zygote
@@ -176,18 +175,18 @@ class ZygoteKeeper:
                 return False
             self._lost(z, f"the zygote ended (exit {z.proc.returncode}): "
                           f"{tail(z.log_path) or 'no output'}")
-        if self.clock() < self.not_before:
+        if not self.backoff.due():
             return False
         try:
             self.zygote = self._start()
         except Exception as e:
             logger.error("zygote: cannot start: {}", e)
-            self._back_off()
+            self.backoff.failed()
             return False
         return True
 
     def served(self) -> None:
-        self.backoff = 0.0
+        self.backoff.succeeded()
 
     def failed(self, why: str) -> None:
         """A request failed: give up this zygote, start another after the backoff."""
@@ -201,12 +200,6 @@ class ZygoteKeeper:
 
     def _lost(self, z: Zygote, why: str) -> None:
         logger.warning("zygote: {}; agents start cold until it is back", why)
-        z.poll()  # what it said before it went: exits of its children
-        if z.alive():
-            z.stop()
+        z.stop()  # also when it ended: its pipes are closed, after its last exits are read
         self.zygote = None
-        self._back_off()
-
-    def _back_off(self) -> None:
-        self.backoff = min(BACKOFF_MAX_S, max(BACKOFF_MIN_S, self.backoff * 2))
-        self.not_before = self.clock() + self.backoff
+        self.backoff.failed()
