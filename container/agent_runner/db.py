@@ -4,11 +4,12 @@ One class per file, intent-named methods, `BEGIN IMMEDIATE` around every write. 
 thread keeps one connection per file (opening one costs more than most queries): between
 transactions it holds no lock and no snapshot, each read transaction sees the last
 commit (SQLite checks the file's change counter; memory-mapped I/O stays off), and a
-file replaced under it (another inode) or an error drops it for a fresh one. `outbound.db` keeps its journal in PERSIST mode: in a sandbox both files
-are single-file mounts in a read-only folder, so the runner can write them but never
-create or delete a file beside them (the host made both). The runner's seq numbers are odd: the next odd above the highest seq in
-*both* files, computed inside the write transaction so two writers in this sandbox (the
-poll loop and a tool) can never pick the same one.
+file replaced under it (another inode) or an error drops it for a fresh one.
+`outbound.db` keeps its journal in PERSIST mode: in a sandbox both files are single-file
+mounts in a read-only folder, so the runner can write them but never create or delete a
+file beside them (the host made both). The runner's seq numbers are odd: the next odd
+above the highest seq in *both* files, computed inside the write transaction so two
+writers in this sandbox (the poll loop and a tool) can never pick the same one.
 """
 
 from __future__ import annotations
@@ -255,12 +256,6 @@ def _read(path: str, attach: str = "") -> Iterator[sqlite3.Connection]:
     except sqlite3.Error:
         _drop(path, attach or True)
         raise
-    finally:
-        if conn.in_transaction:  # a cursor left unfinished holds its read lock
-            try:
-                conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                _drop(path, attach or True)
 
 
 @contextmanager

@@ -250,12 +250,14 @@ class SessionOutbound:
         """Due rows whose id is not in `delivered` (the host's record), oldest first (by
         seq). A row whose content is over MAX_CONTENT comes with content None (delivery
         refuses it) rather than loaded."""
-        return [r for r in self._messages(due_only=True) if r["id"] not in delivered]
+        return [r for r in self.after(None) if r["due"] and r["id"] not in delivered]
 
-    def after(self, floor: int) -> list[dict[str, Any]]:
-        """Every row above seq `floor`, oldest first, each with `due` (1 when it may be
-        sent now); a due row comes with its content, bounded as in `undelivered`, a row
-        not yet due without it. Delivery's pass reads only what is new since its floor."""
+    def after(self, floor: int | None) -> list[dict[str, Any]]:
+        """Every row above seq `floor` (None: every row), oldest first, each with `due` (1
+        when it may be sent now); a due row comes with its content, bounded as in
+        `undelivered`, a row not yet due without it. Delivery's pass reads only what is
+        new since its floor."""
+        above = "" if floor is None else " WHERE seq > :floor"
         with agent_db(self.paths) as out:
             if out is None:
                 return []
@@ -263,23 +265,19 @@ class SessionOutbound:
                 f"SELECT {OUT_COLUMNS}, (deliver_after IS NULL OR deliver_after <= :now) AS due,"
                 f" CASE WHEN (deliver_after IS NULL OR deliver_after <= :now)"
                 f" AND length(CAST(content AS BLOB)) <= :max THEN content END AS content"
-                f" FROM messages_out WHERE seq > :floor ORDER BY seq",
+                f" FROM messages_out{above} ORDER BY seq",
                 {"max": MAX_CONTENT, "now": utcnow(), "floor": floor}).fetchall()
         return [dict(r) for r in rows]
 
     def messages(self) -> list[dict[str, Any]]:
         """Every row, by seq, content bounded as in `undelivered` (tests, harnesses)."""
-        return self._messages(due_only=False)
-
-    def _messages(self, due_only: bool) -> list[dict[str, Any]]:
-        due = " WHERE deliver_after IS NULL OR deliver_after <= :now" if due_only else ""
         with agent_db(self.paths) as out:
             if out is None:
                 return []
             rows = out.execute(
                 f"SELECT {OUT_COLUMNS}, CASE WHEN length(CAST(content AS BLOB)) <= :max"
-                f" THEN content END AS content FROM messages_out{due} ORDER BY seq",
-                {"max": MAX_CONTENT, "now": utcnow()}).fetchall()
+                f" THEN content END AS content FROM messages_out ORDER BY seq",
+                {"max": MAX_CONTENT}).fetchall()
         return [dict(r) for r in rows]
 
     def acks(self) -> dict[str, tuple[str, str]]:
