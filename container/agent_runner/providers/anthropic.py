@@ -9,6 +9,8 @@ an Anthropic-style upstream uses the same class.
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import logging
 from typing import Any, Callable, Generator
@@ -25,6 +27,7 @@ from agent_runner.providers.toolloop import (
 )
 
 anthropic = import_anthropic()
+from anthropic.lib.streaming import MessageStreamManager  # noqa: E402 (after the lazy shim)
 
 log = logging.getLogger("agent_runner")
 
@@ -65,11 +68,13 @@ class AnthropicApi:
 
     errors = (anthropic.AnthropicError,)
 
-    def __init__(self, base_url: str, token: str, stall_s: float = 120.0) -> None:
+    def __init__(self, base_url: str, token: str, stall_s: float = 120.0,
+                 http_client: Any = None) -> None:
         self.client = anthropic.Anthropic(  # `read`: the longest silence mid-answer
             api_key=token, base_url=base_url, max_retries=0,
             timeout=anthropic.Timeout(600.0, connect=10.0, read=stall_s),
-            http_client=anthropic.DefaultHttpxClient(verify=tls_context()))
+            http_client=http_client or anthropic.DefaultHttpxClient(verify=tls_context()))
+        self.body = Body()
 
     def failure(self, exc: BaseException) -> Failure:
         return failure(exc)
@@ -81,13 +86,12 @@ class AnthropicApi:
                tools: list[dict[str, Any]] | None, effort: str | None,
                watch: broker.Watch, aborted: Callable[[], bool]
                ) -> Generator[Event, None, Turn]:
-        kwargs: dict[str, Any] = {"model": model, "max_tokens": MAX_TOKENS, "system": system,
-                                  "messages": messages}
-        if tools is not None:
-            kwargs["tools"] = tools
-        if effort:
-            kwargs["output_config"] = {"effort": effort}
-        with self.client.messages.stream(**kwargs) as stream:
+        body = self.body.encode(model, system, messages, tools, effort)
+        request = functools.partial(
+            self.client.post, "/v1/messages", content=body, cast_to=anthropic.types.Message,
+            stream=True, stream_cls=anthropic.Stream[anthropic.types.RawMessageStreamEvent],
+            options={"headers": _STREAM_HEADERS})
+        with MessageStreamManager(request, output_format=anthropic.NOT_GIVEN) as stream:
             watch.note(getattr(getattr(stream, "response", None), "headers", None))
             for event in stream:
                 if event.type in ("message_start", "content_block_stop"):
@@ -97,6 +101,46 @@ class AnthropicApi:
             final = stream.get_final_message()
         return Turn([b for b in map(_block, final.content) if b is not None],
                     final.stop_reason or "end_turn")
+
+
+# What `messages.stream()` adds to its request, so the broker and the API see the same.
+_STREAM_HEADERS = {"X-Stainless-Helper-Method": "stream", "X-Stainless-Stream-Helper": "messages"}
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+
+
+class Body:
+    """The JSON of a streamed Messages request, made by us and handed to the SDK as bytes.
+
+    `messages.stream()` copies the whole request into fresh containers (its check for
+    file inputs to read) and encodes all of it at every call. Most of it does not change
+    between calls: the tool schemas and the system prompt, about three quarters of a
+    typical body. Here each is encoded once and its bytes kept while an equal value comes
+    again; only the conversation is encoded per call. The JSON is what the SDK would send
+    for the same arguments (same keys, order and encoder settings); a test compares the two.
+    """
+
+    def __init__(self) -> None:
+        self._kept: dict[str, tuple[Any, bytes]] = {}
+
+    def _part(self, name: str, value: Any) -> bytes:
+        last = self._kept.get(name)
+        if last is not None and last[0] == value:
+            return last[1]
+        data = _encode(value).encode()
+        self._kept[name] = (copy.deepcopy(value), data)
+        return data
+
+    def encode(self, model: str, system: str, messages: list[dict[str, Any]],
+               tools: list[dict[str, Any]] | None, effort: str | None) -> bytes:
+        parts = [b'{"max_tokens":%d,"messages":' % MAX_TOKENS, _encode(messages).encode(),
+                 b',"model":', _encode(model).encode()]
+        if effort:
+            parts += [b',"output_config":', _encode({"effort": effort}).encode()]
+        parts += [b',"system":', self._part("system", system)]
+        if tools is not None:
+            parts += [b',"tools":', self._part("tools", tools)]
+        parts.append(b',"stream":true}')
+        return b"".join(parts)
 
 
 _WARM_EVENTS = [
@@ -169,16 +213,17 @@ def warm_up() -> None:
         return httpx.Response(200, headers={"content-type": "text/event-stream"},
                               content=body.encode())
 
+    class Quiet:
+        def note(self, headers: Any) -> None:
+            pass
+
     with httpx.Client(transport=httpx.MockTransport(reply)) as http:
-        client = anthropic.Anthropic(api_key="warm", base_url="http://warm.invalid",
-                                     http_client=http, max_retries=0)
-        with client.messages.stream(model="warm", max_tokens=1,
-                                    messages=[{"role": "user", "content": "warm"}],
-                                    tools=[{"name": "bash", "description": "warm",
-                                            "input_schema": {"type": "object"}}]) as stream:
-            for _ in stream:
-                pass
-            stream.get_final_message()
+        api = AnthropicApi("http://warm.invalid", "warm", http_client=http)
+        turn = api.stream("warm", "warm", [{"role": "user", "content": "warm"}],
+                          [{"name": "bash", "description": "warm",
+                            "input_schema": {"type": "object"}}], None, Quiet(), lambda: False)
+        for _ in turn:
+            pass
 
 
 class AnthropicProvider(ToolLoopProvider):
