@@ -8,13 +8,18 @@ freely and reads see every commit."""
 from __future__ import annotations
 
 import os
+import signal
 import sqlite3
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from test_outbound_recovery import WRITER
 
-from nanoclaw.db import sessionfile
+from nanoclaw.db import outbound, sessionfile
+from nanoclaw.db import session as sessiondb
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "container"))
@@ -132,3 +137,140 @@ def test_the_runner_keeps_its_connections_and_follows_a_new_file(tmp_path):
             assert conn is not first and conn.execute("SELECT v FROM t").fetchone()[0] == 9
     finally:
         runner_db.close_all()
+
+
+# --- the agent's outbound.db, kept open by the router and delivery ------------------------
+
+def _agent(paths) -> sqlite3.Connection:
+    """The agent's side: its own read-write connection, as the runner opens it."""
+    c = sqlite3.connect(paths.outbound, isolation_level=None, timeout=0)
+    c.execute("PRAGMA journal_mode=PERSIST")
+    return c
+
+
+def _reply(agent: sqlite3.Connection, seq: int) -> None:
+    """One reply row, committed at once: timeout 0, so any read lock the host still held
+    would fail it with 'database is locked'."""
+    agent.execute("BEGIN IMMEDIATE")
+    agent.execute("INSERT INTO messages_out (id, seq, kind, content, timestamp) VALUES"
+                  " (?, ?, 'chat', '{\"text\": \"hi\"}', '2026-01-01T00:00:00Z')",
+                  (f"out-{seq}", seq))
+    agent.execute("COMMIT")
+
+
+def _kept_agent_conn(paths):
+    entry = outbound._KEPT._entries().get(paths.outbound)
+    return entry and entry[0]
+
+
+def test_the_agents_file_is_read_through_one_kept_connection_holding_no_lock(tmp_path, kept):
+    paths = sessiondb.create(str(tmp_path / "s"))
+    agent = _agent(paths)
+    out = sessiondb.SessionOutbound(paths)
+    assert out.max_seq() == 0
+    first = _kept_agent_conn(paths)
+    assert first is not None
+    reads = [out.max_seq, lambda: out.after(None), lambda: out.after(1),
+             lambda: out.undelivered(set()), out.messages, out.acks, out.current_tool,
+             lambda: out.state("k"), out.refusal]
+    seq = 1
+    for read in reads:
+        read()
+        _reply(agent, seq)  # the agent writes at once after every kind of read
+        assert out.max_seq() == seq  # and the kept connection sees its commit
+        seq += 2
+    assert _kept_agent_conn(paths) is first
+    assert [m["id"] for m in out.after(seq - 5)] == [f"out-{seq - 4}", f"out-{seq - 2}"]
+    agent.close()
+
+
+@pytest.mark.parametrize("change", [
+    "CREATE VIEW forged AS SELECT 1",
+    "CREATE TRIGGER t AFTER INSERT ON messages_out BEGIN SELECT 1; END",
+    "CREATE INDEX odd ON messages_out (content)",
+])
+def test_a_schema_changed_in_place_is_refused_on_a_kept_connection(tmp_path, kept, change):
+    paths = sessiondb.create(str(tmp_path / "s"))
+    out = sessiondb.SessionOutbound(paths)
+    out.max_seq()
+    assert _kept_agent_conn(paths) is not None
+    agent = _agent(paths)
+    agent.execute(change)  # same file, same inode: only the schema cookie moved
+    agent.close()
+    with pytest.raises(sessiondb.HostileDB, match="schema"):
+        out.messages()
+    assert _kept_agent_conn(paths) is None
+
+
+def test_a_schema_changed_behind_a_cookie_set_back_never_runs_the_agents_sql(tmp_path, kept):
+    """The agent swaps a table for a view and writes the old schema cookie back: the kept
+    connection does not re-read the schema, so it reads with the one it checked. At
+    worst that reads as a corrupt file; the view's rows are never what the host sees."""
+    paths = sessiondb.create(str(tmp_path / "s"))
+    out = sessiondb.SessionOutbound(paths)
+    assert out.state("k") is None
+    agent = _agent(paths)
+    cookie = agent.execute("PRAGMA schema_version").fetchone()[0]
+    agent.execute("DROP TABLE session_state")
+    agent.execute("CREATE VIEW session_state AS SELECT 'k' AS key, 'forged' AS value,"
+                  " 'now' AS updated_at")
+    agent.execute(f"PRAGMA schema_version={cookie}")
+    agent.close()
+    try:
+        value = out.state("k")
+    except sessiondb.HostileDB:
+        value = None
+    assert value != "forged"
+    sessionfile.close_kept()  # a fresh connection reads the schema and refuses it
+    with pytest.raises(sessiondb.HostileDB):
+        out.state("k")
+
+
+def test_a_kept_connection_gets_its_cpu_bound_afresh_at_each_use(tmp_path, kept, monkeypatch):
+    monkeypatch.setattr(outbound, "READ_BOUND_S", 0.05)
+    paths = sessiondb.create(str(tmp_path / "s"))
+    agent = _agent(paths)
+    for seq in range(1, 600, 2):  # enough rows for the progress handler to be consulted
+        _reply(agent, seq)
+    agent.close()
+    out = sessiondb.SessionOutbound(paths)
+    out.max_seq()
+    began = time.thread_time()
+    while time.thread_time() - began < 0.1:  # more CPU than the bound, between reads
+        pass
+    assert len(out.messages()) == 300  # not interrupted: the bound is per read, not per open
+    assert _kept_agent_conn(paths) is not None
+
+
+def test_a_replaced_or_half_written_file_is_opened_afresh(tmp_path, kept):
+    paths = sessiondb.create(str(tmp_path / "s"))
+    out = sessiondb.SessionOutbound(paths)
+    agent = _agent(paths)
+    _reply(agent, 1)
+    agent.close()
+    assert out.max_seq() == 1
+    assert _kept_agent_conn(paths) is not None
+    # the agent killed mid-write: a hot journal the read-only kept connection cannot
+    # roll back; the read goes to a private copy, and shows what was committed
+    w = subprocess.Popen([sys.executable, "-c", WRITER, paths.outbound],
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        assert w.stdout.readline().strip() == "mid-write"
+    finally:
+        os.kill(w.pid, signal.SIGKILL)
+        w.wait(10)
+    assert [m["id"] for m in out.messages()] == ["out-1"]
+    assert _kept_agent_conn(paths) is None  # not kept: neither the first nor the copy's
+    # another file put in place of a kept one is checked as a new one
+    paths = sessiondb.create(str(tmp_path / "u"))
+    out = sessiondb.SessionOutbound(paths)
+    assert out.messages() == []
+    assert _kept_agent_conn(paths) is not None
+    other = sessiondb.create(str(tmp_path / "t"))
+    bad = sqlite3.connect(other.outbound)
+    bad.execute("CREATE TABLE extra (x)")
+    bad.close()
+    os.replace(other.outbound, paths.outbound)
+    with pytest.raises(sessiondb.HostileDB, match="schema"):
+        out.messages()
+    assert _kept_agent_conn(paths) is None

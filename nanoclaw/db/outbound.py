@@ -30,7 +30,7 @@ import urllib.parse
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from nanoclaw.db.sessionfile import SessionPaths, file_signal
+from nanoclaw.db.sessionfile import Kept, SessionPaths, close_quietly, file_signal
 from nanoclaw.util import utcnow
 
 OUTBOUND_DDL = """
@@ -96,6 +96,9 @@ def _expected_schema() -> set[tuple[str, str, str, str | None]]:
 OUTBOUND_SCHEMA = _expected_schema()
 
 
+_KEPT = Kept()  # the router's and delivery's open connections (sessionfile.keep_connections)
+
+
 @contextmanager
 def agent_db(paths: SessionPaths) -> Iterator[sqlite3.Connection | None]:
     """A read-only connection to the agent's `outbound.db` that cannot hurt the host:
@@ -103,7 +106,16 @@ def agent_db(paths: SessionPaths) -> Iterator[sqlite3.Connection | None]:
     table or odd column default runs), `trusted_schema=OFF`, and a progress handler
     that interrupts any read costing more than READ_BOUND_S of CPU. None when the file is
     missing. Raises HostileDB when the file is refused; "database is locked" passes
-    through (the agent is mid-write: try again)."""
+    through (the agent is mid-write: try again).
+
+    The schema check and the caller's reads are one read transaction: the agent cannot
+    commit in between (its write waits for our lock), so what was checked is what is
+    read. Where connections are kept (`sessionfile.keep_connections`), one is used
+    again only for the same regular file (inode) and while the file's schema cookie
+    (`PRAGMA schema_version`, read inside that transaction) is the one it was checked
+    at; any change, error or other file means a fresh open and a full check. A file
+    whose schema changed while its cookie was set back is read with the checked schema:
+    at worst rows that read as corrupt (HostileDB), never the agent's SQL."""
     try:
         st = os.stat(paths.outbound, follow_symlinks=False)
     except FileNotFoundError:
@@ -114,50 +126,14 @@ def agent_db(paths: SessionPaths) -> Iterator[sqlite3.Connection | None]:
     if st.st_size > MAX_OUTBOUND:
         raise HostileDB(f"outbound.db is larger than {MAX_OUTBOUND >> 20} MiB",
                         "its database grew too large")
-    scratch: str | None = None
-    conn = _open(f"file:{urllib.parse.quote(paths.outbound)}?mode=ro")
+    conn, scratch, checked = _reuse(paths.outbound, st.st_ino)
+    if conn is None:
+        conn, scratch, checked = _checked(paths.outbound)
     try:
-        try:
-            have = set(conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master"))
-        except sqlite3.OperationalError as e:
-            if getattr(e, "sqlite_errorname", "") != "SQLITE_READONLY_ROLLBACK":
-                raise
-            # The agent was killed mid-write: its journal must be rolled back before the
-            # file can be read, which a read-only open cannot do. Roll back a private
-            # copy instead (the agent's own files stay as they are; its next start rolls
-            # them back itself) and read that.
-            conn.close()
-            scratch = tempfile.mkdtemp(prefix="nanoclaw-outbound-")
-            _copy_pair(paths.outbound, scratch)
-            conn = _open(f"file:{urllib.parse.quote(os.path.join(scratch, 'outbound.db'))}"
-                         "?mode=rw")
-            have = set(conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master"))
-    except sqlite3.OperationalError as e:
-        conn.close()
-        _drop(scratch)
-        if "locked" in str(e):
-            raise
-        raise HostileDB(f"outbound.db unreadable: {e}") from None
-    except sqlite3.DatabaseError as e:
-        conn.close()
-        _drop(scratch)
-        raise HostileDB(f"outbound.db unreadable: {e}") from None
-    except HostileDB:
-        conn.close()
-        _drop(scratch)
-        raise
-    try:
-        if have != OUTBOUND_SCHEMA:
-            odd = sorted(f"{t} {str(n)[:40]!r}" for t, n, _, _ in have - OUTBOUND_SCHEMA)
-            missing = sorted(f"{t} {n}" for t, n, _, _ in OUTBOUND_SCHEMA - have)
-            raise HostileDB("outbound.db schema is not the runner's ("
-                            + "; ".join(filter(None, [
-                                odd and "unexpected: " + ", ".join(odd[:5]),
-                                missing and "changed or missing: " + ", ".join(missing[:5])]))
-                            + ")", "its database schema was changed")
         conn.row_factory = sqlite3.Row
         try:
             yield conn
+            conn.execute("COMMIT")  # ends the read: the agent may write again
         except sqlite3.OperationalError as e:
             if "interrupted" in str(e):
                 raise HostileDB(f"a read of outbound.db took over {READ_BOUND_S}s of CPU",
@@ -167,20 +143,104 @@ def agent_db(paths: SessionPaths) -> Iterator[sqlite3.Connection | None]:
             raise HostileDB(f"outbound.db unreadable: {e}") from None
         except sqlite3.DatabaseError as e:
             raise HostileDB(f"outbound.db unreadable: {e}") from None
-    finally:
-        conn.close()
+    except BaseException:
+        close_quietly(conn)
+        _drop(scratch)
+        raise
+    if scratch is None:
+        _KEPT.keep(paths.outbound, conn, st.st_ino, checked)
+    else:  # a private copy: read once
+        close_quietly(conn)
         _drop(scratch)
 
 
-def _open(uri: str) -> sqlite3.Connection:
+def _reuse(path: str, ino: int) -> tuple[Any, None, Any]:
+    """A kept connection to this same file, its read transaction begun and its schema
+    cookie unchanged; (None, None, None) when there is none or it may not be used."""
+    kept = _KEPT.take(path, ino)
+    if kept is None:
+        return None, None, None
+    conn, (cookie, clock) = kept
+    clock[0] = time.thread_time() + READ_BOUND_S
+    try:
+        conn.execute("BEGIN")
+        if conn.execute("PRAGMA schema_version").fetchone()[0] == cookie:
+            return conn, None, (cookie, clock)
+    except sqlite3.OperationalError as e:
+        if "locked" in str(e):  # the agent is mid-write: the connection is still good
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            _KEPT.keep(path, conn, ino, (cookie, clock))
+            raise
+    except sqlite3.Error:
+        pass
+    close_quietly(conn)
+    return None, None, None
+
+
+def _checked(path: str) -> tuple[sqlite3.Connection, str | None, Any]:
+    """A fresh connection, in a read transaction in which its schema was checked; the
+    scratch folder of a rolled-back copy, if one was needed; (cookie, clock)."""
+    scratch: str | None = None
+    conn, clock = _open(f"file:{urllib.parse.quote(path)}?mode=ro")
+    try:
+        try:
+            have, cookie = _schema(conn)
+        except sqlite3.OperationalError as e:
+            if getattr(e, "sqlite_errorname", "") != "SQLITE_READONLY_ROLLBACK":
+                raise
+            # The agent was killed mid-write: its journal must be rolled back before the
+            # file can be read, which a read-only open cannot do. Roll back a private
+            # copy instead (the agent's own files stay as they are; its next start rolls
+            # them back itself) and read that.
+            conn.close()
+            scratch = tempfile.mkdtemp(prefix="nanoclaw-outbound-")
+            _copy_pair(path, scratch)
+            conn, clock = _open(f"file:{urllib.parse.quote(os.path.join(scratch, 'outbound.db'))}"
+                                "?mode=rw")
+            have, cookie = _schema(conn)
+        if have != OUTBOUND_SCHEMA:
+            odd = sorted(f"{t} {str(n)[:40]!r}" for t, n, _, _ in have - OUTBOUND_SCHEMA)
+            missing = sorted(f"{t} {n}" for t, n, _, _ in OUTBOUND_SCHEMA - have)
+            raise HostileDB("outbound.db schema is not the runner's ("
+                            + "; ".join(filter(None, [
+                                odd and "unexpected: " + ", ".join(odd[:5]),
+                                missing and "changed or missing: " + ", ".join(missing[:5])]))
+                            + ")", "its database schema was changed")
+    except sqlite3.OperationalError as e:
+        close_quietly(conn)
+        _drop(scratch)
+        if "locked" in str(e):
+            raise
+        raise HostileDB(f"outbound.db unreadable: {e}") from None
+    except sqlite3.DatabaseError as e:
+        close_quietly(conn)
+        _drop(scratch)
+        raise HostileDB(f"outbound.db unreadable: {e}") from None
+    except BaseException:
+        close_quietly(conn)
+        _drop(scratch)
+        raise
+    return conn, scratch, (cookie, clock)
+
+
+def _schema(conn: sqlite3.Connection) -> tuple[set[Any], int]:
+    """Begin the read transaction; the file's schema rows and its cookie, as of it."""
+    conn.execute("BEGIN")
+    have = set(conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master"))
+    return have, conn.execute("PRAGMA schema_version").fetchone()[0]
+
+
+def _open(uri: str) -> tuple[sqlite3.Connection, list[float]]:
     """A connection with the hostile-file settings: no trusted schema, no mmap, and a
-    progress handler that interrupts any statement past READ_BOUND_S of CPU."""
+    progress handler that interrupts any statement past READ_BOUND_S of CPU from when
+    its use began (`clock[0]`, the deadline, is set again at each use)."""
     conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=0.5)
-    deadline = time.thread_time() + READ_BOUND_S
-    conn.set_progress_handler(lambda: 1 if time.thread_time() > deadline else 0, 1000)
+    clock = [time.thread_time() + READ_BOUND_S]
+    conn.set_progress_handler(lambda: 1 if time.thread_time() > clock[0] else 0, 1000)
     conn.execute("PRAGMA trusted_schema=OFF")
     conn.execute("PRAGMA mmap_size=0")
-    return conn
+    return conn, clock
 
 
 def _copy_pair(path: str, into: str) -> None:

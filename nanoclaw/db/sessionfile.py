@@ -73,20 +73,64 @@ def _connect(path: str, readonly: bool = False) -> sqlite3.Connection:
     return conn
 
 
-KEPT_MAX = 0  # connections kept per thread (see `keep_connections`); 0: none
-_kept = threading.local()
+KEPT_MAX = 0  # connections kept per thread and kind (see `keep_connections`); 0: none
+_caches: list["Kept"] = []
 _inherited: list = []  # a forked child's copies: never used, never closed (see below)
 
 
+class Kept:
+    """The last KEPT_MAX connections one kind of opener made, per thread, each with the
+    inode of the file it was opened on: `take` hands one back only for that same inode
+    (else closes it), `keep` stores one (closing the oldest past KEPT_MAX; a connection
+    still in a transaction, or of no regular file, is closed instead). A connection
+    must not cross a fork: a child starts with none, and the parent's are left
+    referenced, not closed (closing them there could touch the parent's locks)."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        _caches.append(self)
+
+    def _entries(self) -> OrderedDict[Any, tuple[sqlite3.Connection, int, Any]]:
+        entries = getattr(self._local, "c", None)
+        if entries is None:
+            entries = self._local.c = OrderedDict()
+        return entries
+
+    def take(self, key: Any, ino: int | None) -> tuple[sqlite3.Connection, Any] | None:
+        entry = self._entries().pop(key, None)
+        if entry is None:
+            return None
+        if entry[1] != ino:
+            close_quietly(entry[0])
+            return None
+        return entry[0], entry[2]
+
+    def keep(self, key: Any, conn: sqlite3.Connection, ino: int, extra: Any = None) -> None:
+        if ino < 0 or KEPT_MAX <= 0 or conn.in_transaction:
+            close_quietly(conn)
+            return
+        entries = self._entries()
+        entries[key] = (conn, ino, extra)
+        while len(entries) > KEPT_MAX:
+            close_quietly(entries.popitem(last=False)[1][0])
+
+    def close_all(self) -> None:
+        entries = self._entries()
+        while entries:
+            close_quietly(entries.popitem()[1][0])
+
+    def _forget(self) -> None:
+        _inherited.append(self._local)
+        self._local = threading.local()
+
+
 def _forget_after_fork() -> None:
-    """A connection must not cross a fork: the child starts with none. The parent's are
-    kept referenced, not closed: closing them here could touch the parent's locks."""
-    global _kept
-    _inherited.append(_kept)
-    _kept = threading.local()
+    for cache in _caches:
+        cache._forget()
 
 
 os.register_at_fork(after_in_child=_forget_after_fork)
+_HOST = Kept()
 
 
 @contextmanager
@@ -107,31 +151,22 @@ def opened(path: str, readonly: bool = False) -> Iterator[sqlite3.Connection]:
             raise sqlite3.DatabaseError(f"{os.path.basename(path)} is not a regular file")
     except FileNotFoundError:
         st = None
-    kept: OrderedDict[tuple[str, bool], tuple[sqlite3.Connection, int]] = \
-        getattr(_kept, "c", None) or OrderedDict()
-    _kept.c = kept
     key = (path, readonly)
-    entry = kept.pop(key, None)
-    if entry is not None and (st is None or entry[1] != st.st_ino):
-        _close(entry[0])
-        entry = None
+    entry = _HOST.take(key, st.st_ino if st is not None else None)
     if entry is None:
         conn = _connect(path, readonly)
         ino = st.st_ino if st is not None else _inode(path)
     else:
-        conn, ino = entry
+        conn, ino = entry[0], st.st_ino  # type: ignore[union-attr] (taken: same inode)
     try:
         yield conn
     except sqlite3.Error:
-        _close(conn)
+        close_quietly(conn)
         raise
     except BaseException:
-        if conn.in_transaction:
-            _close(conn)
-        else:
-            _keep(kept, key, conn, ino)
+        _HOST.keep(key, conn, ino)  # closed instead if still in a transaction
         raise
-    _keep(kept, key, conn, ino)
+    _HOST.keep(key, conn, ino)
 
 
 def keep_connections(n: int) -> None:
@@ -152,17 +187,7 @@ def _inode(path: str) -> int:
     return st.st_ino if stat.S_ISREG(st.st_mode) else -1
 
 
-def _keep(kept: OrderedDict, key: tuple[str, bool], conn: sqlite3.Connection,
-          ino: int) -> None:
-    if ino < 0 or KEPT_MAX <= 0:
-        _close(conn)
-        return
-    kept[key] = (conn, ino)
-    while len(kept) > KEPT_MAX:
-        _close(kept.popitem(last=False)[1][0])
-
-
-def _close(conn: sqlite3.Connection) -> None:
+def close_quietly(conn: sqlite3.Connection) -> None:
     try:
         conn.close()
     except sqlite3.Error:
@@ -170,10 +195,10 @@ def _close(conn: sqlite3.Connection) -> None:
 
 
 def close_kept() -> None:
-    """Close this thread's kept connections (tests, a folder about to be removed)."""
-    kept = getattr(_kept, "c", None)
-    while kept:
-        _close(kept.popitem()[1][0])
+    """Close this thread's kept connections, of every kind (tests, a folder about to be
+    removed)."""
+    for cache in _caches:
+        cache.close_all()
 
 
 @contextmanager
