@@ -45,8 +45,14 @@ class Quiet:
     def note(self, headers):
         pass
 
+convo = []  # a conversation kept across calls, as the tool loop keeps its history
+
 def capture(case):
     seen.clear()
+    if case.get("grow"):
+        del convo[:case.get("cut", 0)]
+        convo.extend(case["messages"])
+        case["messages"] = convo
     turn = ours.stream(case["model"], case["system"], case["messages"], case["tools"],
                        case["effort"], Quiet(), lambda: False)
     try:
@@ -164,3 +170,15 @@ def test_any_conversation_is_sent_as_the_sdk_sends_it(probe, system, messages, s
               "input_schema": {"type": "object", "properties": schema}}]
     same(probe(case(system=system, messages=messages, effort=effort,
                     tools=tools if with_tools else None)))
+
+
+def test_a_growing_conversation_is_sent_as_the_sdk_sends_it(probe):
+    """The history's messages are encoded once and their bytes kept: as the conversation
+    grows, and as its oldest turns are set aside, each body is still the SDK's."""
+    for turn in range(6):
+        same(probe(case(grow=True, cut=2 if turn == 4 else 0, messages=[
+            {"role": "user", "content": f"question {turn} ✓"},
+            {"role": "assistant", "content": [{"type": "text", "text": f"answer {turn}"}]}])))
+    last = json.loads(probe(case(grow=True, messages=[]))["ours"])["messages"]
+    assert [m["content"] for m in last if m["role"] == "user"] == [
+        f"question {t} ✓" for t in (1, 2, 3, 4, 5)]

@@ -19,7 +19,9 @@ from agent_runner import broker
 from agent_runner.providers import Activity, Event, ProviderError
 from agent_runner.providers.lazy_import import import_anthropic
 from agent_runner.providers.toolloop import (
+    HISTORY,
     MAX_TOKENS,
+    encode_json,
     Failure,
     ToolLoopProvider,
     Turn,
@@ -105,7 +107,6 @@ class AnthropicApi:
 
 # What `messages.stream()` adds to its request, so the broker and the API see the same.
 _STREAM_HEADERS = {"X-Stainless-Helper-Method": "stream", "X-Stainless-Stream-Helper": "messages"}
-_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 
 
 class Body:
@@ -115,8 +116,9 @@ class Body:
     file inputs to read) and encodes all of it at every call. Most of it does not change
     between calls: the tool schemas and the system prompt, about three quarters of a
     typical body. Here each is encoded once and its bytes kept while an equal value comes
-    again; only the conversation is encoded per call. The JSON is what the SDK would send
-    for the same arguments (same keys, order and encoder settings); a test compares the two.
+    again, and each message of the conversation once (`toolloop.History`). The JSON is
+    what the SDK would send for the same arguments (same keys, order and encoder
+    settings); a test compares the two.
     """
 
     def __init__(self) -> None:
@@ -126,16 +128,16 @@ class Body:
         last = self._kept.get(name)
         if last is not None and last[0] == value:
             return last[1]
-        data = _encode(value).encode()
+        data = encode_json(value).encode()
         self._kept[name] = (copy.deepcopy(value), data)
         return data
 
     def encode(self, model: str, system: str, messages: list[dict[str, Any]],
                tools: list[dict[str, Any]] | None, effort: str | None) -> bytes:
-        parts = [b'{"max_tokens":%d,"messages":' % MAX_TOKENS, _encode(messages).encode(),
-                 b',"model":', _encode(model).encode()]
+        parts = [b'{"max_tokens":%d,"messages":' % MAX_TOKENS, HISTORY.encode(messages),
+                 b',"model":', encode_json(model).encode()]
         if effort:
-            parts += [b',"output_config":', _encode({"effort": effort}).encode()]
+            parts += [b',"output_config":', encode_json({"effort": effort}).encode()]
         parts += [b',"system":', self._part("system", system)]
         if tools is not None:
             parts += [b',"tools":', self._part("tools", tools)]

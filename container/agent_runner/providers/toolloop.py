@@ -180,6 +180,37 @@ def shed(messages: list[dict[str, Any]], keep_from: int) -> list[dict[str, Any]]
     return removed
 
 
+# The Anthropic SDK's own JSON settings: its request body is what ours must match.
+encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+
+
+class History:
+    """The conversation as JSON, each message encoded once. A turn's request carries the
+    whole history and the file saved after it holds it again: encoded afresh each time,
+    that is the agent's largest cost after the SDK, growing with the conversation. The
+    loop never changes a message once it is in the list (each is a new dict), so a
+    message's bytes are kept with it, found by identity, while it stays in the list.
+    """
+
+    def __init__(self) -> None:
+        self._kept: dict[int, tuple[dict[str, Any], bytes]] = {}
+
+    def encode(self, messages: list[dict[str, Any]]) -> bytes:
+        kept, fresh = self._kept, {}
+        parts = []
+        for m in messages:
+            entry = kept.get(id(m))
+            if entry is None or entry[0] is not m:
+                entry = (m, encode_json(m).encode())
+            fresh[id(m)] = entry
+            parts.append(entry[1])
+        self._kept = fresh
+        return b"[" + b",".join(parts) + b"]"
+
+
+HISTORY = History()  # one conversation per agent process
+
+
 def _trim(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Keep at most MAX_HISTORY messages, starting at a plain user prompt."""
     if len(messages) <= MAX_HISTORY:
@@ -304,10 +335,9 @@ class ToolLoopProvider:
         os.makedirs(self.dir, exist_ok=True)
         path = self._path(cid)
         tmp = f"{path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            # dumps, not dump: json.dump streams through the pure-Python encoder (~10x slower)
-            fh.write(json.dumps({"version": 1, "id": cid, "model": self.model,
-                                 "messages": messages}))
+        head = encode_json({"version": 1, "id": cid, "model": self.model})[:-1]
+        with open(tmp, "wb") as fh:
+            fh.write(b"".join([head.encode(), b',"messages":', HISTORY.encode(messages), b"}"]))
         os.replace(tmp, path)
 
     def resume(self, cid: str | None) -> tuple[str, list[dict[str, Any]]]:
