@@ -274,3 +274,18 @@ def test_a_replaced_or_half_written_file_is_opened_afresh(tmp_path, kept):
     with pytest.raises(sessiondb.HostileDB, match="schema"):
         out.messages()
     assert _kept_agent_conn(paths) is None
+
+
+def test_a_read_uses_the_kept_writer_of_the_same_file(tmp_path, kept):
+    """One connection per file: delivery reads and writes each session's inbound.db,
+    and two connections a file would cycle a 20-session load through the cache."""
+    db = tmp_path / "inbound.db"
+    _make(db, 1)
+    with sessionfile.transaction(str(db)) as writer:
+        writer.execute("UPDATE t SET v = 2")
+    reader, v = _read(db)
+    assert reader is writer and v == 2
+    missing = tmp_path / "missing.db"  # a read never creates the file
+    with pytest.raises(sqlite3.OperationalError):
+        _read(missing)
+    assert not missing.exists()

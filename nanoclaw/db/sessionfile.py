@@ -16,6 +16,7 @@ import urllib.parse
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Iterator
 
 from nanoclaw import hostile
@@ -57,7 +58,12 @@ class SessionPaths:
 
 def of(settings: Any, session: dict[str, Any]) -> SessionPaths:
     """The folder of a `sessions` row: data/sessions/<agent group>/<session>/."""
-    return SessionPaths(str(settings.session_dir(session["agent_group_id"], session["id"])))
+    return _of(settings.data_dir, session["agent_group_id"], session["id"])
+
+
+@lru_cache(maxsize=4096)  # the router and delivery ask at every message
+def _of(data_dir: Any, agent_group_id: str, session_id: str) -> SessionPaths:
+    return SessionPaths(os.path.join(data_dir, "sessions", agent_group_id, session_id))
 
 
 def _connect(path: str, readonly: bool = False) -> sqlite3.Connection:
@@ -143,8 +149,9 @@ def opened(path: str, readonly: bool = False) -> Iterator[sqlite3.Connection]:
     connections (opening one costs more than the query it serves): one is used again
     only while the path still names a regular file with the same inode it was opened
     on; otherwise, or after an error, it is closed and the file opened afresh with the
-    checks above. Between transactions a kept connection holds no lock (journal mode
-    DELETE) and each read sees the last commit."""
+    checks above. A read may be served by the kept read-write connection of the same
+    file (one connection per file, not two). Between transactions a kept connection
+    holds no lock (journal mode DELETE) and each read sees the last commit."""
     try:
         st = os.stat(path, follow_symlinks=False)
         if not stat.S_ISREG(st.st_mode):
@@ -153,6 +160,9 @@ def opened(path: str, readonly: bool = False) -> Iterator[sqlite3.Connection]:
         st = None
     key = (path, readonly)
     entry = _HOST.take(key, st.st_ino if st is not None else None)
+    if entry is None and readonly and st is not None:  # a read: the writer's will do
+        entry = _HOST.take((path, False), st.st_ino)
+        key = (path, False) if entry is not None else key
     if entry is None:
         conn = _connect(path, readonly)
         ino = st.st_ino if st is not None else _inode(path)
