@@ -21,11 +21,11 @@ from agent_runner.providers.lazy_import import import_anthropic
 from agent_runner.providers.toolloop import (
     HISTORY,
     MAX_TOKENS,
-    encode_json,
     Failure,
     ToolLoopProvider,
     Turn,
     classify_failure,
+    encode_json,
 )
 
 anthropic = import_anthropic()
