@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import sqlite3
+import subprocess
+import sys
 
 import pytest
 
@@ -37,6 +41,48 @@ def test_create_hands_the_agent_its_files_only(tmp_path):
         assert (os.stat(f).st_uid, os.stat(f).st_gid) == owner, f
     for f in (p.root, p.db, p.inbound):
         assert os.stat(f).st_uid == os.geteuid(), f
+
+
+def test_a_host_write_keeps_its_journal_and_readers_see_the_row(tmp_path):
+    """inbound.db is written with a persistent journal: made once, its header zeroed at
+    each commit (no create, chown, folder sync and unlink per write). The agent's
+    read-only view reads every committed row, and a write cut short is still rolled back
+    by the host's next open."""
+    p = sessiondb.create(str(tmp_path / "s"))
+    inbound = sessiondb.SessionInbound(p)
+    assert inbound.insert(id="m1", kind="chat", content={"text": "one"})
+    journal = p.inbound + "-journal"
+    first = os.stat(journal)
+    assert inbound.insert(id="m2", kind="chat", content={"text": "two"})
+    assert os.stat(journal).st_ino == first.st_ino  # the same file, not made again
+    with open(journal, "rb") as j:
+        assert j.read(28) == bytes(28)  # its header zeroed: not a hot journal
+    agent = sqlite3.connect(f"file:{p.inbound}?mode=ro", uri=True)
+    assert [r[0] for r in agent.execute("SELECT id FROM messages_in ORDER BY seq")] == [
+        "m1", "m2"]
+    agent.close()
+    # a host killed mid-write: its journal is hot, and the next host open rolls it back
+    w = subprocess.run([sys.executable, "-c", HALF_WRITE, p.inbound], capture_output=True,
+                       text=True)
+    assert w.returncode == -signal.SIGKILL, w.stderr
+    with open(journal, "rb") as j:
+        assert j.read(28) != bytes(28)
+    assert inbound.insert(id="m4", kind="chat", content={"text": "four"})  # a write
+    assert inbound.message("m3") is None
+    assert json.loads(inbound.message("m1")["content"]) == {"text": "one"}
+
+
+HALF_WRITE = """
+import os, signal, sqlite3, sys
+c = sqlite3.connect(sys.argv[1], isolation_level=None)
+c.execute("PRAGMA journal_mode=PERSIST")
+c.execute("PRAGMA cache_size=1")
+c.execute("BEGIN IMMEDIATE")
+c.execute("INSERT INTO messages_in (id, seq, kind, timestamp, content) VALUES"
+          " ('m3', 100, 'chat', 'x', ?)", ("x" * 20000,))
+c.execute("UPDATE messages_in SET content = ? WHERE id = 'm1'", ("y" * 20000,))
+os.kill(os.getpid(), signal.SIGKILL)
+"""
 
 
 def test_a_flat_session_folder_is_moved_to_the_layout(tmp_path):

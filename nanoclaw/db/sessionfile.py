@@ -72,7 +72,12 @@ def _connect(path: str, readonly: bool = False) -> sqlite3.Connection:
                                isolation_level=None, timeout=5.0)
     else:
         conn = sqlite3.connect(path, isolation_level=None, timeout=5.0)
-        conn.execute("PRAGMA journal_mode=DELETE")
+        # PERSIST, not DELETE: the journal is made once and its header zeroed at each
+        # commit, instead of created, chowned, synced with its folder and unlinked at
+        # every write (router and delivery write each message's inbound.db). Equally
+        # safe: a zeroed header is not a hot journal, and a real one is rolled back by
+        # the next read-write open either way.
+        conn.execute("PRAGMA journal_mode=PERSIST")
     conn.execute("PRAGMA busy_timeout=5000")
     conn.execute("PRAGMA mmap_size=0")
     conn.row_factory = sqlite3.Row
