@@ -214,3 +214,20 @@ def test_an_edit_engages_a_start_anchored_pattern(env):
     rows, _ = _rows(store, s, sid)
     assert [(x["id"].split(":")[:2], x["trigger"]) for x in rows] == [(["edit3", "3"], 1)]
     assert json.loads(rows[0]["content"])["text"] == "[edited] @andy what now?"  # as sent
+
+
+def test_a_known_sender_costs_no_user_write_and_a_new_name_is_kept(env):
+    """ensure_user runs for every message: a sender already known under that name is
+    left as it is (no write transaction), a changed display name is stored."""
+    store, s, router = env
+    router.route(_cli("hello", "m1"))
+    uid = local_user_id()
+    name = db_row(store, "SELECT display_name FROM users WHERE id=?", (uid,))["display_name"]
+    before = store.conn.total_changes
+    store.ensure_user(uid, "cli", name)
+    store.ensure_user(uid, "cli")
+    assert store.conn.total_changes == before
+    store.ensure_user(uid, "cli", "New Name")
+    assert store.conn.total_changes == before + 1
+    assert db_row(store, "SELECT display_name FROM users WHERE id=?",
+                  (uid,))["display_name"] == "New Name"

@@ -155,6 +155,9 @@ class GroupQueries(Queries):
 
     # ---- users and roles ----------------------------------------------------------------
     def ensure_user(self, user_id: str, kind: str, display_name: str | None = None) -> None:
+        row = self._row("SELECT display_name FROM users WHERE id=?", (user_id,))
+        if row is not None and (display_name is None or row["display_name"] == display_name):
+            return  # known, nothing new: no write (the router asks at every message)
         with atomic(self.conn):
             self.conn.execute(
                 "INSERT INTO users (id, kind, display_name, created_at) VALUES (?,?,?,?)"
