@@ -8,15 +8,13 @@ freely and reads see every commit."""
 from __future__ import annotations
 
 import os
-import signal
 import sqlite3
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from test_outbound_recovery import WRITER
+from test_outbound_recovery import kill_mid_write
 
 from nanoclaw.db import outbound, sessionfile
 from nanoclaw.db import session as sessiondb
@@ -252,13 +250,7 @@ def test_a_replaced_or_half_written_file_is_opened_afresh(tmp_path, kept):
     assert _kept_agent_conn(paths) is not None
     # the agent killed mid-write: a hot journal the read-only kept connection cannot
     # roll back; the read goes to a private copy, and shows what was committed
-    w = subprocess.Popen([sys.executable, "-c", WRITER, paths.outbound],
-                         stdout=subprocess.PIPE, text=True)
-    try:
-        assert w.stdout.readline().strip() == "mid-write"
-    finally:
-        os.kill(w.pid, signal.SIGKILL)
-        w.wait(10)
+    kill_mid_write(paths.outbound)
     assert [m["id"] for m in out.messages()] == ["out-1"]
     assert _kept_agent_conn(paths) is None  # not kept: neither the first nor the copy's
     # another file put in place of a kept one is checked as a new one

@@ -43,14 +43,19 @@ def cut_write_short(root) -> sessiondb.SessionPaths:
     c.execute("INSERT INTO messages_out (id, seq, kind, content, timestamp) VALUES"
               " ('kept', 1, 'chat', '{\"text\": \"kept\"}', '2026-01-01T00:00:00Z')")
     c.close()
-    w = subprocess.Popen([sys.executable, "-c", WRITER, paths.outbound],
-                         stdout=subprocess.PIPE, text=True)
+    kill_mid_write(paths.outbound)
+    return paths
+
+
+def kill_mid_write(path: str) -> None:
+    """Start the agent's large write to `path` and kill it halfway: a hot journal."""
+    w = subprocess.Popen([sys.executable, "-c", WRITER, path], stdout=subprocess.PIPE,
+                         text=True)
     try:
         assert w.stdout.readline().strip() == "mid-write"
     finally:
         os.kill(w.pid, signal.SIGKILL)
         w.wait(10)
-    return paths
 
 
 def test_a_write_cut_short_by_kill_is_read_as_committed_not_refused(tmp_path):
