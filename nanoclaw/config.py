@@ -83,7 +83,7 @@ class Settings(BaseSettings):
     container_memory: str = "1g"
     container_pids: int = Field(default=512, ge=0)
     container_cpus: float = Field(default=2.0, ge=0)
-    warm_pool: int = Field(default=1, ge=0, le=16)  # agents started ahead (process, bwrap)
+    warm_pool: int = Field(default=1, ge=0, le=16)  # agents started ahead (bwrap, docker, process)
     zygote: bool = True  # process runtime: agents forked from one that imported the runner
     # the sandbox user when the host runs as root: a uid no local account has (H5)
     agent_uid: int = Field(default=61000, ge=1, le=2**31 - 2)

@@ -427,5 +427,11 @@ def install_label(data_dir: Path) -> str:
     return "nanoclaw.install=" + hashlib.sha1(str(data_dir.resolve()).encode()).hexdigest()[:8]
 
 
-def containers_of(client, data_dir: Path, all: bool = False) -> list:
-    return client.containers.list(all=all, filters={"label": install_label(data_dir)})
+def containers_of(client, data_dir: Path, all: bool = False, spares: bool = True) -> list:
+    """The install's containers; without the warm pool's spares still waiting for a
+    session when `spares` is false (a handed-over one carries its session's name)."""
+    found = client.containers.list(all=all, filters={"label": install_label(data_dir)})
+    if spares:
+        return found
+    waiting = "nanoclaw-" + install_label(data_dir).split("=", 1)[1] + "-warm-"
+    return [c for c in found if not c.name.startswith(waiting)]

@@ -302,7 +302,11 @@ def test_doctor_runtime_and_warm_pool_decisions(tmp_path, monkeypatch):
     rep = _report(tmp_path, runtime="auto")
     assert rep[0] == (True, "runtime auto picks docker here")
     assert rep[1][1].startswith("image ")  # whether it was built from container/ as it is
-    assert "warm pool not used by docker" in rep[2][1]
+    assert rep[2] == (True, "warm pool on: 1 docker agent(s) started ahead (NANOCLAW_WARM_POOL)")
+    _fake(monkeypatch, docker=True, bwrap=True, root=False)
+    assert _report(tmp_path, runtime="auto")[2] == (
+        None, "warm pool off: docker hands a session to a waiting sandbox only when the host"
+              " runs as root; every agent starts cold")
     assert "off (NANOCLAW_WARM_POOL=0)" in _report(tmp_path, warm_pool=0)[-1][1]
 
     _fake(monkeypatch, docker=False, bwrap=True, root=True)

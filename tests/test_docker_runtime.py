@@ -23,8 +23,8 @@ ENCODED = base64.b64encode(SECRET.encode()).decode()[::-1]
 def dhost(host_factory, docker_client, agent_image):
     made = []
 
-    def make(name="d", **env):
-        h = host_factory(name, NANOCLAW_RUNTIME="docker", **env)
+    def make(name="d", **env):  # the cold path (the warm pool: test_docker_warm.py)
+        h = host_factory(name, NANOCLAW_RUNTIME="docker", **{"NANOCLAW_WARM_POOL": "0", **env})
         made.append(h)
         return h
 

@@ -30,13 +30,13 @@ class Runtime:
 
     def agents(self, h: Host) -> list[str]:
         if self.client is not None:
-            return sorted(c.id for c in containers_of(self.client, h.data))
+            return sorted(c.id for c in containers_of(self.client, h.data, spares=False))
         pids = set(agent_pids(h.data, spares=False))  # a bwrap's pid-1 child has the mark too
         return sorted(str(p) for p in pids if _ppid(p) not in pids)
 
     def kill(self, h: Host) -> None:
         if self.client is not None:
-            for c in containers_of(self.client, h.data):
+            for c in containers_of(self.client, h.data, spares=False):
                 c.kill()
             return
         for pid in agent_pids(h.data, spares=False):

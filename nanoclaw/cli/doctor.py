@@ -69,12 +69,9 @@ def runtime_report(settings: Settings) -> list[tuple[bool | None, str]]:
                     " runner (NANOCLAW_ZYGOTE)"))
     elif n <= 0:
         out.append((None, "warm pool off (NANOCLAW_WARM_POOL=0): every agent starts cold"))
-    elif chosen == "docker":
-        out.append((None, "warm pool not used by docker (a container's mounts are fixed when"
-                    " it is created)"))
-    elif chosen == "bwrap" and not mountns.can_mount():
-        out.append((None, "warm pool off: bwrap hands a session to a waiting sandbox only"
-                    " when the host runs as root; every agent starts cold"))
+    elif chosen in ("bwrap", "docker") and not mountns.can_mount():
+        out.append((None, f"warm pool off: {chosen} hands a session to a waiting sandbox"
+                    " only when the host runs as root; every agent starts cold"))
     else:
         out.append((True, f"warm pool on: {n} {chosen} agent(s) started ahead"
                     " (NANOCLAW_WARM_POOL)"))

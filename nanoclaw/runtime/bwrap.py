@@ -239,43 +239,14 @@ class BwrapRuntime(ProcessRuntime):
         via_socket = self.settings.container_network == "none"
         env = sandbox.environment(spec, self._path(), via_socket)
         env.pop("NANOCLAW_BROKER_SOCKET", None)  # the sandbox relays it since it started
-        self._mount_session(w, spec)
+        warm.mount_session(w, sandbox.session_mounts(spec), sandbox.SESSION)
         warm.hand_over(w, env, sandbox.GROUP, spec.log_path)
-        self.stages[w.cid] = w.stage  # kept while the agent lives (see _unstage)
+        self.stages[w.cid] = w.stage  # kept while the agent lives (see warm.unstage)
         return w.cid
-
-    def _mount_session(self, w: warm.Warm, spec: SpawnSpec) -> None:
-        """Build the session's tree on a private staging mount, copy it into the waiting
-        sandbox through its shared `/workspace`, then cut the link and undo the staging."""
-        assert w.stage is not None and w.stage_fd is not None
-        t = w.stage / "t"
-        t.mkdir(mode=0o700)
-        try:
-            first, *rest = sandbox.session_mounts(spec)
-            mountns.bind(str(first.source), str(t))
-            with mountns.opened(t) as base:
-                for m in rest:
-                    mountns.bind_into(str(m.source), base, m.target[len(sandbox.SESSION) + 1:],
-                                      readonly=not m.writable, directory=m.source.is_dir())
-            mountns.mount(str(t), str(w.stage / "s"), mountns.MS_BIND | mountns.MS_REC)
-            # private from here: undoing the staging must not reach into the sandbox
-            mountns.mount(None, mountns.fd_path(w.stage_fd), mountns.MS_REC | mountns.MS_PRIVATE)
-        finally:
-            self._unstage(w)
-
-    def _unstage(self, w: warm.Warm) -> None:
-        """Detach the staging mounts. The folders stay until the sandbox ends: removing
-        the folder under its `/workspace` would detach the session from it (the kernel
-        unmounts whatever sits on a deleted folder, in every namespace)."""
-        if w.stage_fd is not None:
-            os.close(w.stage_fd)
-            w.stage_fd = None
-        if w.stage is not None:
-            mountns.detach_all(w.stage)
 
     def _discard_warm(self, w: warm.Warm) -> None:
         super()._discard_warm(w)
-        self._unstage(w)
+        warm.unstage(w)
         if w.stage is not None:
             shutil.rmtree(w.stage, ignore_errors=True)
 

@@ -1,19 +1,20 @@
 """The warm pool: agents started before any session needs them.
 
 A cold start is mostly the runner's interpreter start and SDK import (~0.4 s of a
-0.45 s cold turn). The `process` and `bwrap` runtimes keep `NANOCLAW_WARM_POOL` agents
-(default 1) that have done that work and wait, blocked on a pipe, costing no CPU. A
-wake takes one and hands it the session (environment, working folder and, for bwrap,
-the session's mounts — `mountns.py`); the pool is refilled on the containers worker's
-next pass. Anything that goes wrong with a warm agent falls back to a cold start, so the
-pool can only make a start faster, never make it fail.
+0.45 s cold turn). The `process`, `bwrap` and `docker` runtimes keep `NANOCLAW_WARM_POOL`
+agents (default 1) that have done that work and wait, blocked on a pipe, costing no CPU.
+A wake takes one and hands it the session (environment, working folder and, for bwrap
+and docker, the session's mounts — `mountns.py`); the pool is refilled on the containers
+worker's next pass. Anything that goes wrong with a warm agent falls back to a cold
+start, so the pool can only make a start faster, never make it fail.
 
 A warm agent that dies before it is used is logged with the end of its output, and the
 pool backs off (1 s doubling to 5 min) so a broken runner cannot spin. Warm agents die
 with the containers worker (their pipe closes, or bwrap's `--die-with-parent`), and so
-with the host; one still starting then, or handed a session its worker did not live to
-record, is stopped by the next worker's orphan cleanup before it starts any agent (and
-before it fills its own pool).
+with the host (a docker spare outlives it, as every container does); one still starting
+then, a docker spare, or one handed a session its worker did not live to record, is
+stopped by the next worker's orphan cleanup before it starts any agent (and before it
+fills its own pool).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from nanoclaw.log import logger
-from nanoclaw.runtime import procfs
+from nanoclaw.runtime import mountns, procfs
 from nanoclaw.runtime.procfs import children
 
 BACKOFF_MIN_S = 1.0
@@ -137,6 +138,39 @@ def hand_over(w: Warm, env: dict[str, str], cwd: str, log_path: Path) -> None:
         os.replace(w.log_path, log_path)
     except OSError as e:  # the agent runs either way; only its log keeps the old name
         logger.warning("warm pool: log {} not moved to {}: {}", w.log_path, log_path, e)
+
+
+def mount_session(w: Warm, mounts: list, prefix: str) -> None:
+    """Hand a waiting sandbox (bwrap or docker) its session's tree: build it on a private
+    staging mount (`stage/t`: the first of `mounts`, the others bound into it at their
+    targets below `prefix`), bind that onto the shared `stage/s` the sandbox sees as its
+    `/workspace` (the kernel copies it in), make that private so undoing the staging
+    cannot reach into the sandbox, then detach the staging (`unstage`)."""
+    assert w.stage is not None and w.stage_fd is not None
+    t = w.stage / "t"
+    t.mkdir(mode=0o700)
+    try:
+        first, *rest = mounts
+        mountns.bind(str(first.source), str(t))
+        with mountns.opened(t) as base:
+            for m in rest:
+                mountns.bind_into(str(m.source), base, m.target[len(prefix) + 1:],
+                                  readonly=not m.writable, directory=m.source.is_dir())
+        mountns.mount(str(t), str(w.stage / "s"), mountns.MS_BIND | mountns.MS_REC)
+        mountns.mount(None, mountns.fd_path(w.stage_fd), mountns.MS_REC | mountns.MS_PRIVATE)
+    finally:
+        unstage(w)
+
+
+def unstage(w: Warm) -> None:
+    """Detach a spare's staging mounts. Its folder stays until the sandbox ends: removing
+    the folder under its `/workspace` would detach the session from it (the kernel
+    unmounts whatever sits on a deleted folder, in every namespace)."""
+    if w.stage_fd is not None:
+        os.close(w.stage_fd)
+        w.stage_fd = None
+    if w.stage is not None:
+        mountns.detach_all(w.stage)
 
 
 def warm_log(logs_dir: Path) -> Path:
