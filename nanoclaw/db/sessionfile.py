@@ -156,7 +156,7 @@ def opened(path: str, readonly: bool = False) -> Iterator[sqlite3.Connection]:
     on; otherwise, or after an error, it is closed and the file opened afresh with the
     checks above. A read may be served by the kept read-write connection of the same
     file (one connection per file, not two). Between transactions a kept connection
-    holds no lock (journal mode DELETE) and each read sees the last commit."""
+    holds no lock (a rollback journal) and each read sees the last commit."""
     try:
         st = os.stat(path, follow_symlinks=False)
         if not stat.S_ISREG(st.st_mode):
