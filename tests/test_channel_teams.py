@@ -284,23 +284,38 @@ def test_kill9_of_the_door_and_the_channel_worker_loses_and_doubles_nothing(host
 
     t = threading.Thread(target=send, daemon=True)
     t.start()
+    killed_at = 0.0
     for after, worker in ((6, "webhooks"), (14, "channel:teams")):
         old = host.worker_pid(worker)
         wait_for(lambda: len(sent) >= after, 60, what=f"{after} activities")
         assert not done.is_set()
+        killed_at = time.time()  # the channel worker's, last
         os.kill(old, signal.SIGKILL)
         wait_for(lambda: host.worker_pid(worker) not in (None, old), 30, what="restart")
     assert done.wait(120) and len(sent) == 24
     for d in dms:  # the last of each chat is answered (earlier ones may share a turn)
         last = [x for v, x in sent if v == d][-1]
         reply(teams, d, f"echo: {last}", timeout=90)
-    for d in dms:  # every activity reached the agent exactly once, no reply twice
+    twice = []
+    for d in dms:  # every activity reached the agent exactly once, no reply twice...
         rows = session_inbound(host, "teams", pid(d))
         for x in [x for v, x in sent if v == d]:
             assert sum(f'"{x}"' in (m["content"] or "") or f">{x}<" in (m["content"] or "")
                        for m in rows) == 1, (x, [m["content"] for m in rows])
-        out = [s.text for s in teams.bot_sent(d)]
-        assert len(out) == len(set(out))
+        out = teams.bot_sent(d)
+        for text in {s.text for s in out}:
+            at = [s.raw["at"] for s in out if s.text == text]
+            if len(at) > 1:
+                twice.append((text, at))
+    # ...but the one Teams cannot help (docs/channels.md: at least once): a reply the
+    # killed channel worker had posted and not yet recorded goes again after its restart,
+    # as the Bot Connector takes no idempotency key. Only that one, and only if the kill
+    # fell in that instant.
+    assert len(twice) <= 1, twice
+    for text, at in twice:
+        # posted around the kill (or still on its way then), and again after the restart
+        assert len(at) == 2 and at[0] < killed_at + 1.0 and at[1] > killed_at, \
+            (text, at, killed_at)
     evs = [e for d in dms for e in events(host, d)]
     assert len(evs) == 24 and len({e["message_id"] for e in evs}) == 24
     assert door_url(host)
