@@ -430,8 +430,14 @@ def install_label(data_dir: Path) -> str:
 def containers_of(client, data_dir: Path, all: bool = False, spares: bool = True) -> list:
     """The install's containers; without the warm pool's spares still waiting for a
     session when `spares` is false (a handed-over one carries its session's name)."""
+    from nanoclaw.runtime.docker import spare_prefix
+
     found = client.containers.list(all=all, filters={"label": install_label(data_dir)})
     if spares:
         return found
-    waiting = "nanoclaw-" + install_label(data_dir).split("=", 1)[1] + "-warm-"
+    waiting = spare_prefix(install_of(data_dir))
     return [c for c in found if not c.name.startswith(waiting)]
+
+
+def install_of(data_dir: Path) -> str:
+    return install_label(data_dir).split("=", 1)[1]

@@ -18,10 +18,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, SECRET, clean_env, install_label, wait_for
+from conftest import ROOT, SECRET, clean_env, install_label, install_of, wait_for
 
 from nanoclaw.config import Settings
 from nanoclaw.runtime import mountns, sandbox
+from nanoclaw.runtime.docker import spare_prefix
 
 PROBE = (Path(__file__).parent / "sandbox_probe.py").read_text()
 ENCODED = base64.b64encode(SECRET.encode()).decode()[::-1]
@@ -69,13 +70,9 @@ def engine(docker_client, agent_image, tmp_path):
     remove_install(docker_client, install, settings.data_dir)
 
 
-def install_of(data: Path) -> str:
-    return install_label(data).split("=", 1)[1]
-
-
 def spares(client, data: Path) -> list[str]:
     """Ids of the install's running containers still waiting for a session."""
-    prefix = f"/nanoclaw-{install_of(data)}-warm-"
+    prefix = "/" + spare_prefix(install_of(data))  # the engine's names start with "/"
     return [c["Id"] for c in client.api.containers(filters={"label": install_label(data)})
             if c["Names"][0].startswith(prefix)]
 

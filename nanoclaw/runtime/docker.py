@@ -59,6 +59,12 @@ WARM_LABEL = "nanoclaw.warm"  # a spare's: its staging folder (session.json once
 SPARE_START_S = 60.0  # the longest a wake waits for a spare still being started
 
 
+def spare_prefix(install_id: str) -> str:
+    """How a waiting spare's container name starts; the hand-over renames it to its
+    session's (`sandbox.name`)."""
+    return f"nanoclaw-{install_id}-warm-"
+
+
 def client(timeout: float = 30.0) -> Any:
     import docker
 
@@ -349,7 +355,7 @@ class DockerRuntime:
         stage.mkdir(mode=0o700)
         s = stage / "s"
         s.mkdir(mode=0o755)
-        name = f"nanoclaw-{ws.install_id}-warm-{stage.name}"
+        name = spare_prefix(ws.install_id) + stage.name
         log = warm.warm_log(ws.logs_dir)
         w = warm.Warm(None, name, log, stage)  # type: ignore[arg-type]
 
