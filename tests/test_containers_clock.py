@@ -13,6 +13,7 @@ from nanoclaw import config
 from nanoclaw.agents.groups import ensure_defaults
 from nanoclaw.db import session as sessiondb
 from nanoclaw.db.store import Store
+from nanoclaw.lifecycle import containers
 from nanoclaw.lifecycle.containers import Containers
 from nanoclaw.routing.router import Event, Router
 from nanoclaw.util import local_user_id
@@ -106,3 +107,47 @@ def test_a_start_that_succeeds_after_a_failure_is_not_retried_again(env):
     c.pass_once(clock())
     assert len(rt.spawns) == 2 and sid in c.running
     assert store.session(sid)["container_status"] == "running"
+
+
+def _open_wakes(store: Store, sid: str) -> int:
+    return len([r for r in store.open_container_requests()
+                if r["session_id"] == sid and r["action"] == "wake"])
+
+
+def test_a_message_to_a_running_agent_asks_for_no_wake_and_a_kill_leaves_none_unserved(env):
+    """The router files no wake request while the session's agent runs (the agent was
+    nudged and reads the row itself). A message routed as the agent is being killed
+    (it saw it running) is served by the wake that follows the kill, not left for the
+    sweep; a session killed again at once is woken no faster than the sweep would, and
+    a shutdown wakes nothing."""
+    own, s = env
+    store = Store.open(s.data_dir)  # the router's and the sweep's: other connections
+    clock = FakeClock()
+    rt = Runtime(clock, fail=False)
+    c = Containers(own, s, rt, clock=clock)
+    sid = _message(store, s, "one")
+    assert _open_wakes(store, sid) == 1
+    c.pass_once(clock())
+    assert sid in c.running and len(rt.spawns) == 1 and _open_wakes(store, sid) == 0
+    assert _message(store, s, "two") == sid
+    assert _open_wakes(store, sid) == 0  # running: no request, no containers pass
+
+    store.request_container(sid, "kill", "ceiling")  # the sweep's kill, after "two" was routed
+    c.pass_once(clock())
+    assert len(rt.spawns) == 2 and sid in c.running  # woken again for the rows it left
+    assert store.session(sid)["container_status"] == "running"
+
+    clock.advance(containers.REWAKE_GAP - 1)
+    store.request_container(sid, "kill", "quarantined: outbound.db refused")
+    c.pass_once(clock())
+    assert len(rt.spawns) == 2 and sid not in c.running  # killed again at once: left to the sweep
+    assert store.session(sid)["container_status"] == "stopped"
+    assert _message(store, s, "three") == sid and _open_wakes(store, sid) == 1  # stopped: asks
+    c.pass_once(clock())
+    assert len(rt.spawns) == 3 and sid in c.running
+
+    clock.advance(containers.REWAKE_GAP)
+    c.stop_all()
+    assert len(rt.spawns) == 3 and not c.running
+    assert store.session(sid)["container_status"] == "stopped"
+    store.close()

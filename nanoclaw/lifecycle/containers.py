@@ -39,6 +39,7 @@ from nanoclaw.util import RUNNER_DIR, iso, token_hash
 
 BROKER_START_S = 30.0  # time for a restarted broker to listen, beyond its breaker delay
 BROKER_MAX_ATTEMPTS = 100  # far past the end of every breaker schedule
+REWAKE_GAP = 10.0  # s: at most one wake right after a kill per session in this long
 
 
 def broker_down_s() -> float:
@@ -72,6 +73,7 @@ class Containers:
         self.install = install_id(settings)
         self.running: dict[str, str] = {}          # session id → container id
         self.failures: dict[str, int] = {}         # session id → consecutive failed starts
+        self.rewoken: dict[str, float] = {}        # session id → last wake right after a kill
         self.retry_at: dict[str, float] = {}       # session id → not before
         self.version = -1
 
@@ -238,11 +240,19 @@ class Containers:
             self.running.pop(sid, None)
             s = self.store.session(sid)
             if s is not None:
-                self._ended(s, code=None, killed=True)
+                self._ended(s, code=None, killed=True, again=False)
         self.runtime.close()
 
-    def _ended(self, s: dict[str, Any], code: int | None, killed: bool = False) -> None:
-        """Bookkeeping after an agent ended: state, claimed rows, respawn policy."""
+    def _ended(self, s: dict[str, Any], code: int | None, killed: bool = False,
+               again: bool = True) -> None:
+        """Bookkeeping after an agent ended: state, claimed rows, respawn policy.
+
+        Rows due when it ended wake it again, after a kill too (not at shutdown: `again`
+        false): the router asks for no wake while an agent runs (`Router._wake`), so a
+        message routed as it was being killed is served now, not at the sweep's next pass.
+        The state is set first, before the count, for that router's sake. After a kill,
+        only once per `REWAKE_GAP` s: an agent that gets itself killed at once (a refused
+        `outbound.db`) is woken again no faster than the sweep's pass would."""
         sid = s["id"]
         self.store.set_container(sid, "stopped")
         paths = self._paths(s)
@@ -265,7 +275,19 @@ class Containers:
         self._tell_failed(s, [m for m, what in touched if what == "failed"])
         if code == 0 or touched == []:
             self.failures.pop(sid, None)
-        if not killed and sessiondb.SessionInbound(paths).due_count(iso(self.clock())):
+        if not again:
+            return
+        try:
+            due = sessiondb.SessionInbound(paths).due_count(iso(self.clock()))
+        except sqlite3.DatabaseError as e:
+            logger.error("session {}: session database unusable: {}", sid, e)
+            return
+        if due and killed:
+            now = self.clock()
+            if now - self.rewoken.get(sid, -REWAKE_GAP) < REWAKE_GAP:
+                return  # the sweep wakes it
+            self.rewoken[sid] = now
+        if due:
             self.wake(sid)
 
     def _start_failed(self, s: dict[str, Any], why: str) -> None:

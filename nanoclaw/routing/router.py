@@ -277,8 +277,19 @@ class Router:
             self._deny(session, ev, denial)
             return None
         self._insert(session, w, ev, uid, trigger=True)
-        self.store.request_container(session["id"], "wake", "message")
+        self._wake(session["id"])
         return session["id"]
+
+    def _wake(self, sid: str) -> None:
+        """Ask for the session's agent, unless it runs: a running agent was nudged by the
+        insert and reads the row itself (no request row, no containers pass per message).
+        The status is read after the row is committed, and the containers worker marks an
+        agent stopped before it counts the due rows it left (`Containers._ended`, which
+        wakes again for them, after a kill too): so either this read sees the agent
+        stopped, or that count sees this row."""
+        cur = self.store.session(sid)
+        if cur is None or cur["container_status"] != "running":
+            self.store.request_container(sid, "wake", "message")
 
     def _gates_pass(self, ev: Event, mg: dict[str, Any], w: dict[str, Any], uid: str | None) -> bool:
         allowed = self.store.can_access(uid, w["agent_group_id"])
