@@ -318,16 +318,25 @@ class Inbound:
     def destinations(self) -> list[Destination]:
         with _read(self.path) as conn:
             rows = conn.execute("SELECT * FROM destinations ORDER BY name").fetchall()
-        return [Destination(r["name"], r["display_name"], r["type"], r["channel_type"],
-                            r["platform_id"], r["agent_group_id"]) for r in rows]
+        return _destinations(rows)
 
     def routing(self) -> Address | None:
         """The session's default reply address, or None when it has none."""
         with _read(self.path) as conn:
             r = conn.execute("SELECT * FROM session_routing WHERE id=1").fetchone()
-        if r is None or not (r["channel_type"] and r["platform_id"]):
-            return None
-        return Address(r["channel_type"], r["platform_id"], r["thread_id"])
+        return _routing(r)
+
+    def addressing(self) -> tuple[list[Destination], Address | None]:
+        """`destinations()` and `routing()` in one read transaction (one lock, one look
+        at the journal, not two: a batch needs both)."""
+        with _read(self.path) as conn:
+            conn.execute("BEGIN")
+            try:
+                rows = conn.execute("SELECT * FROM destinations ORDER BY name").fetchall()
+                r = conn.execute("SELECT * FROM session_routing WHERE id=1").fetchone()
+            finally:
+                conn.execute("COMMIT")
+        return _destinations(rows), _routing(r)
 
     def by_seq(self, seq: int) -> InboundRow | None:
         with _read(self.path) as conn:
@@ -361,6 +370,17 @@ class Inbound:
     def max_seq(self) -> int:
         with _read(self.path) as conn:
             return conn.execute("SELECT COALESCE(MAX(seq), 0) FROM messages_in").fetchone()[0]
+
+
+def _destinations(rows: list[sqlite3.Row]) -> list[Destination]:
+    return [Destination(r["name"], r["display_name"], r["type"], r["channel_type"],
+                        r["platform_id"], r["agent_group_id"]) for r in rows]
+
+
+def _routing(r: sqlite3.Row | None) -> Address | None:
+    if r is None or not (r["channel_type"] and r["platform_id"]):
+        return None
+    return Address(r["channel_type"], r["platform_id"], r["thread_id"])
 
 
 class Outbound:

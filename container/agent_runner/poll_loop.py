@@ -176,7 +176,10 @@ class PollLoop:
         cmd_at = next((i for i, r in enumerate(rows) if command(r)), None)
         if cmd_at is not None:
             rows = rows[: cmd_at + 1]
-        state = TurnState(Batch(rows, self.inbound.destinations(), self.inbound.routing()))
+        # the rows were read at `self._signal`: the query's first look for follow-ups
+        # waits for the file to move (or FOLLOW_UP_S), instead of reading them again
+        state = TurnState(Batch(rows, *self.inbound.addressing()),
+                          follow_signal=self._signal, follow_read=time.monotonic())
         self.claim(state, rows)
         log.info("batch claimed n=%d first_seq=%d last_seq=%d", len(rows), rows[0].seq,
                  rows[-1].seq)
@@ -395,8 +398,7 @@ class PollLoop:
         """Pushed rows join the batch once the model has them (addressing, tools)."""
         if not state.pending:
             return
-        state.batch = state.batch.extend(state.pending, self.inbound.destinations(),
-                                         self.inbound.routing())
+        state.batch = state.batch.extend(state.pending, *self.inbound.addressing())
         state.pending = []
         state.corrected = state.nudged = False  # new messages deserve their own answer
         self.tools.extend(state.batch)
