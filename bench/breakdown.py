@@ -9,7 +9,8 @@ derived from it), and reports each stage's mean and p50 over the turns:
   sent       the bench client wrote the message to cli.sock             (bench clock)
   stored     inbound_events.received_at: the channel stored the event   (nanoclaw.db)
   routed     messages_in.timestamp: the router wrote it to the session  (inbound.db)
-  claimed    the agent claimed it: its log's "batch claimed" line       (agent log)
+  claimed    the agent took the batch: its log's "batch claimed" line   (agent log)
+             (the claim itself commits beside the model request)
   model      the fake model had the request: /_fake/requests received_at
   answered   messages_out.timestamp: the agent began writing the reply  (outbound.db)
   committed  the reply row committed: the agent log's "reply written"   (agent log)

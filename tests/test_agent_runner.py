@@ -397,6 +397,35 @@ def test_anthropic_sdk_is_imported_lean(tmp_path):
     assert "aiohttp" not in json.dumps(out.stderr)
 
 
+def test_a_claim_that_fails_beside_the_request_drops_the_turn_and_the_row_waits(
+        session, fake, start):
+    """A batch's claim commits on a helper thread while the model request is made. If it
+    fails, nothing of that turn is written (its answer is dropped at the first write), the
+    row stays pending and unclaimed, and the loop tries again: once claims work, the row
+    is answered once."""
+    runner = start()
+    first = session.chat("first")
+    assert session.reply_to(first)["text"] == "echo: first"
+    session.completed(first)
+    conn = sqlite3.connect(session.paths.outbound)
+    conn.execute("CREATE TRIGGER refuse_claims BEFORE INSERT ON processing_ack"
+                 " WHEN NEW.status='processing' BEGIN SELECT RAISE(ABORT, 'claims refused'); END")
+    conn.commit()
+    calls = len(model_calls(fake))
+    mid = session.chat("second")
+    wait_for(lambda: "claim failed: claims refused" in runner.text(), "the refused claim")
+    assert len(model_calls(fake)) > calls  # the request went out beside the claim
+    # (read raw: the host's reader refuses a file with a trigger, as it should)
+    assert [r for (r,) in conn.execute("SELECT in_reply_to FROM messages_out")] == [first]
+    assert not conn.execute("SELECT 1 FROM processing_ack WHERE message_id=?", (mid,)).fetchall()
+    conn.execute("DROP TRIGGER refuse_claims")
+    conn.commit()
+    conn.close()
+    assert session.reply_to(mid)["text"] == "echo: second"
+    session.completed(mid)
+    assert [r["in_reply_to"] for r in session.out()] == [first, mid]
+
+
 def test_an_answer_and_the_rows_it_answers_are_one_commit(session, fake, start):
     """kill -9 between writing the answer and marking its rows done used to have the next
     runner answer them again (seen once in the chaos soak). The answer now marks them

@@ -14,6 +14,7 @@ writers in this sandbox (the poll loop and a tool) can never pick the same one.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import math
 import os
@@ -192,14 +193,40 @@ def _roll_back_in_place(path: str) -> None:
 
 _kept = threading.local()  # per thread: (path, readonly) -> (connection, inode)
 _inherited: list = []  # a forked child's copies: never used, never closed (see below)
+# claims committing on the helper thread (`Outbound.claim_beside`): path -> its future
+_beside: dict[str, "concurrent.futures.Future[None]"] = {}
+_helper: list[concurrent.futures.ThreadPoolExecutor] = []  # made at first use, in this process
+_on_helper = threading.local()
+
+
+class ClaimFailed(Exception):
+    """A claim committed beside the model request failed. Raised at the next use of its
+    file, before anything else is read or written there, so the turn ends with nothing of
+    it written and its rows still pending, as when a claim fails before the request."""
 
 
 def _forget_after_fork() -> None:
     """A connection must not cross a fork: the child starts with none. The parent's are
-    kept referenced, not closed: closing them here could touch the parent's locks."""
+    kept referenced, not closed: closing them here could touch the parent's locks. Nor
+    does the claim helper (its thread is not in the child)."""
     global _kept
     _inherited.append(_kept)
     _kept = threading.local()
+    _beside.clear()
+    _helper.clear()
+
+
+def _settle(*paths: str) -> None:
+    """Wait for a claim still committing on any of `paths` (not on the helper itself)."""
+    if getattr(_on_helper, "yes", False):
+        return
+    for path in paths:
+        pending = _beside.pop(path, None)
+        if pending is not None:
+            try:
+                pending.result()
+            except Exception as e:
+                raise ClaimFailed(f"claim failed: {e}") from e
 
 
 os.register_at_fork(after_in_child=_forget_after_fork)
@@ -250,6 +277,7 @@ def close_all() -> None:
 
 @contextmanager
 def _read(path: str, attach: str = "") -> Iterator[sqlite3.Connection]:
+    _settle(path, attach)
     conn = _kept_connection(path, True, attach)
     try:
         yield conn
@@ -261,6 +289,7 @@ def _read(path: str, attach: str = "") -> Iterator[sqlite3.Connection]:
 @contextmanager
 def _write(path: str) -> Iterator[sqlite3.Connection]:
     """BEGIN IMMEDIATE … COMMIT, rolled back on any exception."""
+    _settle(path)
     conn = _kept_connection(path, readonly=False)
     try:
         conn.execute("BEGIN IMMEDIATE")
@@ -395,6 +424,21 @@ class Outbound:
     def delete_stale_claims(self) -> int:
         with _write(self.path) as conn:
             return conn.execute("DELETE FROM processing_ack WHERE status='processing'").rowcount
+
+    def claim_beside(self, ids: Iterable[str]) -> None:
+        """`claim`, committed on a helper thread while this one goes on to the model
+        request: the commit's syncs are a millisecond of a warm turn, and the request
+        does not need them done. Every later read or write of this file, in this thread,
+        waits for it first and raises its failure as `ClaimFailed` (`_settle`)."""
+        ids = list(ids)
+        _settle(self.path)
+        if not _helper:
+            _helper.append(concurrent.futures.ThreadPoolExecutor(1, "claim"))
+        _beside[self.path] = _helper[0].submit(self._claim_on_helper, ids)
+
+    def _claim_on_helper(self, ids: list[str]) -> None:
+        _on_helper.yes = True  # this thread only claims: it never waits on a claim
+        self.claim(ids)
 
     def claim(self, ids: Iterable[str]) -> None:
         now = utcnow()

@@ -22,7 +22,7 @@ from typing import Callable
 from agent_runner import inbox, memory
 from agent_runner.batch import Batch
 from agent_runner.config import Config
-from agent_runner.db import Address, Inbound, InboundRow, Outbound, utcnow
+from agent_runner.db import Address, ClaimFailed, Inbound, InboundRow, Outbound, utcnow
 from agent_runner.formatter import format_batch, system_prompt
 from agent_runner.providers import (
     REGISTRY,
@@ -180,7 +180,7 @@ class PollLoop:
         # waits for the file to move (or FOLLOW_UP_S), instead of reading them again
         state = TurnState(Batch(rows, *self.inbound.addressing()),
                           follow_signal=self._signal, follow_read=time.monotonic())
-        self.claim(state, rows)
+        self.claim(state, rows, beside=True)  # committed while the request is made
         log.info("batch claimed n=%d first_seq=%d last_seq=%d", len(rows), rows[0].seq,
                  rows[-1].seq)
         self.tools.begin(state.batch)
@@ -218,8 +218,8 @@ class PollLoop:
         if rest:
             self.outbound.complete(rest)
 
-    def claim(self, state: TurnState, rows: list[InboundRow]) -> None:
-        self.outbound.claim(r.id for r in rows)
+    def claim(self, state: TurnState, rows: list[InboundRow], beside: bool = False) -> None:
+        (self.outbound.claim_beside if beside else self.outbound.claim)(r.id for r in rows)
         state.claimed += [r.id for r in rows]
         touch(self.config.heartbeat)
 
@@ -286,6 +286,8 @@ class PollLoop:
             written = state.written
             try:
                 err = self.run_query(state, prompt, self.system(state.batch))
+            except ClaimFailed:  # nothing of this turn is written: its rows stay pending
+                raise
             except Exception as exc:  # a bug must still reach the user, not kill the loop
                 if disk_full(exc) and state.written == written:
                     # the host's fault, not the user's: nothing was answered yet, so wait
