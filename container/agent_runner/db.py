@@ -428,8 +428,9 @@ class Outbound:
     def claim_beside(self, ids: Iterable[str]) -> None:
         """`claim`, committed on a helper thread while this one goes on to the model
         request: the commit's syncs are a millisecond of a warm turn, and the request
-        does not need them done. Every later read or write of this file, in this thread,
-        waits for it first and raises its failure as `ClaimFailed` (`_settle`)."""
+        does not need them done. The next read or write of this file (from any thread
+        but the helper) waits for it first and raises its failure as `ClaimFailed`
+        (`_settle`); SQLite's own locks keep the file whole either way."""
         ids = list(ids)
         _settle(self.path)
         if not _helper:
