@@ -346,13 +346,13 @@ class Inbound:
 
     def destinations(self) -> list[Destination]:
         with _read(self.path) as conn:
-            rows = conn.execute("SELECT * FROM destinations ORDER BY name").fetchall()
+            rows = conn.execute(_DESTINATIONS).fetchall()
         return _destinations(rows)
 
     def routing(self) -> Address | None:
         """The session's default reply address, or None when it has none."""
         with _read(self.path) as conn:
-            r = conn.execute("SELECT * FROM session_routing WHERE id=1").fetchone()
+            r = conn.execute(_ROUTING).fetchone()
         return _routing(r)
 
     def addressing(self) -> tuple[list[Destination], Address | None]:
@@ -361,8 +361,8 @@ class Inbound:
         with _read(self.path) as conn:
             conn.execute("BEGIN")
             try:
-                rows = conn.execute("SELECT * FROM destinations ORDER BY name").fetchall()
-                r = conn.execute("SELECT * FROM session_routing WHERE id=1").fetchone()
+                rows = conn.execute(_DESTINATIONS).fetchall()
+                r = conn.execute(_ROUTING).fetchone()
             finally:
                 conn.execute("COMMIT")
         return _destinations(rows), _routing(r)
@@ -399,6 +399,10 @@ class Inbound:
     def max_seq(self) -> int:
         with _read(self.path) as conn:
             return conn.execute("SELECT COALESCE(MAX(seq), 0) FROM messages_in").fetchone()[0]
+
+
+_DESTINATIONS = "SELECT * FROM destinations ORDER BY name"
+_ROUTING = "SELECT * FROM session_routing WHERE id=1"
 
 
 def _destinations(rows: list[sqlite3.Row]) -> list[Destination]:

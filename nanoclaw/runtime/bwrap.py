@@ -167,11 +167,7 @@ class BwrapRuntime(ProcessRuntime):
 
     # ---- the warm pool: sandboxes waiting for a session (mountns.py) ----------------------
     def prewarm(self, spec: warm.WarmSpec) -> None:
-        if self.warm_size <= 0:
-            return
-        if not mountns.can_mount():
-            logger.info("warm pool off for bwrap: handing a session to a waiting sandbox"
-                        " needs root; every agent starts cold")
+        if not warm.can_hand_over(self.warm_size, "bwrap", "sandbox"):
             return
         root = (self.settings.data_dir / "run" / "warm").resolve()
         try:
@@ -182,8 +178,7 @@ class BwrapRuntime(ProcessRuntime):
             root.mkdir(parents=True)
             root.chmod(0o700)
             # a private mount of its own: nothing staged below it shows anywhere else
-            mountns.mount(str(root), str(root), mountns.MS_BIND)
-            mountns.mount(None, str(root), mountns.MS_PRIVATE)
+            mountns.bind_self(str(root), mountns.MS_PRIVATE)
         except (OSError, ValueError) as e:  # e.g. root without the power to mount here
             logger.warning("warm pool off for bwrap: cannot stage mounts in {}: {}", root, e)
             return
@@ -204,8 +199,7 @@ class BwrapRuntime(ProcessRuntime):
         s.mkdir(mode=0o755)
         w, fd = None, None
         try:
-            mountns.mount(str(s), str(s), mountns.MS_BIND)
-            mountns.mount(None, str(s), mountns.MS_SHARED)  # what is bound here shows inside
+            mountns.bind_self(str(s), mountns.MS_SHARED)  # what is bound here shows inside
             fd = os.open(s, os.O_PATH | os.O_DIRECTORY)
             uid, gid = sandbox.user(self.settings.agent_uid)
             via_socket = self.settings.container_network == "none"

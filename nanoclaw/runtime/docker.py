@@ -278,11 +278,7 @@ class DockerRuntime:
     def prewarm(self, spec: warm.WarmSpec) -> None:
         """Start keeping spares (after orphan cleanup: a previous worker's spares are
         gone, and the containers left are the sessions' it re-attached to)."""
-        if self.warm_size <= 0:
-            return
-        if not mountns.can_mount():
-            logger.info("warm pool off for docker: handing a session to a waiting container"
-                        " needs root; every agent starts cold")
+        if not warm.can_hand_over(self.warm_size, "docker", "container"):
             return
         root = self.stage_root
         try:
@@ -298,8 +294,7 @@ class DockerRuntime:
                 if d not in live:
                     self._remove_stage(d)
             # a private mount of its own: nothing staged below it shows anywhere else
-            mountns.mount(str(root), str(root), mountns.MS_BIND)
-            mountns.mount(None, str(root), mountns.MS_PRIVATE)
+            mountns.bind_self(str(root), mountns.MS_PRIVATE)
         except Exception as e:  # e.g. root without the power to mount here, engine away
             logger.warning("warm pool off for docker: cannot stage mounts in {}: {}", root, e)
             return
@@ -362,8 +357,7 @@ class DockerRuntime:
         def make() -> Any:
             c = None
             try:
-                mountns.mount(str(s), str(s), mountns.MS_BIND)
-                mountns.mount(None, str(s), mountns.MS_SHARED)  # what is bound here shows inside
+                mountns.bind_self(str(s), mountns.MS_SHARED)  # what is bound here shows inside
                 w.stage_fd = os.open(s, os.O_PATH | os.O_DIRECTORY)
                 c = self._create_spare(ws, name, stage)
                 c.start()

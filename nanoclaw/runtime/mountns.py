@@ -53,6 +53,14 @@ def detach(target: str) -> None:
     _check(_libc.umount2(target.encode(), MNT_DETACH), "umount", target)
 
 
+def bind_self(path: str, propagation: int) -> None:
+    """Bind a folder onto itself and give that mount its own propagation: `MS_PRIVATE`
+    (nothing mounted below shows anywhere else) or `MS_SHARED` (what is mounted below
+    shows in every copy of it, e.g. inside a sandbox that binds it)."""
+    mount(path, path, MS_BIND)
+    mount(None, path, propagation)
+
+
 def bind(source: str, target: str, readonly: bool = False) -> None:
     """A recursive bind onto a folder only the host writes, then its flags."""
     mount(source, target, MS_BIND | MS_REC)

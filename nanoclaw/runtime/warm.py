@@ -140,6 +140,18 @@ def hand_over(w: Warm, env: dict[str, str], cwd: str, log_path: Path) -> None:
         logger.warning("warm pool: log {} not moved to {}: {}", w.log_path, log_path, e)
 
 
+def can_hand_over(size: int, runtime: str, what: str) -> bool:
+    """Whether a runtime that hands a session over by mounts (bwrap, docker) keeps a pool:
+    a size above 0, and the power to mount (root); said in the log when that is missing."""
+    if size <= 0:
+        return False
+    if not mountns.can_mount():
+        logger.info("warm pool off for {}: handing a session to a waiting {} needs root;"
+                    " every agent starts cold", runtime, what)
+        return False
+    return True
+
+
 def mount_session(w: Warm, mounts: list, prefix: str) -> None:
     """Hand a waiting sandbox (bwrap or docker) its session's tree: build it on a private
     staging mount (`stage/t`: the first of `mounts`, the others bound into it at their
